@@ -1,0 +1,496 @@
+"""Export a Hugging Face model (hub id or local folder) into a folder the Hearth worker serves.
+
+This driver uses the standard library only; the heavy lifting runs in the export
+environments (.venv-export: onnxruntime-genai model builder; .venv-export-optimum:
+optimum-onnx), which it builds on first use through scripts/setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+EXPORT_PY = REPO / ".venv-export" / "bin" / "python"
+OPTIMUM_BIN = REPO / ".venv-export-optimum" / "bin"
+MANIFEST = "hearth-model.json"
+DEFAULT_MAX_CONTEXT = 4096  # the genai KV buffer is preallocated to it: keep it tight
+QUANTS = ("int4", "int8", "fp32")
+# Encoders that only make sense as sentence-embedding models.
+ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "mpnet",
+    "distilbert",
+    "nomic_bert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "modernbert",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".onnx")
+
+_START = time.monotonic()
+_LOGS: list[Path] = []  # the tools' output; kept beside OUT_DIR if the export fails
+
+
+def stage(message: str) -> None:
+    print(
+        f"[export_model {time.monotonic() - _START:6.1f}s] {message}", file=sys.stderr, flush=True
+    )
+
+
+def fail(message: str) -> NoReturn:
+    print(f"export_model: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def run(command: list[str], log_path: Path, what: str) -> None:
+    """Run a tool with its chatter in a log file; show the log's tail if it fails."""
+    if log_path not in _LOGS:
+        _LOGS.append(log_path)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+        print("\n".join(tail), file=sys.stderr)
+        fail(f"{what} failed (exit {result.returncode})")
+
+
+def ensure_env(target: str) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(REPO / "scripts" / "setup"), target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        print(result.stdout, file=sys.stderr)
+        fail(f"'scripts/setup {target}' failed")
+    if "up to date" not in result.stdout:
+        stage(f"built environment '{target}' in {time.monotonic() - started:.1f}s")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        fail(f"cannot read {path}: {err}")
+
+
+# ---------------------------------------------------------------------------- source
+
+
+def looks_local(source: str) -> bool:
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or Path(source).exists()
+    )
+
+
+def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
+    """Return (local folder, source as recorded, default name)."""
+    if looks_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            fail(f"source folder not found: {source}")
+        if not path.is_dir():
+            fail(f"source is not a folder: {source}")
+        path = path.resolve()
+        return path, str(path), path.name
+    if source.count("/") != 1 or not all(source.split("/")):
+        fail(f"'{source}' is neither an existing folder nor a Hugging Face hub id (owner/name)")
+    ensure_env("export")
+    stage(f"downloading {source} from the Hugging Face hub")
+    log = work / "export.log"
+    run([str(EXPORT_PY), str(HERE / "hub_download.py"), source, str(work / "hub")], log, "download")
+    return work / "hub", source, source.split("/")[1]
+
+
+def detect_kind(src: Path, kind: str) -> str:
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        fail(f"{src} has no config.json: not a Hugging Face transformers model folder")
+    if kind != "auto":
+        return kind
+    if (src / "modules.json").is_file() or (src / "sentence_bert_config.json").is_file():
+        return "embedding"
+    config = read_json(config_path)
+    architectures = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "chat"
+    if config.get("model_type") in ENCODER_TYPES:
+        return "embedding"
+    fail(
+        f"cannot tell whether {src} is a chat or an embedding model "
+        f"(architectures={architectures}, model_type={config.get('model_type')}); pass --kind"
+    )
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def untie(src: Path, work: Path, log: Path) -> Path:
+    """A copy of SRC whose lm_head has its own weights (SRC itself if it is not tied)."""
+    info_path = work / "untie.json"
+    run(
+        [str(EXPORT_PY), str(HERE / "untie.py"), str(src), str(work / "untied"), str(info_path)],
+        log,
+        "untying lm_head",
+    )
+    info = read_json(info_path)
+    if not info["untied"]:
+        stage("lm_head is not tied to the embeddings")
+        return src
+    stage(f"untied lm_head from the embeddings ({info['seconds']:.1f}s)")
+    return work / "untied"
+
+
+def build_genai(src: Path, out: Path, work: Path, quant: str, log: Path) -> None:
+    stage(f"building ONNX with the onnxruntime-genai model builder ({quant}, cpu)")
+    started = time.monotonic()
+    shutil.rmtree(out, ignore_errors=True)
+    run(
+        [
+            str(EXPORT_PY),
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(src),
+            "-o",
+            str(out),
+            "-p",
+            quant,
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "cache"),
+        ],
+        log,
+        "onnxruntime-genai model builder",
+    )
+    stage(f"model builder done in {time.monotonic() - started:.1f}s")
+
+
+def lm_head_is_float(out: Path, work: Path, log: Path) -> bool:
+    report_path = work / "graph.json"
+    with report_path.open("w", encoding="utf-8") as report:
+        result = subprocess.run(
+            [str(EXPORT_PY), str(HERE / "check_graph.py"), str(out)],
+            stdout=report,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    if result.returncode != 0:
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write(result.stderr)
+        fail("could not read the exported graph (check_graph.py)")
+    return bool(read_json(report_path)["lm_head_float"])
+
+
+def export_chat(
+    src: Path, out: Path, work: Path, quant: str, context: int | None, untie_mode: str
+) -> int:
+    """onnxruntime-genai builder. A tied lm_head must end up quantized too: the builder
+    (0.18) shares one int4 matrix between the embedding and lm_head and quantizes an
+    int8 head on its own; if a build still multiplies by a float head (a Transpose of
+    the embedding table), the model is untied and built again (--untie always: first)."""
+    ensure_env("export")
+    log = work / "export.log"
+    builder_input = src
+    untied = False
+    if quant != "fp32" and untie_mode == "always":
+        builder_input = untie(src, work, log)
+        untied = True
+    build_genai(builder_input, out, work, quant, log)
+    if quant != "fp32" and untie_mode != "never":
+        stage("checking that lm_head is quantized")
+        if lm_head_is_float(out, work, log):
+            if untied:
+                fail("lm_head is still a float MatMul after untying")
+            stage("lm_head stayed float: untying it and building again")
+            builder_input = untie(src, work, log)
+            build_genai(builder_input, out, work, quant, log)
+            if lm_head_is_float(out, work, log):
+                fail("lm_head is still a float MatMul after untying")
+
+    # Tokenizer and chat template: the builder saves the tokenizer; fill in what it missed.
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if not (out / name).exists() and (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (out / name).is_file():
+            fail(f"the export has no {name} (the source has no fast tokenizer?)")
+    has_template = (out / "chat_template.jinja").is_file() or bool(
+        read_json(out / "tokenizer_config.json").get("chat_template")
+    )
+    if not has_template:
+        stage("warning: the model has no chat template; the worker cannot serve chat with it")
+
+    genai_path = out / "genai_config.json"
+    genai = read_json(genai_path)
+    native = int(genai["model"]["context_length"])
+    if context is None:
+        context = min(native, DEFAULT_MAX_CONTEXT)
+    elif context > native:
+        fail(f"--context-length {context} exceeds the model's maximum ({native})")
+    genai["model"]["context_length"] = context
+    genai["search"]["max_length"] = context
+    genai_path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    return context
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def pooling_of(src: Path) -> tuple[str, bool, int | None]:
+    """(pooling, normalize, dimensions) from sentence-transformers files, if any."""
+    modules_path = src / "modules.json"
+    if not modules_path.is_file():
+        stage("warning: not a sentence-transformers model; recording mean pooling + normalize")
+        return "mean", True, None
+    modules = read_json(modules_path)
+    pooling_dir = next(
+        (m.get("path", "1_Pooling") for m in modules if m.get("type", "").endswith(".Pooling")),
+        "1_Pooling",
+    )
+    config_path = src / pooling_dir / "config.json"
+    if not config_path.is_file():
+        return "mean", True, None
+    config = read_json(config_path)
+    if config.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif config.get("pooling_mode_max_tokens"):
+        pooling = "max"
+    elif config.get("pooling_mode_lasttoken"):
+        pooling = "last"
+    else:
+        pooling = "mean"
+    dims = config.get("word_embedding_dimension")
+    return pooling, True, int(dims) if dims else None
+
+
+def export_embedding(
+    src: Path, out: Path, work: Path, quant: str, context: int | None
+) -> tuple[int, dict[str, Any]]:
+    if quant == "int4":
+        fail("int4 is for chat models; embedding exports support fp32 or int8")
+    ensure_env("optimum")
+    log = work / "export.log"
+    stage("exporting ONNX with optimum (feature-extraction)")
+    started = time.monotonic()
+    run(
+        [
+            str(OPTIMUM_BIN / "optimum-cli"),
+            "export",
+            "onnx",
+            "--model",
+            str(src),
+            "--task",
+            "feature-extraction",
+            str(out),
+        ],
+        log,
+        "optimum export",
+    )
+    stage(f"optimum export done in {time.monotonic() - started:.1f}s")
+    if quant == "int8":
+        stage("quantizing weights to int8 (onnxruntime quantize_dynamic)")
+        run(
+            [
+                str(OPTIMUM_BIN / "python"),
+                str(HERE / "quantize_embedding.py"),
+                str(out / "model.onnx"),
+            ],
+            log,
+            "int8 quantization",
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (out / name).exists() and (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    if not (out / "tokenizer.json").is_file():
+        fail("the export has no tokenizer.json (the source has no fast tokenizer?)")
+
+    config = read_json(src / "config.json")
+    pooling, normalize, dims = pooling_of(src)
+    native = int(config.get("max_position_embeddings") or 512)
+    seq = None
+    if (src / "sentence_bert_config.json").is_file():
+        seq = read_json(src / "sentence_bert_config.json").get("max_seq_length")
+    if context is None:
+        context = min(int(seq or native), native)
+    elif context > native:
+        fail(f"--context-length {context} exceeds the model's maximum ({native})")
+    # Padding is the server's business (it batches); truncate at the recorded context.
+    tokenizer_path = out / "tokenizer.json"
+    tokenizer = read_json(tokenizer_path)
+    tokenizer["padding"] = None
+    tokenizer["truncation"] = {
+        "direction": "Right",
+        "max_length": context,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    tokenizer_path.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
+    embedding = {
+        "dimensions": dims or int(config["hidden_size"]),
+        "pooling": pooling,
+        "normalize": normalize,
+    }
+    return context, embedding
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    files = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        if rel == MANIFEST:
+            continue
+        files.append({"path": rel, "sha256": sha256_of(path), "size_bytes": path.stat().st_size})
+    manifest = {
+        "format_version": 1,
+        "name": fields["name"],
+        "kind": fields["kind"],
+        "runtime": fields["runtime"],
+        "source": fields["source"],
+        "quantization": fields["quantization"],
+        "context_length": fields["context_length"],
+        "size_bytes": sum(f["size_bytes"] for f in files),
+        "files": files,
+        "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "embedding": fields["embedding"],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="export_model", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("source", help="Hugging Face hub id (owner/name) or local model folder")
+    parser.add_argument("out_dir", type=Path, help="folder to create (must not exist, or --force)")
+    parser.add_argument("--name", help="model name (default: the source folder's name)")
+    parser.add_argument(
+        "--quant", choices=QUANTS, help="default: int4 for chat, fp32 for embedding"
+    )
+    parser.add_argument("--kind", choices=("auto", "chat", "embedding"), default="auto")
+    parser.add_argument("--context-length", type=positive_int, default=None)
+    parser.add_argument(
+        "--untie",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="chat, int4/int8: give a tied lm_head its own weights before quantizing "
+        "(auto: only when the builder would leave it float)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    args = parser.parse_args(argv)
+
+    out: Path = args.out_dir.expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            fail(f"output path exists and is not a folder: {out}")
+        if any(out.iterdir()) and not args.force:
+            fail(f"output folder is not empty: {out} (pass --force to replace it)")
+    if not out.parent.is_dir():
+        fail(f"parent folder of the output does not exist: {out.parent}")
+
+    work = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        src, source, default_name = resolve_source(args.source, work)
+        kind = detect_kind(src, args.kind)
+        quant = args.quant or ("int4" if kind == "chat" else "fp32")
+        native = read_json(src / "config.json").get("max_position_embeddings")
+        if args.context_length and isinstance(native, int) and args.context_length > native:
+            fail(f"--context-length {args.context_length} exceeds the model's maximum ({native})")
+        name = args.name or default_name
+        stage(f"exporting {source} as {kind} model '{name}' ({quant})")
+        staged = work / "out"
+        embedding = None
+        if kind == "chat":
+            context = export_chat(src, staged, work, quant, args.context_length, args.untie)
+            runtime = "onnxruntime-genai"
+        else:
+            context, embedding = export_embedding(src, staged, work, quant, args.context_length)
+            runtime = "onnxruntime"
+        stage("writing hearth-model.json (sha256 of every file)")
+        manifest = write_manifest(
+            staged,
+            {
+                "name": name,
+                "kind": kind,
+                "runtime": runtime,
+                "source": source,
+                "quantization": quant,
+                "context_length": context,
+                "embedding": embedding,
+            },
+        )
+        # Swap the finished folder in: a half-written export never sits at OUT_DIR.
+        old = work / "previous"
+        if out.exists():
+            out.rename(old)
+        staged.rename(out)
+        stage(
+            f"done: {out} ({manifest['size_bytes'] / 1e6:.1f} MB, {len(manifest['files'])} files, "
+            f"context {context})"
+        )
+    except BaseException:
+        if _LOGS and _LOGS[0].is_file():
+            kept = out.parent / f".{out.name}.export.log"
+            shutil.move(_LOGS[0], kept)
+            print(f"export_model: the tools' output is in {kept}", file=sys.stderr)
+        raise
+    finally:
+        if os.environ.get("HEARTH_EXPORT_KEEP_WORK") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

