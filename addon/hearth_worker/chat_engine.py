@@ -1,0 +1,224 @@
+"""Chat generation with onnxruntime-genai.
+
+A `ChatModel` owns one loaded model. `generate()` is blocking and runs in a
+worker thread; `stream()` wraps it for asyncio, handing text pieces to the
+event loop as they are decoded. Cancellation is a `threading.Event` checked
+between tokens, so a client that goes away stops its generation within one
+token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime_genai as og
+
+from .chat_template import ChatTemplate
+from .manifest import Manifest
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room for an answer in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"The prompt has {prompt_tokens} tokens; this model's context is "
+            f"{context_length} tokens"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
+
+
+class StopMatcher:
+    """Cuts generated text at the first stop sequence.
+
+    `push()` returns the text that can be shown now: any tail that could still
+    grow into a stop sequence is held back until it can be decided.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._text = ""
+        self._shown = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if not self._stops:
+            return piece
+        self._text += piece
+        longest = max(len(s) for s in self._stops)
+        start = max(0, self._shown - longest + 1)
+        hits = [i for s in self._stops if (i := self._text.find(s, start)) >= 0]
+        if hits:
+            self.stopped = True
+            return self._take(min(hits))
+        hold = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(self._text)), 0, -1):
+                if self._text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return self._take(len(self._text) - hold)
+
+    def flush(self) -> str:
+        return "" if self.stopped or not self._stops else self._take(len(self._text))
+
+    def _take(self, end: int) -> str:
+        out = self._text[self._shown : max(end, self._shown)]
+        self._shown = max(end, self._shown)
+        return out
+
+
+def _genai_config(manifest: Manifest, threads: int) -> og.Config:
+    config = og.Config(str(manifest.path))
+    config.clear_providers()
+    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    config.overlay(json.dumps(overlay))
+    return config
+
+
+class ChatModel:
+    """One chat model loaded with onnxruntime-genai."""
+
+    def __init__(self, manifest: Manifest, *, threads: int | None = None) -> None:
+        self.manifest = manifest
+        self.id = manifest.name
+        self.context_length = manifest.context_length
+        self.threads = threads or os.cpu_count() or 1
+        self._model = og.Model(_genai_config(manifest, self.threads))
+        self._tokenizer = og.Tokenizer(self._model)
+        self.template = ChatTemplate.from_model_dir(manifest.path)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)]
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        return self.template.render(messages, tools=tools or None, add_generation_prompt=True)
+
+    def budget(self, prompt_tokens: int, requested: int | None) -> int:
+        """How many new tokens a request may generate; raises if the prompt does not fit."""
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise PromptTooLong(prompt_tokens, self.context_length)
+        return min(room, requested or DEFAULT_MAX_NEW_TOKENS)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        on_text: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> GenerationResult:
+        """Generate in the calling thread, handing decoded text to `on_text`."""
+        max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
+        params = og.GeneratorParams(self._model)
+        options: dict[str, Any] = {"max_length": len(prompt_ids) + max_new}
+        if sampling.temperature:  # None or 0 means greedy
+            options |= {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p or 1.0,
+                "top_k": 0,
+            }
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed
+        else:
+            options["do_sample"] = False
+        params.set_search_options(**options)
+        result = GenerationResult(prompt_tokens=len(prompt_ids))
+        generator = og.Generator(self._model, params)
+        stream = self._tokenizer.create_stream()
+        stops = StopMatcher(sampling.stop)
+        started = time.perf_counter()
+        generator.append_tokens(prompt_ids)
+        first_token_at = None
+        while not generator.is_done():
+            if cancelled.is_set():
+                result.finish_reason = "cancelled"
+                break
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            result.completion_tokens += 1
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            text = stops.push(stream.decode(token))
+            if text:
+                on_text(text)
+            if stops.stopped:
+                break
+        else:
+            if result.completion_tokens >= max_new:
+                result.finish_reason = "length"
+        tail = stops.flush()
+        if tail:
+            on_text(tail)
+        ended = time.perf_counter()
+        result.prefill_s = (first_token_at or ended) - started
+        result.decode_s = ended - (first_token_at or ended)
+        return result
+
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancelled: threading.Event,
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Yield text pieces as they are generated, then the `GenerationResult`.
+
+        Generation runs in its own thread; if the consumer stops iterating,
+        `cancelled` is set and the thread ends after the current token.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+
+        def hand_over(text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        def run() -> None:
+            try:
+                outcome: GenerationResult | BaseException = self.generate(
+                    prompt_ids, sampling, hand_over, cancelled
+                )
+            except BaseException as err:  # handed to the event loop and raised there
+                outcome = err
+            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+
+        thread = threading.Thread(target=run, name=f"generate-{self.id}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            cancelled.set()

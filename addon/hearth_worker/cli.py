@@ -1,0 +1,206 @@
+"""The `hearth-worker` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import ClientSession, web
+
+from . import API_VERSION, __version__
+from .auth import AuthStore
+from .discovery import Advertiser
+from .manifest import ManifestError
+from .server import Worker, WorkerOptions
+from .supervisor import announce, withdraw
+
+_LOGGER = logging.getLogger("hearth_worker")
+SUPERVISOR_TOKEN_NAME = "Home Assistant (Supervisor discovery)"  # noqa: S105
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("HEARTH_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hearth-worker"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hearth-worker", description="Serve ONNX models to Hearth in Home Assistant."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="where the node id, pairing code and token hashes live (default: %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve models")
+    serve.add_argument(
+        "--model",
+        dest="models",
+        type=Path,
+        action="append",
+        required=True,
+        help="a model folder made by scripts/export_model (repeat for several)",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
+    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    serve.add_argument("--name", default=socket.gethostname(), help="name shown in Home Assistant")
+    serve.add_argument("--max-running", type=int, default=1, help="concurrent generations")
+    serve.add_argument("--max-queued", type=int, default=8, help="requests waiting beyond those")
+    serve.add_argument("--threads", type=int, default=None, help="threads per model (all cores)")
+    serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
+    serve.add_argument(
+        "--no-advertise", action="store_true", help="do not advertise over mDNS (zeroconf)"
+    )
+    serve.add_argument(
+        "--advertise-address",
+        action="append",
+        default=None,
+        help="address to advertise (default: the host's addresses)",
+    )
+    serve.add_argument(
+        "--supervisor-discovery",
+        action="store_true",
+        help="inside the Home Assistant add-on: announce this worker through the Supervisor",
+    )
+    serve.add_argument(
+        "--discovery-host",
+        default=socket.gethostname(),
+        help="host name Home Assistant uses to reach the add-on (default: %(default)s)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    sub.add_parser("pair", help="show a new pairing code (valid 15 minutes)")
+
+    tokens = sub.add_parser("tokens", help="list or revoke the tokens of paired clients")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    tokens_sub.add_parser("list", help="list tokens")
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("token_id")
+    return parser
+
+
+def _show_code(auth: AuthStore) -> None:
+    code = auth.new_pairing_code()
+    minutes = round(((auth.pairing_code_expires_at() or time.time()) - time.time()) / 60)
+    print(f"Pairing code: {code}  (valid {minutes} minutes)", flush=True)
+
+
+async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
+    options = WorkerOptions(
+        model_dirs=args.models,
+        state_dir=args.state_dir,
+        name=args.name,
+        max_running=args.max_running,
+        max_queued=args.max_queued,
+        threads=args.threads,
+        warmup=not args.no_warmup,
+    )
+    worker = Worker(options, auth)
+    await asyncio.get_running_loop().run_in_executor(None, worker.load_models)
+    runner = web.AppRunner(worker.build_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = int(runner.addresses[0][1])  # the real port when --port 0 asked for any free one
+    _LOGGER.info("Hearth worker %s listening on http://%s:%d", __version__, args.host, port)
+
+    advertiser: Advertiser | None = None
+    if not args.no_advertise:
+        advertiser = Advertiser(
+            node_id=worker.node_id,
+            name=args.name,
+            port=port,
+            version=__version__,
+            api_version=API_VERSION,
+            paired=auth.paired,
+            addresses=args.advertise_address,
+        )
+        await advertiser.start()
+        worker.on_paired.append(lambda: advertiser.update(paired=True))
+
+    session: ClientSession | None = None
+    discovery_uuid: str | None = None
+    if args.supervisor_discovery:
+        session = ClientSession()
+        for token_info in auth.list_tokens():
+            if token_info.name == SUPERVISOR_TOKEN_NAME:
+                auth.revoke(token_info.token_id)
+        token, _ = auth.create_token(SUPERVISOR_TOKEN_NAME)
+        discovery_uuid = await announce(
+            session,
+            config={
+                "host": args.discovery_host,
+                "port": port,
+                "token": token,
+                "node_id": worker.node_id,
+            },
+            supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
+        )
+        _LOGGER.info("Announced to Home Assistant through the Supervisor")
+    elif not auth.paired:
+        _show_code(auth)
+        print("Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _LOGGER.info("Stopping")
+    if advertiser:
+        await advertiser.stop()
+    if session:
+        if discovery_uuid:
+            await withdraw(
+                session,
+                uuid=discovery_uuid,
+                supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
+            )
+        await session.close()
+    await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    auth = AuthStore(args.state_dir)
+    if args.command == "pair":
+        _show_code(auth)
+        return 0
+    if args.command == "tokens":
+        if args.tokens_command == "list":
+            for info in auth.list_tokens():
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
+                print(f"{info.token_id}\t{created}\t{info.name}")
+            return 0
+        if auth.revoke(args.token_id):
+            print(f"Revoked {args.token_id}")
+            return 0
+        print(f"No token {args.token_id}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_serve(args, auth))
+    except ManifestError as err:
+        print(f"hearth-worker: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

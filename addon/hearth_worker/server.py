@@ -1,0 +1,496 @@
+"""The worker's HTTP API (aiohttp), as specified in openapi.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from aiohttp import web
+
+from . import API_VERSION, __version__
+from .admission import Admission, Busy
+from .auth import AuthStore, PairingError
+from .capacity import RateTracker, hardware_info, system_snapshot
+from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
+from .chat_template import ChatTemplateError
+from .embedding_engine import EmbeddingModel
+from .manifest import Manifest, load_manifest
+from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
+from .validation import (
+    ApiError,
+    ChatRequest,
+    parse_chat_request,
+    parse_embedding_request,
+    parse_json_object,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/v1/health", "/v1/pair", "/v1/openapi.yaml"})
+MAX_BODY_BYTES = 4 * 1024 * 1024
+WARMUP_PROMPT_TOKENS = 32
+WARMUP_NEW_TOKENS = 8
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class WorkerOptions:
+    model_dirs: list[Path]
+    state_dir: Path
+    name: str = field(default_factory=socket.gethostname)
+    max_running: int = 1
+    max_queued: int = 8
+    threads: int | None = None
+    warmup: bool = True
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+class Worker:
+    """Loaded models plus the state the API reports; `app` serves it."""
+
+    def __init__(self, options: WorkerOptions, auth: AuthStore) -> None:
+        self.options = options
+        self.auth = auth
+        self.node_id = auth.node_id
+        self.chat_models: dict[str, ChatModel] = {}
+        self.embedding_models: dict[str, EmbeddingModel] = {}
+        self.manifests: dict[str, Manifest] = {}
+        self.admission = Admission(options.max_running, options.max_queued)
+        self.rates = RateTracker()
+        self.on_paired: list[Callable[[], Awaitable[None]]] = []
+        self._hardware = hardware_info()
+        self._providers = list(ort.get_available_providers())
+
+    # -- models ---------------------------------------------------------------
+
+    def load_models(self) -> None:
+        for model_dir in self.options.model_dirs:
+            manifest = load_manifest(model_dir)
+            if manifest.name in self.manifests:
+                raise ValueError(f"Two models are named {manifest.name!r}")
+            started = time.perf_counter()
+            if manifest.kind == "chat":
+                model = ChatModel(manifest, threads=self.options.threads)
+                self.chat_models[model.id] = model
+                if self.options.warmup:
+                    self._warm_up(model)
+            else:
+                self.embedding_models[manifest.name] = EmbeddingModel(
+                    manifest, threads=self.options.threads
+                )
+            self.manifests[manifest.name] = manifest
+            _LOGGER.info(
+                "Loaded %s model %s (%s) in %.1f s",
+                manifest.kind,
+                manifest.name,
+                manifest.quantization,
+                time.perf_counter() - started,
+            )
+
+    def _warm_up(self, model: ChatModel) -> None:
+        """One short generation, so capacity reports real rates from the start."""
+        prompt = [model.encode(" ")[0] if model.encode(" ") else 0] * WARMUP_PROMPT_TOKENS
+        result = model.generate(
+            prompt, Sampling(max_new_tokens=WARMUP_NEW_TOKENS), lambda _: None, threading.Event()
+        )
+        self.rates.seed(
+            model.id,
+            prefill_tok_s=result.prompt_tokens / result.prefill_s if result.prefill_s else None,
+            decode_tok_s=(result.completion_tokens - 1) / result.decode_s
+            if result.decode_s
+            else None,
+        )
+
+    def _record(self, model_id: str, result: GenerationResult) -> None:
+        self.rates.record(
+            model_id,
+            prompt_tokens=result.prompt_tokens,
+            prefill_s=result.prefill_s,
+            completion_tokens=max(0, result.completion_tokens - 1),
+            decode_s=result.decode_s,
+        )
+
+    # -- application ----------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._authenticate], client_max_size=MAX_BODY_BYTES
+        )
+        app.add_routes(
+            [
+                web.get("/v1/health", self.health),
+                web.post("/v1/pair", self.pair),
+                web.get("/v1/info", self.info),
+                web.get("/v1/capacity", self.capacity),
+                web.get("/v1/models", self.models),
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.post("/v1/embeddings", self.embeddings),
+                web.get("/v1/openapi.yaml", self.openapi),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return _error_response(err)
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(
+                ApiError(413, "Request body is too large", code="body_too_large")
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            return _error_response(
+                ApiError(
+                    exc.status,
+                    exc.reason,
+                    code=f"http_{exc.status}",
+                    type_=kind,
+                    headers={k: v for k, v in exc.headers.items() if k in ("Allow",)},
+                )
+            )
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            _LOGGER.exception("Unexpected error answering %s %s", request.method, request.path)
+            return _error_response(
+                ApiError(500, "Internal error", code="internal_error", type_="server_error")
+            )
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or self.auth.verify(token.strip()) is None:
+                raise ApiError(
+                    401,
+                    "A valid bearer token is required: pair with this worker first",
+                    code="invalid_token",
+                    type_="authentication_error",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        return parse_json_object(await request.read())
+
+    # -- endpoints --------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "version": __version__, "api_version": API_VERSION}
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        text = resources.files("hearth_worker").joinpath("openapi.yaml").read_text("utf-8")
+        return web.Response(text=text, content_type="application/yaml")
+
+    async def pair(self, request: web.Request) -> web.Response:
+        data = await self._json(request)
+        code = data.get("code")
+        name = data.get("client_name")
+        if not isinstance(code, str) or not code or len(code) > 64:
+            raise ApiError(400, "'code' must be the pairing code the worker shows", param="code")
+        if name is not None and (not isinstance(name, str) or len(name) > 100):
+            raise ApiError(400, "'client_name' must be a short string", param="client_name")
+        was_paired = self.auth.paired
+        try:
+            token, info = self.auth.pair(
+                code, client_id=request.remote or "unknown", client_name=name
+            )
+        except PairingError as err:
+            if err.reason == "rate_limited":
+                retry = max(1, int(err.retry_after or 1))
+                raise ApiError(
+                    429,
+                    "Too many wrong pairing codes; wait before trying again",
+                    code="rate_limited",
+                    type_="rate_limit_error",
+                    headers={"Retry-After": str(retry)},
+                ) from err
+            messages = {
+                "no_code": "This worker has no active pairing code: run 'hearth-worker pair' on it",
+                "expired": "The pairing code has expired: run 'hearth-worker pair' for a new one",
+                "wrong_code": "Wrong pairing code",
+            }
+            raise ApiError(
+                403,
+                messages.get(err.reason, "Pairing refused"),
+                code=err.reason,
+                type_="permission_error",
+            ) from err
+        _LOGGER.info("Paired with %s (token %s)", name or request.remote, info.token_id)
+        if not was_paired:
+            for callback in self.on_paired:
+                await callback()
+        return web.json_response(
+            {"token": token, "token_id": info.token_id, "node_id": self.node_id}
+        )
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "node_id": self.node_id,
+                "name": self.options.name,
+                "version": __version__,
+                "api_version": API_VERSION,
+                "hardware": self._hardware,
+                "execution_providers": self._providers,
+                "models": [m.public() for m in self.manifests.values()],
+            }
+        )
+
+    async def capacity(self, request: web.Request) -> web.Response:
+        return web.json_response(self.capacity_snapshot())
+
+    def capacity_snapshot(self) -> dict[str, Any]:
+        rates = self.rates.snapshot()
+        models = {
+            name: rates.get(
+                name, {"prefill_tok_s": None, "decode_tok_s": None, "requests_served": 0}
+            )
+            for name in self.manifests
+        }
+        return {
+            "node_id": self.node_id,
+            "running": self.admission.running,
+            "queued": self.admission.queued,
+            "max_running": self.admission.max_running,
+            "max_queued": self.admission.max_queued,
+            "models": models,
+            **system_snapshot(),
+            "timestamp": time.time(),
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(m.path.stat().st_mtime),
+                "owned_by": "hearth",
+                "hearth": m.public(),
+            }
+            for m in self.manifests.values()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    def _model_not_found(self, name: str, kind: str) -> ApiError:
+        served = sorted(self.chat_models if kind == "chat" else self.embedding_models)
+        return ApiError(
+            404,
+            f"Model {name!r} is not a {kind} model served here (served: {served})",
+            code="model_not_found",
+            type_="not_found_error",
+            param="model",
+        )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = parse_chat_request(await self._json(request))
+        model = self.chat_models.get(req.model)
+        if model is None:
+            raise self._model_not_found(req.model, "chat")
+        tools = req.tools if req.tool_choice != "none" else []
+        try:
+            prompt_ids = model.encode(model.render(req.messages, tools))
+            max_new = model.budget(len(prompt_ids), req.max_tokens)
+        except ChatTemplateError as err:
+            raise ApiError(400, f"Cannot build the prompt: {err}", param="messages") from err
+        except PromptTooLong as err:
+            raise ApiError(400, str(err), code="context_length_exceeded", param="messages") from err
+        sampling = Sampling(
+            max_new_tokens=max_new,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop,
+        )
+        try:
+            async with self.admission.slot():
+                _LOGGER.debug("Chat request: %d prompt tokens", len(prompt_ids))
+                if req.stream:
+                    return await self._stream_chat(request, req, model, prompt_ids, sampling)
+                return await self._complete_chat(req, model, prompt_ids, sampling)
+        except Busy as err:
+            raise _busy(err) from err
+
+    async def _complete_chat(
+        self, req: ChatRequest, model: ChatModel, prompt_ids: list[int], sampling: Sampling
+    ) -> web.Response:
+        pieces: list[str] = []
+        result = GenerationResult()
+        async for item in model.stream(prompt_ids, sampling, threading.Event()):
+            if isinstance(item, GenerationResult):
+                result = item
+            else:
+                pieces.append(item)
+        self._record(model.id, result)
+        content: str | None = "".join(pieces)
+        calls: list[ParsedToolCall] = []
+        if req.tools and req.tool_choice != "none":
+            content, calls = parse_tool_calls(content or "", req.tool_names)
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        finish = result.finish_reason
+        if calls:
+            message["tool_calls"] = [_tool_call_json(c) for c in calls]
+            finish = "tool_calls"
+        elif not content:
+            message["content"] = ""
+        return web.json_response(
+            {
+                "id": _completion_id(),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model.id,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": _usage(result),
+            }
+        )
+
+    async def _stream_chat(
+        self,
+        request: web.Request,
+        req: ChatRequest,
+        model: ChatModel,
+        prompt_ids: list[int],
+        sampling: Sampling,
+    ) -> web.StreamResponse:
+        completion_id = _completion_id()
+        head = json.dumps(
+            {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time())}
+        )[:-1]
+        prefix = f'{head}, "model": {json.dumps(model.id)}, "choices": [{{"index": 0, "delta": '
+
+        def chunk(delta: str, finish: str | None = None) -> bytes:
+            return _sse(f'{prefix}{delta}, "finish_reason": {json.dumps(finish)}}}]}}')
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        await response.write(chunk('{"role": "assistant", "content": ""}'))
+        filt = ToolCallStreamFilter(req.tool_names) if req.tools else None
+        result = GenerationResult()
+        cancelled = threading.Event()
+        try:
+            async for item in model.stream(prompt_ids, sampling, cancelled):
+                if isinstance(item, GenerationResult):
+                    result = item
+                    break
+                text = filt.feed(item) if filt else item
+                if text:
+                    await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
+            finish = result.finish_reason
+            if filt:
+                text, calls = filt.finish()
+                if text:
+                    await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
+                if calls:
+                    deltas = [{"index": i, **_tool_call_json(call)} for i, call in enumerate(calls)]
+                    await response.write(chunk(json.dumps({"tool_calls": deltas})))
+                    finish = "tool_calls"
+            await response.write(chunk("{}", finish))
+            if req.include_usage:
+                usage = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model.id,
+                    "choices": [],
+                    "usage": _usage(result),
+                }
+                await response.write(_sse(json.dumps(usage)))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            cancelled.set()
+            _LOGGER.debug("Client went away; generation cancelled")
+        finally:
+            self._record(model.id, result)
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        req = parse_embedding_request(await self._json(request))
+        model = self.embedding_models.get(req.model)
+        if model is None:
+            raise self._model_not_found(req.model, "embedding")
+        try:
+            async with self.admission.slot():
+                vectors, tokens = await asyncio.get_running_loop().run_in_executor(
+                    None, model.embed, req.inputs
+                )
+        except Busy as err:
+            raise _busy(err) from err
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else vector.tolist(),
+            }
+            for i, vector in enumerate(vectors)
+        ]
+        return web.json_response(
+            {
+                "object": "list",
+                "model": model.id,
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+
+def _error_response(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+def _busy(err: Busy) -> ApiError:
+    return ApiError(
+        429,
+        "This worker is busy; try again shortly or use another worker",
+        code="busy",
+        type_="rate_limit_error",
+        headers={"Retry-After": str(err.retry_after)},
+    )
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _tool_call_json(call: ParsedToolCall) -> dict[str, Any]:
+    return {
+        "id": f"call_{secrets.token_hex(8)}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+    }

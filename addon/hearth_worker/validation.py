@@ -1,0 +1,311 @@
+"""Parse and validate request bodies into plain dataclasses.
+
+Every problem becomes an `ApiError` with a 4xx status, an OpenAI-style error
+type and code, and the name of the offending parameter, so a malformed request
+is answered clearly and never reaches an engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 256
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+TOOL_CHOICES = frozenset({"none", "auto", "required"})
+
+
+class ApiError(Exception):
+    """An error answered to the client as JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "invalid_request",
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type_
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str
+    inputs: list[str]
+    encoding_format: str = "float"
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"Request body is not valid JSON: {err}", code="invalid_json") from err
+    if not isinstance(data, dict):
+        raise ApiError(400, "Request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _string(data: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise invalid(f"'{key}' is required", key)
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"'{key}' must be a string", key)
+    if required and not value:
+        raise invalid(f"'{key}' must not be empty", key)
+    return value
+
+
+def _number(data: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(f"'{key}' must be a number", key)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' must be between {lo} and {hi}", key)
+    return float(value)
+
+
+def _integer(data: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{key}' must be an integer", key)
+    if value < minimum:
+        raise invalid(f"'{key}' must be at least {minimum}", key)
+    return value
+
+
+def _content_text(content: Any, param: str) -> str | None:
+    """Validate a message's content: a string, null, or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise invalid("Only text content parts are supported", f"{param}[{j}]")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid("A text content part needs a string 'text'", f"{param}[{j}].text")
+            parts.append(text)
+        return "".join(parts)
+    raise invalid("'content' must be a string, null or a list of text parts", param)
+
+
+def _tool_call(call: Any, param: str) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise invalid("A tool call must be an object", param)
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid("A tool call needs 'function' with a string 'name'", f"{param}.function")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments)
+    if not isinstance(arguments, str):
+        raise invalid("Tool call 'arguments' must be a JSON string", f"{param}.function.arguments")
+    call_id = call.get("id", "")
+    if not isinstance(call_id, str):
+        raise invalid("Tool call 'id' must be a string", f"{param}.id")
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("'messages' must be a non-empty array", "messages")
+    messages: list[dict[str, Any]] = []
+    for i, raw in enumerate(value):
+        param = f"messages[{i}]"
+        if not isinstance(raw, dict):
+            raise invalid("Each message must be an object", param)
+        role = raw.get("role")
+        if role not in ROLES:
+            raise invalid(f"'role' must be one of {sorted(ROLES)}", f"{param}.role")
+        message: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": _content_text(raw.get("content"), f"{param}.content") or "",
+        }
+        for key in ("name", "tool_call_id"):
+            if key in raw and raw[key] is not None:
+                if not isinstance(raw[key], str):
+                    raise invalid(f"'{key}' must be a string", f"{param}.{key}")
+                message[key] = raw[key]
+        calls = raw.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise invalid("'tool_calls' must be an array on an assistant message", param)
+            message["tool_calls"] = [
+                _tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls)
+            ]
+        messages.append(message)
+    return messages
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid("'tools' must be an array", "tools")
+    tools = []
+    for i, tool in enumerate(value):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise invalid("Each tool must be an object of type 'function'", param)
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid("A tool needs 'function' with a string 'name'", f"{param}.function")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise invalid("'parameters' must be a JSON schema object", f"{param}.function")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise invalid("'description' must be a string", f"{param}.function.description")
+        entry: dict[str, Any] = {"name": function["name"], "parameters": parameters}
+        if description:
+            entry["description"] = description
+        tools.append({"type": "function", "function": entry})
+    return tools
+
+
+def _tool_choice(value: Any) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise invalid(f"'tool_choice' must be one of {sorted(TOOL_CHOICES)}", "tool_choice")
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        return "required"
+    raise invalid("'tool_choice' must be a string or a function choice", "tool_choice")
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_SEQUENCES
+        or not all(isinstance(s, str) and s for s in value)
+    ):
+        raise invalid(
+            f"'stop' must be a non-empty string or up to {MAX_STOP_SEQUENCES} of them", "stop"
+        )
+    return list(value)
+
+
+def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
+    model = _string(data, "model", required=True)
+    assert model is not None
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be a boolean", "stream")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object", "stream_options")
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise invalid("Only n=1 is supported", "n")
+    max_tokens = _integer(data, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(data, "max_tokens", 1)
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise invalid("'seed' must be an integer", "seed")
+    top_p = _number(data, "top_p", 0.0, 1.0)
+    if top_p == 0.0:
+        raise invalid("'top_p' must be greater than 0", "top_p")
+    return ChatRequest(
+        model=model,
+        messages=_messages(data.get("messages")),
+        stream=stream,
+        include_usage=bool(options and options.get("include_usage")),
+        max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 0.0, 2.0),
+        top_p=top_p,
+        stop=_stop(data.get("stop")),
+        seed=seed,
+        tools=_tools(data.get("tools")),
+        tool_choice=_tool_choice(data.get("tool_choice")),
+    )
+
+
+def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
+    model = _string(data, "model", required=True)
+    assert model is not None
+    value = data.get("input")
+    if isinstance(value, str):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(isinstance(s, str) for s in value):
+        inputs = list(value)
+    else:
+        raise invalid("'input' must be a string or a non-empty array of strings", "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(
+            413,
+            f"At most {MAX_EMBEDDING_INPUTS} inputs per request",
+            code="too_many_inputs",
+            param="input",
+        )
+    encoding = data.get("encoding_format", "float") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = data.get("dimensions")
+    if dimensions is not None:
+        raise invalid("'dimensions' is not supported by this worker", "dimensions")
+    return EmbeddingRequest(model=model, inputs=inputs, encoding_format=encoding)
