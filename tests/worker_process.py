@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -41,6 +42,16 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    async def astop(self, timeout: float = 10.0) -> int:
+        """Like stop(), without blocking the event loop (the worker may call back into it)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            for _ in range(int(timeout / 0.05)):
+                if self.process.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+        return self.stop()
+
     def stop(self, timeout: float = 10.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -72,6 +83,7 @@ def start_worker(
     host: str = "127.0.0.1",
     extra: list[str] | None = None,
     advertise: bool = False,
+    env: dict[str, str] | None = None,
     timeout: float = 120.0,
 ) -> WorkerProcess:
     """Start a worker on a free port (it picks one) and wait until it listens.
@@ -104,7 +116,10 @@ def start_worker(
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     deadline = time.monotonic() + timeout
     log_text = ""

@@ -215,10 +215,19 @@ class ChatModel:
         try:
             while True:
                 item = await queue.get()
+                # Pieces that arrived while the consumer was busy go out as one.
+                pieces: list[str] = []
+                while isinstance(item, str):
+                    pieces.append(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if pieces:
+                    yield "".join(pieces)
                 if isinstance(item, BaseException):
                     raise item
-                yield item
                 if isinstance(item, GenerationResult):
+                    yield item
                     return
         finally:
             cancelled.set()

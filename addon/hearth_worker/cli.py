@@ -134,6 +134,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
 
     session: ClientSession | None = None
     discovery_uuid: str | None = None
+    supervisor_url = os.environ.get("SUPERVISOR_URL", "http://supervisor")
     if args.supervisor_discovery:
         session = ClientSession()
         for token_info in auth.list_tokens():
@@ -148,6 +149,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
                 "token": token,
                 "node_id": worker.node_id,
             },
+            supervisor_url=supervisor_url,
             supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
         )
         _LOGGER.info("Announced to Home Assistant through the Supervisor")
@@ -168,6 +170,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
             await withdraw(
                 session,
                 uuid=discovery_uuid,
+                supervisor_url=supervisor_url,
                 supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
             )
         await session.close()

@@ -40,6 +40,7 @@ def ensure_model(path: Path | None) -> Path:
         return path
     if not (BENCH_MODEL / "hearth-model.json").is_file():
         print(f"Building the benchmark model into {BENCH_MODEL} ...", file=sys.stderr)
+        BENCH_MODEL.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [str(ROOT / "scripts" / "make_test_model"), str(BENCH_MODEL), "--preset", "bench"],
             check=True,

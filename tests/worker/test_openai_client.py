@@ -1,0 +1,82 @@
+"""The official `openai` client works against a worker unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from worker_process import WorkerProcess
+
+
+def _id(path: Path) -> str:
+    return str(json.loads((path / "hearth-model.json").read_text())["name"])
+
+
+@pytest.fixture
+async def client(shared_worker: WorkerProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=shared_worker.url + "/v1", api_key=shared_worker.token)
+
+
+async def test_models_chat_and_stream(client: openai.AsyncOpenAI, tiny_chat_model: Path) -> None:
+    async with client:
+        models = await client.models.list()
+        assert _id(tiny_chat_model) in {m.id for m in models.data}
+        messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+            {"role": "system", "content": "You are Hearth."},
+            {"role": "user", "content": "hello"},
+        ]
+        whole = await client.chat.completions.create(
+            model=_id(tiny_chat_model), messages=messages, max_tokens=16
+        )
+        assert whole.choices[0].message.role == "assistant"
+        assert whole.usage is not None and whole.usage.completion_tokens <= 16
+        stream = await client.chat.completions.create(
+            model=_id(tiny_chat_model),
+            messages=messages,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage:
+                usage = chunk.usage
+        assert text == whole.choices[0].message.content
+        assert usage == whole.usage
+
+
+async def test_errors_map_to_openai_exceptions(
+    client: openai.AsyncOpenAI, shared_worker: WorkerProcess
+) -> None:
+    async with client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "x"}]
+            )
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="x", messages=[])
+    async with openai.AsyncOpenAI(
+        base_url=shared_worker.url + "/v1", api_key="hearth_wrong", max_retries=0
+    ) as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+
+
+async def test_embeddings(client: openai.AsyncOpenAI, embedding_model: Path) -> None:
+    async with client:
+        result = await client.embeddings.create(
+            model=_id(embedding_model), input=["grams of flour", "cups of flour", "a train"]
+        )
+        vectors = np.array([d.embedding for d in result.data])
+        assert vectors.shape == (3, 384)
+        assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+        # The client asks for base64 by default when numpy is installed; both must agree.
+        floats = await client.embeddings.create(
+            model=_id(embedding_model), input="grams of flour", encoding_format="float"
+        )
+        np.testing.assert_allclose(floats.data[0].embedding, vectors[0], rtol=1e-5)
