@@ -244,3 +244,63 @@ async def test_update_and_stop_before_start_are_harmless() -> None:
     assert advertiser.properties()["paired"] == "true"
     await advertiser.stop()
     assert not advertiser.running
+
+
+PAIR_FROM_B = """
+import json, sys, urllib.request
+request = urllib.request.Request(
+    sys.argv[1] + "/v1/pair",
+    data=json.dumps({"code": sys.argv[2], "client_name": "host b"}).encode(),
+    headers={"Content-Type": "application/json"},
+)
+with urllib.request.urlopen(request, timeout=10) as response:
+    print(json.dumps({"event": "paired", "node_id": json.load(response)["node_id"]}), flush=True)
+"""
+
+
+def test_serving_worker_is_discovered_and_paired_across_hosts(
+    lan: VirtualLan, tiny_chat_model: Any, tmp_path: Any
+) -> None:
+    """The real `hearth-worker serve` on host a, found and paired from host b."""
+    import re
+    import sys
+
+    a = lan.add_host("a")
+    b = lan.add_host("b")
+    browser = OutputLines(b.python(BROWSER, SERVICE_TYPE, stdout=subprocess.PIPE))
+    log_path = tmp_path / "worker.log"
+    worker: subprocess.Popen[str] | None = None
+    try:
+        browser.expect(_event("ready"), 10, "the browser to start")
+        with log_path.open("w") as log:
+            worker = a.popen(
+                sys.executable, "-m", "hearth_worker", "--state-dir", str(tmp_path / "state"),
+                "serve", "--host", "0.0.0.0", "--port", "8765", "--name", "Study laptop",
+                "--no-warmup", "--model", str(tiny_chat_model),
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        added = browser.expect(_event("added"), 30, "the worker on b")
+        assert added["name"] == f"Study laptop.{SERVICE_TYPE}"
+        assert added["addresses"] == [a.address]
+        assert added["port"] == 8765
+        assert added["properties"]["paired"] == "false"
+        code = re.search(r"Pairing code: (\S+)", log_path.read_text())
+        assert code, log_path.read_text()
+
+        url = f"http://{a.address}:8765"
+        pair = OutputLines(b.python(PAIR_FROM_B, url, code.group(1), stdout=subprocess.PIPE))
+        paired = pair.expect(_event("paired"), 10, "pairing from b")
+        pair.close()
+        assert paired["node_id"] == added["properties"]["id"]
+        browser.expect(
+            lambda item: (item.get("properties") or {}).get("paired") == "true",
+            10,
+            "paired=true on b",
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, log_path.read_text()
+        browser.expect(_event("removed"), 10, "the worker to go away on b")
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        browser.close()
