@@ -32,3 +32,9 @@ def shared_worker(
     )
     yield worker
     assert worker.stop() == 0, worker.log()
+
+
+@pytest.fixture(scope="session")
+def taught_chat_model() -> Path:
+    """A tiny model trained to call HassTurnOn for "turn on the kitchen light"."""
+    return model_fixtures.taught_chat_model()

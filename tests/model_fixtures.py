@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def _build_once(name: str, recipe: str, build: Callable[[Path], None]) -> Path:
             if final.exists():  # an incomplete leftover without a manifest
                 shutil.rmtree(final)
             out.rename(final)
+            for stale in CACHE.iterdir():  # builds by older versions of the scripts
+                if stale != final and re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}", stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
             print(
                 f"model_fixtures: built {final.name} in {time.monotonic() - started:.1f}s",
                 file=sys.stderr,

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,11 +148,13 @@ def detect_kind(src: Path, kind: str) -> str:
 # ---------------------------------------------------------------------------- chat
 
 
-def untie(src: Path, work: Path, log: Path) -> Path:
-    """A copy of SRC whose lm_head has its own weights (SRC itself if it is not tied)."""
+def untie(src: Path, work: Path, log: Path, python: Path = EXPORT_PY) -> Path:
+    """A copy of SRC whose lm_head has its own weights (SRC itself if it is not tied).
+    Runs with the transformers of the exporter that reads the copy."""
     info_path = work / "untie.json"
+    shutil.rmtree(work / "untied", ignore_errors=True)
     run(
-        [str(EXPORT_PY), str(HERE / "untie.py"), str(src), str(work / "untied"), str(info_path)],
+        [str(python), str(HERE / "untie.py"), str(src), str(work / "untied"), str(info_path)],
         log,
         "untying lm_head",
     )
@@ -206,15 +209,40 @@ def lm_head_is_float(out: Path, work: Path, log: Path) -> bool:
     return bool(read_json(report_path)["lm_head_float"])
 
 
+def builder_architectures() -> set[str]:
+    """The architectures the installed onnxruntime-genai model builder knows."""
+    found = sorted((REPO / ".venv-export" / "lib").glob("python*/site-packages/onnxruntime_genai"))
+    if not found:
+        fail("onnxruntime-genai is not installed in .venv-export")
+    text = (found[0] / "models" / "builder.py").read_text(encoding="utf-8")
+    return set(re.findall(r'architectures\[0\] == "(\w+)"', text))
+
+
 def export_chat(
-    src: Path, out: Path, work: Path, quant: str, context: int | None, untie_mode: str
+    src: Path, out: Path, work: Path, quant: str, context: int | None, untie_mode: str, via: str
 ) -> int:
+    ensure_env("export")
+    log = work / "export.log"
+    if via == "auto":
+        architectures = read_json(src / "config.json").get("architectures") or []
+        known = builder_architectures()
+        via = "builder" if any(a in known for a in architectures) else "optimum"
+        if via == "optimum":
+            stage(f"the genai model builder lacks {architectures}: exporting with optimum")
+    if via == "builder":
+        build_with_builder(src, out, work, quant, untie_mode, log)
+    else:
+        build_with_optimum(src, out, work, quant, untie_mode, log)
+    return finish_chat(src, out, context)
+
+
+def build_with_builder(
+    src: Path, out: Path, work: Path, quant: str, untie_mode: str, log: Path
+) -> None:
     """onnxruntime-genai builder. A tied lm_head must end up quantized too: the builder
     (0.18) shares one int4 matrix between the embedding and lm_head and quantizes an
     int8 head on its own; if a build still multiplies by a float head (a Transpose of
     the embedding table), the model is untied and built again (--untie always: first)."""
-    ensure_env("export")
-    log = work / "export.log"
     builder_input = src
     untied = False
     if quant != "fp32" and untie_mode == "always":
@@ -232,7 +260,67 @@ def export_chat(
             if lm_head_is_float(out, work, log):
                 fail("lm_head is still a float MatMul after untying")
 
-    # Tokenizer and chat template: the builder saves the tokenizer; fill in what it missed.
+
+def build_with_optimum(
+    src: Path, out: Path, work: Path, quant: str, untie_mode: str, log: Path
+) -> None:
+    """optimum (text-generation-with-past), MatMulNBits quantization, and a hand-written
+    genai_config.json for genai's generic decoder. optimum exports a tied lm_head as a
+    MatMul with Transpose(embedding), which the quantizer leaves float: untie first."""
+    ensure_env("optimum")
+    python = OPTIMUM_BIN / "python"
+    source = src
+    if quant != "fp32" and untie_mode != "never":
+        source = untie(src, work, log, python)
+    stage("exporting ONNX with optimum (text-generation-with-past)")
+    started = time.monotonic()
+    run(
+        [
+            str(OPTIMUM_BIN / "optimum-cli"),
+            "export",
+            "onnx",
+            "--model",
+            str(source),
+            "--task",
+            "text-generation-with-past",
+            str(out),
+        ],
+        log,
+        "optimum export",
+    )
+    stage(f"optimum export done in {time.monotonic() - started:.1f}s")
+    if quant != "fp32":
+        bits = "4" if quant == "int4" else "8"
+        stage(f"quantizing MatMuls to {quant} (MatMulNBits)")
+        run(
+            [str(python), str(HERE / "optimum_decoder.py"), "quantize", str(out), bits],
+            log,
+            f"{quant} quantization",
+        )
+        if untie_mode != "never":
+            stage("checking that lm_head is quantized")
+            if lm_head_is_float(out, work, log):
+                fail("lm_head is still a float MatMul after untying")
+    native = read_json(src / "config.json").get("max_position_embeddings") or read_json(
+        src / "config.json"
+    ).get("n_positions", DEFAULT_MAX_CONTEXT)
+    run(
+        [
+            str(python),
+            str(HERE / "optimum_decoder.py"),
+            "genai-config",
+            str(source),
+            str(out),
+            str(int(native)),
+        ],
+        log,
+        "writing genai_config.json",
+    )
+
+
+def finish_chat(src: Path, out: Path, context: int | None) -> int:
+    """Tokenizer files, chat template and context length: the same for both exporters."""
+    # The exporters save the tokenizer; fill in what they missed.
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if not (out / name).exists() and (src / name).is_file():
             shutil.copy2(src / name, out / name)
@@ -370,12 +458,15 @@ def sha256_of(path: Path) -> str:
 
 
 def write_manifest(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    files = []
+    files: list[dict[str, Any]] = []
+    total = 0
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out).as_posix()
         if rel == MANIFEST:
             continue
-        files.append({"path": rel, "sha256": sha256_of(path), "size_bytes": path.stat().st_size})
+        size = path.stat().st_size
+        total += size
+        files.append({"path": rel, "sha256": sha256_of(path), "size_bytes": size})
     manifest = {
         "format_version": 1,
         "name": fields["name"],
@@ -384,7 +475,7 @@ def write_manifest(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
         "source": fields["source"],
         "quantization": fields["quantization"],
         "context_length": fields["context_length"],
-        "size_bytes": sum(f["size_bytes"] for f in files),
+        "size_bytes": total,
         "files": files,
         "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "embedding": fields["embedding"],
@@ -416,16 +507,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--quant", choices=QUANTS, help="default: int4 for chat, fp32 for embedding"
     )
-    parser.add_argument("--kind", choices=("auto", "chat", "embedding"), default="auto")
-    parser.add_argument("--context-length", type=positive_int, default=None)
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "chat", "embedding"),
+        default="auto",
+        help="auto: embedding for sentence-transformers/encoder models, chat for causal LMs",
+    )
+    parser.add_argument(
+        "--context-length",
+        type=positive_int,
+        default=None,
+        help=f"chat default: the model's own, at most {DEFAULT_MAX_CONTEXT} (genai preallocates "
+        "its KV cache to it); embedding default: max_seq_length",
+    )
     parser.add_argument(
         "--untie",
         choices=("auto", "always", "never"),
         default="auto",
         help="chat, int4/int8: give a tied lm_head its own weights before quantizing "
-        "(auto: only when the builder would leave it float)",
+        "(auto: when the exporter would leave it float: optimum always, the genai builder "
+        "only if its build shows a float lm_head)",
+    )
+    parser.add_argument(
+        "--via",
+        choices=("auto", "builder", "optimum"),
+        default="auto",
+        help="chat exporter (auto: the genai model builder if it knows the architecture)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--source-label", help=argparse.SUPPRESS)  # "source" in the manifest
     args = parser.parse_args(argv)
 
     out: Path = args.out_dir.expanduser().absolute()
@@ -452,11 +562,15 @@ def main(argv: list[str]) -> int:
         staged = work / "out"
         embedding = None
         if kind == "chat":
-            context = export_chat(src, staged, work, quant, args.context_length, args.untie)
+            context = export_chat(
+                src, staged, work, quant, args.context_length, args.untie, args.via
+            )
             runtime = "onnxruntime-genai"
         else:
             context, embedding = export_embedding(src, staged, work, quant, args.context_length)
             runtime = "onnxruntime"
+        for path in staged.rglob("*"):  # some writers leave 0600; the server may be another user
+            path.chmod(0o755 if path.is_dir() else 0o644)
         stage("writing hearth-model.json (sha256 of every file)")
         manifest = write_manifest(
             staged,
@@ -464,7 +578,7 @@ def main(argv: list[str]) -> int:
                 "name": name,
                 "kind": kind,
                 "runtime": runtime,
-                "source": source,
+                "source": args.source_label or source,
                 "quantization": quant,
                 "context_length": context,
                 "embedding": embedding,

@@ -28,4 +28,7 @@ def main(repo_id: str, dest: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    main(sys.argv[1], Path(sys.argv[2]))
+    try:
+        main(sys.argv[1], Path(sys.argv[2]))
+    except Exception as err:  # one clear line instead of an HTTP client's traceback
+        raise SystemExit(f"cannot download {sys.argv[1]}: {type(err).__name__}: {err}") from None

@@ -1,11 +1,11 @@
-"""Untie a causal LM's lm_head from its input embeddings (runs in .venv-export).
+"""Untie a causal LM's lm_head from its input embeddings (runs in either export env).
 
 usage: untie.py SRC DEST INFO_JSON
 
 If the model ties lm_head to the embeddings, saves a copy in DEST with
-tie_word_embeddings=False and lm_head holding its own copy of the weights, so the
-onnxruntime-genai builder quantizes the lm_head MatMul like any other (a tied head
-stays a large float Transpose/MatMul). Writes {"untied": bool, "seconds": float}
+tie_word_embeddings=False and lm_head holding its own copy of the weights, so an
+exporter that would share it as Transpose(embedding) (optimum) makes lm_head a MatMul
+that is quantized like any other. Writes {"untied": bool, "seconds": float}
 to INFO_JSON.
 """
 

@@ -330,3 +330,37 @@ def test_int4_embedding_fails(tmp_path: Path) -> None:
     result = export_model(str(tmp_path / "src"), str(tmp_path / "out"), "--quant", "int4")
     assert result.returncode != 0
     assert "int4 is for chat models" in result.stderr
+
+
+@pytest.mark.slow
+def test_optimum_path_serves_with_genai(tmp_path: Path) -> None:
+    """Architectures the genai builder lacks go through optimum plus a written
+    genai_config.json; forced here on the tiny Llama to compare with the builder."""
+    source = tmp_path / "hf"
+    made = subprocess.run(
+        [
+            str(REPO / "scripts" / "make_test_model"),
+            str(tmp_path / "builder"),
+            "--hf-dir",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    fp32 = export_model(str(source), str(tmp_path / "fp32"), "--via", "optimum", "--quant", "fp32")
+    assert fp32.returncode == 0, fp32.stderr
+    prompt = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert greedy(tmp_path / "fp32", prompt, 16) == greedy(tmp_path / "builder", prompt, 16)
+    assert manifest_of(tmp_path / "fp32")["runtime"] == "onnxruntime-genai"
+
+    int4 = export_model(str(source), str(tmp_path / "int4"), "--via", "optimum", "--quant", "int4")
+    assert int4.returncode == 0, int4.stderr
+    assert "untied lm_head" in int4.stderr
+    report = graph_report(tmp_path / "int4")
+    assert report["lm_head_op"] == "MatMulNBits"
+    assert not report["lm_head_float"]
+    # only the embedding table (a Gather, one row per token) stays float
+    assert [i["name"] for i in report["large_float_initializers"]] == ["model.embed_tokens.weight"]
+    assert len(greedy(tmp_path / "int4", prompt, 8)) >= 1
