@@ -1,0 +1,104 @@
+"""Hearth: a private AI assistant served by the household's own computers."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN, Platform
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import ConfigEntryAuthFailed, ConfigEntryNotReady
+from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.aiohttp_client import async_get_clientsession
+from homeassistant.helpers.typing import ConfigType
+
+from .client import HearthAuthError, HearthClient, HearthError
+from .cluster import Cluster, WorkerHandle
+from .const import DOMAIN
+from .coordinator import HearthCoordinator, auth_issue_id, unreachable_issue_id
+from .services import async_setup_services
+
+CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
+
+# ai_task exists from Home Assistant 2025.8 on; offer the entity only there.
+HAS_AI_TASK = importlib.util.find_spec("homeassistant.components.ai_task") is not None
+PLATFORMS: list[Platform | str] = [
+    Platform.BINARY_SENSOR,
+    Platform.CONVERSATION,
+    Platform.SENSOR,
+    *(["ai_task"] if HAS_AI_TASK else []),
+]
+
+
+@dataclass
+class HearthRuntimeData:
+    """What a loaded entry holds."""
+
+    client: HearthClient
+    coordinator: HearthCoordinator
+
+
+type HearthConfigEntry = ConfigEntry[HearthRuntimeData]
+
+
+def get_cluster(hass: HomeAssistant) -> Cluster:
+    """The household cluster (created in async_setup)."""
+    cluster: Cluster = hass.data[DOMAIN]
+    return cluster
+
+
+async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
+    """Create the household cluster and register the actions."""
+    hass.data[DOMAIN] = await Cluster.async_create(hass)
+    async_setup_services(hass)
+    return True
+
+
+async def async_setup_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bool:
+    """Connect to one worker."""
+    client = HearthClient(
+        async_get_clientsession(hass),
+        entry.data[CONF_HOST],
+        entry.data[CONF_PORT],
+        entry.data[CONF_TOKEN],
+    )
+    try:
+        info = await client.info()
+    except HearthAuthError as err:
+        raise ConfigEntryAuthFailed(
+            translation_domain=DOMAIN, translation_key="token_rejected"
+        ) from err
+    except HearthError as err:
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="cannot_connect",
+            translation_placeholders={"url": client.base_url},
+        ) from err
+    ir.async_delete_issue(hass, DOMAIN, auth_issue_id(entry.entry_id))
+
+    coordinator = HearthCoordinator(hass, entry, client, info)
+    await coordinator.async_config_entry_first_refresh()
+    entry.runtime_data = HearthRuntimeData(client, coordinator)
+
+    cluster = get_cluster(hass)
+    cluster.add_worker(WorkerHandle(entry.entry_id, entry.title, client, coordinator))
+    await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
+    return True
+
+
+async def async_unload_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bool:
+    """Disconnect from one worker; hand the household entities on if it held them."""
+    if not await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
+        return False
+    ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
+    # If this entry held the household's agent, the next loaded entry takes it over.
+    get_cluster(hass).remove_worker(entry.entry_id)
+    return True
+
+
+async def async_remove_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> None:
+    """Forget the repair issues of a removed worker."""
+    ir.async_delete_issue(hass, DOMAIN, auth_issue_id(entry.entry_id))
+    ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))

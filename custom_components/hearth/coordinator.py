@@ -1,0 +1,106 @@
+"""Polls one worker's capacity, with back-off while it is unreachable."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import ConfigEntryAuthFailed
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
+from homeassistant.util import dt as dt_util
+
+from .client import Capacity, HearthAuthError, HearthClient, HearthError, WorkerInfo
+from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
+
+
+def unreachable_issue_id(entry_id: str) -> str:
+    return f"unreachable_{entry_id}"
+
+
+def auth_issue_id(entry_id: str) -> str:
+    return f"token_rejected_{entry_id}"
+
+
+class HearthCoordinator(DataUpdateCoordinator[Capacity]):
+    """Keeps the latest capacity snapshot of one worker.
+
+    DataUpdateCoordinator logs once when updates start failing and once when
+    they recover. While the worker is gone, the interval doubles up to
+    MAX_SCAN_INTERVAL; after UNREACHABLE_ISSUE_AFTER a repair issue is raised.
+    """
+
+    config_entry: ConfigEntry
+
+    def __init__(
+        self,
+        hass: HomeAssistant,
+        entry: ConfigEntry,
+        client: HearthClient,
+        info: WorkerInfo,
+    ) -> None:
+        super().__init__(
+            hass,
+            LOGGER,
+            config_entry=entry,
+            name=f"Hearth worker {info.name}",
+            update_interval=SCAN_INTERVAL,
+        )
+        self.client = client
+        self.info = info
+        self.unreachable_since: datetime | None = None
+
+    async def _async_update_data(self) -> Capacity:
+        try:
+            capacity = await self.client.capacity()
+        except HearthAuthError as err:
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                auth_issue_id(self.config_entry.entry_id),
+                is_fixable=False,
+                severity=ir.IssueSeverity.ERROR,
+                translation_key="token_rejected",
+                translation_placeholders={"name": self.config_entry.title},
+            )
+            raise ConfigEntryAuthFailed(
+                translation_domain=DOMAIN, translation_key="token_rejected"
+            ) from err
+        except HearthError as err:
+            self._went_away()
+            raise UpdateFailed(
+                translation_domain=DOMAIN,
+                translation_key="worker_unreachable",
+                translation_placeholders={"name": self.config_entry.title, "error": str(err)},
+            ) from err
+        self._came_back()
+        return capacity
+
+    def _went_away(self) -> None:
+        now = dt_util.utcnow()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        assert self.update_interval is not None
+        self.update_interval = min(self.update_interval * 2, MAX_SCAN_INTERVAL)
+        if now - self.unreachable_since >= UNREACHABLE_ISSUE_AFTER:
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                unreachable_issue_id(self.config_entry.entry_id),
+                is_fixable=False,
+                severity=ir.IssueSeverity.WARNING,
+                translation_key="worker_unreachable",
+                translation_placeholders={
+                    "name": self.config_entry.title,
+                    "url": self.client.base_url,
+                },
+            )
+
+    def _came_back(self) -> None:
+        if self.unreachable_since is not None:
+            self.unreachable_since = None
+            ir.async_delete_issue(
+                self.hass, DOMAIN, unreachable_issue_id(self.config_entry.entry_id)
+            )
+        self.update_interval = SCAN_INTERVAL

@@ -1,0 +1,38 @@
+"""Diagnostics for one worker entry (the token is redacted)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.const import CONF_TOKEN
+from homeassistant.core import HomeAssistant
+
+from .const import CONF_PROMPT, CONF_TOKEN_ID
+
+if TYPE_CHECKING:
+    from . import HearthConfigEntry
+
+TO_REDACT = {CONF_TOKEN, CONF_TOKEN_ID, CONF_PROMPT}
+
+
+async def async_get_config_entry_diagnostics(
+    hass: HomeAssistant, entry: HearthConfigEntry
+) -> dict[str, Any]:
+    from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
+
+    coordinator = entry.runtime_data.coordinator
+    cluster = get_cluster(hass)
+    capacity = coordinator.data
+    return {
+        "entry": async_redact_data(dict(entry.data), TO_REDACT),
+        "info": asdict(coordinator.info),
+        "online": coordinator.last_update_success,
+        "capacity": capacity.raw if capacity else None,
+        "household": {
+            "primary": cluster.primary_entry_id == entry.entry_id,
+            "workers": len(cluster.workers),
+            "settings": async_redact_data(cluster.settings, TO_REDACT),
+        },
+    }

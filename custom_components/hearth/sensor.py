@@ -1,0 +1,105 @@
+"""Capacity sensors of one worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from homeassistant.components.sensor import (
+    SensorDeviceClass,
+    SensorEntity,
+    SensorEntityDescription,
+    SensorStateClass,
+)
+from homeassistant.const import UnitOfInformation
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddEntitiesCallback
+
+from .client import Capacity
+from .coordinator import HearthCoordinator
+from .entity import HearthWorkerEntity
+
+if TYPE_CHECKING:
+    from . import HearthConfigEntry
+
+PARALLEL_UPDATES = 0
+
+
+def _decode_rate(capacity: Capacity) -> float | None:
+    rates = [m.decode_tok_s for m in capacity.models.values() if m.decode_tok_s is not None]
+    return round(max(rates), 1) if rates else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HearthSensorDescription(SensorEntityDescription):
+    """A capacity sensor: how to read its value."""
+
+    value_fn: Callable[[Capacity], float | int | None]
+    attrs_fn: Callable[[Capacity], dict[str, Any]] | None = None
+
+
+SENSORS: tuple[HearthSensorDescription, ...] = (
+    HearthSensorDescription(
+        key="running",
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda c: c.running,
+    ),
+    HearthSensorDescription(
+        key="queued",
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda c: c.queued,
+    ),
+    HearthSensorDescription(
+        key="decode_rate",
+        native_unit_of_measurement="tokens/s",
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=1,
+        value_fn=_decode_rate,
+    ),
+    HearthSensorDescription(
+        key="loaded_models",
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda c: len(c.models),
+        attrs_fn=lambda c: {"models": sorted(c.models)},
+    ),
+    HearthSensorDescription(
+        key="memory_free",
+        device_class=SensorDeviceClass.DATA_SIZE,
+        native_unit_of_measurement=UnitOfInformation.MEGABYTES,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=0,
+        value_fn=lambda c: c.memory_free_mb,
+    ),
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: HearthConfigEntry,
+    async_add_entities: AddEntitiesCallback,
+) -> None:
+    coordinator = entry.runtime_data.coordinator
+    async_add_entities(HearthSensor(coordinator, description) for description in SENSORS)
+
+
+class HearthSensor(HearthWorkerEntity, SensorEntity):
+    """One number from the worker's capacity snapshot; unavailable while it is gone."""
+
+    entity_description: HearthSensorDescription
+
+    def __init__(
+        self, coordinator: HearthCoordinator, description: HearthSensorDescription
+    ) -> None:
+        super().__init__(coordinator, description.key)
+        self.entity_description = description
+
+    @property
+    def native_value(self) -> float | int | None:
+        return self.entity_description.value_fn(self.coordinator.data)
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any] | None:
+        if self.entity_description.attrs_fn is None:
+            return None
+        return self.entity_description.attrs_fn(self.coordinator.data)

@@ -1,0 +1,137 @@
+"""Fixtures for the integration tests: a real Home Assistant, real workers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_socket
+from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
+from homeassistant.core import HomeAssistant
+from homeassistant.setup import async_setup_component
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+from worker_process import WorkerProcess, cli, start_worker
+
+from custom_components.hearth.const import CONF_NODE_ID, DOMAIN
+
+
+@pytest.fixture(autouse=True)
+def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
+    """Let Home Assistant load custom_components/hearth."""
+
+
+@pytest.fixture(autouse=True)
+async def auto_setup_ha(request: pytest.FixtureRequest) -> None:
+    """Tests with a Home Assistant get the components Hearth's dependencies need first."""
+    if "hass" in request.fixturenames:
+        await setup_ha(request.getfixturevalue("hass"))
+
+
+@pytest.fixture(autouse=True)
+def auto_socket_enabled(socket_enabled: None) -> None:
+    """The tests talk to real worker processes on 127.0.0.1."""
+
+
+def pairing_code(worker: WorkerProcess) -> str:
+    """Make the worker show a pairing code, as a user would with `hearth-worker pair`."""
+    out = cli(worker.state_dir, "pair")
+    match = re.search(r"Pairing code:\s*(\S+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def worker_info(worker: WorkerProcess) -> dict[str, Any]:
+    request = urllib.request.Request(worker.url + "/v1/info", headers=worker.headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return dict(json.load(response))
+
+
+def restart(worker: WorkerProcess, timeout: float = 60.0) -> None:
+    """Start a stopped worker again on the same port and state dir; wait until it answers."""
+    worker.stop()
+    args = list(worker.args)
+    args[args.index("--port") + 1] = str(worker.port)  # the port it picked the first time
+    with worker.log_path.open("ab") as log:
+        worker.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline or worker.process.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def chat_worker(
+    tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One real worker serving the tiny chat model, with a token."""
+    pytest_socket.enable_socket()  # session fixtures run before socket_enabled
+    worker = start_worker([tiny_chat_model], tmp_path_factory.mktemp("chat-worker"))
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def own_worker(tiny_chat_model: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker of this test alone, with a token (for stopping and restarting)."""
+    worker = start_worker([tiny_chat_model], tmp_path / "own-worker")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def fresh_worker(tiny_chat_model: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker of this test alone (never paired), for pairing and restarts."""
+    worker = start_worker([tiny_chat_model], tmp_path / "worker", token=False)
+    yield worker
+    worker.stop()
+
+
+def entry_for(worker: WorkerProcess, title: str = "Test worker") -> MockConfigEntry:
+    node_id = worker_info(worker)["node_id"]
+    return MockConfigEntry(
+        domain=DOMAIN,
+        title=title,
+        unique_id=node_id,
+        data={
+            CONF_HOST: "127.0.0.1",
+            CONF_PORT: worker.port,
+            CONF_TOKEN: worker.token,
+            CONF_NODE_ID: node_id,
+        },
+    )
+
+
+async def setup_ha(hass: HomeAssistant) -> None:
+    """The components Assist needs, before Hearth (idempotent)."""
+    assert await async_setup_component(hass, "homeassistant", {})
+    assert await async_setup_component(hass, "conversation", {})
+    assert await async_setup_component(hass, "intent", {})
+
+
+async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+
+@pytest.fixture(scope="session")
+def taught_worker(
+    taught_chat_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker serving the model taught to call HassTurnOn (tests/model_fixtures.py)."""
+    pytest_socket.enable_socket()  # session fixtures run before socket_enabled
+    worker = start_worker([taught_chat_model], tmp_path_factory.mktemp("taught-worker"))
+    yield worker
+    worker.stop()

@@ -1,0 +1,439 @@
+"""Every config-flow path, against real worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from ipaddress import ip_address
+from unittest.mock import patch
+
+import pytest
+from homeassistant import config_entries
+from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.helpers.service_info.hassio import HassioServiceInfo
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+from worker_process import WorkerProcess, free_port
+
+from custom_components.hearth.const import (
+    CONF_CHAT_MODEL,
+    CONF_CODE,
+    CONF_LLM_HASS_API,
+    CONF_MAX_TOKENS,
+    CONF_NODE_ID,
+    CONF_PREFER_LOCAL_INTENTS,
+    CONF_TEMPERATURE,
+    DOMAIN,
+)
+
+from .conftest import entry_for, pairing_code, worker_info
+
+
+def node_id_of(worker: WorkerProcess) -> str:
+    return str(json.loads((worker.state_dir / "node.json").read_text())["node_id"])
+
+
+def zeroconf_info(worker: WorkerProcess, node_id: str | None) -> ZeroconfServiceInfo:
+    properties = {"txtvers": "1", "version": "0.1.0", "api": "1", "paired": "false"}
+    if node_id:
+        properties["id"] = node_id
+    return ZeroconfServiceInfo(
+        ip_address=ip_address("127.0.0.1"),
+        ip_addresses=[ip_address("127.0.0.1")],
+        port=worker.port,
+        hostname="kitchen-laptop.local.",
+        type="_hearth._tcp.local.",
+        name="kitchen-laptop._hearth._tcp.local.",
+        properties=properties,
+    )
+
+
+async def start_manual(hass: HomeAssistant, port: int) -> str:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "user"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "pair"
+    return str(result["flow_id"])
+
+
+async def test_manual_pairs_with_code(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    flow_id = await start_manual(hass, fresh_worker.port)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_CODE: pairing_code(fresh_worker)}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    data = result["data"]
+    assert data[CONF_HOST] == "127.0.0.1"
+    assert data[CONF_PORT] == fresh_worker.port
+    assert data[CONF_NODE_ID] == node_id_of(fresh_worker)
+    assert result["result"].unique_id == node_id_of(fresh_worker)
+    # The token really works.
+    fresh_worker.token = data[CONF_TOKEN]
+    assert worker_info(fresh_worker)["node_id"] == data[CONF_NODE_ID]
+
+
+async def test_manual_cannot_connect(hass: HomeAssistant) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: free_port()}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "cannot_connect"}
+
+
+async def test_wrong_code_then_right(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    code = pairing_code(fresh_worker)
+    flow_id = await start_manual(hass, fresh_worker.port)
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "WRONG000"})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "wrong_code"}
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: code})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+
+
+async def test_expired_code(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    code = pairing_code(fresh_worker)
+    path = fresh_worker.state_dir / "pairing.json"
+    record = json.loads(path.read_text())
+    record["expires_at"] = time.time() - 1
+    path.write_text(json.dumps(record))
+    flow_id = await start_manual(hass, fresh_worker.port)
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: code})
+    assert result["errors"] == {"base": "expired_code"}
+
+
+async def test_no_code(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    # Use up the worker's code (an unpaired worker shows one when it starts).
+    body = json.dumps({"code": pairing_code(fresh_worker), "client_name": "other"}).encode()
+    request = urllib.request.Request(
+        fresh_worker.url + "/v1/pair", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    flow_id = await start_manual(hass, fresh_worker.port)
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "ABCD1234"})
+    assert result["errors"] == {"base": "no_code"}
+
+
+async def test_rate_limited(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    pairing_code(fresh_worker)
+    flow_id = await start_manual(hass, fresh_worker.port)
+    errors = []
+    for _ in range(4):
+        result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "WRONG000"})
+        errors.append(result["errors"]["base"])
+    # Three free tries per client, then a lock-out.
+    assert errors == ["wrong_code"] * 3 + ["rate_limited"]
+    assert int(result["description_placeholders"]["retry_after"]) >= 1
+
+
+async def test_pair_cannot_connect(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    code = pairing_code(fresh_worker)
+    flow_id = await start_manual(hass, fresh_worker.port)
+    fresh_worker.stop()
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: code})
+    assert result["errors"] == {"base": "cannot_connect"}
+
+
+async def test_pair_unexpected_error(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    flow_id = await start_manual(hass, fresh_worker.port)
+    with patch(
+        "custom_components.hearth.config_flow.HearthClient.pair", side_effect=RuntimeError("boom")
+    ):
+        result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "X"})
+    assert result["errors"] == {"base": "unknown"}
+
+
+async def test_title_falls_back_when_info_fails(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+    flow_id = await start_manual(hass, fresh_worker.port)
+    with patch(
+        "custom_components.hearth.config_flow.HearthClient.info",
+        side_effect=__import__("custom_components.hearth.client").hearth.client.HearthError,
+    ):
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_CODE: pairing_code(fresh_worker)}
+        )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["title"] == "127.0.0.1"
+
+
+async def test_manual_already_configured_updates_address(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=node_id_of(fresh_worker),
+        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "old", CONF_NODE_ID: "x"},
+    )
+    entry.add_to_hass(hass)
+    flow_id = await start_manual(hass, fresh_worker.port)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_CODE: pairing_code(fresh_worker)}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data[CONF_HOST] == "127.0.0.1"
+    assert entry.data[CONF_PORT] == fresh_worker.port
+    assert entry.data[CONF_TOKEN] != "old"
+    await hass.async_block_till_done()
+
+
+async def test_zeroconf_pairs(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(fresh_worker, node_id_of(fresh_worker)),
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "pair"
+    assert result["description_placeholders"]["name"] == "kitchen-laptop"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_CODE: pairing_code(fresh_worker)}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["result"].unique_id == node_id_of(fresh_worker)
+
+
+async def test_zeroconf_not_hearth(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(fresh_worker, None),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "not_hearth"
+
+
+async def test_zeroconf_known_worker_new_address(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=node_id_of(fresh_worker),
+        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "t", CONF_NODE_ID: "x"},
+    )
+    entry.add_to_hass(hass)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(fresh_worker, node_id_of(fresh_worker)),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data[CONF_HOST] == "127.0.0.1"
+    assert entry.data[CONF_PORT] == fresh_worker.port
+    assert entry.data[CONF_TOKEN] == "t"
+    await hass.async_block_till_done()
+
+
+def hassio_info(worker: WorkerProcess, token: str | None, node_id: str) -> HassioServiceInfo:
+    return HassioServiceInfo(
+        config={"host": "127.0.0.1", "port": worker.port, "token": token, "node_id": node_id},
+        name="Hearth worker",
+        slug="hearth",
+        uuid="0123456789abcdef",
+    )
+
+
+async def test_hassio_sets_up_without_code(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+    node_id = worker_info(chat_worker)["node_id"]
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_HASSIO},
+        data=hassio_info(chat_worker, chat_worker.token, node_id),
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "hassio_confirm"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["result"].unique_id == node_id
+    assert result["data"][CONF_TOKEN] == chat_worker.token
+
+
+async def test_hassio_bad_config(hass: HomeAssistant) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_HASSIO},
+        data=HassioServiceInfo(config={"host": "x"}, name="n", slug="s", uuid="u"),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "not_hearth"
+
+
+@pytest.mark.parametrize(("token", "reason"), [("bad-token", "invalid_auth"), (None, "")])
+async def test_hassio_confirm_fails(
+    hass: HomeAssistant, fresh_worker: WorkerProcess, token: str | None, reason: str
+) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_HASSIO},
+        data=hassio_info(fresh_worker, token or "t", node_id_of(fresh_worker)),
+    )
+    if token is None:
+        fresh_worker.stop()
+        reason = "cannot_connect"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == reason
+
+
+async def test_hassio_known_worker_updates(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+
+    node_id = worker_info(chat_worker)["node_id"]
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=node_id,
+        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "old", CONF_NODE_ID: node_id},
+    )
+    entry.add_to_hass(hass)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_HASSIO},
+        data=hassio_info(chat_worker, chat_worker.token, node_id),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data[CONF_PORT] == chat_worker.port
+    assert entry.data[CONF_TOKEN] == chat_worker.token
+    await hass.async_block_till_done()
+
+
+async def test_reauth(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=node_id_of(fresh_worker),
+        data={
+            CONF_HOST: "127.0.0.1",
+            CONF_PORT: fresh_worker.port,
+            CONF_TOKEN: "revoked",
+            CONF_NODE_ID: node_id_of(fresh_worker),
+        },
+    )
+    entry.add_to_hass(hass)
+    # Setting up with a rejected token starts reauthentication by itself.
+    assert not await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    flows = hass.config_entries.flow.async_progress_by_handler(DOMAIN)
+    assert len(flows) == 1
+    flow_id = flows[0]["flow_id"]
+    assert flows[0]["step_id"] == "reauth_confirm"
+
+    code = pairing_code(fresh_worker)
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "WRONG000"})
+    assert result["errors"] == {"base": "wrong_code"}
+    result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: code})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reauth_successful"
+    assert entry.data[CONF_TOKEN] != "revoked"
+    await hass.async_block_till_done()
+    assert entry.state is config_entries.ConfigEntryState.LOADED
+
+
+async def test_reauth_wrong_worker(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
+
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id="another-node",
+        data={CONF_HOST: "127.0.0.1", CONF_PORT: fresh_worker.port, CONF_TOKEN: "t"},
+    )
+    entry.add_to_hass(hass)
+    result = await entry.start_reauth_flow(hass)
+    assert result["step_id"] == "reauth_confirm"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_CODE: pairing_code(fresh_worker)}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "wrong_worker"
+
+
+async def test_reconfigure(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    entry_data = dict(entry.data)
+    hass.config_entries.async_update_entry(
+        entry, data={**entry_data, CONF_HOST: "192.0.2.1", CONF_PORT: 1}
+    )
+    result = await entry.start_reconfigure_flow(hass)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "reconfigure"
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: free_port()}
+    )
+    assert result["errors"] == {"base": "cannot_connect"}
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: chat_worker.port}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data[CONF_PORT] == chat_worker.port
+    await hass.async_block_till_done()
+    assert entry.state is config_entries.ConfigEntryState.LOADED
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_reconfigure_rejected_token_and_wrong_worker(
+    hass: HomeAssistant, chat_worker: WorkerProcess
+) -> None:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id="another-node",
+        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "bad"},
+    )
+    entry.add_to_hass(hass)
+    result = await entry.start_reconfigure_flow(hass)
+    user_input = {CONF_HOST: "127.0.0.1", CONF_PORT: chat_worker.port}
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input)
+    assert result["errors"] == {"base": "invalid_auth"}
+    hass.config_entries.async_update_entry(
+        entry, data={**entry.data, CONF_TOKEN: chat_worker.token}
+    )
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "wrong_worker"
+
+
+async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "init"
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"],
+        {
+            CONF_LLM_HASS_API: ["assist"],
+            CONF_PREFER_LOCAL_INTENTS: False,
+            CONF_MAX_TOKENS: 64,
+            CONF_TEMPERATURE: 0.5,
+            CONF_CHAT_MODEL: "tiny-chat",
+        },
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    settings = hass.data[DOMAIN].settings
+    assert settings[CONF_MAX_TOKENS] == 64
+    assert settings[CONF_PREFER_LOCAL_INTENTS] is False
+    assert settings[CONF_CHAT_MODEL] == "tiny-chat"
+    assert settings["prompt"] is None
+    assert await hass.config_entries.async_unload(entry.entry_id)

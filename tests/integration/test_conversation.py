@@ -1,0 +1,188 @@
+"""The Hearth agent and hearth.ask against real worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+from homeassistant.components import conversation
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import intent
+from homeassistant.setup import async_setup_component
+from worker_process import WorkerProcess
+
+from custom_components.hearth.assistant import parse_tool_arguments
+from custom_components.hearth.const import (
+    CONF_LLM_HASS_API,
+    CONF_MAX_TOKENS,
+    CONF_PREFER_LOCAL_INTENTS,
+    DOMAIN,
+)
+
+from .conftest import entry_for, setup_entry
+
+AGENT = "conversation.hearth"
+NO_WORKER = "None of the household's Hearth workers can answer right now."
+
+
+async def use_settings(hass: HomeAssistant, **settings: object) -> None:
+    cluster = hass.data[DOMAIN]
+    await cluster.async_update_settings({**cluster.settings, **settings})
+
+
+async def plain_settings(hass: HomeAssistant) -> None:
+    """No tools, no local intents, short answers: fast with the random tiny model."""
+    await use_settings(
+        hass,
+        **{CONF_LLM_HASS_API: [], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 16},
+    )
+
+
+async def converse(hass: HomeAssistant, text: str, conversation_id: str | None = None):  # type: ignore[no-untyped-def]
+    return await conversation.async_converse(
+        hass, text, conversation_id, Context(), language="en", agent_id=AGENT
+    )
+
+
+async def test_conversation_answers(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+    await setup_entry(hass, entry_for(chat_worker))
+    await plain_settings(hass)
+    result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    first = result.response.speech["plain"]["speech"]
+    assert isinstance(first, str)
+    assert first
+    # A second turn in the same conversation carries the history.
+    again = await converse(hass, "and again", result.conversation_id)
+    assert again.conversation_id == result.conversation_id
+    assert again.response.response_type is intent.IntentResponseType.ACTION_DONE
+
+
+async def test_ask_action(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
+    await setup_entry(hass, entry_for(chat_worker, "Kitchen laptop"))
+    await plain_settings(hass)
+    response = await hass.services.async_call(
+        DOMAIN,
+        "ask",
+        {"prompt": "Write a haiku", "instructions": "Be brief.", "max_tokens": 8},
+        blocking=True,
+        return_response=True,
+    )
+    assert response is not None
+    assert set(response) == {"answer", "worker"}
+    assert isinstance(response["answer"], str)
+    assert response["worker"] == "Kitchen laptop"
+
+
+async def test_no_worker_gives_translated_error(
+    hass: HomeAssistant, own_worker: WorkerProcess
+) -> None:
+    await setup_entry(hass, entry_for(own_worker))
+    await plain_settings(hass)
+    own_worker.stop()  # gone, before the coordinator has noticed
+    result = await converse(hass, "hello")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
+    assert result.response.speech["plain"]["speech"].startswith(NO_WORKER)
+    with pytest.raises(HomeAssistantError) as err:
+        await hass.services.async_call(
+            DOMAIN, "ask", {"prompt": "hi"}, blocking=True, return_response=True
+        )
+    assert err.value.translation_key == "no_worker"
+    assert str(err.value).startswith(NO_WORKER)
+
+
+async def test_fails_over_to_the_next_worker(
+    hass: HomeAssistant, chat_worker: WorkerProcess, own_worker: WorkerProcess
+) -> None:
+    await setup_entry(hass, entry_for(own_worker, "Stopped"))
+    await setup_entry(hass, entry_for(chat_worker, "Running"))
+    await plain_settings(hass)
+    own_worker.stop()
+    for _ in range(2):  # whichever the router ranks first
+        response = await hass.services.async_call(
+            DOMAIN, "ask", {"prompt": "hi", "max_tokens": 4}, blocking=True, return_response=True
+        )
+        assert response is not None
+        assert response["worker"] == "Running"
+
+
+async def setup_kitchen_light(hass: HomeAssistant) -> None:
+    """A light named "Kitchen light", exposed to Assist, backed by an input_boolean."""
+    assert await async_setup_component(
+        hass, "input_boolean", {"input_boolean": {"kitchen": {"name": "Kitchen power"}}}
+    )
+    assert await async_setup_component(
+        hass,
+        "light",
+        {
+            "light": {
+                "platform": "template",
+                "lights": {
+                    "kitchen_light": {
+                        "friendly_name": "Kitchen light",
+                        "value_template": "{{ is_state('input_boolean.kitchen', 'on') }}",
+                        "turn_on": {
+                            "action": "input_boolean.turn_on",
+                            "target": {"entity_id": "input_boolean.kitchen"},
+                        },
+                        "turn_off": {
+                            "action": "input_boolean.turn_off",
+                            "target": {"entity_id": "input_boolean.kitchen"},
+                        },
+                    }
+                },
+            }
+        },
+    )
+    await hass.async_block_till_done()
+    assert hass.states.get("light.kitchen_light").state == "off"
+
+
+async def test_local_intents_first(hass: HomeAssistant, own_worker: WorkerProcess) -> None:
+    await setup_kitchen_light(hass)
+    await setup_entry(hass, entry_for(own_worker))
+    await use_settings(hass, **{CONF_PREFER_LOCAL_INTENTS: True})
+    own_worker.stop()  # Home Assistant's own intents need no worker
+    result = await converse(hass, "turn on the kitchen light")
+    assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    await hass.async_block_till_done()
+    assert hass.states.get("light.kitchen_light").state == "on"
+
+
+async def test_tool_call_turns_on_the_light(
+    hass: HomeAssistant, taught_worker: WorkerProcess
+) -> None:
+    """The model calls HassTurnOn through the Assist API; the light really goes on."""
+    await setup_kitchen_light(hass)
+    await setup_entry(hass, entry_for(taught_worker))
+    await use_settings(
+        hass,
+        **{CONF_LLM_HASS_API: ["assist"], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 64},
+    )
+    result = await converse(hass, "turn on the kitchen light")
+    await hass.async_block_till_done()
+    assert hass.states.get("light.kitchen_light").state == "on"
+    assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    assert result.response.speech["plain"]["speech"] == "The kitchen light is on."
+
+    hello = await converse(hass, "hello")
+    assert hello.response.speech["plain"]["speech"] == "Hello from Hearth!"
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ('{"name": "kitchen light"}', {"name": "kitchen light"}),
+        ({"name": "x", "area": ""}, {"name": "x"}),
+        ('```json\n{"name": "x"}\n```', {"name": "x"}),
+        ("{'name': 'x', 'on': True}", {"name": "x", "on": True}),
+        ('Sure: {"name": "x"} done', {"name": "x"}),
+        ('{"domain": "[\\"light\\"]"}', {"domain": ["light"]}),
+        ('{"domain": "[not json]"}', {"domain": "[not json]"}),
+        ("not json at all", {}),
+        ("", {}),
+        ("[1, 2]", {}),
+        (None, {}),
+    ],
+)
+def test_tool_arguments_parsed_tolerantly(raw: object, parsed: dict[str, object]) -> None:
+    assert parse_tool_arguments(raw) == parsed
