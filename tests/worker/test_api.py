@@ -72,6 +72,9 @@ def content_of(chunks: list[dict[str, Any]]) -> str:
 
 
 HELLO = [{"role": "user", "content": "hello"}]
+# Enough tokens that a request holds its slot for seconds even on a slow, busy CI
+# machine (the tiny model decodes "hello" to the full length at ~5,000 tok/s here).
+HOLD_TOKENS = 8000
 
 
 async def test_health_needs_no_token(
@@ -356,7 +359,7 @@ async def test_queue_full_gets_429_and_client_disconnect_cancels(
         long_body = {
             "model": model_id(tiny_chat_model),
             "messages": HELLO,
-            "max_tokens": 400,
+            "max_tokens": HOLD_TOKENS,
             "stream": True,
         }
         # Hold the only slot with a streaming request, then drop it mid-stream.
@@ -387,7 +390,7 @@ async def test_busy_response_has_retry_after(
         [tiny_chat_model], tmp_path, extra=["--max-running", "1", "--max-queued", "1"]
     )
     try:
-        body = {"model": model_id(tiny_chat_model), "messages": HELLO, "max_tokens": 400}
+        body = {"model": model_id(tiny_chat_model), "messages": HELLO, "max_tokens": HOLD_TOKENS}
         # A stream that is read slowly holds the one running slot.
         holder = await http.post(
             worker.url + CHAT, json={**body, "stream": True}, headers=worker.headers
