@@ -1,19 +1,66 @@
-"""Start real `hearth-worker serve` processes for tests and benchmarks."""
+"""Start real `hearth-worker serve` processes for tests and benchmarks.
+
+Workers serve HTTPS by default, with the self-signed certificate they make in
+their state dir on first start (as in production); `plain_http=True` starts one
+with `--plain-http`. To talk to one:
+
+* aiohttp: `session.get(worker.url + ..., ssl=worker.ssl)` (verifies against this
+  worker's certificate), or a session made with `insecure_connector()`;
+* urllib: `urllib.request.urlopen(request, context=worker.ssl)`;
+* httpx / openai: `httpx.AsyncClient(verify=worker.ssl)`;
+* Home Assistant: entry data with `worker.fingerprint` (`tests/integration/conftest.py`
+  `entry_for` does it).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-READY = re.compile(r"listening on (http://[^\s:]+:(\d+))")
+READY = re.compile(r"listening on (https?://[^\s:]+:(\d+))")
+AUDIT_LAUNCHER = Path(__file__).with_name("connection_audit.py")
+
+
+def insecure_ssl() -> ssl.SSLContext:
+    """A client context that accepts any certificate (tests of other things than TLS)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def insecure_connector() -> Any:
+    """An aiohttp connector that accepts any certificate, for sessions used with many workers."""
+    import aiohttp
+
+    return aiohttp.TCPConnector(ssl=False)
+
+
+async def tls_closed(timeout: float = 2.0) -> None:
+    """Wait until closed TLS connections finished their shutdown handshake.
+
+    asyncio keeps a timer per closing TLS connection until the peer answers;
+    Home Assistant's test plugin fails a test that leaves timers behind.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and any(
+        "SSLProtocol" in repr(handle)
+        for handle in getattr(loop, "_scheduled", [])
+        if not handle.cancelled()
+    ):
+        await asyncio.sleep(0.01)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,6 +85,35 @@ class WorkerProcess:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def plain_http(self) -> bool:
+        return self.url.startswith("http://")
+
+    @property
+    def cert_path(self) -> Path:
+        return self.state_dir / "tls-cert.pem"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """SHA-256 of the worker's certificate (hex), None for a plain-HTTP worker."""
+        if self.plain_http:
+            return None
+        der = ssl.PEM_cert_to_DER_cert(self.cert_path.read_text(encoding="ascii"))
+        return hashlib.sha256(der).hexdigest()
+
+    @property
+    def ssl(self) -> ssl.SSLContext | None:
+        """A client context that trusts exactly this worker's certificate (None: plain HTTP).
+
+        Works with aiohttp (`ssl=`), urllib (`context=`) and httpx (`verify=`).
+        """
+        if self.plain_http:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False  # pinned: the certificate is the only trust anchor
+        context.load_verify_locations(cafile=str(self.cert_path))
+        return context
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -85,11 +161,15 @@ def start_worker(
     advertise: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    plain_http: bool = False,
+    connection_log: Path | None = None,
 ) -> WorkerProcess:
     """Start a worker on a free port (it picks one) and wait until it listens.
 
     With `token`, a token is issued in its state dir first (pairing over HTTP
-    has its own tests), so the returned worker is ready to use.
+    has its own tests), so the returned worker is ready to use. HTTPS unless
+    `plain_http`. With `connection_log`, every socket the worker process
+    connects or sends to is logged there (`tests/connection_audit.py`).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     state_dir = workdir / "state"
@@ -99,9 +179,10 @@ def start_worker(
         from hearth_worker.auth import AuthStore
 
         issued, _ = AuthStore(state_dir).create_token("tests")
+    launcher = [str(AUDIT_LAUNCHER), str(connection_log)] if connection_log else ["-m"]
     args = [
         sys.executable,
-        "-m",
+        *launcher,
         "hearth_worker",
         "--state-dir",
         str(state_dir),
@@ -111,6 +192,7 @@ def start_worker(
         "--port",
         "0",
         *([] if advertise else ["--no-advertise"]),
+        *(["--plain-http"] if plain_http else []),
         *[arg for model in models for arg in ("--model", str(model))],
         *(extra or []),
     ]

@@ -3,8 +3,9 @@
 Everything lives in one state directory (``/data`` in the add-on):
 
 * ``node.json``: this worker's stable ``node_id``.
-* ``pairing.json``: the current pairing code, only as a salted sha256, with its
-  expiry and the number of wrong attempts made against it.
+* ``pairing.json``: the current pairing code, only as its scrypt verifier
+  (``pairing.py``) and salt, with its expiry and the number of wrong attempts
+  made against it.
 * ``tokens.json``: the paired clients' tokens, only as sha256 hex.
 
 Every file is written atomically (temporary file + ``os.replace``) with mode
@@ -34,6 +35,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from . import pairing
 
 if sys.platform != "win32":  # serialises read-modify-write across processes
     import fcntl
@@ -125,10 +128,6 @@ def _sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
-def _hash_code(salt: str, normalized: str) -> str:
-    return _sha256_hex(f"{salt}:{normalized}")
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically with mode 0600."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -173,6 +172,7 @@ class AuthStore:
         self._code_ttl_s = code_ttl_s
         self._clock = clock
         self._lock = threading.RLock()
+        self._attempt_lock = threading.Lock()  # pairing attempts, one at a time
         self._node_id: str | None = None
         # tokens.json cache: its stat signature and the parsed records.
         self._tokens_sig: tuple[int, int, int, int] | None = None
@@ -212,12 +212,12 @@ class AuthStore:
         shows the returned code to the person pairing.
         """
         raw = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-        salt = secrets.token_hex(16)
-        code_sha256 = _hash_code(salt, raw)
+        salt = secrets.token_bytes(pairing.SALT_BYTES)
+        verifier = pairing.code_verifier(raw, salt).hex()
         record = {
             "format_version": FORMAT_VERSION,
-            "salt": salt,
-            "code_sha256": code_sha256,
+            "salt": salt.hex(),
+            "verifier": verifier,
             "expires_at": self._clock() + self._code_ttl_s,
             "failures": 0,
             "locked_until": 0.0,
@@ -225,7 +225,7 @@ class AuthStore:
         with self._lock, self._file_lock():
             _write_json_atomic(self._dir / PAIRING_FILE, record)
             self._clients.clear()
-            self._clients_code = code_sha256
+            self._clients_code = verifier
         _LOGGER.info("New pairing code made; valid for %d s", round(self._code_ttl_s))
         return format_code(raw)
 
@@ -237,47 +237,118 @@ class AuthStore:
             return None
         return float(record["expires_at"])
 
+    def pairing_salt(self) -> str:
+        """The current code's salt (hex), public: the first step of the pairing proof.
+
+        Raises PairingError ``no_code`` or ``expired``.
+        """
+        with self._lock:
+            record = self._load_pairing()
+        if record is None:
+            raise PairingError("no_code")
+        if self._clock() >= record["expires_at"]:
+            raise PairingError("expired")
+        return str(record["salt"])
+
     def pair(
         self, code: str, *, client_id: str, client_name: str | None = None
     ) -> tuple[str, TokenInfo]:
-        """Exchange the pairing code for a new token; the code is used up.
+        """Exchange the pairing code itself for a new token; the code is used up.
 
-        Raises PairingError. ``client_id`` (the peer address) keys the
+        For local use (tests): over the network only the proof of ``pair_with_proof``
+        is accepted. Raises PairingError. ``client_id`` (the peer address) keys the
         per-client rate limit; ``client_name`` names the token.
         """
-        with self._lock, self._file_lock():
-            now = self._clock()
-            record = self._load_pairing()
-            if record is not None and record["code_sha256"] != self._clients_code:
-                self._clients.clear()  # a new code (maybe made by the CLI)
-                self._clients_code = record["code_sha256"]
-            client = self._clients.get(client_id)
-            waits = [0.0]
-            if client is not None:
-                waits.append(client.locked_until - now)
-            if record is not None:
-                waits.append(float(record["locked_until"]) - now)
-            wait = max(waits)
-            if wait > 0:
-                _LOGGER.debug("Pairing attempt from %s rate limited for %.1f s", client_id, wait)
-                raise PairingError("rate_limited", retry_after=wait)
-            if record is None:
-                raise PairingError("no_code")
-            if now >= record["expires_at"]:
-                raise PairingError("expired")
+        normalized = normalize_code(code)
 
-            given = _hash_code(record["salt"], normalize_code(code))
-            if not hmac.compare_digest(given, record["code_sha256"]):
-                self._count_failure(record, client_id, now)
-                raise PairingError("wrong_code")
+        def check(record: dict[str, Any]) -> bytes | None:
+            given = pairing.code_verifier(normalized, bytes.fromhex(record["salt"]))
+            return b"" if hmac.compare_digest(given.hex(), record["verifier"]) else None
 
-            (self._dir / PAIRING_FILE).unlink(missing_ok=True)
-            self._clients.clear()
-            self._clients_code = None
-            name = (client_name or "").strip() or f"paired from {client_id}"
-            token, info = self._create_token_locked(name)
-        _LOGGER.info("Paired %r (token id %s)", info.name, info.token_id)
+        token, info, _ = self._attempt(check, client_id=client_id, client_name=client_name)
         return token, info
+
+    def pair_with_proof(
+        self,
+        *,
+        salt: str,
+        client_nonce: bytes,
+        proof: bytes,
+        fingerprint: bytes,
+        client_id: str,
+        client_name: str | None = None,
+    ) -> tuple[str, TokenInfo, bytes]:
+        """Check a client's pairing proof (``pairing.py``) and issue a token.
+
+        ``fingerprint`` is this worker's own certificate fingerprint (empty when
+        serving plain HTTP). Returns the token, its info and the worker's proof.
+        A wrong proof counts as a wrong code. Slow (one scrypt run): call it from
+        a thread. Attempts are serialised.
+        """
+
+        def check(record: dict[str, Any]) -> bytes | None:
+            if not hmac.compare_digest(salt.lower(), record["salt"]):
+                raise PairingError("expired")  # the code changed since the client asked
+            key = pairing.session_key(bytes.fromhex(record["verifier"]), fingerprint, client_nonce)
+            expected = pairing.client_proof(key, fingerprint, client_nonce)
+            return key if hmac.compare_digest(expected, proof) else None
+
+        token, info, key = self._attempt(check, client_id=client_id, client_name=client_name)
+        return (
+            token,
+            info,
+            pairing.worker_proof(key, fingerprint, client_nonce, token, self.node_id),
+        )
+
+    def _attempt(
+        self,
+        check: Callable[[dict[str, Any]], bytes | None],
+        *,
+        client_id: str,
+        client_name: str | None,
+    ) -> tuple[str, TokenInfo, bytes]:
+        """One pairing attempt: rate limits, then ``check`` (slow, no lock held), then
+        the token or a counted failure. ``check`` returns None for a wrong code."""
+        with self._attempt_lock:
+            with self._lock, self._file_lock():
+                now = self._clock()
+                record = self._load_pairing()
+                if record is not None and record["verifier"] != self._clients_code:
+                    self._clients.clear()  # a new code (maybe made by the CLI)
+                    self._clients_code = record["verifier"]
+                client = self._clients.get(client_id)
+                waits = [0.0]
+                if client is not None:
+                    waits.append(client.locked_until - now)
+                if record is not None:
+                    waits.append(float(record["locked_until"]) - now)
+                wait = max(waits)
+                if wait > 0:
+                    _LOGGER.debug(
+                        "Pairing attempt from %s rate limited for %.1f s", client_id, wait
+                    )
+                    raise PairingError("rate_limited", retry_after=wait)
+                if record is None:
+                    raise PairingError("no_code")
+                if now >= record["expires_at"]:
+                    raise PairingError("expired")
+
+            result = check(record)  # the slow KDF runs without the store's lock
+
+            with self._lock, self._file_lock():
+                current = self._load_pairing()
+                if current is None or current["verifier"] != record["verifier"]:
+                    raise PairingError("no_code")  # used up or replaced meanwhile
+                if result is None:
+                    self._count_failure(current, client_id, self._clock())
+                    raise PairingError("wrong_code")
+                (self._dir / PAIRING_FILE).unlink(missing_ok=True)
+                self._clients.clear()
+                self._clients_code = None
+                name = (client_name or "").strip() or f"paired from {client_id}"
+                token, info = self._create_token_locked(name)
+        _LOGGER.info("Paired %r (token id %s)", info.name, info.token_id)
+        return token, info, result
 
     def _count_failure(self, record: dict[str, Any], client_id: str, now: float) -> None:
         client = self._clients.pop(client_id, None) or _Backoff()
@@ -321,7 +392,7 @@ class AuthStore:
             record: dict[str, Any] = {
                 "format_version": int(data.get("format_version", FORMAT_VERSION)),
                 "salt": str(data["salt"]),
-                "code_sha256": str(data["code_sha256"]),
+                "verifier": str(data["verifier"]),
                 "expires_at": float(data["expires_at"]),
                 "failures": int(data.get("failures", 0)),
                 "locked_until": float(data.get("locked_until", 0.0)),

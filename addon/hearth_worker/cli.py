@@ -21,6 +21,7 @@ from .discovery import Advertiser
 from .manifest import ManifestError
 from .server import Worker, WorkerOptions
 from .supervisor import announce, withdraw
+from .tls import Certificate, ensure_certificate
 
 _LOGGER = logging.getLogger("hearth_worker")
 SUPERVISOR_TOKEN_NAME = "Home Assistant (Supervisor discovery)"  # noqa: S105
@@ -81,13 +82,26 @@ def _parser() -> argparse.ArgumentParser:
         default=socket.gethostname(),
         help="host name Home Assistant uses to reach the add-on (default: %(default)s)",
     )
+    serve.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve plain, unencrypted HTTP instead of HTTPS (only on a network you trust)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     sub.add_parser("pair", help="show a new pairing code (valid 15 minutes)")
+    sub.add_parser(
+        "cert",
+        help="show the TLS certificate's path and SHA-256 fingerprint (made if missing)",
+    )
 
     tokens = sub.add_parser("tokens", help="list or revoke the tokens of paired clients")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     tokens_sub.add_parser("list", help="list tokens")
+    create = tokens_sub.add_parser(
+        "create", help="issue a token without pairing, e.g. for an OpenAI client (shown once)"
+    )
+    create.add_argument("name", help="who the token is for (shown by 'tokens list')")
     revoke = tokens_sub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token_id")
     return parser
@@ -99,7 +113,15 @@ def _show_code(auth: AuthStore) -> None:
     print(f"Pairing code: {code}  (valid {minutes} minutes)", flush=True)
 
 
+def _certificate(auth: AuthStore) -> Certificate:
+    from .discovery import host_label  # noqa: PLC0415
+
+    names = ["localhost", socket.gethostname(), f"{host_label(auth.node_id)}.local"]
+    return ensure_certificate(auth.state_dir, auth.node_id, names)
+
+
 async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
+    cert = None if args.plain_http else _certificate(auth)
     options = WorkerOptions(
         model_dirs=args.models,
         state_dir=args.state_dir,
@@ -108,15 +130,28 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
         max_queued=args.max_queued,
         threads=args.threads,
         warmup=not args.no_warmup,
+        fingerprint=cert.fingerprint if cert else b"",
     )
     worker = Worker(options, auth)
     await asyncio.get_running_loop().run_in_executor(None, worker.load_models)
     runner = web.AppRunner(worker.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    if not args.supervisor_discovery and not auth.paired:
+        _show_code(auth)  # before listening: a client that sees us can pair at once
+        print("Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True)
+    site = web.TCPSite(
+        runner, args.host, args.port, ssl_context=cert.server_context() if cert else None
+    )
     await site.start()
     port = int(runner.addresses[0][1])  # the real port when --port 0 asked for any free one
-    _LOGGER.info("Hearth worker %s listening on http://%s:%d", __version__, args.host, port)
+    scheme = "https" if cert else "http"
+    _LOGGER.info("Hearth worker %s listening on %s://%s:%d", __version__, scheme, args.host, port)
+    if cert:
+        _LOGGER.info(
+            "TLS certificate %s, SHA-256 fingerprint %s", cert.cert_path, cert.fingerprint_display
+        )
+    else:
+        _LOGGER.warning("Serving plain HTTP (--plain-http): tokens and requests are not encrypted")
 
     advertiser: Advertiser | None = None
     if not args.no_advertise:
@@ -128,6 +163,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
             api_version=API_VERSION,
             paired=auth.paired,
             addresses=args.advertise_address,
+            scheme=scheme,
         )
         await advertiser.start()
         worker.on_paired.append(lambda: advertiser.update(paired=True))
@@ -148,14 +184,14 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
                 "port": port,
                 "token": token,
                 "node_id": worker.node_id,
+                # The Supervisor channel is trusted: Home Assistant pins this fingerprint.
+                "scheme": scheme,
+                **({"fingerprint": cert.fingerprint_hex} if cert else {}),
             },
             supervisor_url=supervisor_url,
             supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
         )
         _LOGGER.info("Announced to Home Assistant through the Supervisor")
-    elif not auth.paired:
-        _show_code(auth)
-        print("Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -183,7 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pair":
         _show_code(auth)
         return 0
+    if args.command == "cert":
+        cert = _certificate(auth)
+        print(f"Certificate: {cert.cert_path}")
+        print(f"SHA-256 fingerprint: {cert.fingerprint_display}")
+        return 0
     if args.command == "tokens":
+        if args.tokens_command == "create":
+            token, info = auth.create_token(args.name)
+            print(f"Token {info.token_id} for {info.name} (shown only this once):")
+            print(token)
+            return 0
         if args.tokens_command == "list":
             for info in auth.list_tokens():
                 created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))

@@ -1,8 +1,9 @@
 """Advertise this worker on the local network as ``_hearth._tcp.local.`` (mDNS / DNS-SD).
 
-The TXT record says who the worker is and whether it is paired; it never holds a
-secret. Home Assistant's integration browses for the type, then talks to the worker's
-HTTP API (``/v1/info``) for everything else.
+The TXT record says who the worker is, whether it is paired and whether it serves
+https or (``--plain-http``) http; it never holds a secret. Home Assistant's
+integration browses for the type, then talks to the worker's HTTP API
+(``/v1/info``) for everything else.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Advertiser:
         api_version: int,
         paired: bool,
         addresses: list[str] | None = None,
+        scheme: str = "https",
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
@@ -99,6 +101,7 @@ class Advertiser:
         self._version = version
         self._api_version = api_version
         self._paired = paired
+        self._scheme = scheme
         self._addresses = list(addresses) if addresses is not None else None
         self._zeroconf: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
@@ -123,6 +126,8 @@ class Advertiser:
             "version": self._version,
             "api": str(self._api_version),
             "paired": "true" if self._paired else "false",
+            # https: pin the certificate at pairing (never trusted from this record).
+            "scheme": self._scheme,
         }
         for key, value in txt.items():
             if len(f"{key}={value}".encode()) > _TXT_ENTRY_MAX_BYTES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -19,7 +20,7 @@ from typing import Any
 import onnxruntime as ort
 from aiohttp import web
 
-from . import API_VERSION, __version__
+from . import API_VERSION, __version__, pairing
 from .admission import Admission, Busy
 from .auth import AuthStore, PairingError
 from .capacity import RateTracker, hardware_info, system_snapshot
@@ -55,6 +56,43 @@ class WorkerOptions:
     max_queued: int = 8
     threads: int | None = None
     warmup: bool = True
+    # SHA-256 of the served TLS certificate; empty when serving plain HTTP.
+    fingerprint: bytes = b""
+
+
+def _hex_field(data: dict[str, Any], name: str, low: int, high: int) -> bytes:
+    value = data.get(name)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or not low <= len(raw) <= high:
+        size = f"{low}" if low == high else f"{low} to {high}"
+        raise ApiError(400, f"'{name}' must be {size} bytes in hex", param=name)
+    return raw
+
+
+def _pairing_error(err: PairingError) -> ApiError:
+    if err.reason == "rate_limited":
+        retry = max(1, int(err.retry_after or 1))
+        return ApiError(
+            429,
+            "Too many wrong pairing codes; wait before trying again",
+            code="rate_limited",
+            type_="rate_limit_error",
+            headers={"Retry-After": str(retry)},
+        )
+    messages = {
+        "no_code": "This worker has no active pairing code: run 'hearth-worker pair' on it",
+        "expired": "The pairing code has expired: run 'hearth-worker pair' for a new one",
+        "wrong_code": "Wrong pairing code",
+    }
+    return ApiError(
+        403,
+        messages.get(err.reason, "Pairing refused"),
+        code=err.reason,
+        type_="permission_error",
+    )
 
 
 def _sse(payload: str) -> bytes:
@@ -74,6 +112,7 @@ class Worker:
         self.admission = Admission(options.max_running, options.max_queued)
         self.rates = RateTracker()
         self.on_paired: list[Callable[[], Awaitable[None]]] = []
+        self._pairing = asyncio.Lock()
         self._hardware = hardware_info()
         self._providers = list(ort.get_available_providers())
 
@@ -135,6 +174,7 @@ class Worker:
         app.add_routes(
             [
                 web.get("/v1/health", self.health),
+                web.get("/v1/pair", self.pair_challenge),
                 web.post("/v1/pair", self.pair),
                 web.get("/v1/info", self.info),
                 web.get("/v1/capacity", self.capacity),
@@ -206,46 +246,71 @@ class Worker:
         text = resources.files("hearth_worker").joinpath("openapi.yaml").read_text("utf-8")
         return web.Response(text=text, content_type="application/yaml")
 
+    async def pair_challenge(self, request: web.Request) -> web.Response:
+        """The first step of the pairing proof: the current code's salt."""
+        try:
+            salt = self.auth.pairing_salt()
+        except PairingError as err:
+            raise _pairing_error(err) from err
+        return web.json_response(
+            {
+                "protocol": pairing.PROTOCOL,
+                "salt": salt,
+                "kdf": {
+                    "name": "scrypt",
+                    "n": pairing.SCRYPT_N,
+                    "r": pairing.SCRYPT_R,
+                    "p": pairing.SCRYPT_P,
+                },
+                "tls": bool(self.options.fingerprint),
+            }
+        )
+
     async def pair(self, request: web.Request) -> web.Response:
+        """Check the client's pairing proof; answer with a token and the worker's proof."""
         data = await self._json(request)
-        code = data.get("code")
+        if "code" in data:
+            raise ApiError(
+                400,
+                "The pairing code is never sent: use the pairing proof (GET /v1/pair first)",
+                code="code_not_accepted",
+                param="code",
+            )
         name = data.get("client_name")
-        if not isinstance(code, str) or not code or len(code) > 64:
-            raise ApiError(400, "'code' must be the pairing code the worker shows", param="code")
         if name is not None and (not isinstance(name, str) or len(name) > 100):
             raise ApiError(400, "'client_name' must be a short string", param="client_name")
+        salt = _hex_field(data, "salt", pairing.SALT_BYTES, pairing.SALT_BYTES)
+        nonce = _hex_field(data, "client_nonce", pairing.MIN_NONCE_BYTES, pairing.MAX_NONCE_BYTES)
+        proof = _hex_field(data, "proof", 32, 32)
         was_paired = self.auth.paired
+        loop = asyncio.get_running_loop()
         try:
-            token, info = self.auth.pair(
-                code, client_id=request.remote or "unknown", client_name=name
-            )
+            async with self._pairing:  # one slow check at a time, off the event loop
+                token, info, worker_proof = await loop.run_in_executor(
+                    None,
+                    functools.partial(
+                        self.auth.pair_with_proof,
+                        salt=salt.hex(),
+                        client_nonce=nonce,
+                        proof=proof,
+                        fingerprint=self.options.fingerprint,
+                        client_id=request.remote or "unknown",
+                        client_name=name,
+                    ),
+                )
         except PairingError as err:
-            if err.reason == "rate_limited":
-                retry = max(1, int(err.retry_after or 1))
-                raise ApiError(
-                    429,
-                    "Too many wrong pairing codes; wait before trying again",
-                    code="rate_limited",
-                    type_="rate_limit_error",
-                    headers={"Retry-After": str(retry)},
-                ) from err
-            messages = {
-                "no_code": "This worker has no active pairing code: run 'hearth-worker pair' on it",
-                "expired": "The pairing code has expired: run 'hearth-worker pair' for a new one",
-                "wrong_code": "Wrong pairing code",
-            }
-            raise ApiError(
-                403,
-                messages.get(err.reason, "Pairing refused"),
-                code=err.reason,
-                type_="permission_error",
-            ) from err
+            raise _pairing_error(err) from err
         _LOGGER.info("Paired with %s (token %s)", name or request.remote, info.token_id)
         if not was_paired:
             for callback in self.on_paired:
                 await callback()
         return web.json_response(
-            {"token": token, "token_id": info.token_id, "node_id": self.node_id}
+            {
+                "token": token,
+                "token_id": info.token_id,
+                "node_id": self.node_id,
+                "proof": worker_proof.hex(),
+            }
         )
 
     async def info(self, request: web.Request) -> web.Response:

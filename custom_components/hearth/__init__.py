@@ -14,10 +14,11 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.typing import ConfigType
 
-from .client import HearthAuthError, HearthClient, HearthError
+from .client import HearthAuthError, HearthCertificateError, HearthClient, HearthError
 from .cluster import Cluster, WorkerHandle
-from .const import DOMAIN
+from .const import CONF_ALLOW_PUBLIC, CONF_FINGERPRINT, CONF_PLAIN_HTTP, DOMAIN
 from .coordinator import HearthCoordinator, auth_issue_id, unreachable_issue_id
+from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
@@ -52,6 +53,7 @@ def get_cluster(hass: HomeAssistant) -> Cluster:
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Create the household cluster and register the actions."""
     hass.data[DOMAIN] = await Cluster.async_create(hass)
+    hass.data[DATA_PREFERENCES] = await Preferences.async_create(hass)
     async_setup_services(hass)
     return True
 
@@ -63,12 +65,19 @@ async def async_setup_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bo
         entry.data[CONF_HOST],
         entry.data[CONF_PORT],
         entry.data[CONF_TOKEN],
+        # Pinned at pairing; an entry without one (made before HTTPS) must pair again.
+        fingerprint=entry.data.get(CONF_FINGERPRINT),
+        plain_http=bool(entry.data.get(CONF_PLAIN_HTTP, False)),
+        allow_public=bool(entry.data.get(CONF_ALLOW_PUBLIC, False)),
     )
     try:
         info = await client.info()
     except HearthAuthError as err:
         raise ConfigEntryAuthFailed(
-            translation_domain=DOMAIN, translation_key="token_rejected"
+            translation_domain=DOMAIN,
+            translation_key="certificate_changed"
+            if isinstance(err, HearthCertificateError)
+            else "token_rejected",
         ) from err
     except HearthError as err:
         raise ConfigEntryNotReady(

@@ -2,21 +2,54 @@
 
 It knows nothing about Home Assistant: it is given an aiohttp session (Home
 Assistant's shared one) and raises typed exceptions.
+
+Transport (PRIVACY.md): HTTPS with the worker's certificate pinned by its SHA-256
+fingerprint (`aiohttp.Fingerprint` on every request; a changed certificate raises
+HearthCertificateError), plain HTTP only for an entry set up that way. The host is
+resolved here and the request goes to the checked IP address: by default only
+private, link-local and loopback addresses (`address_allowed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
-from collections.abc import AsyncIterator, Mapping
+import secrets
+import socket
+import ssl
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=5)
-# A stream may run long; only connecting and silence between events are bounded.
-STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=120)
+from .const import (
+    BETWEEN_TOKENS_TIMEOUT,
+    CONNECT_TIMEOUT,
+    FIRST_TOKEN_TIMEOUT,
+    STREAM_TOTAL_TIMEOUT,
+)
+from .const import REQUEST_TIMEOUT as REQUEST_SECONDS
+
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_SECONDS, sock_connect=CONNECT_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTimeouts:
+    """How long a streamed chat may take (seconds); every wait is bounded.
+
+    `first_token` runs from sending the request to the first text or tool call
+    (connecting, queueing and prefill included), `between_tokens` between two
+    deltas after that, `total` from sending the request to the last delta.
+    """
+
+    connect: float = CONNECT_TIMEOUT
+    first_token: float = FIRST_TOKEN_TIMEOUT
+    between_tokens: float = BETWEEN_TOKENS_TIMEOUT
+    total: float = STREAM_TOTAL_TIMEOUT
 
 
 class HearthError(Exception):
@@ -27,8 +60,20 @@ class HearthConnectionError(HearthError):
     """The worker could not be reached or answered garbage."""
 
 
+class HearthTimeoutError(HearthConnectionError):
+    """The worker did not answer in time (connect, first token, between tokens or total)."""
+
+
 class HearthAuthError(HearthError):
     """The worker rejected the token (401)."""
+
+
+class HearthCertificateError(HearthAuthError):
+    """The worker's certificate is not the pinned one (or none is pinned): pair again."""
+
+
+class HearthAddressError(HearthError):
+    """The worker's address is outside the home network and not explicitly allowed."""
 
 
 class HearthBusyError(HearthError):
@@ -64,6 +109,7 @@ class PairResult:
     token: str
     token_id: str
     node_id: str
+    fingerprint: str | None = None  # hex SHA-256 of the certificate; None for plain HTTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +176,7 @@ class ChatDelta:
     content: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
+    completion_tokens: int | None = None  # on the last delta, when the worker reports usage
 
 
 def _opt_float(value: Any) -> float | None:
@@ -211,6 +258,88 @@ async def _error_body(response: aiohttp.ClientResponse) -> tuple[str, str]:
         return "", response.reason or f"HTTP {response.status}"
 
 
+# Where a worker may be by default: the home network. CGNAT (100.64.0.0/10) is
+# not in it: it may be the ISP's network (Tailscale users allow it explicitly).
+HOME_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def address_allowed(address: str, allow_public: bool = False) -> bool:
+    """Whether the integration may talk to this IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast:
+        return False
+    return allow_public or any(ip in net for net in HOME_NETWORKS)
+
+
+# The pairing proof, protocol hearth-pair-v1 (addon/hearth_worker/pairing.py has the
+# worker's side and the reasoning): the code never crosses the wire.
+PAIR_PROTOCOL = "hearth-pair-v1"
+_SCRYPT = {"n": 2**15, "r": 8, "p": 1, "maxmem": 64 * 1024 * 1024, "dklen": 32}
+
+
+def _fields(*parts: bytes) -> bytes:
+    return b"".join(len(part).to_bytes(2, "big") + part for part in parts)
+
+
+def normalize_code(code: str) -> str:
+    """As the worker does: upper case, no dashes or blanks, O->0, I/L->1."""
+    cleaned = "".join(ch for ch in code if ch not in "- \t")
+    return cleaned.upper().translate(str.maketrans("OIL", "011"))
+
+
+def pairing_key(code: str, salt: bytes, fingerprint: bytes, nonce: bytes) -> bytes:
+    """The session key both sides derive (two scrypt runs: slow on purpose)."""
+    verifier = hashlib.scrypt(
+        normalize_code(code).encode("utf-8"),
+        salt=_fields(f"{PAIR_PROTOCOL} code".encode(), salt),
+        **_SCRYPT,
+    )
+    return hashlib.scrypt(
+        verifier, salt=_fields(f"{PAIR_PROTOCOL} session".encode(), fingerprint, nonce), **_SCRYPT
+    )
+
+
+def client_proof(key: bytes, fingerprint: bytes, nonce: bytes) -> bytes:
+    return hmac.digest(key, _fields(b"client", fingerprint, nonce), "sha256")
+
+
+def worker_proof(key: bytes, fingerprint: bytes, nonce: bytes, token: str, node_id: str) -> bytes:
+    token_hash = hashlib.sha256(token.encode("utf-8")).digest()
+    message = _fields(b"worker", fingerprint, nonce, token_hash, node_id.encode("utf-8"))
+    return hmac.digest(key, message, "sha256")
+
+
+_UNVERIFIED: ssl.SSLContext | None = None
+
+
+def _unverified_context() -> ssl.SSLContext:
+    """Reads a certificate before it is pinned (no CA store: nothing to load)."""
+    global _UNVERIFIED  # noqa: PLW0603 - one context for the process
+    if _UNVERIFIED is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _UNVERIFIED = context
+    return _UNVERIFIED
+
+
 class HearthClient:
     """Talks to one worker."""
 
@@ -220,16 +349,62 @@ class HearthClient:
         host: str,
         port: int,
         token: str | None = None,
+        *,
+        fingerprint: str | None = None,
+        plain_http: bool = False,
+        allow_public: bool = False,
     ) -> None:
         self._session = session
         self.host = host
         self.port = port
         self.token = token
+        self.fingerprint = fingerprint  # hex SHA-256 of the pinned certificate
+        self.plain_http = plain_http
+        self.allow_public = allow_public
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.plain_http else "https"
 
     @property
     def base_url(self) -> str:
+        """The worker's URL as configured (for people; requests go to the checked IP)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    async def _address(self) -> str:
+        """The worker's IP address, checked against the address policy."""
+        try:
+            found = [str(ipaddress.ip_address(self.host.split("%", 1)[0]))]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    self.host, self.port, type=socket.SOCK_STREAM
+                )
+            except OSError as err:
+                raise HearthConnectionError(f"Cannot resolve {self.host}: {err}") from err
+            found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in found:
+            if address_allowed(address, self.allow_public):
+                return address
+        raise HearthAddressError(
+            f"{self.host} ({', '.join(found)}) is not a private, link-local or loopback"
+            " address: allow other addresses explicitly to use it"
+        )
+
+    async def _url(self, path: str) -> str:
+        address = await self._address()
+        host = f"[{address}]" if ":" in address else address
+        return f"{self.scheme}://{host}:{self.port}{path}"
+
+    def _ssl(self, pinned: str | None = None) -> aiohttp.Fingerprint | bool:
+        """The pinned certificate for a request (False: plain HTTP, nothing to verify)."""
+        if self.plain_http:
+            return False
+        fingerprint = pinned or self.fingerprint
+        if not fingerprint:
+            raise HearthCertificateError("No certificate is pinned for this worker: pair again")
+        return aiohttp.Fingerprint(bytes.fromhex(fingerprint))
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -247,18 +422,30 @@ class HearthClient:
         raise HearthConnectionError(f"Worker error {response.status}: {message}")
 
     async def _request(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        verify: aiohttp.Fingerprint | bool | None = None,
     ) -> dict[str, Any]:
+        url = await self._url(path)
         try:
             async with self._session.request(
                 method,
-                self.base_url + path,
+                url,
                 json=body,
-                headers=self._headers(),
+                # An unpinned request (health) never carries the token.
+                headers=self._headers() if verify is None else {},
                 timeout=REQUEST_TIMEOUT,
+                ssl=self._ssl() if verify is None else verify,
             ) as response:
                 await self._raise_for_status(response)
                 data = await response.json(content_type=None)
+        except aiohttp.ServerFingerprintMismatch as err:
+            raise HearthCertificateError(
+                f"{self.base_url} presented another certificate than the one paired with"
+            ) from err
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
         if not isinstance(data, dict):
@@ -266,16 +453,83 @@ class HearthClient:
         return data
 
     async def health(self) -> dict[str, Any]:
-        """GET /v1/health (no token needed)."""
-        return await self._request("GET", "/v1/health")
+        """GET /v1/health (no token; the certificate is not checked: nothing secret)."""
+        return await self._request("GET", "/v1/health", verify=False)
+
+    async def peer_fingerprint(self) -> str:
+        """Hex SHA-256 of the certificate the worker presents now (not yet trusted)."""
+        address = await self._address()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, writer = await asyncio.open_connection(
+                    address, self.port, ssl=_unverified_context(), server_hostname=""
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as err:
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
+        try:
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        finally:
+            writer.close()
+        if not der:
+            raise HearthConnectionError(f"{self.base_url} presented no certificate")
+        return hashlib.sha256(der).hexdigest()
 
     async def pair(self, code: str, client_name: str) -> PairResult:
-        """Exchange a pairing code for a token."""
+        """Pair with the pairing proof: the code itself is never sent.
+
+        Pins the certificate seen now for the whole exchange, proves knowledge of
+        the code bound to it, and keeps the token only if the worker proves it
+        knows the code too (else HearthPairingError `not_proven`).
+        """
+        fingerprint = None if self.plain_http else await self.peer_fingerprint()
+        verify = self._ssl(fingerprint)
+        seen = bytes.fromhex(fingerprint or "")
+        challenge = await self._pair_call("GET", verify, None)
+        if challenge.get("protocol") != PAIR_PROTOCOL:
+            raise HearthConnectionError(f"Unknown pairing protocol {challenge.get('protocol')!r}")
         try:
-            async with self._session.post(
-                self.base_url + "/v1/pair",
-                json={"code": code, "client_name": client_name},
-                timeout=REQUEST_TIMEOUT,
+            salt = bytes.fromhex(str(challenge["salt"]))
+        except (KeyError, ValueError) as err:
+            raise HearthConnectionError(f"Bad pairing challenge: {err!r}") from err
+        nonce = secrets.token_bytes(16)
+        key = await asyncio.get_running_loop().run_in_executor(
+            None, pairing_key, code, salt, seen, nonce
+        )
+        answer = await self._pair_call(
+            "POST",
+            verify,
+            {
+                "salt": salt.hex(),
+                "client_nonce": nonce.hex(),
+                "proof": client_proof(key, seen, nonce).hex(),
+                "client_name": client_name,
+            },
+        )
+        try:
+            result = PairResult(
+                token=str(answer["token"]),
+                token_id=str(answer["token_id"]),
+                node_id=str(answer["node_id"]),
+                fingerprint=fingerprint,
+            )
+            their_proof = bytes.fromhex(str(answer["proof"]))
+        except (KeyError, ValueError) as err:
+            raise HearthConnectionError(f"Bad pairing answer: {err!r}") from err
+        expected = worker_proof(key, seen, nonce, result.token, result.node_id)
+        if not hmac.compare_digest(their_proof, expected):
+            raise HearthPairingError(
+                "not_proven", "The worker did not prove it knows the code: not the right worker"
+            )
+        return result
+
+    async def _pair_call(
+        self, method: str, verify: aiohttp.Fingerprint | bool, body: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        url = await self._url("/v1/pair")
+        try:
+            async with self._session.request(
+                method, url, json=body, timeout=REQUEST_TIMEOUT, ssl=verify
             ) as response:
                 if response.status in (400, 403, 429):
                     reason, message = await _error_body(response)
@@ -286,13 +540,15 @@ class HearthClient:
                     raise HearthPairingError(reason, message, _retry_after(response))
                 await self._raise_for_status(response)
                 data = await response.json(content_type=None)
-            return PairResult(
-                token=str(data["token"]),
-                token_id=str(data["token_id"]),
-                node_id=str(data["node_id"]),
-            )
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as err:
+        except aiohttp.ServerFingerprintMismatch as err:
+            raise HearthPairingError(
+                "not_proven", "The worker's certificate changed while pairing"
+            ) from err
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise HearthConnectionError(f"Cannot pair with {self.base_url}: {err}") from err
+        if not isinstance(data, dict):
+            raise HearthConnectionError(f"Unexpected answer from {self.base_url}")
+        return data
 
     async def info(self) -> WorkerInfo:
         """GET /v1/info."""
@@ -306,35 +562,95 @@ class HearthClient:
         """Non-streaming chat completion (OpenAI shape)."""
         return await self._request("POST", "/v1/chat/completions", {**body, "stream": False})
 
-    async def chat_stream(self, body: Mapping[str, Any]) -> AsyncIterator[ChatDelta]:
+    async def embeddings(self, model: str, inputs: list[str]) -> list[list[float]]:
+        """POST /v1/embeddings: one vector per input, in input order."""
+        data = await self._request("POST", "/v1/embeddings", {"model": model, "input": inputs})
+        try:
+            rows = sorted(data["data"], key=lambda row: int(row["index"]))
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as err:
+            raise HearthConnectionError(f"Unexpected embeddings answer: {err}") from err
+        if len(vectors) != len(inputs):
+            raise HearthConnectionError("Embeddings answer has the wrong number of vectors")
+        return vectors
+
+    async def chat_stream(
+        self, body: Mapping[str, Any], timeouts: StreamTimeouts | None = None
+    ) -> AsyncGenerator[ChatDelta]:
         """Open a streamed chat completion.
 
         Returns once the worker has accepted the request (errors before that are
         raised here, so a caller can fail over to another worker); the returned
-        iterator yields the answer's deltas. Tool calls arrive in one delta at
-        the end, assembled from their fragments.
+        iterator yields the answer's deltas: text deltas, then one last delta with
+        the finish reason and the tool calls, assembled from their fragments. Every
+        wait is bounded by `timeouts` (HearthTimeoutError); a stream that breaks
+        off or ends before its end marker raises HearthConnectionError.
         """
+        limits = timeouts or StreamTimeouts()
+        started = asyncio.get_running_loop().time()
         try:
-            response = await self._session.post(
-                self.base_url + "/v1/chat/completions",
-                json={**body, "stream": True},
-                headers=self._headers(),
-                timeout=STREAM_TIMEOUT,
-            )
-        except (aiohttp.ClientError, TimeoutError) as err:
+            async with asyncio.timeout_at(started + min(limits.first_token, limits.total)):
+                response = await self._session.post(
+                    await self._url("/v1/chat/completions"),
+                    json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                    headers=self._headers(),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect),
+                    ssl=self._ssl(),
+                )
+                try:
+                    await self._raise_for_status(response)
+                except BaseException:
+                    response.release()
+                    raise
+        except TimeoutError as err:
+            raise HearthTimeoutError(
+                f"{self.base_url} did not accept the request in time: {err or 'timeout'}"
+            ) from err
+        except aiohttp.ServerFingerprintMismatch as err:
+            raise HearthCertificateError(
+                f"{self.base_url} presented another certificate than the one paired with"
+            ) from err
+        except aiohttp.ClientError as err:
             raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
-        try:
-            await self._raise_for_status(response)
-        except BaseException:
-            response.release()
-            raise
-        return _iter_sse(response)
+        return _timed(_iter_sse(response), self.base_url, limits, started)
 
 
-async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[ChatDelta]:
+async def _timed(
+    deltas: AsyncGenerator[ChatDelta],
+    url: str,
+    limits: StreamTimeouts,
+    started: float,
+) -> AsyncGenerator[ChatDelta]:
+    """Bound the waits of a chat stream: first delta, between deltas, in total."""
+    loop = asyncio.get_running_loop()
+    end = started + limits.total
+    deadline = started + limits.first_token
+    waiting_for = f"the first token within {limits.first_token:g} s"
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(min(deadline, end)):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as err:
+                if deadline >= end:
+                    waiting_for = f"the whole answer within {limits.total:g} s"
+                raise HearthTimeoutError(f"{url} did not send {waiting_for}") from err
+            yield delta
+            # The wait starts when the consumer asks for the next delta.
+            deadline = loop.time() + limits.between_tokens
+            waiting_for = f"the next token within {limits.between_tokens:g} s"
+    finally:
+        await deltas.aclose()
+
+
+async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelta]:
     """Parse `data:` events of an OpenAI chat stream into deltas."""
     calls: dict[int, dict[str, Any]] = {}
     finish: str | None = None
+    completion_tokens: int | None = None
+    done = False
     try:
         async for raw_line in response.content:
             line = raw_line.decode("utf-8", errors="replace").strip()
@@ -342,11 +658,15 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[ChatDelta
                 continue
             payload = line[5:].strip()
             if payload == "[DONE]":
+                done = True
                 break
             try:
                 event = json.loads(payload)
             except ValueError as err:
                 raise HearthConnectionError(f"Bad event in chat stream: {payload!r}") from err
+            usage = event.get("usage") if isinstance(event, dict) else None
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                completion_tokens = usage["completion_tokens"]
             for choice in event.get("choices") or []:
                 delta = choice.get("delta") or {}
                 finish = choice.get("finish_reason") or finish
@@ -368,4 +688,10 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[ChatDelta
         raise
     finally:
         response.release()
-    yield ChatDelta(tool_calls=[calls[i] for i in sorted(calls)], finish_reason=finish)
+    if not done and finish is None:
+        raise HearthConnectionError("Chat stream ended before the answer was complete")
+    yield ChatDelta(
+        tool_calls=[calls[i] for i in sorted(calls)],
+        finish_reason=finish,
+        completion_tokens=completion_tokens,
+    )

@@ -1,4 +1,9 @@
-"""Config flow: zeroconf, Supervisor (add-on) discovery, manual host/port; reauth, reconfigure."""
+"""Config flow: zeroconf, Supervisor (add-on) discovery, manual host/port; reauth, reconfigure.
+
+Every pairing pins the worker's certificate (entry data `fingerprint`), proven by
+the pairing exchange (client.py). Plain HTTP and addresses outside the home network
+are explicit options of the manual step, off by default.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from .client import (
+    HearthAddressError,
     HearthAuthError,
+    HearthCertificateError,
     HearthClient,
     HearthConnectionError,
     HearthError,
@@ -31,11 +38,16 @@ from .client import (
 )
 from .const import (
     CLIENT_NAME,
+    CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
     CONF_CODE,
+    CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_NODE_ID,
+    CONF_NOT_ON_BATTERY,
+    CONF_ONLY_WHEN_IDLE,
+    CONF_PLAIN_HTTP,
     CONF_PREFER_LOCAL_INTENTS,
     CONF_PROMPT,
     CONF_TEMPERATURE,
@@ -50,6 +62,7 @@ PAIRING_ERRORS = {
     "expired": "expired_code",
     "no_code": "no_code",
     "rate_limited": "rate_limited",
+    "not_proven": "not_proven",
 }
 
 CODE_SCHEMA = vol.Schema({vol.Required(CONF_CODE): sel.TextSelector()})
@@ -69,6 +82,23 @@ def _host_schema(host: str = "", port: int = DEFAULT_PORT) -> vol.Schema:
     )
 
 
+def _manual_schema() -> vol.Schema:
+    """Host and port, and the explicit transport opt-outs, off by default (PRIVACY.md)."""
+    return vol.Schema(
+        {
+            vol.Required(CONF_HOST, default=""): sel.TextSelector(),
+            vol.Required(CONF_PORT, default=DEFAULT_PORT): vol.All(
+                sel.NumberSelector(
+                    sel.NumberSelectorConfig(min=1, max=65535, mode=sel.NumberSelectorMode.BOX)
+                ),
+                vol.Coerce(int),
+            ),
+            vol.Optional(CONF_PLAIN_HTTP, default=False): sel.BooleanSelector(),
+            vol.Optional(CONF_ALLOW_PUBLIC, default=False): sel.BooleanSelector(),
+        }
+    )
+
+
 class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
     """Pair Home Assistant with a Hearth worker."""
 
@@ -79,14 +109,28 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         self._port = DEFAULT_PORT
         self._name: str | None = None
         self._hassio: dict[str, Any] | None = None
+        self._plain_http = False
+        self._allow_public = False
 
     @staticmethod
     @callback
     def async_get_options_flow(config_entry: ConfigEntry) -> HearthOptionsFlow:
         return HearthOptionsFlow()
 
-    def _client(self, token: str | None = None) -> HearthClient:
-        return HearthClient(async_get_clientsession(self.hass), self._host, self._port, token)
+    def _client(self, token: str | None = None, fingerprint: str | None = None) -> HearthClient:
+        return HearthClient(
+            async_get_clientsession(self.hass),
+            self._host,
+            self._port,
+            token,
+            fingerprint=fingerprint,
+            plain_http=self._plain_http,
+            allow_public=self._allow_public,
+        )
+
+    def _transport(self, data: Mapping[str, Any]) -> None:
+        self._plain_http = bool(data.get(CONF_PLAIN_HTTP, False))
+        self._allow_public = bool(data.get(CONF_ALLOW_PUBLIC, False))
 
     async def _async_pair(self, code: str) -> tuple[PairResult | None, dict[str, str], str]:
         """Pair; returns (result, errors, retry-after text)."""
@@ -95,6 +139,8 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         except HearthPairingError as err:
             retry = str(round(err.retry_after)) if err.retry_after else "60"
             return None, {"base": PAIRING_ERRORS.get(err.reason, "wrong_code")}, retry
+        except HearthAddressError:
+            return None, {"base": "address_not_allowed"}, ""
         except HearthConnectionError:
             return None, {"base": "cannot_connect"}, ""
         except Exception:
@@ -108,11 +154,14 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
             CONF_TOKEN: paired.token,
             CONF_TOKEN_ID: paired.token_id,
             CONF_NODE_ID: paired.node_id,
+            CONF_FINGERPRINT: paired.fingerprint,
+            CONF_PLAIN_HTTP: self._plain_http,
+            CONF_ALLOW_PUBLIC: self._allow_public,
         }
 
-    async def _async_title(self, token: str, fallback: str) -> str:
+    async def _async_title(self, paired: PairResult, fallback: str) -> str:
         try:
-            info = await self._client(token).info()
+            info = await self._client(paired.token, paired.fingerprint).info()
         except HearthError:
             return fallback
         return info.name
@@ -124,8 +173,11 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             self._host = str(user_input[CONF_HOST]).strip()
             self._port = int(user_input[CONF_PORT])
+            self._transport(user_input)
             try:
                 await self._client().health()
+            except HearthAddressError:
+                errors["base"] = "address_not_allowed"
             except HearthError:
                 errors["base"] = "cannot_connect"
             else:
@@ -133,7 +185,13 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         return self.async_show_form(
             step_id="user",
             data_schema=self.add_suggested_values_to_schema(
-                _host_schema(), {CONF_HOST: self._host, CONF_PORT: self._port}
+                _manual_schema(),
+                {
+                    CONF_HOST: self._host,
+                    CONF_PORT: self._port,
+                    CONF_PLAIN_HTTP: self._plain_http,
+                    CONF_ALLOW_PUBLIC: self._allow_public,
+                },
             ),
             errors=errors,
         )
@@ -148,7 +206,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 await self.async_set_unique_id(paired.node_id, raise_on_progress=False)
                 data = self._entry_data(paired)
                 self._abort_if_unique_id_configured(updates=data)
-                title = await self._async_title(paired.token, self._name or self._host)
+                title = await self._async_title(paired, self._name or self._host)
                 return self.async_create_entry(title=title, data=data)
         return self.async_show_form(
             step_id="pair",
@@ -173,6 +231,9 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         self._name = discovery_info.name.split(".", 1)[0] or self._host
         await self.async_set_unique_id(node_id)
         self._abort_if_unique_id_configured(updates={CONF_HOST: self._host, CONF_PORT: self._port})
+        if properties.get("scheme", "https") != "https":
+            # Never a silent downgrade: plain HTTP only when set up by hand with that option.
+            return self.async_abort(reason="plain_http_discovered")
         self.context["title_placeholders"] = {"name": self._name}
         return await self.async_step_pair()
 
@@ -180,10 +241,18 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
 
     async def async_step_hassio(self, discovery_info: HassioServiceInfo) -> ConfigFlowResult:
         config = discovery_info.config
+        # The Supervisor channel is trusted: the add-on hands over its token and the
+        # certificate to pin ("scheme": "http" only when its plain_http option is on).
         try:
             self._host = str(config["host"])
             self._port = int(config["port"])
-            self._hassio = {"token": str(config["token"]), "node_id": str(config["node_id"])}
+            self._plain_http = config.get("scheme") == "http"
+            fingerprint = None if self._plain_http else bytes.fromhex(config["fingerprint"]).hex()
+            self._hassio = {
+                "token": str(config["token"]),
+                "node_id": str(config["node_id"]),
+                "fingerprint": fingerprint,
+            }
         except (KeyError, TypeError, ValueError):
             return self.async_abort(reason="not_hearth")
         self._name = discovery_info.name
@@ -193,6 +262,8 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 CONF_HOST: self._host,
                 CONF_PORT: self._port,
                 CONF_TOKEN: self._hassio["token"],
+                CONF_FINGERPRINT: fingerprint,
+                CONF_PLAIN_HTTP: self._plain_http,
             }
         )
         self.context["title_placeholders"] = {"name": self._name}
@@ -207,7 +278,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 step_id="hassio_confirm", description_placeholders={"name": str(self._name)}
             )
         try:
-            info = await self._client(self._hassio["token"]).info()
+            info = await self._client(self._hassio["token"], self._hassio["fingerprint"]).info()
         except HearthAuthError:
             return self.async_abort(reason="invalid_auth")
         except HearthError:
@@ -220,6 +291,8 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 CONF_TOKEN: self._hassio["token"],
                 CONF_TOKEN_ID: None,
                 CONF_NODE_ID: info.node_id,
+                CONF_FINGERPRINT: self._hassio["fingerprint"],
+                CONF_PLAIN_HTTP: self._plain_http,
             },
         )
 
@@ -228,6 +301,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
     async def async_step_reauth(self, entry_data: Mapping[str, Any]) -> ConfigFlowResult:
         self._host = entry_data[CONF_HOST]
         self._port = entry_data[CONF_PORT]
+        self._transport(entry_data)
         return await self.async_step_reauth_confirm()
 
     async def async_step_reauth_confirm(
@@ -267,11 +341,17 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             self._host = str(user_input[CONF_HOST]).strip()
             self._port = int(user_input[CONF_PORT])
+            self._transport(entry.data)
             info: WorkerInfo | None = None
             try:
-                info = await self._client(entry.data[CONF_TOKEN]).info()
+                client = self._client(entry.data[CONF_TOKEN], entry.data.get(CONF_FINGERPRINT))
+                info = await client.info()
+            except HearthCertificateError:
+                errors["base"] = "certificate_mismatch"
             except HearthAuthError:
                 errors["base"] = "invalid_auth"
+            except HearthAddressError:
+                errors["base"] = "address_not_allowed"
             except HearthError:
                 errors["base"] = "cannot_connect"
             if info is not None:
@@ -290,8 +370,12 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
 
+WORKER_FLAGS = (CONF_ONLY_WHEN_IDLE, CONF_NOT_ON_BATTERY)
+
+
 class HearthOptionsFlow(OptionsFlow):
-    """The household's assistant settings (shared by every worker entry)."""
+    """The household's assistant settings (shared by every worker entry), and this
+    worker's routing flags (the entry's own options)."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
@@ -299,11 +383,12 @@ class HearthOptionsFlow(OptionsFlow):
         cluster = get_cluster(self.hass)
         if user_input is not None:
             settings = dict(user_input)
+            flags = {flag: bool(settings.pop(flag, False)) for flag in WORKER_FLAGS}
             settings.setdefault(CONF_PROMPT, None)
             settings.setdefault(CONF_CHAT_MODEL, None)
             settings[CONF_LLM_HASS_API] = list(settings.get(CONF_LLM_HASS_API) or [])
             await cluster.async_update_settings(settings)
-            return self.async_create_entry(data={})
+            return self.async_create_entry(data={**self.config_entry.options, **flags})
 
         apis = [
             sel.SelectOptionDict(value=api.id, label=api.name)
@@ -336,9 +421,15 @@ class HearthOptionsFlow(OptionsFlow):
                 vol.Optional(CONF_CHAT_MODEL): sel.SelectSelector(
                     sel.SelectSelectorConfig(options=models, custom_value=True)
                 ),
+                # This worker only: when the router may send it requests.
+                vol.Optional(CONF_ONLY_WHEN_IDLE, default=False): sel.BooleanSelector(),
+                vol.Optional(CONF_NOT_ON_BATTERY, default=False): sel.BooleanSelector(),
             }
         )
         suggested = {k: v for k, v in settings.items() if v is not None}
+        suggested.update(
+            {flag: bool(self.config_entry.options.get(flag, False)) for flag in WORKER_FLAGS}
+        )
         return self.async_show_form(
             step_id="init",
             data_schema=self.add_suggested_values_to_schema(schema, suggested),

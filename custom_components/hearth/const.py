@@ -15,6 +15,10 @@ CLIENT_NAME: Final = "Home Assistant"
 CONF_NODE_ID: Final = "node_id"
 CONF_TOKEN_ID: Final = "token_id"  # noqa: S105 - a key, not a secret
 CONF_CODE: Final = "code"
+# Transport (entry data): the pinned certificate, and the two explicit opt-outs.
+CONF_FINGERPRINT: Final = "fingerprint"  # hex SHA-256 of the worker's certificate
+CONF_PLAIN_HTTP: Final = "plain_http"
+CONF_ALLOW_PUBLIC: Final = "allow_public_address"
 
 # Household-wide assistant settings (stored in a Store, not in entry options).
 CONF_PROMPT: Final = "prompt"
@@ -24,9 +28,20 @@ CONF_MAX_TOKENS: Final = "max_tokens"
 CONF_TEMPERATURE: Final = "temperature"
 CONF_CHAT_MODEL: Final = "chat_model"
 
+# Per-worker routing flags (options of that worker's config entry).
+CONF_ONLY_WHEN_IDLE: Final = "only_when_idle"
+CONF_NOT_ON_BATTERY: Final = "not_on_battery"
+
 DEFAULT_MAX_TOKENS: Final = 256
 DEFAULT_TEMPERATURE: Final = 0.0
 MAX_TOOL_ITERATIONS: Final = 5
+
+# Every wait on a worker is bounded (seconds); see "Failure handling" in docs/ARCHITECTURE.md.
+CONNECT_TIMEOUT: Final = 5.0  # TCP connect, any request
+REQUEST_TIMEOUT: Final = 10.0  # a whole non-streamed request (info, capacity, pairing)
+FIRST_TOKEN_TIMEOUT: Final = 60.0  # chat: request sent -> first text or tool call (queue, prefill)
+BETWEEN_TOKENS_TIMEOUT: Final = 30.0  # chat: silence between two stream events
+STREAM_TOTAL_TIMEOUT: Final = 600.0  # chat: request sent -> the answer's last token
 
 SCAN_INTERVAL: Final = timedelta(seconds=10)
 MAX_SCAN_INTERVAL: Final = timedelta(seconds=60)

@@ -11,7 +11,14 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 from homeassistant.util import dt as dt_util
 
-from .client import Capacity, HearthAuthError, HearthClient, HearthError, WorkerInfo
+from .client import (
+    Capacity,
+    HearthAuthError,
+    HearthCertificateError,
+    HearthClient,
+    HearthError,
+    WorkerInfo,
+)
 from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
 
 
@@ -55,18 +62,22 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         try:
             capacity = await self.client.capacity()
         except HearthAuthError as err:
+            # A certificate that is not the pinned one is never accepted: pair again.
+            key = (
+                "certificate_changed"
+                if isinstance(err, HearthCertificateError)
+                else "token_rejected"
+            )
             ir.async_create_issue(
                 self.hass,
                 DOMAIN,
                 auth_issue_id(self.config_entry.entry_id),
                 is_fixable=False,
                 severity=ir.IssueSeverity.ERROR,
-                translation_key="token_rejected",
+                translation_key=key,
                 translation_placeholders={"name": self.config_entry.title},
             )
-            raise ConfigEntryAuthFailed(
-                translation_domain=DOMAIN, translation_key="token_rejected"
-            ) from err
+            raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key=key) from err
         except HearthError as err:
             self._went_away()
             raise UpdateFailed(

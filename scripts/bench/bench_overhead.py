@@ -92,7 +92,12 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 entry = MockConfigEntry(
                     domain=DOMAIN,
                     title="bench",
-                    data={CONF_HOST: "127.0.0.1", CONF_PORT: worker.port, CONF_TOKEN: worker.token},
+                    data={
+                        CONF_HOST: "127.0.0.1",
+                        CONF_PORT: worker.port,
+                        CONF_TOKEN: worker.token,
+                        "fingerprint": worker.fingerprint,  # pinned, as pairing does
+                    },
                 )
                 entry.add_to_hass(hass)
                 assert await hass.config_entries.async_setup(entry.entry_id)
@@ -146,7 +151,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 body = {"messages": messages, "max_tokens": args.max_tokens, "temperature": 0.0}
                 direct: list[float] = []
                 hearth: list[float] = []
-                async with aiohttp.ClientSession() as http:
+                # The same TLS as the integration (the worker's own certificate).
+                async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=worker.ssl)
+                ) as http:
                     body["model"] = model_name(model)
                     await direct_ttft(http, worker.url, worker.token, body)
                     for _ in range(args.runs):

@@ -114,7 +114,7 @@ async def through_api(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=worker.ssl)) as http:
         singles = [await stream_once(http, worker, body) for _ in range(runs)]
         concurrent: dict[str, float] = {}
         for n in (1, 2, 4):

@@ -129,7 +129,15 @@ def test_version_matches_package(config: dict[str, Any]) -> None:
 def test_options_and_schema_agree(config: dict[str, Any]) -> None:
     options, option_schema = config["options"], config["schema"]
     assert set(options) == set(option_schema)
-    assert set(options) == {"models", "max_running", "max_queued", "log_level", "advertise"}
+    assert set(options) == {
+        "models",
+        "max_running",
+        "max_queued",
+        "log_level",
+        "advertise",
+        "plain_http",
+    }
+    assert options["plain_http"] is False  # HTTPS unless explicitly turned off
     assert options["models"] == []
     assert option_schema["models"] == ["str"]
     assert options["log_level"] in option_schema["log_level"]

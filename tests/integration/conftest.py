@@ -19,7 +19,12 @@ from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, cli, start_worker
 
-from custom_components.hearth.const import CONF_NODE_ID, DOMAIN
+from custom_components.hearth.const import (
+    CONF_FINGERPRINT,
+    CONF_NODE_ID,
+    CONF_PLAIN_HTTP,
+    DOMAIN,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +54,7 @@ def pairing_code(worker: WorkerProcess) -> str:
 
 def worker_info(worker: WorkerProcess) -> dict[str, Any]:
     request = urllib.request.Request(worker.url + "/v1/info", headers=worker.headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=worker.ssl) as response:
         return dict(json.load(response))
 
 
@@ -63,7 +68,7 @@ def restart(worker: WorkerProcess, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2):
+            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2, context=worker.ssl):
                 return
         except OSError:
             if time.monotonic() > deadline or worker.process.poll() is not None:
@@ -99,6 +104,7 @@ def fresh_worker(tiny_chat_model: Path, tmp_path: Path) -> Iterator[WorkerProces
 
 
 def entry_for(worker: WorkerProcess, title: str = "Test worker") -> MockConfigEntry:
+    """An entry as pairing makes it: token, node id and the pinned certificate."""
     node_id = worker_info(worker)["node_id"]
     return MockConfigEntry(
         domain=DOMAIN,
@@ -109,6 +115,8 @@ def entry_for(worker: WorkerProcess, title: str = "Test worker") -> MockConfigEn
             CONF_PORT: worker.port,
             CONF_TOKEN: worker.token,
             CONF_NODE_ID: node_id,
+            CONF_FINGERPRINT: worker.fingerprint,
+            CONF_PLAIN_HTTP: worker.plain_http,
         },
     )
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from ipaddress import ip_address
+from pathlib import Path
 from unittest.mock import patch
 
 import pytest
+from hearth_worker.pairing import pair_remote
 from homeassistant import config_entries
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
 from homeassistant.core import HomeAssistant
@@ -16,14 +17,19 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-from worker_process import WorkerProcess, free_port
+from worker_process import WorkerProcess, free_port, start_worker
 
 from custom_components.hearth.const import (
+    CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
     CONF_CODE,
+    CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_NODE_ID,
+    CONF_NOT_ON_BATTERY,
+    CONF_ONLY_WHEN_IDLE,
+    CONF_PLAIN_HTTP,
     CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
     DOMAIN,
@@ -37,7 +43,13 @@ def node_id_of(worker: WorkerProcess) -> str:
 
 
 def zeroconf_info(worker: WorkerProcess, node_id: str | None) -> ZeroconfServiceInfo:
-    properties = {"txtvers": "1", "version": "0.1.0", "api": "1", "paired": "false"}
+    properties = {
+        "txtvers": "1",
+        "version": "0.1.0",
+        "api": "1",
+        "paired": "false",
+        "scheme": "https",
+    }
     if node_id:
         properties["id"] = node_id
     return ZeroconfServiceInfo(
@@ -51,14 +63,14 @@ def zeroconf_info(worker: WorkerProcess, node_id: str | None) -> ZeroconfService
     )
 
 
-async def start_manual(hass: HomeAssistant, port: int) -> str:
+async def start_manual(hass: HomeAssistant, port: int, **options: bool) -> str:
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": config_entries.SOURCE_USER}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "user"
     result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port, **options}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "pair"
@@ -76,6 +88,10 @@ async def test_manual_pairs_with_code(hass: HomeAssistant, fresh_worker: WorkerP
     assert data[CONF_PORT] == fresh_worker.port
     assert data[CONF_NODE_ID] == node_id_of(fresh_worker)
     assert result["result"].unique_id == node_id_of(fresh_worker)
+    # The certificate is pinned; HTTPS and the home network only, by default.
+    assert data[CONF_FINGERPRINT] == fresh_worker.fingerprint
+    assert data[CONF_PLAIN_HTTP] is False
+    assert data[CONF_ALLOW_PUBLIC] is False
     # The token really works.
     fresh_worker.token = data[CONF_TOKEN]
     assert worker_info(fresh_worker)["node_id"] == data[CONF_NODE_ID]
@@ -115,12 +131,9 @@ async def test_expired_code(hass: HomeAssistant, fresh_worker: WorkerProcess) ->
 
 async def test_no_code(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
     # Use up the worker's code (an unpaired worker shows one when it starts).
-    body = json.dumps({"code": pairing_code(fresh_worker), "client_name": "other"}).encode()
-    request = urllib.request.Request(
-        fresh_worker.url + "/v1/pair", data=body, headers={"Content-Type": "application/json"}
+    await hass.async_add_executor_job(
+        pair_remote, fresh_worker.url, pairing_code(fresh_worker), "other"
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
     flow_id = await start_manual(hass, fresh_worker.port)
     result = await hass.config_entries.flow.async_configure(flow_id, {CONF_CODE: "ABCD1234"})
     assert result["errors"] == {"base": "no_code"}
@@ -243,7 +256,14 @@ async def test_zeroconf_known_worker_new_address(
 
 def hassio_info(worker: WorkerProcess, token: str | None, node_id: str) -> HassioServiceInfo:
     return HassioServiceInfo(
-        config={"host": "127.0.0.1", "port": worker.port, "token": token, "node_id": node_id},
+        config={
+            "host": "127.0.0.1",
+            "port": worker.port,
+            "token": token,
+            "node_id": node_id,
+            "scheme": "https",
+            "fingerprint": worker.fingerprint,
+        },
         name="Hearth worker",
         slug="hearth",
         uuid="0123456789abcdef",
@@ -263,6 +283,8 @@ async def test_hassio_sets_up_without_code(hass: HomeAssistant, chat_worker: Wor
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["result"].unique_id == node_id
     assert result["data"][CONF_TOKEN] == chat_worker.token
+    # The add-on's certificate, handed over through the (trusted) Supervisor, is pinned.
+    assert result["data"][CONF_FINGERPRINT] == chat_worker.fingerprint
 
 
 async def test_hassio_bad_config(hass: HomeAssistant) -> None:
@@ -272,6 +294,14 @@ async def test_hassio_bad_config(hass: HomeAssistant) -> None:
         data=HassioServiceInfo(config={"host": "x"}, name="n", slug="s", uuid="u"),
     )
     assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "not_hearth"
+    # An announcement without a certificate to pin (and not plain HTTP) is refused too.
+    config = {"host": "x", "port": 1, "token": "t", "node_id": "n", "scheme": "https"}
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_HASSIO},
+        data=HassioServiceInfo(config=config, name="n", slug="s", uuid="u"),
+    )
     assert result["reason"] == "not_hearth"
 
 
@@ -323,6 +353,7 @@ async def test_reauth(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
             CONF_PORT: fresh_worker.port,
             CONF_TOKEN: "revoked",
             CONF_NODE_ID: node_id_of(fresh_worker),
+            CONF_FINGERPRINT: fresh_worker.fingerprint,
         },
     )
     entry.add_to_hass(hass)
@@ -341,6 +372,7 @@ async def test_reauth(hass: HomeAssistant, fresh_worker: WorkerProcess) -> None:
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reauth_successful"
     assert entry.data[CONF_TOKEN] != "revoked"
+    assert entry.data[CONF_FINGERPRINT] == fresh_worker.fingerprint
     await hass.async_block_till_done()
     assert entry.state is config_entries.ConfigEntryState.LOADED
 
@@ -395,7 +427,12 @@ async def test_reconfigure_rejected_token_and_wrong_worker(
     entry = MockConfigEntry(
         domain=DOMAIN,
         unique_id="another-node",
-        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "bad"},
+        data={
+            CONF_HOST: "192.0.2.1",
+            CONF_PORT: 1,
+            CONF_TOKEN: "bad",
+            CONF_FINGERPRINT: chat_worker.fingerprint,
+        },
     )
     entry.add_to_hass(hass)
     result = await entry.start_reconfigure_flow(hass)
@@ -437,3 +474,146 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
     assert settings["prompt"] is None
     assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_options_worker_routing_flags(
+    hass: HomeAssistant, chat_worker: WorkerProcess
+) -> None:
+    """ "Only when idle" and "not on battery" are the entry's own options, read by routing."""
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    handle = hass.data[DOMAIN].workers[entry.entry_id]
+    assert handle.state().only_when_idle is False
+    assert handle.state().not_on_battery is False
+    assert handle.state().memory_free_mb is not None
+
+    household = {
+        CONF_LLM_HASS_API: ["assist"],
+        CONF_PREFER_LOCAL_INTENTS: True,
+        CONF_MAX_TOKENS: 128,
+        CONF_TEMPERATURE: 0.0,
+    }
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**household, CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options == {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
+    assert CONF_ONLY_WHEN_IDLE not in hass.data[DOMAIN].settings
+    state = handle.state()
+    assert state.only_when_idle is True
+    assert state.not_on_battery is True
+
+    # The form shows them as set; clearing one keeps the other.
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    schema = result["data_schema"].schema
+    suggested = {
+        str(key): key.description.get("suggested_value") for key in schema if key.description
+    }
+    assert suggested[CONF_ONLY_WHEN_IDLE] is True
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**household, CONF_NOT_ON_BATTERY: True}
+    )
+    assert entry.options == {CONF_ONLY_WHEN_IDLE: False, CONF_NOT_ON_BATTERY: True}
+    assert handle.state().only_when_idle is False
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+# --- transport: address policy, plain HTTP, pinned certificates -------------------
+
+
+async def test_manual_refuses_address_outside_home(hass: HomeAssistant) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "203.0.113.9", CONF_PORT: 8765}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "address_not_allowed"}
+
+
+async def test_manual_allow_public_is_stored(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+    flow_id = await start_manual(hass, fresh_worker.port, allow_public_address=True)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_CODE: pairing_code(fresh_worker)}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_ALLOW_PUBLIC] is True
+
+
+async def test_manual_plain_http_only_when_chosen(
+    hass: HomeAssistant, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    worker = start_worker(
+        [tiny_chat_model], tmp_path, token=False, plain_http=True, extra=["--no-warmup"]
+    )
+    try:
+        # Not chosen: the plain-HTTP worker is unreachable over HTTPS, never used in clear.
+        result = await hass.config_entries.flow.async_init(
+            DOMAIN, context={"source": config_entries.SOURCE_USER}
+        )
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: worker.port}
+        )
+        assert result["errors"] == {"base": "cannot_connect"}
+        flow_id = await start_manual(hass, worker.port, plain_http=True)
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_CODE: pairing_code(worker)}
+        )
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+        assert result["data"][CONF_PLAIN_HTTP] is True
+        assert result["data"][CONF_FINGERPRINT] is None
+        await hass.async_block_till_done()
+        assert result["result"].state is config_entries.ConfigEntryState.LOADED
+        assert await hass.config_entries.async_unload(result["result"].entry_id)
+    finally:
+        worker.stop()
+
+
+async def test_zeroconf_plain_http_is_not_offered(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+    info = zeroconf_info(fresh_worker, node_id_of(fresh_worker))
+    info.properties["scheme"] = "http"
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_ZEROCONF}, data=info
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "plain_http_discovered"
+
+
+async def test_zeroconf_address_outside_home(
+    hass: HomeAssistant, fresh_worker: WorkerProcess
+) -> None:
+    info = zeroconf_info(fresh_worker, node_id_of(fresh_worker))
+    info.ip_address = ip_address("203.0.113.9")
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_ZEROCONF}, data=info
+    )
+    assert result["step_id"] == "pair"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_CODE: "ABCD-1234"}
+    )
+    assert result["errors"] == {"base": "address_not_allowed"}
+
+
+async def test_reconfigure_checks_certificate_and_address(
+    hass: HomeAssistant, chat_worker: WorkerProcess
+) -> None:
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data={**entry.data, CONF_FINGERPRINT: "00" * 32})
+    result = await entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: chat_worker.port}
+    )
+    assert result["errors"] == {"base": "certificate_mismatch"}
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "203.0.113.9", CONF_PORT: chat_worker.port}
+    )
+    assert result["errors"] == {"base": "address_not_allowed"}

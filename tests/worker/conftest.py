@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from worker_process import insecure_connector, tls_closed
 
 
 @pytest.fixture(autouse=True)
@@ -15,5 +16,11 @@ def _sockets(socket_enabled: None) -> None:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    """A session for any test worker: HTTPS without checking the certificate.
+
+    These tests are about the API; TLS and pinning have their own tests
+    (pass `ssl=worker.ssl` to a request to check the worker's certificate).
+    """
+    async with aiohttp.ClientSession(connector=insecure_connector()) as session:
         yield session
+    await tls_closed()

@@ -141,6 +141,7 @@ def test_advertiser_seen_updated_and_removed_across_hosts(lan: VirtualLan) -> No
             "version": "0.1.0",
             "api": "1",
             "paired": "false",
+            "scheme": "https",
         }
         assert added["addresses"] == [a.address]
         assert added["port"] == 8787
@@ -217,7 +218,13 @@ def test_txt_record_and_arguments() -> None:
         "version": "0.1.0",
         "api": "1",
         "paired": "true",
+        "scheme": "https",
     }
+    assert advertiser.properties()["scheme"] == "https"
+    plain = Advertiser(
+        node_id="n1", name="Box", port=1, version="1", api_version=1, paired=True, scheme="http"
+    )
+    assert plain.properties()["scheme"] == "http"
     assert advertiser.service_name is None
     assert not advertiser.running
     with pytest.raises(ValueError, match="port"):
@@ -247,14 +254,10 @@ async def test_update_and_stop_before_start_are_harmless() -> None:
 
 
 PAIR_FROM_B = """
-import json, sys, urllib.request
-request = urllib.request.Request(
-    sys.argv[1] + "/v1/pair",
-    data=json.dumps({"code": sys.argv[2], "client_name": "host b"}).encode(),
-    headers={"Content-Type": "application/json"},
-)
-with urllib.request.urlopen(request, timeout=10) as response:
-    print(json.dumps({"event": "paired", "node_id": json.load(response)["node_id"]}), flush=True)
+import json, sys
+from hearth_worker.pairing import pair_remote
+paired = pair_remote(sys.argv[1], sys.argv[2], "host b")
+print(json.dumps({"event": "paired", "node_id": paired.node_id}), flush=True)
 """
 
 
@@ -287,7 +290,7 @@ def test_serving_worker_is_discovered_and_paired_across_hosts(
         code = re.search(r"Pairing code: (\S+)", log_path.read_text())
         assert code, log_path.read_text()
 
-        url = f"http://{a.address}:8765"
+        url = f"https://{a.address}:8765"
         pair = OutputLines(b.python(PAIR_FROM_B, url, code.group(1), stdout=subprocess.PIPE))
         paired = pair.expect(_event("paired"), 10, "pairing from b")
         pair.close()

@@ -69,4 +69,11 @@ async def test_worker_keeps_nothing(
         for secret in secrets:
             assert secret not in text, f"{path} holds request content"
     state_files = sorted(p.name for p in worker.state_dir.iterdir())
-    assert set(state_files) <= {".lock", "node.json", "pairing.json", "tokens.json"}, state_files
+    assert set(state_files) <= {
+        ".lock",
+        "node.json",
+        "pairing.json",
+        "tokens.json",
+        "tls-cert.pem",
+        "tls-key.pem",
+    }, state_files

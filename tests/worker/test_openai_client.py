@@ -1,10 +1,17 @@
-"""The official `openai` client works against a worker unchanged."""
+"""The official `openai` client works against a worker unchanged.
+
+The worker serves HTTPS with its own self-signed certificate: a client trusts
+exactly that certificate (README: "Using a worker from an OpenAI client"),
+here `worker.ssl`, i.e. `ssl.create_default_context(cafile=<tls-cert.pem>)`
+with `check_hostname = False`, passed as `httpx.AsyncClient(verify=...)`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -17,7 +24,21 @@ def _id(path: Path) -> str:
 
 @pytest.fixture
 async def client(shared_worker: WorkerProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=shared_worker.url + "/v1", api_key=shared_worker.token)
+    return openai.AsyncOpenAI(
+        base_url=shared_worker.url + "/v1",
+        api_key=shared_worker.token,
+        http_client=httpx.AsyncClient(verify=shared_worker.ssl),
+    )
+
+
+async def test_certificate_must_be_trusted(shared_worker: WorkerProcess) -> None:
+    """Without the worker's certificate a standard client refuses the connection."""
+    assert shared_worker.url.startswith("https://")
+    async with openai.AsyncOpenAI(
+        base_url=shared_worker.url + "/v1", api_key=shared_worker.token, max_retries=0
+    ) as untrusting:
+        with pytest.raises(openai.APIConnectionError):
+            await untrusting.models.list()
 
 
 async def test_models_chat_and_stream(client: openai.AsyncOpenAI, tiny_chat_model: Path) -> None:
@@ -61,7 +82,10 @@ async def test_errors_map_to_openai_exceptions(
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="x", messages=[])
     async with openai.AsyncOpenAI(
-        base_url=shared_worker.url + "/v1", api_key="hearth_wrong", max_retries=0
+        base_url=shared_worker.url + "/v1",
+        api_key="hearth_wrong",
+        max_retries=0,
+        http_client=httpx.AsyncClient(verify=shared_worker.ssl),
     ) as wrong:
         with pytest.raises(openai.AuthenticationError):
             await wrong.models.list()

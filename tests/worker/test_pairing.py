@@ -3,15 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
+import secrets
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from worker_process import cli, start_worker
+from hearth_worker import pairing
+from hearth_worker.auth import normalize_code
+from hearth_worker.pairing import pair_remote
+from worker_process import WorkerProcess, cli, start_worker
 
 CODE = re.compile(r"Pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})")
+
+
+async def proof_body(
+    http: aiohttp.ClientSession,
+    worker: WorkerProcess,
+    code: str,
+    *,
+    fingerprint: bytes | None = None,
+    client_name: str | None = None,
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """A POST /v1/pair body proving `code`, bound to `fingerprint` (default: the worker's).
+
+    Returns the body, the session key and the fingerprint used.
+    """
+    async with http.get(worker.url + "/v1/pair") as resp:
+        assert resp.status == 200, await resp.text()
+        challenge = await resp.json()
+    assert challenge["protocol"] == pairing.PROTOCOL
+    seen = bytes.fromhex(worker.fingerprint or "") if fingerprint is None else fingerprint
+    nonce = secrets.token_bytes(pairing.NONCE_BYTES)
+    verifier = pairing.code_verifier(normalize_code(code), bytes.fromhex(challenge["salt"]))
+    key = pairing.session_key(verifier, seen, nonce)
+    body: dict[str, Any] = {
+        "salt": challenge["salt"],
+        "client_nonce": nonce.hex(),
+        "proof": pairing.client_proof(key, seen, nonce).hex(),
+    }
+    if client_name is not None:
+        body["client_name"] = client_name
+    return body, key, seen
 
 
 async def test_pairing_flow(
@@ -25,10 +62,17 @@ async def test_pairing_flow(
 
         async with http.get(worker.url + "/v1/info") as resp:
             assert resp.status == 401
-        async with http.post(pair_url, json={"code": "0000-0000"}) as resp:
+        body, _, _ = await proof_body(http, worker, "0000-0000")
+        async with http.post(pair_url, json=body) as resp:
             assert resp.status == 403
             assert (await resp.json())["error"]["code"] == "wrong_code"
+        # The code itself is never accepted on the wire, right or wrong.
+        async with http.post(pair_url, json={"code": shown.group(1)}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "code_not_accepted"
         async with http.post(pair_url, json={"nope": 1}) as resp:
+            assert resp.status == 400
+        async with http.post(pair_url, json={**body, "proof": "zz"}) as resp:
             assert resp.status == 400
         async with http.post(pair_url, data=b"garbage") as resp:
             assert resp.status == 400
@@ -36,22 +80,32 @@ async def test_pairing_flow(
         # The CLI's `pair` replaces the code, and the running worker honours it at once.
         new_code = CODE.search(cli(worker.state_dir, "pair"))
         assert new_code
-        async with http.post(pair_url, json={"code": shown.group(1)}) as resp:
+        async with http.post(pair_url, json=body) as resp:  # made for the old code's salt
+            assert resp.status == 403
+        body, _, _ = await proof_body(http, worker, shown.group(1))
+        async with http.post(pair_url, json=body) as resp:
             assert resp.status == 403
         typed = new_code.group(1).lower().replace("-", "")  # as a person might type it
-        async with http.post(
-            pair_url, json={"code": typed, "client_name": "Home Assistant"}
-        ) as resp:
+        body, key, seen = await proof_body(http, worker, typed, client_name="Home Assistant")
+        async with http.post(pair_url, json=body, ssl=worker.ssl) as resp:
             assert resp.status == 200
             paired = await resp.json()
         assert paired["token"].startswith("hearth_") and len(paired["token"]) > 40
+        # The worker proves it knows the code too, bound to the token it issued.
+        nonce = bytes.fromhex(body["client_nonce"])
+        assert bytes.fromhex(paired["proof"]) == pairing.worker_proof(
+            key, seen, nonce, paired["token"], paired["node_id"]
+        )
         headers = {"Authorization": f"Bearer {paired['token']}"}
         async with http.get(worker.url + "/v1/info", headers=headers) as resp:
             assert resp.status == 200
             assert (await resp.json())["node_id"] == paired["node_id"]
 
         # The code is consumed.
-        async with http.post(pair_url, json={"code": typed}) as resp:
+        async with http.get(pair_url) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "no_code"
+        async with http.post(pair_url, json=body) as resp:
             assert resp.status == 403
 
         # Tokens are stored hashed, listed and revoked from the CLI.
@@ -68,6 +122,78 @@ async def test_pairing_flow(
         assert worker.stop() == 0, worker.log()
 
 
+async def test_proof_bound_to_another_certificate_is_refused(
+    http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """A man in the middle shows the client its own certificate: the right code, bound to
+    that fingerprint, is refused by the real worker and counts as a wrong code."""
+    worker = start_worker([tiny_chat_model], tmp_path, token=False, extra=["--no-warmup"])
+    try:
+        code = CODE.search(cli(worker.state_dir, "pair"))
+        assert code
+        middleman = hashlib.sha256(b"the middleman's certificate").digest()
+        body, _, _ = await proof_body(http, worker, code.group(1), fingerprint=middleman)
+        async with http.post(worker.url + "/v1/pair", json=body) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "wrong_code"
+            assert "token" not in await resp.text()
+        record = json.loads((worker.state_dir / "pairing.json").read_text())
+        assert record["failures"] == 1
+        assert code.group(1).replace("-", "") not in json.dumps(record)
+        # The same code with the worker's real fingerprint still pairs.
+        paired = await asyncio.to_thread(pair_remote, worker.url, code.group(1), "tests")
+        assert paired.fingerprint.hex() == worker.fingerprint
+    finally:
+        assert worker.stop() == 0, worker.log()
+
+
+async def test_plain_http_worker_pairs_without_sending_the_code(
+    http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    worker = start_worker(
+        [tiny_chat_model], tmp_path, token=False, plain_http=True, extra=["--no-warmup"]
+    )
+    try:
+        assert worker.url.startswith("http://") and worker.fingerprint is None
+        assert "plain HTTP" in worker.log()
+        code = CODE.search(cli(worker.state_dir, "pair"))
+        assert code
+        async with http.post(worker.url + "/v1/pair", json={"code": code.group(1)}) as resp:
+            assert resp.status == 400
+        paired = await asyncio.to_thread(pair_remote, worker.url, code.group(1), "tests")
+        assert paired.fingerprint == b""
+        headers = {"Authorization": f"Bearer {paired.token}"}
+        async with http.get(worker.url + "/v1/info", headers=headers) as resp:
+            assert resp.status == 200
+    finally:
+        assert worker.stop() == 0, worker.log()
+
+
+async def test_certificate_made_once_and_cli(tiny_chat_model: Path, tmp_path: Path) -> None:
+    worker = start_worker([tiny_chat_model], tmp_path, extra=["--no-warmup"])
+    try:
+        first = worker.fingerprint
+        assert first and (worker.state_dir / "tls-key.pem").stat().st_mode & 0o777 == 0o600
+        shown = cli(worker.state_dir, "cert")
+        assert str(worker.cert_path) in shown
+        assert first.upper() == shown.split("fingerprint: ")[1].strip().replace(":", "")
+        assert worker.fingerprint.upper() in worker.log().replace(":", "")
+    finally:
+        assert worker.stop() == 0, worker.log()
+    # A restart keeps the certificate (clients pinned it).
+    again = start_worker([tiny_chat_model], tmp_path, token=False, extra=["--no-warmup"])
+    try:
+        assert again.fingerprint == first
+        token = cli(again.state_dir, "tokens", "create", "my script").strip().splitlines()[-1]
+        request = urllib.request.Request(
+            again.url + "/v1/info", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, context=again.ssl, timeout=10) as response:
+            assert response.status == 200
+    finally:
+        assert again.stop() == 0, again.log()
+
+
 async def test_wrong_codes_are_rate_limited(
     http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
 ) -> None:
@@ -75,7 +201,8 @@ async def test_wrong_codes_are_rate_limited(
     try:
         statuses = []
         for _ in range(6):
-            async with http.post(worker.url + "/v1/pair", json={"code": "ZZZZ-ZZZZ"}) as resp:
+            body, _, _ = await proof_body(http, worker, "ZZZZ-ZZZZ")
+            async with http.post(worker.url + "/v1/pair", json=body) as resp:
                 statuses.append(resp.status)
                 if resp.status == 429:
                     assert int(resp.headers["Retry-After"]) >= 1
@@ -123,6 +250,9 @@ async def test_supervisor_discovery(
         config = body["config"]
         assert config["host"] == "local-hearth"
         assert config["port"] == worker.port
+        # The Supervisor channel is trusted: it carries the certificate to pin.
+        assert config["scheme"] == "https"
+        assert config["fingerprint"] == worker.fingerprint
         headers = {"Authorization": f"Bearer {config['token']}"}
         async with http.get(worker.url + "/v1/info", headers=headers) as resp:
             assert resp.status == 200
