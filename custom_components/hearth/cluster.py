@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from homeassistant.core import HomeAssistant, callback
@@ -11,11 +12,21 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.storage import Store
 
 from . import router
-from .client import ChatDelta, HearthClient, HearthError, HearthRequestError
+from .client import (
+    ChatDelta,
+    HearthBusyError,
+    HearthClient,
+    HearthConnectionError,
+    HearthError,
+    HearthRequestError,
+    StreamTimeouts,
+)
 from .const import (
     CONF_CHAT_MODEL,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
+    CONF_NOT_ON_BATTERY,
+    CONF_ONLY_WHEN_IDLE,
     CONF_PREFER_LOCAL_INTENTS,
     CONF_PROMPT,
     CONF_TEMPERATURE,
@@ -47,6 +58,17 @@ class NoWorkerError(HomeAssistantError):
         super().__init__(translation_domain=DOMAIN, translation_key="no_worker")
 
 
+class AnswerCutOffError(HomeAssistantError):
+    """A worker broke off mid-answer; the deltas it sent before were passed on."""
+
+    def __init__(self, worker_name: str) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="answer_cut_off",
+            translation_placeholders={"name": worker_name},
+        )
+
+
 @dataclass
 class WorkerHandle:
     """One loaded worker, as the cluster sees it."""
@@ -68,8 +90,17 @@ class WorkerHandle:
             )
             for name in info.chat_models
         }
+        options = self.coordinator.config_entry.options
+        only_when_idle = bool(options.get(CONF_ONLY_WHEN_IDLE, False))
+        not_on_battery = bool(options.get(CONF_NOT_ON_BATTERY, False))
         if capacity is None:
-            return router.WorkerState(self.entry_id, models, online=False)
+            return router.WorkerState(
+                self.entry_id,
+                models,
+                online=False,
+                only_when_idle=only_when_idle,
+                not_on_battery=not_on_battery,
+            )
         return router.WorkerState(
             worker_id=self.entry_id,
             chat_models=models,
@@ -80,7 +111,23 @@ class WorkerHandle:
             max_queued=capacity.max_queued,
             on_battery=capacity.on_battery,
             user_active=capacity.user_active,
+            memory_free_mb=capacity.memory_free_mb,
+            only_when_idle=only_when_idle,
+            not_on_battery=not_on_battery,
         )
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A chat request's prompt size in tokens, roughly (4 characters a token), for routing."""
+    return max(1, len(json.dumps([body.get("messages"), body.get("tools")])) // 4)
+
+
+async def _first_delta(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
+    """The first delta of an answer (its first text or tool call, or its end)."""
+    first = await anext(deltas, None)
+    if first is None:
+        raise HearthConnectionError("Chat stream ended with nothing")
+    return first
 
 
 @dataclass
@@ -93,6 +140,19 @@ class ChatStream:
 
 
 @dataclass
+class AskResult:
+    """A collected answer; `cut_off` is set when the worker broke off mid-answer."""
+
+    answer: str
+    worker: WorkerHandle
+    cut_off: AnswerCutOffError | None = None
+
+    @property
+    def partial(self) -> bool:
+        return self.cut_off is not None
+
+
+@dataclass
 class Cluster:
     """Household state, kept in hass.data[DOMAIN]."""
 
@@ -101,8 +161,14 @@ class Cluster:
     settings: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SETTINGS))
     workers: dict[str, WorkerHandle] = field(default_factory=dict)
     primary_entry_id: str | None = None
+    # Bounds of every chat stream (const.py); tests shorten them.
+    timeouts: StreamTimeouts = field(default_factory=StreamTimeouts)
     # entry id -> callbacks that add the household entities (agent, AI task) to that entry
     _household_adders: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
+    # The routing policy's memory: reservations, stickiness, circuit breakers.
+    routing: router.Router = field(default_factory=router.Router)
+    # entry id -> stops telling `routing` about that worker's fresh snapshots
+    _snapshot_listeners: dict[str, Callable[[], None]] = field(default_factory=dict)
 
     @classmethod
     async def async_create(cls, hass: HomeAssistant) -> Cluster:
@@ -120,6 +186,17 @@ class Cluster:
     @callback
     def add_worker(self, handle: WorkerHandle) -> None:
         self.workers[handle.entry_id] = handle
+        entry_id = handle.entry_id
+
+        @callback
+        def snapshot_arrived() -> None:
+            if handle.coordinator.last_update_success:
+                self.routing.observe_snapshot(entry_id)
+
+        if stop := self._snapshot_listeners.pop(entry_id, None):
+            stop()
+        self._snapshot_listeners[entry_id] = handle.coordinator.async_add_listener(snapshot_arrived)
+        self.routing.observe_snapshot(entry_id)
         if self.primary_entry_id is None:
             self.primary_entry_id = handle.entry_id
 
@@ -135,6 +212,9 @@ class Cluster:
         """Forget a worker; if it held the household entities, the next one takes them."""
         self.workers.pop(entry_id, None)
         self._household_adders.pop(entry_id, None)
+        if stop := self._snapshot_listeners.pop(entry_id, None):
+            stop()
+        self.routing.forget(entry_id)
         if self.primary_entry_id != entry_id:
             return None
         self.primary_entry_id = next(iter(self.workers), None)
@@ -144,45 +224,128 @@ class Cluster:
         return self.primary_entry_id
 
     def candidates(self, request: router.RouteRequest) -> list[router.Candidate]:
-        ranked = router.rank((w.state() for w in self.workers.values()), request)
+        """Workers to try for `request`, best first (see router.Router.rank)."""
+        states = [w.state() for w in self.workers.values()]
+        ranked = self.routing.rank(states, request)
         if not ranked and request.model is not None:
             # The preferred model is nowhere: any chat model beats no answer.
-            ranked = router.rank(
-                (w.state() for w in self.workers.values()),
-                router.RouteRequest(None, request.prompt_tokens, request.max_new_tokens),
-            )
+            ranked = self.routing.rank(states, replace(request, model=None))
         return ranked
 
     async def async_open_chat(
-        self, body: dict[str, Any], *, prompt_tokens: int = 256
+        self,
+        body: dict[str, Any],
+        *,
+        prompt_tokens: int | None = None,
+        conversation_id: str | None = None,
+        kind: str = "chat",
     ) -> ChatStream:
-        """Send a chat request to the best worker, failing over before the first token."""
+        """Send a chat request to the best worker, failing over before the first token.
+
+        A worker counts as answering once its first text or tool call (or an empty,
+        finished answer) has arrived. Before that, anything — refused connection,
+        5xx, 429, a 4xx, a timeout, a stream that ends early — moves on to the next
+        candidate. After it, a failure ends the stream with AnswerCutOffError.
+
+        Each try is reserved against its worker until the answer is over, so that
+        requests arriving together spread out (router.Router); `conversation_id`
+        keeps a conversation on the worker of its previous turn; `kind` groups
+        requests with similar answer lengths ("voice", "task").
+        """
         request = router.RouteRequest(
             model=self.settings.get(CONF_CHAT_MODEL) or None,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=prompt_tokens or estimate_prompt_tokens(body),
             max_new_tokens=int(body.get("max_tokens") or DEFAULT_MAX_TOKENS),
+            conversation_id=conversation_id,
+            kind=kind,
         )
         for candidate in self.candidates(request):
-            worker = self.workers[candidate.worker_id]
+            worker = self.workers.get(candidate.worker_id)
+            if worker is None:
+                continue
+            deltas: AsyncGenerator[ChatDelta] | None = None
+            reservation = self.routing.reserve(candidate, request)
             try:
-                deltas = await worker.client.chat_stream({**body, "model": candidate.model})
+                deltas = await worker.client.chat_stream(
+                    {**body, "model": candidate.model}, self.timeouts
+                )
+                first = await _first_delta(deltas)
+            except HearthBusyError as err:
+                self.routing.release(reservation)
+                LOGGER.debug("Worker %s is busy, trying the next: %s", worker.name, err)
+                continue
             except HearthRequestError as err:
+                self.routing.release(reservation)
                 LOGGER.warning("Worker %s refused the request: %s", worker.name, err)
                 continue
             except HearthError as err:
-                LOGGER.debug("Worker %s failed, trying the next: %s", worker.name, err)
+                self.routing.release(reservation)
+                if deltas is not None:
+                    await deltas.aclose()
+                self._worker_failed(worker, err, answering=False)
                 continue
-            return ChatStream(worker, candidate.model, deltas)
+            except BaseException:
+                self.routing.release(reservation)
+                if deltas is not None:
+                    await deltas.aclose()
+                raise
+            return ChatStream(
+                worker, candidate.model, self._relay(worker, first, deltas, reservation)
+            )
         raise NoWorkerError
 
-    async def async_ask(self, body: dict[str, Any]) -> tuple[str, WorkerHandle]:
-        """Ask once and collect the whole answer text."""
-        stream = await self.async_open_chat(body)
+    async def _relay(
+        self,
+        worker: WorkerHandle,
+        first: ChatDelta,
+        deltas: AsyncGenerator[ChatDelta],
+        reservation: router.Reservation,
+    ) -> AsyncGenerator[ChatDelta]:
+        """The answer after the peeked first delta; a failure becomes AnswerCutOffError.
+
+        The reservation is released however the answer ends; only a whole answer
+        tells the router how long answers of its kind are.
+        """
+        completion_tokens: int | None = None
+        try:
+            yield first
+            completion_tokens = first.completion_tokens
+            async for delta in deltas:
+                completion_tokens = delta.completion_tokens or completion_tokens
+                yield delta
+        except HearthError as err:
+            completion_tokens = None
+            self._worker_failed(worker, err, answering=True)
+            raise AnswerCutOffError(worker.name) from err
+        else:
+            self._worker_answered(worker)
+        finally:
+            self.routing.release(reservation, completion_tokens=completion_tokens)
+            await deltas.aclose()
+
+    # The one place where the cluster learns how a worker did with a chat request.
+    def _worker_failed(self, worker: WorkerHandle, err: HearthError, *, answering: bool) -> None:
+        self.routing.report_failure(worker.entry_id)  # the circuit breaker backs off
+        if answering:
+            LOGGER.warning("Worker %s broke off mid-answer: %s", worker.name, err)
+        else:
+            LOGGER.warning("Worker %s failed, trying the next: %s", worker.name, err)
+
+    def _worker_answered(self, worker: WorkerHandle) -> None:
+        self.routing.report_success(worker.entry_id)
+        LOGGER.debug("Worker %s answered", worker.name)
+
+    async def async_ask(self, body: dict[str, Any], *, kind: str = "task") -> AskResult:
+        """Ask once and collect the whole answer text.
+
+        Raises NoWorkerError when no worker produced anything; a worker that broke
+        off mid-answer gives a partial result (`cut_off` set) with what it sent.
+        """
+        stream = await self.async_open_chat(body, kind=kind)
         parts: list[str] = []
         try:
             async for delta in stream.deltas:
                 parts.append(delta.content)
-        except HearthError as err:
-            LOGGER.warning("Worker %s broke off: %s", stream.worker.name, err)
-            raise NoWorkerError from err
-        return "".join(parts).strip(), stream.worker
+        except AnswerCutOffError as err:
+            return AskResult("".join(parts).strip(), stream.worker, err)
+        return AskResult("".join(parts).strip(), stream.worker)

@@ -2,27 +2,85 @@
 
 A plain module with no Home Assistant imports: dataclasses in, a ranked list
 out. The caller tries the first candidate and fails over to the next one if a
-worker fails before its first token.
+worker fails before its first token. Time is injected (``Router(clock=...)``)
+so that everything here is deterministic and unit-testable; the benchmark
+(`scripts/bench/bench_router.py`) runs this very code on a simulated clock.
 
 The estimate is the time until the answer is finished:
 
 * per-request work = prompt tokens / prefill rate + new tokens / decode rate,
   with measured rates where the worker has served the model, defaults where not;
-* requests beyond the worker's parallel slots wait for the queue to drain;
-* requests running in parallel on one machine share its compute;
-* a worker on battery or in use by a person is made to look slower, so it is
-  picked only when it is clearly the better choice.
+  new tokens: the answer length seen so far for this kind of request (an
+  average learned from finished requests), never more than ``max_new_tokens``;
+* a worker is one machine: the requests it runs at once share its compute, and
+  the ones beyond its parallel slots wait for the queue to drain. What is ahead
+  of a new request is (a) this Home Assistant's own requests still open on the
+  worker (in-flight reservations, with their estimated remaining work) and
+  (b) requests from other clients, counted from the last capacity snapshot
+  after taking out our own requests it already showed. Reservations are what
+  stop a burst of simultaneous requests from herding onto the same worker
+  whose last snapshot (up to a poll interval old) still says "idle";
+* a worker on battery, in use by a person or short of memory is made to look
+  slower, so it is picked only when it is clearly the better choice.
+
+On top of the estimate (`Router.rank`):
+
+* **Household flags** (per worker): "only when idle" keeps requests off a
+  worker while a person uses it, "not on battery" while it runs on battery.
+  Such a worker is not dropped but ranked after every other worker: it answers
+  only when no other worker can (none left, or all others failed), because a
+  slow answer from the household's own laptop beats no answer.
+* **Stickiness**: a conversation goes back to the worker that served its
+  previous turn unless that worker's estimate is more than ``STICKY_FACTOR``
+  (1.5x) the best one's. The previous turn's prompt (system prompt, tools,
+  history) is most of the next prompt; where the worker keeps it cached, the
+  next turn skips that prefill, which for voice-sized requests (long prompt,
+  short answer) is about half of the estimated time or more. Below 1.5x the
+  warm cache is expected to win; above it the other worker is faster even if
+  the whole prompt is prefilled again, and 1.5x caps what a sticky turn can
+  lose where there is no cache. It lapses after ``STICKY_TTL_S`` (5 minutes,
+  when Home Assistant forgets the conversation too).
+* **Circuit breaker** per worker: a failure or timeout opens it (the worker is
+  left out, or ranked last when nothing else is left) for a back-off that
+  doubles with every failure in a row (``BREAKER_BASE_S`` up to
+  ``BREAKER_MAX_S``); then it is half-open: one real request at a time may
+  probe it (fail-over covers a failed probe); a success closes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from itertools import count
 
 DEFAULT_PREFILL_TOK_S = 200.0
 DEFAULT_DECODE_TOK_S = 20.0
 BATTERY_PENALTY = 2.0
 USER_ACTIVE_PENALTY = 1.5
+LOW_MEMORY_MB = 256
+LOW_MEMORY_PENALTY = 2.0
+
+STICKY_FACTOR = 1.5
+STICKY_TTL_S = 300.0
+STICKY_MAX_CONVERSATIONS = 256
+
+BREAKER_BASE_S = 2.0
+BREAKER_MAX_S = 120.0
+
+# A reservation that outlives its estimate is still running: count at least
+# this share of its estimate as still to do.
+OVERDUE_SHARE = 0.25
+# Weight of a new observation in the learned answer length.
+ANSWER_LENGTH_ALPHA = 0.2
+# A worker's correction: how much busy time (seconds) its memory spans, how
+# much forecast work it needs before it counts, and its bounds.
+CALIBRATION_TAU_S = 120.0
+CALIBRATION_MIN_WORK_S = 5.0
+CALIBRATION_LIMIT = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +93,7 @@ class ModelRate:
 
 @dataclass(frozen=True, slots=True)
 class WorkerState:
-    """What the router knows about one worker."""
+    """What the router knows about one worker (its last capacity snapshot and flags)."""
 
     worker_id: str
     chat_models: Mapping[str, ModelRate]
@@ -46,15 +104,26 @@ class WorkerState:
     max_queued: int = 0
     on_battery: bool | None = None
     user_active: bool | None = None
+    memory_free_mb: int | None = None
+    # Household flags (options of the worker's config entry).
+    only_when_idle: bool = False
+    not_on_battery: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
-    """The request to place. `model` None: any chat model will do."""
+    """The request to place. `model` None: any chat model will do.
+
+    `conversation_id` makes later turns stick to the worker of the earlier
+    ones; `kind` groups requests whose answers have similar lengths ("voice",
+    "task", ...) for the learned answer length.
+    """
 
     model: str | None = None
     prompt_tokens: int = 256
     max_new_tokens: int = 128
+    conversation_id: str | None = None
+    kind: str = "chat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,38 +134,109 @@ class Candidate:
     model: str
     estimated_s: float
     reasons: tuple[str, ...] = field(default=(), compare=False)
+    # The request's own work on this worker (no queue, no penalties), and what
+    # `Router` checks the worker's speed with: the work at the reported rates,
+    # seconds per answer token at them, the answer length planned for.
+    work_s: float = field(default=0.0, compare=False)
+    reported_work_s: float = field(default=0.0, compare=False)
+    token_s: float = field(default=0.0, compare=False)
+    new_tokens: float = field(default=0.0, compare=False)
+
+
+class BreakerState(StrEnum):
+    """Circuit breaker states."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(slots=True)
+class _Breaker:
+    failures: int = 0  # failures in a row
+    open_until: float = 0.0
+    probing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A request this Home Assistant has sent to a worker and not yet seen finish."""
+
+    reservation_id: int
+    worker_id: str
+    kind: str
+    estimated_s: float  # its own work
+    started: float
+    reported_work_s: float = 0.0
+    token_s: float = 0.0
+    new_tokens: float = 0.0
 
 
 def _rate(measured: float | None, default: float) -> float:
     return measured if measured is not None and measured > 0 else default
 
 
-def request_seconds(rate: ModelRate, request: RouteRequest) -> float:
-    """Time one request takes on an otherwise idle worker."""
+def request_seconds(
+    rate: ModelRate, request: RouteRequest, new_tokens: float | None = None
+) -> float:
+    """Time one request takes on an otherwise idle worker.
+
+    `new_tokens`: the expected answer length (default: `request.max_new_tokens`).
+    """
     prefill = _rate(rate.prefill_tok_s, DEFAULT_PREFILL_TOK_S)
     decode = _rate(rate.decode_tok_s, DEFAULT_DECODE_TOK_S)
-    return request.prompt_tokens / prefill + request.max_new_tokens / decode
+    tokens = request.max_new_tokens if new_tokens is None else new_tokens
+    return request.prompt_tokens / prefill + tokens / decode
 
 
-def estimate(worker: WorkerState, rate: ModelRate, request: RouteRequest) -> float | None:
-    """Estimated seconds until `request` would be finished on `worker`; None: cannot take it."""
+def finish_seconds(work: float, ahead: Sequence[float], slots: int) -> float:
+    """When a request of `work` seconds finishes behind requests with `ahead` seconds left.
+
+    The machine's compute is shared by what runs at once (no parallel speed-up
+    on a CPU-bound worker). With a free slot the request starts now and, while
+    it runs, shares the machine with each running request until that one ends
+    (processor sharing); without one it waits for the work ahead to drain.
+    """
+    if len(ahead) < max(1, slots):
+        return work + sum(min(left, work) for left in ahead)
+    return sum(ahead) + work
+
+
+def _penalty(worker: WorkerState) -> float:
+    factor = 1.0
+    if worker.on_battery:
+        factor *= BATTERY_PENALTY
+    if worker.user_active:
+        factor *= USER_ACTIVE_PENALTY
+    if worker.memory_free_mb is not None and worker.memory_free_mb < LOW_MEMORY_MB:
+        factor *= LOW_MEMORY_PENALTY
+    return factor
+
+
+def estimate(
+    worker: WorkerState,
+    rate: ModelRate,
+    request: RouteRequest,
+    *,
+    ahead_s: Sequence[float] | None = None,
+    new_tokens: float | None = None,
+    scale: float = 1.0,
+) -> float | None:
+    """Estimated seconds until `request` would be finished on `worker`; None: cannot take it.
+
+    `ahead_s`: the remaining seconds of each request ahead of this one; by
+    default the snapshot's running and queued requests, each the size of this one.
+    `scale`: a correction of the worker's rates (see `Router`).
+    """
     if not worker.online:
         return None
+    work = request_seconds(rate, request, new_tokens) * scale
+    if ahead_s is None:
+        ahead_s = [work] * (worker.running + worker.queued)
     slots = max(1, worker.max_running)
-    if worker.running >= slots and worker.queued >= worker.max_queued:
+    if len(ahead_s) >= slots + max(0, worker.max_queued):
         return None  # it would answer 429
-    work = request_seconds(rate, request)
-    ahead = worker.running + worker.queued
-    # Beyond the free slots a request waits, on average, for the queue ahead
-    # of it to drain `slots` at a time; then it shares the machine with the rest.
-    waiting = max(0, ahead - slots + 1) / slots
-    sharing = min(ahead, slots - 1) + 1
-    seconds = (waiting + sharing) * work
-    if worker.on_battery:
-        seconds *= BATTERY_PENALTY
-    if worker.user_active:
-        seconds *= USER_ACTIVE_PENALTY
-    return seconds
+    return finish_seconds(work, ahead_s, slots) * _penalty(worker)
 
 
 def _pick_model(worker: WorkerState, request: RouteRequest) -> str | None:
@@ -111,8 +251,28 @@ def _pick_model(worker: WorkerState, request: RouteRequest) -> str | None:
     )
 
 
+def _reasons(worker: WorkerState) -> tuple[str, ...]:
+    return tuple(
+        reason
+        for reason, flag in (
+            ("on_battery", worker.on_battery),
+            ("user_active", worker.user_active),
+            (
+                "low_memory",
+                worker.memory_free_mb is not None and worker.memory_free_mb < LOW_MEMORY_MB,
+            ),
+            ("busy", worker.running + worker.queued > 0),
+        )
+        if flag
+    )
+
+
 def rank(workers: Iterable[WorkerState], request: RouteRequest) -> list[Candidate]:
-    """Every worker that can answer, fastest expected finish first."""
+    """Every worker that can answer, fastest expected finish first (snapshots only).
+
+    The stateless core of `Router.rank`: no reservations, stickiness, flags or
+    breaker.
+    """
     candidates: list[Candidate] = []
     for worker in workers:
         model = _pick_model(worker, request)
@@ -121,15 +281,289 @@ def rank(workers: Iterable[WorkerState], request: RouteRequest) -> list[Candidat
         seconds = estimate(worker, worker.chat_models[model], request)
         if seconds is None:
             continue
-        reasons = tuple(
-            reason
-            for reason, flag in (
-                ("on_battery", worker.on_battery),
-                ("user_active", worker.user_active),
-                ("busy", worker.running + worker.queued > 0),
-            )
-            if flag
-        )
-        candidates.append(Candidate(worker.worker_id, model, seconds, reasons))
+        candidates.append(Candidate(worker.worker_id, model, seconds, _reasons(worker)))
     candidates.sort(key=lambda c: (c.estimated_s, c.worker_id))
     return candidates
+
+
+def _with_reasons(candidate: Candidate, *reasons: str) -> Candidate:
+    return replace(candidate, reasons=(*candidate.reasons, *reasons))
+
+
+def flagged(worker: WorkerState) -> tuple[str, ...]:
+    """The household flags that keep requests off `worker` right now."""
+    reasons: list[str] = []
+    if worker.only_when_idle and worker.user_active:
+        reasons.append("only_when_idle")
+    if worker.not_on_battery and worker.on_battery:
+        reasons.append("not_on_battery")
+    return tuple(reasons)
+
+
+class Router:
+    """The routing policy with memory: reservations, stickiness, circuit breakers.
+
+    Use: ``candidates = router.rank(states, request)``; try them in order; for
+    the one that takes the request ``res = router.reserve(candidate, request)``
+    before sending, ``router.report_failure(worker_id)`` if it fails or times
+    out (and `release`), ``router.report_success(worker_id)`` once it answers,
+    and ``router.release(res, completion_tokens=n)`` when the answer is done.
+    Call ``router.observe_snapshot(worker_id)`` whenever a fresh capacity
+    snapshot of a worker arrives.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        sticky_factor: float = STICKY_FACTOR,
+        sticky_ttl_s: float = STICKY_TTL_S,
+        breaker_base_s: float = BREAKER_BASE_S,
+        breaker_max_s: float = BREAKER_MAX_S,
+    ) -> None:
+        self._clock = clock
+        self.sticky_factor = sticky_factor
+        self.sticky_ttl_s = sticky_ttl_s
+        self.breaker_base_s = breaker_base_s
+        self.breaker_max_s = breaker_max_s
+        self._ids = count(1)
+        # worker id -> open reservations, oldest first
+        self._open: dict[str, dict[int, Reservation]] = {}
+        self._last_release: dict[str, float] = {}
+        # worker id -> how many of our reservations were open when its last snapshot came
+        self._own_at_snapshot: dict[str, int] = {}
+        self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._breakers: dict[str, _Breaker] = {}
+        self._answer_tokens: dict[str, float] = {}
+        # worker id -> since when our open requests keep it busy (accounted up to then)
+        self._busy_mark: dict[str, float] = {}
+        self._busy_s: dict[str, float] = {}
+        self._work_s: dict[str, float] = {}
+
+    # --- what the caller reports --------------------------------------------
+
+    def observe_snapshot(self, worker_id: str) -> None:
+        """A fresh capacity snapshot of `worker_id` arrived (it shows our open requests)."""
+        self._own_at_snapshot[worker_id] = len(self._open.get(worker_id, {}))
+
+    def reserve(self, candidate: Candidate, request: RouteRequest) -> Reservation:
+        """Count `request` against `candidate`'s worker until `release`."""
+        now = self._clock()
+        worker_id = candidate.worker_id
+        busy = self._open.setdefault(worker_id, {})
+        if not busy:
+            self._busy_mark[worker_id] = now
+        work = candidate.work_s if candidate.work_s > 0 else candidate.estimated_s
+        reservation = Reservation(
+            next(self._ids),
+            worker_id,
+            request.kind,
+            work,
+            now,
+            candidate.reported_work_s,
+            candidate.token_s,
+            candidate.new_tokens,
+        )
+        busy[reservation.reservation_id] = reservation
+        if request.conversation_id is not None:
+            self._sticky[request.conversation_id] = (worker_id, now)
+            self._sticky.move_to_end(request.conversation_id)
+            while len(self._sticky) > STICKY_MAX_CONVERSATIONS:
+                self._sticky.popitem(last=False)
+        breaker = self._breakers.get(worker_id)
+        if breaker is not None and self._breaker_state(breaker, now) is BreakerState.HALF_OPEN:
+            breaker.probing = True
+        return reservation
+
+    def release(self, reservation: Reservation, *, completion_tokens: int | None = None) -> None:
+        """The request is over (answered, failed or cancelled); idempotent."""
+        worker_id = reservation.worker_id
+        busy = self._open.get(worker_id, {})
+        if busy.pop(reservation.reservation_id, None) is None:
+            return
+        now = self._clock()
+        self._last_release[worker_id] = now
+        busy_s = now - self._busy_mark.get(worker_id, now)
+        self._busy_mark[worker_id] = now
+        if breaker := self._breakers.get(reservation.worker_id):
+            breaker.probing = False
+        if completion_tokens is not None and completion_tokens > 0:
+            self._calibrate(reservation, busy_s, completion_tokens)
+            old = self._answer_tokens.get(reservation.kind)
+            self._answer_tokens[reservation.kind] = (
+                float(completion_tokens)
+                if old is None
+                else ANSWER_LENGTH_ALPHA * completion_tokens + (1 - ANSWER_LENGTH_ALPHA) * old
+            )
+
+    def _calibrate(self, reservation: Reservation, busy_s: float, completion_tokens: int) -> None:
+        """Check the worker's reported speed against the work it got done for us.
+
+        The rates a worker reports are per request: a request that shared the
+        machine looks slower, one that had it alone faster, and they lag when a
+        person starts using the machine. What counts for a finish time is the
+        machine's throughput: the work (at its reported rates) of our finished
+        requests against the time it was busy with our requests. The ratio of the
+        two, over about the last CALIBRATION_TAU_S seconds of busy time, scales
+        the worker's estimates (within [1/CALIBRATION_LIMIT, CALIBRATION_LIMIT]).
+        """
+        worker_id = reservation.worker_id
+        work = reservation.reported_work_s + reservation.token_s * (
+            completion_tokens - reservation.new_tokens
+        )
+        if work <= 0 or busy_s < 0:
+            return
+        keep = math.exp(-busy_s / CALIBRATION_TAU_S)
+        self._busy_s[worker_id] = self._busy_s.get(worker_id, 0.0) * keep + busy_s
+        self._work_s[worker_id] = self._work_s.get(worker_id, 0.0) * keep + work
+
+    def scale(self, worker_id: str) -> float:
+        """The correction applied to `worker_id`'s reported rates (1.0: none)."""
+        work = self._work_s.get(worker_id, 0.0)
+        if work < CALIBRATION_MIN_WORK_S:
+            return 1.0
+        ratio = self._busy_s.get(worker_id, 0.0) / work
+        return min(max(ratio, 1 / CALIBRATION_LIMIT), CALIBRATION_LIMIT)
+
+    def report_success(self, worker_id: str) -> None:
+        """The worker answered (the whole answer arrived): close its breaker."""
+        self._breakers.pop(worker_id, None)
+
+    def report_failure(self, worker_id: str) -> None:
+        """The worker failed or timed out: open its breaker, backing off."""
+        breaker = self._breakers.setdefault(worker_id, _Breaker())
+        breaker.failures += 1
+        breaker.probing = False
+        backoff = min(self.breaker_base_s * 2 ** (breaker.failures - 1), self.breaker_max_s)
+        breaker.open_until = self._clock() + backoff
+
+    def forget(self, worker_id: str) -> None:
+        """A worker left the household."""
+        self._open.pop(worker_id, None)
+        self._last_release.pop(worker_id, None)
+        self._own_at_snapshot.pop(worker_id, None)
+        self._breakers.pop(worker_id, None)
+        for table in (self._busy_mark, self._busy_s, self._work_s):
+            table.pop(worker_id, None)
+        for conversation in [c for c, (w, _) in self._sticky.items() if w == worker_id]:
+            del self._sticky[conversation]
+
+    # --- what the caller may look at ----------------------------------------
+
+    def breaker_state(self, worker_id: str) -> BreakerState:
+        breaker = self._breakers.get(worker_id)
+        if breaker is None:
+            return BreakerState.CLOSED
+        return self._breaker_state(breaker, self._clock())
+
+    def in_flight(self, worker_id: str) -> int:
+        """Our open requests on `worker_id`."""
+        return len(self._open.get(worker_id, {}))
+
+    def expected_new_tokens(self, request: RouteRequest) -> float:
+        """The answer length to plan for: learned for this kind, at most max_new_tokens."""
+        learned = self._answer_tokens.get(request.kind)
+        if learned is None:
+            return float(request.max_new_tokens)
+        return min(float(request.max_new_tokens), learned)
+
+    def sticky_worker(self, conversation_id: str | None) -> str | None:
+        if conversation_id is None or conversation_id not in self._sticky:
+            return None
+        worker_id, since = self._sticky[conversation_id]
+        if self._clock() - since > self.sticky_ttl_s:
+            del self._sticky[conversation_id]
+            return None
+        return worker_id
+
+    # --- ranking --------------------------------------------------------------
+
+    def _breaker_state(self, breaker: _Breaker, now: float) -> BreakerState:
+        if breaker.failures == 0:
+            return BreakerState.CLOSED
+        return BreakerState.OPEN if now < breaker.open_until else BreakerState.HALF_OPEN
+
+    def _own_ahead(self, worker_id: str, now: float) -> list[float]:
+        """Estimated seconds left of each of our open requests on `worker_id`.
+
+        The worker drains them one after another at its estimated speed,
+        starting when the oldest was sent or the last one finished, whichever
+        is later; one that outlives its estimate still has a share of it left.
+        """
+        busy = self._open.get(worker_id)
+        if not busy:
+            return []
+        left: list[float] = []
+        first = next(iter(busy.values()))
+        t = max(first.started, self._last_release.get(worker_id, -math.inf))
+        for reservation in busy.values():
+            t = max(t, reservation.started) + reservation.estimated_s
+            left.append(max(t - now, OVERDUE_SHARE * reservation.estimated_s))
+        return left
+
+    def _candidate(
+        self, worker: WorkerState, request: RouteRequest, now: float, new_tokens: float
+    ) -> Candidate | None:
+        model = _pick_model(worker, request)
+        if model is None:
+            return None
+        rate = worker.chat_models[model]
+        scale = self.scale(worker.worker_id)
+        work = request_seconds(rate, request, new_tokens) * scale
+        own = self._own_ahead(worker.worker_id, now)
+        shown = max(0, self._own_at_snapshot.get(worker.worker_id, 0))
+        others = max(0, worker.running + worker.queued - shown)
+        ahead = [*own, *[work] * others]
+        seconds = estimate(worker, rate, request, ahead_s=ahead, new_tokens=new_tokens, scale=scale)
+        if seconds is None:
+            return None
+        reasons = _reasons(worker)
+        if own:
+            reasons = (*reasons, "reserved")
+        token_s = 1 / _rate(rate.decode_tok_s, DEFAULT_DECODE_TOK_S)
+        return Candidate(
+            worker.worker_id, model, seconds, reasons, work, work / scale, token_s, new_tokens
+        )
+
+    def rank(self, workers: Iterable[WorkerState], request: RouteRequest) -> list[Candidate]:
+        """Every worker that can answer, best first, last resorts at the end.
+
+        Order: workers free to take it by estimated finish (a sticky worker
+        moved to the front when within `sticky_factor` of the best), then
+        workers the household flags keep out right now, then workers whose
+        breaker is open or that are being probed.
+        """
+        now = self._clock()
+        new_tokens = self.expected_new_tokens(request)
+        tiers: tuple[list[Candidate], list[Candidate], list[Candidate]] = ([], [], [])
+        for worker in workers:
+            candidate = self._candidate(worker, request, now, new_tokens)
+            if candidate is None:
+                continue
+            tier = 0
+            if flags := flagged(worker):
+                tier = 1
+                candidate = _with_reasons(candidate, *flags)
+            breaker = self._breakers.get(worker.worker_id)
+            if breaker is not None:
+                state = self._breaker_state(breaker, now)
+                if state is BreakerState.OPEN or breaker.probing:
+                    tier = 2
+                    candidate = _with_reasons(candidate, f"breaker_{state}")
+                else:
+                    candidate = _with_reasons(candidate, "breaker_half_open")
+            tiers[tier].append(candidate)
+        for tier_list in tiers:
+            tier_list.sort(key=lambda c: (c.estimated_s, c.worker_id))
+        first = tiers[0]
+        sticky = self.sticky_worker(request.conversation_id)
+        if sticky is not None and first:
+            index = next((i for i, c in enumerate(first) if c.worker_id == sticky), None)
+            if (
+                index is not None
+                and index > 0
+                and first[index].estimated_s <= self.sticky_factor * first[0].estimated_s
+            ):
+                chosen = first.pop(index)
+                first.insert(0, _with_reasons(chosen, "sticky"))
+        return [*tiers[0], *tiers[1], *tiers[2]]
