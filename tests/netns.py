@@ -169,6 +169,7 @@ class VirtualLan:
         self.hosts: list[NetnsHost] = []
         self._namespaces: list[str] = []
         self._closed = False
+        self.here: str | None = None  # this process's address on the LAN (connect_here)
         _delete_stale_namespaces()
         try:
             self._add_namespace(self.switch)
@@ -218,6 +219,33 @@ class VirtualLan:
         _ip("-n", host.netns, "link", "set", dev, "up")
         _ip("-n", host.netns, "route", "add", "224.0.0.0/4", "dev", dev)
         return host
+
+    def connect_here(self) -> str:
+        """Plug this test process's own namespace into the LAN; returns its address (.254).
+
+        One veth: one end on the LAN's bridge, the other here, with the LAN's /24 and
+        nothing else (no default route, no multicast route: a multicast user binds to
+        this address). It is deleted with the switch namespace (a veth pair dies
+        together), so ``close()`` or the next run's stale clean-up removes it.
+        """
+        if self.here is not None:
+            return self.here
+        address = f"{self.network}.254"
+        local = f"h{os.getpid() % 100000}{secrets.token_hex(2)}"[:15]
+        _ip(
+            "-n", self.switch, "link", "add", "here", "type", "veth",
+            "peer", "name", local, "netns", str(os.getpid()),
+        )  # fmt: skip
+        _ip("-n", self.switch, "link", "set", "here", "master", "br0")
+        _ip("-n", self.switch, "link", "set", "here", "up")
+        _ip("addr", "add", f"{address}/24", "dev", local)
+        _ip("link", "set", local, "up")
+        self.here = address
+        return address
+
+    def cut(self, host: NetnsHost) -> None:
+        """Pull ``host``'s cable: delete its veth (its ``eth0`` goes too), no goodbye sent."""
+        _ip("-n", self.switch, "link", "del", f"p{self.hosts.index(host) + 1}")
 
     def close(self) -> None:
         """End every process started in the LAN's namespaces and delete them."""

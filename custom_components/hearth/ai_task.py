@@ -66,6 +66,7 @@ class HearthTaskEntity(ai_task.AITaskEntity):  # type: ignore[misc]
             chat_log,
             self.entity_id,
             extra_instructions=extra,
+            kind="task",
         )
         last = chat_log.content[-1]
         text = (last.content if isinstance(last, conversation.AssistantContent) else None) or ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 from homeassistant.components import conversation
@@ -16,8 +16,8 @@ from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.translation import async_get_translations
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
 
-from .client import ChatDelta, HearthError
-from .cluster import Cluster, NoWorkerError
+from .client import ChatDelta
+from .cluster import AnswerCutOffError, Cluster
 from .const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -29,6 +29,7 @@ from .const import (
     LOGGER,
     MAX_TOOL_ITERATIONS,
 )
+from .preferences import async_prepare_chat_log
 
 HOUSEHOLD_DEVICE = DeviceInfo(
     identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},
@@ -121,24 +122,36 @@ def chat_log_messages(chat_log: conversation.ChatLog) -> list[dict[str, Any]]:
 
 async def _deltas_to_chat_log(
     deltas: AsyncIterator[ChatDelta],
+    cut_off: list[AnswerCutOffError],
+    note: Callable[[AnswerCutOffError], Awaitable[str]] | None,
 ) -> AsyncGenerator[conversation.AssistantContentDeltaDict]:
-    """Worker deltas as ChatLog deltas: the role once, then text and tool calls."""
+    """Worker deltas as ChatLog deltas: the role once, then text and tool calls.
+
+    A worker that breaks off mid-answer ends the stream normally, so the chat log
+    keeps what was produced; the error goes to `cut_off`, and `note` (if given)
+    turns it into a last piece of text that tells the user.
+    """
     yield {"role": "assistant"}
-    async for delta in deltas:
-        if delta.content:
-            yield {"content": delta.content}
-        if delta.tool_calls:
-            yield {
-                "tool_calls": [
-                    llm.ToolInput(
-                        tool_name=call["name"],
-                        tool_args=parse_tool_arguments(call["arguments"]),
-                        **({"id": call["id"]} if call.get("id") else {}),
-                    )
-                    for call in delta.tool_calls
-                    if call.get("name")
-                ]
-            }
+    try:
+        async for delta in deltas:
+            if delta.content:
+                yield {"content": delta.content}
+            if delta.tool_calls:
+                yield {
+                    "tool_calls": [
+                        llm.ToolInput(
+                            tool_name=call["name"],
+                            tool_args=parse_tool_arguments(call["arguments"]),
+                            **({"id": call["id"]} if call.get("id") else {}),
+                        )
+                        for call in delta.tool_calls
+                        if call.get("name")
+                    ]
+                }
+    except AnswerCutOffError as err:
+        cut_off.append(err)
+        if note is not None:
+            yield {"content": "\n\n" + await note(err)}
 
 
 async def async_provide_llm_data(
@@ -156,10 +169,12 @@ async def async_provide_llm_data(
             prompt,
             user_input.extra_system_prompt,
         )
-        return
-    if len(apis) > 1:
-        LOGGER.warning("This Home Assistant uses one LLM API at a time; using %s", apis[0])
-    await chat_log.async_update_llm_data(DOMAIN, user_input, apis[0] if apis else None, prompt)
+    else:
+        if len(apis) > 1:
+            LOGGER.warning("This Home Assistant uses one LLM API at a time; using %s", apis[0])
+        await chat_log.async_update_llm_data(DOMAIN, user_input, apis[0] if apis else None, prompt)
+    # The speaking member's preferences in the prompt, and the preference tools.
+    await async_prepare_chat_log(chat_log, user_input)
 
 
 async def async_run_chat_log(
@@ -170,11 +185,15 @@ async def async_run_chat_log(
     *,
     tools_allowed: bool = True,
     extra_instructions: str | None = None,
+    language: str | None = None,
+    kind: str = "voice",
 ) -> str:
     """Let the household's workers answer the chat log, running tool calls in between.
 
     Returns the worker name that produced the last answer. Raises NoWorkerError
-    when no worker can answer.
+    when no worker can answer. When a worker breaks off mid-answer, the chat log
+    keeps what it produced; with `language`, a translated note saying so ends the
+    answer and this returns normally, else AnswerCutOffError is raised.
     """
     settings = cluster.settings
     tools: list[dict[str, Any]] | None = None
@@ -198,16 +217,25 @@ async def async_run_chat_log(
         }
         if tools:
             body["tools"] = tools
-        stream = await cluster.async_open_chat(body)
+        stream = await cluster.async_open_chat(
+            body,
+            conversation_id=chat_log.conversation_id,
+            kind=kind,
+        )
         worker_name = stream.worker.name
-        try:
-            async for _content in chat_log.async_add_delta_content_stream(
-                agent_id, _deltas_to_chat_log(stream.deltas)
-            ):
-                pass
-        except HearthError as err:
-            LOGGER.warning("Worker %s broke off mid-answer: %s", worker_name, err)
-            raise NoWorkerError from err
+        cut_off: list[AnswerCutOffError] = []
+
+        async def note(err: AnswerCutOffError, language: str | None = language) -> str:
+            return await async_error_text(hass, language or hass.config.language, err)
+
+        async for _content in chat_log.async_add_delta_content_stream(
+            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note if language else None)
+        ):
+            pass
+        if cut_off:
+            if language is None:
+                raise cut_off[0]
+            break
         if not chat_log.unresponded_tool_results:
             break
     return worker_name

@@ -80,7 +80,13 @@ class HearthConversationEntity(conversation.ConversationEntity):
         except conversation.ConverseError as err:
             return err.as_conversation_result()
         try:
-            await async_run_chat_log(self.hass, self.cluster, chat_log, user_input.agent_id)
+            await async_run_chat_log(
+                self.hass,
+                self.cluster,
+                chat_log,
+                user_input.agent_id,
+                language=user_input.language,  # a cut-off answer ends with a note
+            )
         except HomeAssistantError as err:
             response = intent.IntentResponse(language=user_input.language)
             response.async_set_error(

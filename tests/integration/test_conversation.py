@@ -68,8 +68,10 @@ async def test_ask_action(hass: HomeAssistant, chat_worker: WorkerProcess) -> No
         return_response=True,
     )
     assert response is not None
-    assert set(response) == {"answer", "worker"}
+    assert set(response) == {"answer", "worker", "partial", "error"}
     assert isinstance(response["answer"], str)
+    assert response["partial"] is False
+    assert response["error"] is None
     assert response["worker"] == "Kitchen laptop"
 
 
