@@ -10,6 +10,7 @@ from homeassistant.const import CONF_TOKEN
 from homeassistant.core import HomeAssistant
 
 from .const import CONF_PROMPT, CONF_TOKEN_ID
+from .preferences import DATA_PREFERENCES
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -34,5 +35,29 @@ async def async_get_config_entry_diagnostics(
             "primary": cluster.primary_entry_id == entry.entry_id,
             "workers": len(cluster.workers),
             "settings": async_redact_data(cluster.settings, TO_REDACT),
+            "preferences": preferences_diagnostics(hass),
+        },
+    }
+
+
+def preferences_diagnostics(hass: HomeAssistant) -> dict[str, Any]:
+    """What the preference store holds: per member a count and the items (no secrets)."""
+    prefs = hass.data.get(DATA_PREFERENCES)
+    if prefs is None:
+        return {}
+    return {
+        "store": prefs.store.path,
+        "readable": prefs.corrupt is None,
+        "problem": prefs.corrupt,
+        "members": {
+            key: {
+                "name": member["name"],
+                "count": len(member["preferences"]),
+                "items": [
+                    {k: item[k] for k in ("category", "value", "updated_at")}
+                    for item in member["preferences"]
+                ],
+            }
+            for key, member in prefs.export().items()
         },
     }

@@ -1,0 +1,808 @@
+"""Household members' preferences: stored only in Home Assistant, used in every answer.
+
+* Storage: one `Store` (`.storage/hearth.preferences`, versioned, written with
+  `atomic_writes=True`: a temporary file in the same folder, fsynced, renamed over
+  the old one). A file that is not valid JSON or not the expected shape is never
+  loaded, emptied or overwritten: a repair issue says so and writes are refused
+  until the file is fixed by hand (checked again on every write) or wiped with
+  `hearth.preferences_wipe` (which keeps the damaged file beside it).
+* Prompt: each request of a known person gets their preferences in the system
+  prompt; beyond `MAX_IN_PROMPT` only the most relevant, by cosine similarity of
+  embeddings computed by a worker with an embedding model (cached in memory),
+  else the most recently changed.
+* Tools: Hearth's agent appends `remember_preference`, `forget_preference` and
+  `list_preferences` to the chat log's LLM API. Remembering and forgetting take two
+  calls in two turns: the first only records a proposal and returns the question
+  to ask; a call with `confirmed=true` in a *later* turn of the same conversation
+  carries out the proposal the user heard (not whatever arguments a small model
+  repeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+import voluptuous as vol
+from homeassistant.components import conversation
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers import llm
+from homeassistant.helpers.storage import Store
+from homeassistant.util import dt as dt_util
+from homeassistant.util.hass_dict import HassKey
+from homeassistant.util.json import JsonObjectType
+from homeassistant.util.ulid import ulid_now
+
+from .client import HearthClient, HearthError
+from .const import DOMAIN, LOGGER
+
+STORAGE_KEY: Final = "hearth.preferences"
+STORAGE_VERSION: Final = 1
+STORAGE_MINOR_VERSION: Final = 1
+ISSUE_CORRUPT: Final = "preferences_corrupt"
+DATA_PREFERENCES: HassKey[Preferences] = HassKey("hearth_preferences")
+
+CATEGORIES: Final = (
+    "units",
+    "diet",
+    "recipe_sites",
+    "sources_cite",
+    "sources_avoid",
+    "language",
+    "tone",
+    "other",
+)
+LABELS: Final = {
+    "units": "Units",
+    "diet": "Diet",
+    "recipe_sites": "Recipe sites",
+    "sources_cite": "Sources to cite",
+    "sources_avoid": "Sources to avoid",
+    "language": "Language",
+    "tone": "Tone",
+    "other": "Other",
+}
+SINGLE_VALUED: Final = frozenset({"units", "language", "tone"})  # a new one replaces the old
+ALWAYS_IN_PROMPT: Final = frozenset({"language", "tone"})  # they shape every answer
+MAX_IN_PROMPT: Final = 8
+MAX_ITEMS_PER_MEMBER: Final = 200
+MAX_VALUE_LENGTH: Final = 300
+PENDING_TTL: Final = 600.0  # seconds a proposal waits for the user's yes
+EMBEDDING_TIMEOUT: Final = 3.0  # the prompt must not wait long for relevance
+EMBEDDING_CACHE_SIZE: Final = 4096
+
+TOOL_REMEMBER: Final = "remember_preference"
+TOOL_FORGET: Final = "forget_preference"
+TOOL_LIST: Final = "list_preferences"
+
+
+class DamagedStoreError(Exception):
+    """What is wrong with a preference store file."""
+
+
+class PreferencesCorruptError(HomeAssistantError):
+    """The preference store could not be read; writes are refused."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="preferences_corrupt",
+            translation_placeholders={"path": path},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A household member: a person (when the user has one) or a Home Assistant user."""
+
+    key: str  # "person:<person id>" or "user:<user id>"
+    name: str
+    user_id: str | None = None
+    person: str | None = None  # the person entity id
+
+
+@dataclass(slots=True)
+class Pending:
+    """A proposal waiting for the user's yes."""
+
+    kind: str  # "remember" or "forget"
+    turn: int
+    expires: float
+    category: str = ""
+    value: str = ""
+    item_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """Where a tool is called: conversation, turn number (user messages so far), member."""
+
+    conversation_id: str
+    index: int
+    member: Member
+
+
+class PreferenceStore(Store[dict[str, Any]]):
+    """The Store, with its migration hook."""
+
+    async def _async_migrate_func(
+        self, old_major_version: int, old_minor_version: int, old_data: dict[str, Any]
+    ) -> dict[str, Any]:
+        if old_major_version > STORAGE_VERSION:
+            raise NotImplementedError("written by a newer version of Hearth")
+        # Version 1.1 is the first; later versions migrate from old_data here.
+        return old_data
+
+
+def normalize_category(raw: Any) -> str:
+    """A category from a model or a user, tolerantly: "Recipe sites" -> recipe_sites."""
+    text = re.sub(r"[^a-z]+", "_", str(raw or "").lower()).strip("_")
+    if text in CATEGORIES:
+        return text
+    for category, label in LABELS.items():
+        if text == label.lower().replace(" ", "_") or text.rstrip("s") == category.rstrip("s"):
+            return category
+    return "other"
+
+
+def clean_value(raw: Any) -> str:
+    """One line of text, whitespace collapsed, bounded."""
+    return " ".join(str(raw or "").split())[:MAX_VALUE_LENGTH]
+
+
+def _same(a: str, b: str) -> bool:
+    return a.casefold() == b.casefold()
+
+
+def _truthy(raw: Any) -> bool:
+    if isinstance(raw, str):
+        return raw.strip().lower() in ("true", "yes", "1", "y")
+    return bool(raw)
+
+
+def embedding_text(item: dict[str, Any]) -> str:
+    """What is embedded for a preference (and shown in the prompt)."""
+    return f"{LABELS[item['category']]}: {item['value']}"
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+def validated(data: Any) -> dict[str, dict[str, Any]]:
+    """The stored members, checked; raises DamagedStoreError naming what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("members"), dict):
+        raise DamagedStoreError("expected an object with 'members'")
+    members: dict[str, dict[str, Any]] = {}
+    for key, member in data["members"].items():
+        if not isinstance(member, dict) or not isinstance(member.get("items"), list):
+            raise DamagedStoreError(f"member {key!r} has no 'items' list")
+        for item in member["items"]:
+            if (
+                not isinstance(item, dict)
+                or not all(
+                    isinstance(item.get(k), str)
+                    for k in ("id", "category", "value", "created_at", "updated_at")
+                )
+                or item["category"] not in CATEGORIES
+            ):
+                raise DamagedStoreError(f"member {key!r} has a malformed item")
+        members[str(key)] = {"name": str(member.get("name") or key), "items": member["items"]}
+    return members
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def check_envelope(text: str) -> None:
+    """A storage file's outer shape; raises DamagedStoreError (or ValueError: bad JSON)."""
+    envelope = json.loads(text)
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("version"), int):
+        raise DamagedStoreError("not a Home Assistant storage file")
+    if "data" not in envelope:
+        raise DamagedStoreError("no 'data'")
+    if envelope["version"] > STORAGE_VERSION:
+        raise DamagedStoreError("written by a newer version of Hearth")
+
+
+async def async_member_for_user(hass: HomeAssistant, user_id: str | None) -> Member | None:
+    """The member a Home Assistant user is: their person if they have one."""
+    if not user_id:
+        return None
+    for state in hass.states.async_all("person"):
+        if state.attributes.get("user_id") == user_id and state.attributes.get("id"):
+            return Member(f"person:{state.attributes['id']}", state.name, user_id, state.entity_id)
+    user = await hass.auth.async_get_user(user_id)
+    if user is None:
+        return None
+    return Member(f"user:{user_id}", user.name or user_id, user_id)
+
+
+def member_for_person(hass: HomeAssistant, entity_id: str) -> Member:
+    """The member a person entity is; ServiceValidationError if there is no such person."""
+    state = hass.states.get(entity_id)
+    if state is None or state.domain != "person" or not state.attributes.get("id"):
+        raise ServiceValidationError(
+            translation_domain=DOMAIN,
+            translation_key="preferences_unknown_person",
+            translation_placeholders={"person": entity_id},
+        )
+    user_id = state.attributes.get("user_id")
+    return Member(
+        f"person:{state.attributes['id']}",
+        state.name,
+        user_id if isinstance(user_id, str) else None,
+        entity_id,
+    )
+
+
+class Preferences:
+    """The household's preferences, per member."""
+
+    def __init__(self, hass: HomeAssistant) -> None:
+        self.hass = hass
+        self.store = PreferenceStore(
+            hass,
+            STORAGE_VERSION,
+            STORAGE_KEY,
+            minor_version=STORAGE_MINOR_VERSION,
+            atomic_writes=True,
+        )
+        self.members: dict[str, dict[str, Any]] = {}
+        self.corrupt: str | None = None  # why the store could not be read
+        self.max_in_prompt = MAX_IN_PROMPT
+        self._pending: dict[tuple[str, str], list[Pending]] = {}
+        self._embeddings: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def async_create(cls, hass: HomeAssistant) -> Preferences:
+        prefs = cls(hass)
+        await prefs.async_load()
+        return prefs
+
+    # --- storage ---------------------------------------------------------
+
+    async def async_load(self) -> None:
+        """Read the store; on a damaged file, raise the repair issue and keep it as it is.
+
+        The file is checked before `Store` reads it: `Store` would move a file
+        with invalid JSON aside and start empty, which is what must not happen.
+        """
+        try:
+            text = await self.hass.async_add_executor_job(_read_text, self.store.path)
+            if text is not None:
+                check_envelope(text)
+            stored = await self.store.async_load()
+            members = validated(stored) if stored is not None else {}
+        except (
+            DamagedStoreError,
+            ValueError,
+            TypeError,
+            KeyError,
+            NotImplementedError,
+            HomeAssistantError,
+        ) as err:
+            self._set_corrupt(str(err) or type(err).__name__)
+            return
+        self.members = members
+        if self.corrupt is not None:
+            LOGGER.info("The preference store can be read again")
+        self.corrupt = None
+        ir.async_delete_issue(self.hass, DOMAIN, ISSUE_CORRUPT)
+
+    def _set_corrupt(self, reason: str) -> None:
+        LOGGER.error(
+            "The preference store %s cannot be read (%s); preferences are not used "
+            "and not written until it is fixed or wiped",
+            self.store.path,
+            reason,
+        )
+        self.corrupt = reason
+        self.members = {}
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            ISSUE_CORRUPT,
+            is_fixable=False,
+            is_persistent=False,
+            severity=ir.IssueSeverity.ERROR,
+            translation_key=ISSUE_CORRUPT,
+            translation_placeholders={"path": self.store.path, "reason": reason},
+        )
+
+    async def _async_writable(self) -> None:
+        """Refuse writes while the store is damaged (unless it was fixed meanwhile)."""
+        if self.corrupt is not None:
+            await self.async_load()
+        if self.corrupt is not None:
+            raise PreferencesCorruptError(self.store.path)
+
+    async def _async_save(self) -> None:
+        await self.store.async_save({"members": self.members})
+
+    # --- reading -----------------------------------------------------------
+
+    def items(self, member_key: str) -> list[dict[str, Any]]:
+        return list(self.members.get(member_key, {}).get("items", []))
+
+    def export(self, member_key: str | None = None) -> dict[str, Any]:
+        """What is stored (one member or all), as plain data."""
+        keys = [member_key] if member_key else sorted(self.members)
+        return {
+            key: {
+                "name": self.members[key]["name"],
+                "preferences": [dict(item) for item in self.members[key]["items"]],
+            }
+            for key in keys
+            if key in self.members
+        }
+
+    def counts(self) -> dict[str, int]:
+        return {key: len(member["items"]) for key, member in self.members.items()}
+
+    # --- writing -----------------------------------------------------------
+
+    async def async_set(self, member: Member, category: str, value: str) -> dict[str, Any]:
+        """Remember one preference; a single-valued category's old value is replaced."""
+        category = normalize_category(category)
+        value = clean_value(value)
+        if not value:
+            raise ServiceValidationError(
+                translation_domain=DOMAIN, translation_key="preferences_empty_value"
+            )
+        async with self._lock:
+            await self._async_writable()
+            record = self.members.setdefault(member.key, {"name": member.name, "items": []})
+            record["name"] = member.name
+            items: list[dict[str, Any]] = record["items"]
+            now = dt_util.utcnow().isoformat()
+            for item in items:
+                if item["category"] == category and (
+                    category in SINGLE_VALUED or _same(item["value"], value)
+                ):
+                    item.update(value=value, updated_at=now)
+                    await self._async_save()
+                    return dict(item)
+            if len(items) >= MAX_ITEMS_PER_MEMBER:
+                raise ServiceValidationError(
+                    translation_domain=DOMAIN,
+                    translation_key="preferences_too_many",
+                    translation_placeholders={"max": str(MAX_ITEMS_PER_MEMBER)},
+                )
+            item = {
+                "id": ulid_now(),
+                "category": category,
+                "value": value,
+                "created_at": now,
+                "updated_at": now,
+            }
+            items.append(item)
+            await self._async_save()
+            return dict(item)
+
+    def find(
+        self,
+        member_key: str,
+        *,
+        item_id: str | None = None,
+        category: str | None = None,
+        value: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Items by id, or by category and/or a piece of their text."""
+        found = []
+        for item in self.items(member_key):
+            if item_id and item["id"] != item_id:
+                continue
+            if category and item["category"] != category:
+                continue
+            if value and value.casefold() not in item["value"].casefold():
+                continue
+            found.append(item)
+        return found
+
+    async def async_delete(self, member_key: str, item_ids: list[str]) -> list[dict[str, Any]]:
+        """Forget items by id; returns those forgotten."""
+        async with self._lock:
+            await self._async_writable()
+            record = self.members.get(member_key)
+            if record is None:
+                return []
+            removed = [i for i in record["items"] if i["id"] in item_ids]
+            if removed:
+                record["items"] = [i for i in record["items"] if i["id"] not in item_ids]
+                if not record["items"]:
+                    del self.members[member_key]
+                await self._async_save()
+            return removed
+
+    async def async_wipe(self, member_key: str | None = None) -> int:
+        """Forget one member's preferences, or everyone's; returns how many were forgotten.
+
+        Wiping everything also clears a damaged store: the damaged file is kept
+        beside it as `hearth.preferences.corrupt.<time>` and the store starts empty.
+        """
+        async with self._lock:
+            if self.corrupt is not None and member_key is None:
+                kept = f"{self.store.path}.corrupt.{dt_util.utcnow().strftime('%Y%m%dT%H%M%S')}"
+                await self.hass.async_add_executor_job(os.replace, self.store.path, kept)
+                LOGGER.warning("The damaged preference store was kept as %s", kept)
+                self.corrupt = None
+                self.members = {}
+                ir.async_delete_issue(self.hass, DOMAIN, ISSUE_CORRUPT)
+                await self._async_save()
+                return 0
+            await self._async_writable()
+            if member_key is None:
+                count = sum(self.counts().values())
+                self.members = {}
+            else:
+                count = len(self.members.pop(member_key, {}).get("items", []))
+            self._pending = {
+                k: v for k, v in self._pending.items() if member_key not in (None, k[1])
+            }
+            await self._async_save()
+            return count
+
+    # --- relevance ---------------------------------------------------------
+
+    def _embedders(self) -> list[tuple[HearthClient, str]]:
+        """(client, model) of loaded workers with an embedding model, online ones first."""
+        cluster = self.hass.data.get(DOMAIN)
+        found: list[tuple[bool, HearthClient, str]] = []
+        for worker in getattr(cluster, "workers", {}).values():
+            for model in worker.coordinator.info.models:
+                if model.kind == "embedding":
+                    online = bool(worker.coordinator.last_update_success)
+                    found.append((online, worker.client, model.id))
+                    break
+        found.sort(key=lambda entry: not entry[0])
+        return [(client, model) for _, client, model in found]
+
+    async def _async_embed(self, texts: list[str]) -> tuple[str, list[list[float]]] | None:
+        """Embeddings of the texts from the first worker that answers, or None."""
+        for client, model in self._embedders():
+            try:
+                async with asyncio.timeout(EMBEDDING_TIMEOUT):
+                    return model, await client.embeddings(model, texts)
+            except (HearthError, TimeoutError) as err:
+                LOGGER.debug("No embeddings from %s: %s", client.base_url, err)
+        return None
+
+    async def async_similarities(
+        self, query: str, items: list[dict[str, Any]]
+    ) -> list[float] | None:
+        """Cosine similarity of each item to the query; None without an embedding worker."""
+        texts = [embedding_text(item) for item in items]
+        embedders = self._embedders()
+        if not embedders:
+            return None
+        model = embedders[0][1]
+        missing = [t for t in dict.fromkeys(texts) if (model, t) not in self._embeddings]
+        result = await self._async_embed([query, *missing])
+        if result is None:
+            return None
+        used_model, vectors = result
+        if used_model != model:  # another worker answered: its vectors for everything
+            missing = list(dict.fromkeys(texts))
+            result = await self._async_embed([query, *missing])
+            if result is None or result[0] != used_model:
+                return None
+            vectors = result[1]
+            model = used_model
+        query_vector = vectors[0]
+        for text, vector in zip(missing, vectors[1:], strict=True):
+            self._embeddings[(model, text)] = vector
+        for text in texts:
+            self._embeddings.move_to_end((model, text))
+        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return [cosine(query_vector, self._embeddings[(model, text)]) for text in texts]
+
+    async def async_select(self, member_key: str, query: str) -> tuple[list[dict[str, Any]], bool]:
+        """The preferences for a request: all of them, or the most relevant few.
+
+        Returns the items and whether embeddings chose them.
+        """
+        items = self.items(member_key)
+        if len(items) <= self.max_in_prompt:
+            return items, False
+        always = [i for i in items if i["category"] in ALWAYS_IN_PROMPT]
+        rest = [i for i in items if i["category"] not in ALWAYS_IN_PROMPT]
+        slots = max(0, self.max_in_prompt - len(always))
+        scores = await self.async_similarities(query, rest) if query.strip() else None
+        if scores is None:
+            order = sorted(range(len(rest)), key=lambda n: (rest[n]["updated_at"], n))
+            ranked = [rest[n] for n in reversed(order)]
+        else:
+            order = sorted(range(len(rest)), key=lambda n: scores[n], reverse=True)
+            ranked = [rest[n] for n in order]
+        return always + ranked[:slots], scores is not None
+
+    async def async_prompt(self, member: Member, query: str) -> str | None:
+        """The system-prompt section for this member's request, or None."""
+        items, _ = await self.async_select(member.key, query)
+        if not items:
+            return None
+        lines = "\n".join(f"- {embedding_text(item)}" for item in items)
+        return (
+            f"{member.name}'s preferences (confirmed by them; follow them in every "
+            f"answer unless they ask otherwise):\n{lines}"
+        )
+
+    # --- confirmation of tool calls ----------------------------------------
+
+    def _pending_for(self, turn: Turn) -> list[Pending]:
+        key = (turn.conversation_id, turn.member.key)
+        now = time.monotonic()
+        alive = [p for p in self._pending.get(key, []) if p.expires > now]
+        self._pending = {k: v for k, v in self._pending.items() if any(p.expires > now for p in v)}
+        if alive:
+            self._pending[key] = alive
+        else:
+            self._pending.pop(key, None)
+        return alive
+
+    def propose(self, turn: Turn, pending: Pending) -> None:
+        """Record a proposal; the same proposal again replaces the earlier one."""
+        alive = [
+            p
+            for p in self._pending_for(turn)
+            if not (
+                p.kind == pending.kind
+                and p.category == pending.category
+                and _same(p.value, pending.value)
+                and p.item_ids == pending.item_ids
+            )
+        ]
+        self._pending[(turn.conversation_id, turn.member.key)] = [*alive, pending]
+
+    def take_confirmed(self, turn: Turn, kind: str, category: str, value: str) -> Pending | None:
+        """The proposal a `confirmed=true` call confirms, if the user had a turn to answer.
+
+        Proposals made in this same turn do not count (the user has not answered
+        yet). Matching arguments pick one; if they match none, a single waiting
+        proposal is taken (small models garble repeated arguments; the user
+        confirmed what they heard).
+        """
+        earlier = [p for p in self._pending_for(turn) if p.kind == kind and p.turn < turn.index]
+        matching = [
+            p
+            for p in earlier
+            if (not category or p.category == category)
+            and (not value or _same(p.value, value) or value.casefold() in p.value.casefold())
+        ]
+        chosen = matching[-1] if matching else (earlier[0] if len(earlier) == 1 else None)
+        if chosen is not None:
+            key = (turn.conversation_id, turn.member.key)
+            self._pending[key] = [p for p in self._pending.get(key, []) if p is not chosen]
+        return chosen
+
+    def tools(self, turn: Turn) -> list[llm.Tool]:
+        return [RememberTool(self, turn), ForgetTool(self, turn), ListTool(self, turn)]
+
+
+_UNAVAILABLE: Final = {
+    "error": "preferences_unavailable",
+    "message": "Preferences cannot be changed right now: the household's preference "
+    "store needs repair in Home Assistant. Tell the user so.",
+}
+
+
+class _PreferenceTool(llm.Tool):
+    def __init__(self, prefs: Preferences, turn: Turn) -> None:
+        self.prefs = prefs
+        self.turn = turn
+
+
+class RememberTool(_PreferenceTool):
+    """remember_preference: propose, then store after the user's yes."""
+
+    name = TOOL_REMEMBER
+    description = (
+        "Remember a lasting preference of the person you are talking to (units, diet, "
+        "recipe sites, sources to cite or avoid, language, tone, or other). The first call "
+        "stores nothing: it returns a question; ask the user exactly that and stop. Only "
+        "after the user answers yes, call again with confirmed=true."
+    )
+    parameters = vol.Schema(
+        {
+            vol.Required("category"): vol.In(list(CATEGORIES)),
+            vol.Required("value"): str,
+            vol.Optional("confirmed"): bool,
+        }
+    )
+
+    async def async_call(
+        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
+    ) -> JsonObjectType:
+        args = tool_input.tool_args
+        category = normalize_category(args["category"]) if args.get("category") else ""
+        value = clean_value(args.get("value"))
+        if _truthy(args.get("confirmed")) and (
+            pending := self.prefs.take_confirmed(self.turn, "remember", category, value)
+        ):
+            try:
+                item = await self.prefs.async_set(self.turn.member, pending.category, pending.value)
+            except PreferencesCorruptError:
+                return dict(_UNAVAILABLE)
+            return {
+                "status": "stored",
+                "category": item["category"],
+                "value": item["value"],
+                "say": "Tell the user it is remembered.",
+            }
+        if not value:
+            return {"error": "value_missing", "message": "Say what to remember in 'value'."}
+        if self.prefs.corrupt is not None:
+            return dict(_UNAVAILABLE)
+        category = category or "other"
+        self.prefs.propose(
+            self.turn,
+            Pending(
+                "remember",
+                self.turn.index,
+                time.monotonic() + PENDING_TTL,
+                category=category,
+                value=value,
+            ),
+        )
+        return {
+            "status": "confirmation_needed",
+            "question": f"Shall I remember this preference ({LABELS[category]}): {value}?",
+            "next_step": (
+                "Ask the user this question and wait for the answer. Nothing is stored yet. "
+                "If the user says yes, call remember_preference with confirmed=true."
+            ),
+        }
+
+
+class ForgetTool(_PreferenceTool):
+    """forget_preference: propose which ones, then forget after the user's yes."""
+
+    name = TOOL_FORGET
+    description = (
+        "Forget preferences of the person you are talking to, chosen by category and/or a "
+        "word of their text. The first call forgets nothing: it returns a question; ask the "
+        "user exactly that and stop. Only after the user answers yes, call again with "
+        "confirmed=true."
+    )
+    parameters = vol.Schema(
+        {
+            vol.Optional("category"): vol.In(list(CATEGORIES)),
+            vol.Optional("value"): str,
+            vol.Optional("confirmed"): bool,
+        }
+    )
+
+    async def async_call(
+        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
+    ) -> JsonObjectType:
+        args = tool_input.tool_args
+        category = normalize_category(args["category"]) if args.get("category") else ""
+        value = clean_value(args.get("value"))
+        if _truthy(args.get("confirmed")) and (
+            pending := self.prefs.take_confirmed(self.turn, "forget", category, value)
+        ):
+            try:
+                removed = await self.prefs.async_delete(self.turn.member.key, pending.item_ids)
+            except PreferencesCorruptError:
+                return dict(_UNAVAILABLE)
+            return {
+                "status": "forgotten",
+                "forgotten": [embedding_text(i) for i in removed],
+                "say": "Tell the user these are forgotten.",
+            }
+        if self.prefs.corrupt is not None:
+            return dict(_UNAVAILABLE)
+        found = self.prefs.find(self.turn.member.key, category=category, value=value)
+        if not found:
+            return {
+                "status": "not_found",
+                "preferences": [embedding_text(i) for i in self.prefs.items(self.turn.member.key)],
+            }
+        described = "; ".join(embedding_text(i) for i in found)
+        self.prefs.propose(
+            self.turn,
+            Pending(
+                "forget",
+                self.turn.index,
+                time.monotonic() + PENDING_TTL,
+                category=category,
+                value=value,
+                item_ids=[i["id"] for i in found],
+            ),
+        )
+        return {
+            "status": "confirmation_needed",
+            "question": f"Shall I forget {described}?",
+            "next_step": (
+                "Ask the user this question and wait for the answer. Nothing is forgotten yet. "
+                "If the user says yes, call forget_preference with confirmed=true."
+            ),
+        }
+
+
+class ListTool(_PreferenceTool):
+    """list_preferences: what is remembered about the person."""
+
+    name = TOOL_LIST
+    description = "List the preferences remembered for the person you are talking to."
+
+    async def async_call(
+        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
+    ) -> JsonObjectType:
+        return {
+            "person": self.turn.member.name,
+            "preferences": [embedding_text(i) for i in self.prefs.items(self.turn.member.key)],
+        }
+
+
+class _PreferencesAPI(llm.API):
+    """Holds Hearth's own tools when no Home Assistant LLM API is selected."""
+
+    async def async_get_api_instance(self, llm_context: llm.LLMContext) -> llm.APIInstance:
+        return llm.APIInstance(api=self, api_prompt="", llm_context=llm_context, tools=[])
+
+
+def _llm_context(user_input: conversation.ConversationInput) -> llm.LLMContext:
+    """An LLMContext on old and new Home Assistant (its fields changed)."""
+    values: dict[str, Any] = {
+        "platform": DOMAIN,
+        "context": user_input.context,
+        "user_prompt": user_input.text,
+        "language": user_input.language,
+        "assistant": conversation.DOMAIN,
+        "device_id": user_input.device_id,
+    }
+    names = {f.name for f in fields(llm.LLMContext)}
+    return llm.LLMContext(**{k: v for k, v in values.items() if k in names})
+
+
+async def async_prepare_chat_log(
+    chat_log: conversation.ChatLog, user_input: conversation.ConversationInput
+) -> None:
+    """Add the speaking member's preferences to the system prompt, and the preference tools.
+
+    Called after the chat log got its prompt and LLM API for this turn. Nothing
+    happens when Home Assistant does not know who is speaking.
+    """
+    hass = chat_log.hass
+    prefs = hass.data.get(DATA_PREFERENCES)
+    context = user_input.context
+    member = await async_member_for_user(hass, context.user_id if context else None)
+    if prefs is None or member is None:
+        return
+    if (section := await prefs.async_prompt(member, user_input.text)) and chat_log.content:
+        first = chat_log.content[0]
+        if isinstance(first, conversation.SystemContent):
+            chat_log.content[0] = conversation.SystemContent(content=f"{first.content}\n{section}")
+    turn = Turn(
+        chat_log.conversation_id,
+        sum(isinstance(c, conversation.UserContent) for c in chat_log.content),
+        member,
+    )
+    tools = prefs.tools(turn)
+    if chat_log.llm_api is None:
+        api = _PreferencesAPI(hass=hass, id=f"{DOMAIN}_preferences", name="Hearth preferences")
+        chat_log.llm_api = llm.APIInstance(
+            api=api, api_prompt="", llm_context=_llm_context(user_input), tools=tools
+        )
+    else:
+        chat_log.llm_api = replace(chat_log.llm_api, tools=[*chat_log.llm_api.tools, *tools])
