@@ -1,0 +1,1 @@
+"""End-to-end tests: scripts/develop's real Home Assistant and worker, driven over HTTP."""
