@@ -10,6 +10,7 @@ token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -24,6 +25,8 @@ from .chat_template import ChatTemplate
 from .manifest import Manifest
 
 DEFAULT_MAX_NEW_TOKENS = 512
+# After the first piece of a streamed answer, hand text to the server at most this often.
+STREAM_FLUSH_S = 0.025
 
 
 class PromptTooLong(ValueError):
@@ -194,40 +197,70 @@ class ChatModel:
 
         Generation runs in its own thread; if the consumer stops iterating,
         `cancelled` is set and the thread ends after the current token.
+
+        The first piece goes out at once; after it, pieces are handed over at
+        most every STREAM_FLUSH_S. Waking the event loop, writing an SSE event
+        and encrypting it for every token costs the decoding threads CPU time on
+        a small machine; a few tokens a flush do not show in a reply being
+        read or spoken.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+        lock = threading.Lock()
+        pending: list[str] = []
+        outcome: list[GenerationResult | BaseException] = []
+        ready = asyncio.Event()
+        finished = asyncio.Event()  # the last piece is not held back
+        signalled = False  # a wake-up is on its way to the loop
 
-        def hand_over(text: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, text)
+        def hand_over(
+            text: str | None = None, end: GenerationResult | BaseException | None = None
+        ) -> None:
+            nonlocal signalled
+            with lock:
+                if text:
+                    pending.append(text)
+                if end is not None:
+                    outcome.append(end)
+                wake = not signalled
+                signalled = True
+            if wake:
+                loop.call_soon_threadsafe(ready.set)
+            if end is not None:
+                loop.call_soon_threadsafe(finished.set)
 
         def run() -> None:
             try:
-                outcome: GenerationResult | BaseException = self.generate(
+                result: GenerationResult | BaseException = self.generate(
                     prompt_ids, sampling, hand_over, cancelled
                 )
             except BaseException as err:  # handed to the event loop and raised there
-                outcome = err
-            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+                result = err
+            hand_over(end=result)
 
         thread = threading.Thread(target=run, name=f"generate-{self.id}", daemon=True)
         thread.start()
         try:
+            flushed_at: float | None = None
             while True:
-                item = await queue.get()
-                # Pieces that arrived while the consumer was busy go out as one.
-                pieces: list[str] = []
-                while isinstance(item, str):
-                    pieces.append(item)
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
+                await ready.wait()
+                if flushed_at is not None:
+                    wait = flushed_at + STREAM_FLUSH_S - loop.time()
+                    if wait > 0 and not finished.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await finished.wait()
+                ready.clear()
+                with lock:
+                    signalled = False
+                    pieces, pending[:] = list(pending), []
+                    end = outcome[0] if outcome else None
                 if pieces:
+                    flushed_at = loop.time()
                     yield "".join(pieces)
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, GenerationResult):
-                    yield item
+                if isinstance(end, BaseException):
+                    raise end
+                if isinstance(end, GenerationResult):
+                    yield end
                     return
         finally:
             cancelled.set()
