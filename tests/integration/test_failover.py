@@ -147,6 +147,17 @@ async def ask(hass: HomeAssistant, prompt: str, max_tokens: int) -> dict[str, An
     return dict(response)
 
 
+def kill_once(workers: dict[str, WorkerProcess], killed: list[str]) -> Action:
+    """SIGKILL the first worker the action sees (recorded in `killed`); later calls do nothing."""
+
+    def kill(name: str) -> None:
+        if not killed:
+            killed.append(name)
+            os.kill(workers[name].process.pid, signal.SIGKILL)
+
+    return kill
+
+
 def other(workers: dict[str, WorkerProcess], name: str) -> str:
     return next(n for n in workers if n != name)
 
@@ -158,13 +169,7 @@ async def test_killed_after_accepting_next_worker_answers(
     cluster = await household(hass, workers)
     tap = Tap(cluster)
     killed: list[str] = []
-
-    def kill_first(name: str) -> None:
-        if not killed:
-            killed.append(name)
-            os.kill(workers[name].process.pid, signal.SIGKILL)
-
-    tap.after_accept = kill_first
+    tap.after_accept = kill_once(workers, killed)
     async with asyncio.timeout(20):
         response = await ask(hass, LONG_PROMPT, 8)
     assert killed == tap.tried[:1]
@@ -183,13 +188,7 @@ async def test_failed_worker_leaves_rotation_and_reservations_are_released(
     tap = Tap(cluster)
     ids = {handle.name: entry_id for entry_id, handle in cluster.workers.items()}
     killed: list[str] = []
-
-    def kill_first(name: str) -> None:
-        if not killed:
-            killed.append(name)
-            os.kill(workers[name].process.pid, signal.SIGKILL)
-
-    tap.after_accept = kill_first
+    tap.after_accept = kill_once(workers, killed)
     async with asyncio.timeout(20):
         await ask(hass, LONG_PROMPT, 8)
     survivor = other(workers, killed[0])
