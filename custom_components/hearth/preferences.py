@@ -117,10 +117,10 @@ class Pending:
 
     kind: str  # "remember" or "forget"
     turn: int
-    expires: float
     category: str = ""
     value: str = ""
     item_ids: list[str] = field(default_factory=list)
+    expires: float = field(default_factory=lambda: time.monotonic() + PENDING_TTL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,6 +610,18 @@ class _PreferenceTool(llm.Tool):
         self.prefs = prefs
         self.turn = turn
 
+    def _ask_first(self, pending: Pending, question: str, nothing_yet: str) -> JsonObjectType:
+        """Record the proposal (valid PENDING_TTL) and tell the model to ask the user."""
+        self.prefs.propose(self.turn, pending)
+        return {
+            "status": "confirmation_needed",
+            "question": question,
+            "next_step": (
+                f"Ask the user this question and wait for the answer. {nothing_yet} "
+                f"If the user says yes, call {self.name} with confirmed=true."
+            ),
+        }
+
 
 class RememberTool(_PreferenceTool):
     """remember_preference: propose, then store after the user's yes."""
@@ -653,24 +665,11 @@ class RememberTool(_PreferenceTool):
         if self.prefs.corrupt is not None:
             return dict(_UNAVAILABLE)
         category = category or "other"
-        self.prefs.propose(
-            self.turn,
-            Pending(
-                "remember",
-                self.turn.index,
-                time.monotonic() + PENDING_TTL,
-                category=category,
-                value=value,
-            ),
+        return self._ask_first(
+            Pending("remember", self.turn.index, category=category, value=value),
+            f"Shall I remember this preference ({LABELS[category]}): {value}?",
+            "Nothing is stored yet.",
         )
-        return {
-            "status": "confirmation_needed",
-            "question": f"Shall I remember this preference ({LABELS[category]}): {value}?",
-            "next_step": (
-                "Ask the user this question and wait for the answer. Nothing is stored yet. "
-                "If the user says yes, call remember_preference with confirmed=true."
-            ),
-        }
 
 
 class ForgetTool(_PreferenceTool):
@@ -718,25 +717,17 @@ class ForgetTool(_PreferenceTool):
                 "preferences": [embedding_text(i) for i in self.prefs.items(self.turn.member.key)],
             }
         described = "; ".join(embedding_text(i) for i in found)
-        self.prefs.propose(
-            self.turn,
+        return self._ask_first(
             Pending(
                 "forget",
                 self.turn.index,
-                time.monotonic() + PENDING_TTL,
                 category=category,
                 value=value,
                 item_ids=[i["id"] for i in found],
             ),
+            f"Shall I forget {described}?",
+            "Nothing is forgotten yet.",
         )
-        return {
-            "status": "confirmation_needed",
-            "question": f"Shall I forget {described}?",
-            "next_step": (
-                "Ask the user this question and wait for the answer. Nothing is forgotten yet. "
-                "If the user says yes, call forget_preference with confirmed=true."
-            ),
-        }
 
 
 class ListTool(_PreferenceTool):

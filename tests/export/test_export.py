@@ -52,6 +52,17 @@ def export_model(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def make_tiny(out: Path, *, hf_dir: Path) -> None:
+    """The tiny model exported to `out`, its Hugging Face folder kept in `hf_dir`."""
+    made = subprocess.run(
+        [str(REPO / "scripts" / "make_test_model"), str(out), "--hf-dir", str(hf_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+
+
 def greedy(folder: Path, prompt: str, max_new: int) -> list[int]:
     model = og.Model(str(folder))
     tokenizer = og.Tokenizer(model)
@@ -213,18 +224,7 @@ def test_int4_export_quantizes_lm_head() -> None:
 @pytest.mark.slow
 def test_untie_always_gives_lm_head_its_own_quantized_weights(tmp_path: Path) -> None:
     source = tmp_path / "hf"
-    made = subprocess.run(
-        [
-            str(REPO / "scripts" / "make_test_model"),
-            str(tmp_path / "fp32"),
-            "--hf-dir",
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
+    make_tiny(tmp_path / "fp32", hf_dir=source)
     assert json.loads((source / "config.json").read_text())["tie_word_embeddings"] is True
     result = export_model(
         str(source), str(tmp_path / "int4"), "--quant", "int4", "--untie", "always"
@@ -337,18 +337,7 @@ def test_optimum_path_serves_with_genai(tmp_path: Path) -> None:
     """Architectures the genai builder lacks go through optimum plus a written
     genai_config.json; forced here on the tiny Llama to compare with the builder."""
     source = tmp_path / "hf"
-    made = subprocess.run(
-        [
-            str(REPO / "scripts" / "make_test_model"),
-            str(tmp_path / "builder"),
-            "--hf-dir",
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
+    make_tiny(tmp_path / "builder", hf_dir=source)
     fp32 = export_model(str(source), str(tmp_path / "fp32"), "--via", "optimum", "--quant", "fp32")
     assert fp32.returncode == 0, fp32.stderr
     prompt = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"

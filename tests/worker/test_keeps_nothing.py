@@ -77,3 +77,7 @@ async def test_worker_keeps_nothing(
         "tls-cert.pem",
         "tls-key.pem",
     }, state_files
+    # Nothing outside the state dir and the log either: no onnxruntime telemetry
+    # (a device id and event databases under ~/.cache, switched off by hearth_worker).
+    written = sorted(str(p.relative_to(tmp_path)) for p in (*home.rglob("*"), *scratch.rglob("*")))
+    assert written == [], f"the worker wrote outside its state dir: {written}"
