@@ -1,8 +1,12 @@
-"""Export a Hugging Face model (hub id or local folder) into a folder the Hearth worker serves.
+"""Export a Hugging Face model (hub id, local folder) or a .gguf file into a folder Hearth serves.
 
 This driver uses the standard library only; the heavy lifting runs in the export
 environments (.venv-export: onnxruntime-genai model builder; .venv-export-optimum:
 optimum-onnx), which it builds on first use through scripts/setup.
+
+A .gguf file (as llama.cpp and Ollama keep models) is dequantized into a Hugging Face
+folder first (scripts/export/gguf_import.py), then built and quantized by the genai
+model builder like any other chat model; its display name is the GGUF's general.name.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ ENCODER_TYPES = {
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".onnx")
 
+GGUF_REFUSED = 3  # gguf_import.py's exit status for a GGUF it cannot take (with a message)
+GGUF_SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
 _START = time.monotonic()
 _LOGS: list[Path] = []  # the tools' output; kept beside OUT_DIR if the export fails
 
@@ -57,14 +64,20 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def run(command: list[str], log_path: Path, what: str) -> None:
-    """Run a tool with its chatter in a log file; show the log's tail if it fails."""
+def run(command: list[str], log_path: Path, what: str, refusal: Path | None = None) -> None:
+    """Run a tool with its chatter in a log file; show the log's tail if it fails.
+
+    With `refusal`: a tool that exits with GGUF_REFUSED wrote {"error": paragraph} there,
+    an input it cannot take; that paragraph is the whole error (no log, no traceback)."""
     if log_path not in _LOGS:
         _LOGS.append(log_path)
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if refusal is not None and result.returncode == GGUF_REFUSED and refusal.is_file():
+        _LOGS.clear()  # the message says it all
+        fail(str(read_json(refusal)["error"]))
     if result.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         print("\n".join(tail), file=sys.stderr)
@@ -106,14 +119,20 @@ def looks_local(source: str) -> bool:
     )
 
 
+def is_gguf(source: str) -> bool:
+    return source.lower().endswith(".gguf")
+
+
 def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
     """Return (local folder, source as recorded, default name)."""
+    if is_gguf(source):
+        return import_gguf(source, work)
     if looks_local(source):
         path = Path(source).expanduser()
         if not path.exists():
             fail(f"source folder not found: {source}")
         if not path.is_dir():
-            fail(f"source is not a folder: {source}")
+            fail(f"source is not a folder or a .gguf file: {source}")
         path = path.resolve()
         return path, str(path), path.name
     if source.count("/") != 1 or not all(source.split("/")):
@@ -123,6 +142,45 @@ def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
     log = work / "export.log"
     run([str(EXPORT_PY), str(HERE / "hub_download.py"), source, str(work / "hub")], log, "download")
     return work / "hub", source, source.split("/")[1]
+
+
+def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
+    """Dequantize a GGUF into a Hugging Face folder: (folder, GGUF path, general.name)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        fail(f"GGUF file not found: {source}")
+    path = path.resolve()
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            fail(
+                f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes). "
+                "Pass a .gguf model file as llama.cpp or Ollama keep them, or a Hugging Face "
+                "model folder or hub id."
+            )
+    if GGUF_SPLIT.search(path.name):
+        stage("warning: this looks like one part of a split GGUF; merge the parts if it fails")
+    ensure_env("export")
+    stage(f"importing {path.name}: dequantizing the GGUF with transformers")
+    log = work / "export.log"
+    info_path = work / "gguf.json"
+    run(
+        [
+            str(EXPORT_PY),
+            str(HERE / "gguf_import.py"),
+            str(path),
+            str(work / "gguf"),
+            str(info_path),
+        ],
+        log,
+        "GGUF import",
+        refusal=info_path,
+    )
+    info = read_json(info_path)
+    stage(
+        f"imported a {info['architecture']} GGUF as {info['hf_architecture']} "
+        f"({info['dtype']}) in {info['seconds']:.1f}s"
+    )
+    return work / "gguf", str(path), info.get("name") or path.stem
 
 
 def detect_kind(src: Path, kind: str) -> str:
@@ -501,9 +559,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="export_model", description=__doc__.splitlines()[0] if __doc__ else None
     )
-    parser.add_argument("source", help="Hugging Face hub id (owner/name) or local model folder")
+    parser.add_argument(
+        "source",
+        help="Hugging Face hub id (owner/name), local model folder, or a .gguf file (as "
+        "llama.cpp and Ollama keep models; dequantized, then built and quantized like any "
+        "chat model by the genai model builder, for the architectures it knows)",
+    )
     parser.add_argument("out_dir", type=Path, help="folder to create (must not exist, or --force)")
-    parser.add_argument("--name", help="model name (default: the source folder's name)")
+    parser.add_argument(
+        "--name",
+        help="model name shown in Home Assistant (default: a GGUF's general.name, else the "
+        "hub repo's or source folder's name)",
+    )
     parser.add_argument(
         "--quant", choices=QUANTS, help="default: int4 for chat, fp32 for embedding"
     )
@@ -551,6 +618,10 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
+        if is_gguf(args.source) and args.kind == "embedding":
+            fail("a .gguf file is imported as a chat model; --kind embedding takes a folder")
+        if is_gguf(args.source) and args.via == "optimum":
+            fail("a .gguf file is built with the genai model builder; --via optimum takes a folder")
         src, source, default_name = resolve_source(args.source, work)
         kind = detect_kind(src, args.kind)
         quant = args.quant or ("int4" if kind == "chat" else "fp32")
