@@ -17,6 +17,7 @@ from aiohttp import ClientSession, web
 
 from . import API_VERSION, __version__
 from .auth import AuthStore
+from .connections import BindError, ConnectionLimits, Listener, bind
 from .discovery import Advertiser
 from .manifest import ManifestError
 from .server import Worker, WorkerOptions
@@ -87,6 +88,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve plain, unencrypted HTTP instead of HTTPS (only on a network you trust)",
     )
+    limits = ConnectionLimits()
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=limits.header_timeout_s,
+        help="seconds a new connection has for its TLS handshake and first request's headers "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=limits.keepalive_timeout_s,
+        help="seconds an idle connection is kept open (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="connections held at once, in total (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=limits.max_per_client,
+        help="connections held at once from one address (default: %(default)s)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     sub.add_parser("pair", help="show a new pairing code (valid 15 minutes)")
@@ -120,7 +147,22 @@ def _certificate(auth: AuthStore) -> Certificate:
     return ensure_certificate(auth.state_dir, auth.node_id, names)
 
 
+def _limits(args: argparse.Namespace) -> ConnectionLimits:
+    try:
+        return ConnectionLimits(
+            header_timeout_s=args.header_timeout,
+            keepalive_timeout_s=args.keepalive_timeout,
+            max_connections=args.max_connections,
+            max_per_client=args.max_connections_per_client,
+        )
+    except ValueError as err:
+        raise BindError(f"bad connection limits: {err}") from err
+
+
 async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
+    limits = _limits(args)
+    # Bound (not yet listening) before anything slow: a taken port is reported at once.
+    sock = bind(args.host, args.port)
     cert = None if args.plain_http else _certificate(auth)
     options = WorkerOptions(
         model_dirs=args.models,
@@ -134,16 +176,25 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
     )
     worker = Worker(options, auth)
     await asyncio.get_running_loop().run_in_executor(None, worker.load_models)
-    runner = web.AppRunner(worker.build_app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        worker.build_app(),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=limits.keepalive_timeout_s,
+    )
     await runner.setup()
     if not args.supervisor_discovery and not auth.paired:
         _show_code(auth)  # before listening: a client that sees us can pair at once
         print("Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True)
-    site = web.TCPSite(
-        runner, args.host, args.port, ssl_context=cert.server_context() if cert else None
+    assert runner.server is not None
+    listener = Listener(
+        sock,
+        runner.server,
+        ssl_context=cert.server_context() if cert else None,
+        limits=limits,
     )
-    await site.start()
-    port = int(runner.addresses[0][1])  # the real port when --port 0 asked for any free one
+    listener.start()
+    port = listener.port  # the real port when --port 0 asked for any free one
     scheme = "https" if cert else "http"
     _LOGGER.info("Hearth worker %s listening on %s://%s:%d", __version__, scheme, args.host, port)
     if cert:
@@ -210,6 +261,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
                 supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
             )
         await session.close()
+    await listener.close()
     await runner.cleanup()
 
 
@@ -248,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as err:
         print(f"hearth-worker: {err}", file=sys.stderr)
         return 2
+    except BindError as err:
+        print(f"hearth-worker: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
