@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import API_VERSION, __version__, pairing
 from .admission import Admission, Busy
-from .auth import AuthStore, PairingError
+from .auth import AuthStore, PairingError, TokenInfo
 from .capacity import RateTracker, hardware_info, system_snapshot
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
@@ -39,6 +39,7 @@ from .validation import (
 
 _LOGGER = logging.getLogger(__name__)
 
+TOKEN_KEY = "hearth_token"  # noqa: S105 - the request's TokenInfo, set by _authenticate
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/pair", "/v1/openapi.yaml"})
 MAX_BODY_BYTES = 4 * 1024 * 1024
 WARMUP_PROMPT_TOKENS = 32
@@ -181,6 +182,7 @@ class Worker:
                 web.get("/v1/models", self.models),
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post("/v1/embeddings", self.embeddings),
+                web.delete("/v1/tokens/self", self.revoke_own_token),
                 web.get("/v1/openapi.yaml", self.openapi),
             ]
         )
@@ -222,7 +224,8 @@ class Worker:
         if request.path not in PUBLIC_PATHS:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or self.auth.verify(token.strip()) is None:
+            info = self.auth.verify(token.strip()) if scheme.lower() == "bearer" else None
+            if info is None:
                 raise ApiError(
                     401,
                     "A valid bearer token is required: pair with this worker first",
@@ -230,6 +233,7 @@ class Worker:
                     type_="authentication_error",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
+            request[TOKEN_KEY] = info
         return await handler(request)
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
@@ -312,6 +316,15 @@ class Worker:
                 "proof": worker_proof.hex(),
             }
         )
+
+    async def revoke_own_token(self, request: web.Request) -> web.Response:
+        """Revoke exactly the token this request presents (a client that is removed)."""
+        info = request[TOKEN_KEY]
+        assert isinstance(info, TokenInfo)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.auth.revoke, info.token_id)
+        _LOGGER.info("Token %s (%s) revoked by its holder", info.token_id, info.name)
+        return web.Response(status=204)
 
     async def info(self, request: web.Request) -> web.Response:
         return web.json_response(
