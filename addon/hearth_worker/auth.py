@@ -59,8 +59,12 @@ _CODE_LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
 # Wrong-code rate limiting. Each client (peer address) gets a few free tries,
 # then every further wrong code doubles its lock-out. All clients together get
 # more free tries before a shared lock-out applies (against an attacker that
-# changes address), and the code is thrown away after MAX_CODE_FAILURES.
+# changes address), and the code is thrown away after MAX_CODE_FAILURES. Only
+# the first CLIENT_GLOBAL_SHARE wrong codes of one address count towards the
+# shared limits: one address alone can neither lock the code for everyone nor
+# throw it away, so the person pairing from another address still can.
 CLIENT_FREE_FAILURES = 3
+CLIENT_GLOBAL_SHARE = CLIENT_FREE_FAILURES
 GLOBAL_FREE_FAILURES = 10
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -359,6 +363,14 @@ class AuthStore:
         self._clients[client_id] = client  # most recent last
         while len(self._clients) > _MAX_TRACKED_CLIENTS:
             self._clients.popitem(last=False)
+        if client.failures > CLIENT_GLOBAL_SHARE:
+            _LOGGER.warning(
+                "Wrong pairing code from %s (%d wrong from there; locked out for %.0f s)",
+                client_id,
+                client.failures,
+                delay,
+            )
+            return
 
         failures = int(record["failures"]) + 1
         path = self._dir / PAIRING_FILE

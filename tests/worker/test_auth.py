@@ -225,6 +225,26 @@ def test_rate_limit_global_and_code_invalidated(state_dir: Path, clock: FakeCloc
     assert store.verify(token) is not None
 
 
+def test_one_address_cannot_lock_out_everyone(state_dir: Path, clock: FakeClock) -> None:
+    """An address guessing for hours neither locks the code for others nor throws it away."""
+    store = AuthStore(state_dir, code_ttl_s=86_400.0, clock=clock)
+    code = store.new_pairing_code()
+    bad = wrong_code_for(code)
+    wrong = 0
+    while wrong < 2 * MAX_CODE_FAILURES:
+        err = pairing_error(store, bad, "198.51.100.7")
+        if err.reason == "rate_limited":
+            clock.advance(err.retry_after or 1.0)  # the attacker waits out its own lock-out
+            continue
+        assert err.reason == "wrong_code"
+        wrong += 1
+    # Still locked out itself, even with the right code...
+    assert pairing_error(store, code, "198.51.100.7").reason == "rate_limited"
+    # ...while the person with the code, on another address, pairs at once.
+    token, _ = store.pair(code, client_id="192.0.2.10")
+    assert store.verify(token) is not None
+
+
 def test_global_failures_shared_across_instances(
     store: AuthStore, state_dir: Path, clock: FakeClock
 ) -> None:
