@@ -213,26 +213,14 @@ def _penalty(worker: WorkerState) -> float:
     return factor
 
 
-def estimate(
-    worker: WorkerState,
-    rate: ModelRate,
-    request: RouteRequest,
-    *,
-    ahead_s: Sequence[float] | None = None,
-    new_tokens: float | None = None,
-    scale: float = 1.0,
-) -> float | None:
-    """Estimated seconds until `request` would be finished on `worker`; None: cannot take it.
+def estimate(worker: WorkerState, work: float, ahead_s: Sequence[float]) -> float | None:
+    """Estimated seconds until a request of `work` seconds would be finished on `worker`.
 
-    `ahead_s`: the remaining seconds of each request ahead of this one; by
-    default the snapshot's running and queued requests, each the size of this one.
-    `scale`: a correction of the worker's rates (see `Router`).
+    `ahead_s`: the remaining seconds of each request ahead of this one. None:
+    the worker cannot take it (offline, or its queue is full).
     """
     if not worker.online:
         return None
-    work = request_seconds(rate, request, new_tokens) * scale
-    if ahead_s is None:
-        ahead_s = [work] * (worker.running + worker.queued)
     slots = max(1, worker.max_running)
     if len(ahead_s) >= slots + max(0, worker.max_queued):
         return None  # it would answer 429
@@ -265,25 +253,6 @@ def _reasons(worker: WorkerState) -> tuple[str, ...]:
         )
         if flag
     )
-
-
-def rank(workers: Iterable[WorkerState], request: RouteRequest) -> list[Candidate]:
-    """Every worker that can answer, fastest expected finish first (snapshots only).
-
-    The stateless core of `Router.rank`: no reservations, stickiness, flags or
-    breaker.
-    """
-    candidates: list[Candidate] = []
-    for worker in workers:
-        model = _pick_model(worker, request)
-        if model is None:
-            continue
-        seconds = estimate(worker, worker.chat_models[model], request)
-        if seconds is None:
-            continue
-        candidates.append(Candidate(worker.worker_id, model, seconds, _reasons(worker)))
-    candidates.sort(key=lambda c: (c.estimated_s, c.worker_id))
-    return candidates
 
 
 def _with_reasons(candidate: Candidate, *reasons: str) -> Candidate:
@@ -514,7 +483,7 @@ class Router:
         shown = max(0, self._own_at_snapshot.get(worker.worker_id, 0))
         others = max(0, worker.running + worker.queued - shown)
         ahead = [*own, *[work] * others]
-        seconds = estimate(worker, rate, request, ahead_s=ahead, new_tokens=new_tokens, scale=scale)
+        seconds = estimate(worker, work, ahead)
         if seconds is None:
             return None
         reasons = _reasons(worker)

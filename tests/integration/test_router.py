@@ -11,21 +11,35 @@ from custom_components.hearth.router import (
     STICKY_FACTOR,
     STICKY_TTL_S,
     BreakerState,
+    Candidate,
     ModelRate,
     Reservation,
     Router,
     RouteRequest,
     WorkerState,
-    estimate,
     finish_seconds,
     flagged,
-    rank,
     request_seconds,
 )
 
 FAST = ModelRate(prefill_tok_s=1000.0, decode_tok_s=100.0)
 SLOW = ModelRate(prefill_tok_s=100.0, decode_tok_s=10.0)
 REQUEST = RouteRequest(prompt_tokens=200, max_new_tokens=100)
+
+
+class Clock:
+    """Injected time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rank(workers: list[WorkerState], request: RouteRequest = REQUEST) -> list[Candidate]:
+    """What the household's router (`Router.rank`, as cluster.py uses it) makes of snapshots."""
+    return Router(Clock()).rank(workers, request)
 
 
 def worker(name: str, rate: ModelRate = FAST, model: str = "m", **kwargs: object) -> WorkerState:
@@ -55,12 +69,14 @@ def test_busy_fast_worker_loses_to_idle_one() -> None:
 
 def test_queue_and_running_raise_the_estimate() -> None:
     times = [
-        estimate(worker("w", running=r, queued=q), FAST, REQUEST)
+        rank([worker("w", running=r, queued=q)])[0].estimated_s
         for r, q in [(0, 0), (1, 0), (2, 0), (2, 1), (2, 3)]
     ]
-    assert all(t is not None for t in times)
     assert times == sorted(times)
     assert len(set(times)) == len(times)
+    # Other clients' requests in the snapshot, each the size of this one (1.2 s): one
+    # running shares the machine; with both slots taken it waits for all of them.
+    assert times == pytest.approx([1.2, 2.4, 3.6, 4.8, 7.2])
 
 
 def test_full_offline_and_modelless_workers_are_skipped() -> None:
@@ -79,16 +95,54 @@ def test_requested_model_only_where_served() -> None:
     assert [(c.worker_id, c.model) for c in rank([a, b], RouteRequest(model="big"))] == [
         ("a", "big")
     ]
-    # Without a wish, each worker offers its fastest measured model.
+    # Without a wish, each worker offers its fastest measured model, wherever it is listed.
     assert rank([a], RouteRequest())[0].model == "small"
+    slow_first = WorkerState("c", {"big": SLOW, "small": FAST, "new": ModelRate()}, max_running=1)
+    assert rank([slow_first], RouteRequest())[0].model == "small"
+    # Nothing measured yet: the first one listed.
+    unmeasured = WorkerState("d", {"first": ModelRate(), "second": ModelRate()}, max_running=1)
+    assert rank([unmeasured], RouteRequest())[0].model == "first"
 
 
-def test_battery_and_user_activity_penalised() -> None:
-    plugged = worker("plugged", SLOW)
-    laptop = worker("laptop", ModelRate(150.0, 15.0), on_battery=True, user_active=True)
-    ranked = rank([laptop, plugged], REQUEST)
+# A laptop that would finish in 1.2 s against a plugged-in worker at 1.5 s: each
+# penalty alone (x2 battery, x1.5 someone using it, x2 low memory) must put it behind,
+# by a margin (no tie, no alphabetical order: "laptop" < "plugged").
+PLUGGED = ModelRate(prefill_tok_s=400.0, decode_tok_s=100.0)  # 0.5 + 1.0 = 1.5 s
+
+
+@pytest.mark.parametrize(
+    ("condition", "factor", "reasons"),
+    [
+        ({"on_battery": True}, 2.0, ("on_battery",)),
+        ({"user_active": True}, 1.5, ("user_active",)),
+        ({"memory_free_mb": LOW_MEMORY_MB - 1}, 2.0, ("low_memory",)),
+        ({"on_battery": True, "user_active": True}, 3.0, ("on_battery", "user_active")),
+    ],
+    ids=["battery", "user-active", "low-memory", "battery-and-user-active"],
+)
+def test_each_penalty_puts_a_faster_worker_behind(
+    condition: dict[str, object], factor: float, reasons: tuple[str, ...]
+) -> None:
+    plugged = worker("plugged", PLUGGED)
+    assert rank([plugged])[0].estimated_s == pytest.approx(1.5)
+    # Without the condition the laptop is clearly first.
+    assert [c.worker_id for c in rank([plugged, worker("laptop", FAST)])] == ["laptop", "plugged"]
+    laptop = worker("laptop", FAST, **condition)
+    ranked = rank([plugged, laptop])
     assert [c.worker_id for c in ranked] == ["plugged", "laptop"]
-    assert ranked[1].reasons == ("on_battery", "user_active")
+    assert ranked[1].estimated_s == pytest.approx(1.2 * factor)
+    assert ranked[1].reasons == reasons
+
+
+def test_enough_memory_and_unknown_conditions_are_not_penalised() -> None:
+    for condition in (
+        {"memory_free_mb": LOW_MEMORY_MB},
+        {"on_battery": False, "user_active": False},
+        {"on_battery": None, "user_active": None, "memory_free_mb": None},
+    ):
+        ranked = rank([worker("laptop", FAST, **condition)])  # type: ignore[arg-type]
+        assert ranked[0].estimated_s == pytest.approx(1.2)
+        assert ranked[0].reasons == ()
 
 
 def test_ties_broken_by_worker_id() -> None:
@@ -96,16 +150,6 @@ def test_ties_broken_by_worker_id() -> None:
 
 
 # --- Router: reservations, stickiness, flags, breaker, learning ---------------------
-
-
-class Clock:
-    """Injected time."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def idle(name: str, rate: ModelRate = FAST, **kwargs: object) -> WorkerState:
@@ -203,7 +247,11 @@ def test_conversation_sticks_unless_much_slower() -> None:
     assert ranked[0].worker_id == "b"
     assert "sticky" in ranked[0].reasons
     assert ranked[0].estimated_s <= STICKY_FACTOR * ranked[1].estimated_s
-    # Much slower (more than 1.5x): move.
+    # Slower by more than 1.5x (1.6x: 1.92 s against 1.2 s): move.
+    slower_by_1_6 = idle("b", ModelRate(625.0, 62.5))
+    ranked = r.rank([a, slower_by_1_6], turn)
+    assert [c.worker_id for c in ranked] == ["a", "b"]
+    assert ranked[1].estimated_s == pytest.approx(1.6 * ranked[0].estimated_s)
     much_slower_b = idle("b", ModelRate(400.0, 40.0))
     assert r.rank([a, much_slower_b], turn)[0].worker_id == "a"
     # Other conversations are not sticky.
@@ -222,9 +270,14 @@ def test_forgotten_worker_loses_its_conversations() -> None:
     turn = RouteRequest(conversation_id="c1")
     place(r, [idle("b")], turn)
     assert r.sticky_worker("c1") == "b"
+    r.report_failure("b")
     r.forget("b")
     assert r.sticky_worker("c1") is None
     assert r.in_flight("b") == 0
+    # A worker that comes back (added again) starts with a closed breaker.
+    assert r.breaker_state("b") is BreakerState.CLOSED
+    ranked = r.rank([idle("b")], turn)
+    assert ranked[0].reasons == ()
     assert r.sticky_worker(None) is None
 
 
@@ -244,14 +297,6 @@ def test_only_when_idle_and_not_on_battery_are_last_resorts() -> None:
     assert r.rank([laptop_idle, slow], REQUEST)[0].worker_id == "laptop"
     # Flagged but busy-and-plugged: battery flag does not apply.
     assert flagged(idle("x", not_on_battery=True, on_battery=False)) == ()
-
-
-def test_low_memory_is_penalised() -> None:
-    roomy = idle("roomy", FAST, memory_free_mb=4096)
-    tight = idle("tight", FAST, memory_free_mb=LOW_MEMORY_MB - 1)
-    ranked = rank([tight, roomy], REQUEST)
-    assert [c.worker_id for c in ranked] == ["roomy", "tight"]
-    assert "low_memory" in ranked[1].reasons
 
 
 def test_circuit_breaker_backs_off_and_probes() -> None:
@@ -320,3 +365,106 @@ def test_worker_slower_than_it_reports_is_corrected() -> None:
     assert r.scale("a") == pytest.approx(2.0, rel=0.01)
     assert r.scale("b") == 1.0
     assert r.rank([a, b], REQUEST)[0].worker_id == "b"
+
+
+def test_breaker_back_off_doubles_up_to_its_cap() -> None:
+    """Open for 2, 4, 8, 16 s after 1, 2, 3, 4 failures in a row, never longer than the cap."""
+    clock = Clock()
+    r = Router(clock, breaker_base_s=2.0, breaker_max_s=20.0)
+    for backoff in (2.0, 4.0, 8.0, 16.0, 20.0, 20.0):
+        r.report_failure("a")
+        clock.now += backoff - 0.01
+        assert r.breaker_state("a") is BreakerState.OPEN, backoff
+        clock.now += 0.01
+        assert r.breaker_state("a") is BreakerState.HALF_OPEN, backoff
+    # The defaults: 2 s at first, at most 2 minutes.
+    r = Router(clock)
+    r.report_failure("a")
+    clock.now += 1.99
+    assert r.breaker_state("a") is BreakerState.OPEN
+    for _ in range(10):
+        r.report_failure("a")
+    clock.now += 119.99
+    assert r.breaker_state("a") is BreakerState.OPEN
+    clock.now += 0.01
+    assert r.breaker_state("a") is BreakerState.HALF_OPEN
+
+
+def test_probe_that_ends_without_verdict_lets_the_next_one_probe() -> None:
+    """A probe released with neither success nor failure (e.g. cancelled) frees the probe."""
+    clock = Clock()
+    r = Router(clock)
+    a, b = idle("a"), idle("b", SLOW)
+    r.report_failure("a")
+    clock.now += 2.0
+    probe = r.reserve(r.rank([a, b], REQUEST)[0], REQUEST)
+    assert probe.worker_id == "a"
+    assert [c.worker_id for c in r.rank([a, b], REQUEST)] == ["b", "a"]  # one probe at a time
+    r.release(probe)
+    ranked = r.rank([a, b], REQUEST)
+    assert [c.worker_id for c in ranked] == ["a", "b"]
+    assert "breaker_half_open" in ranked[0].reasons
+    assert r.breaker_state("a") is BreakerState.HALF_OPEN
+
+
+def test_flagged_workers_come_before_open_breakers() -> None:
+    """Tiers: free workers by estimate, then household-flagged ones, then open breakers."""
+    r = Router(Clock())
+    free = idle("free", SLOW)  # 12 s
+    flagged_laptop = idle("laptop", FAST, only_when_idle=True, user_active=True)  # 1.8 s
+    broken = idle("broken", FAST)  # 1.2 s
+    r.report_failure("broken")
+    ranked = r.rank([broken, flagged_laptop, free], REQUEST)
+    assert [c.worker_id for c in ranked] == ["free", "laptop", "broken"]
+    assert "only_when_idle" in ranked[1].reasons
+    assert "breaker_open" in ranked[2].reasons
+    # Without a free worker the flagged one still comes before the open breaker.
+    assert [c.worker_id for c in r.rank([broken, flagged_laptop], REQUEST)] == [
+        "laptop",
+        "broken",
+    ]
+
+
+def test_overdue_reservation_counts_a_quarter_of_its_estimate() -> None:
+    clock = Clock()
+    r = Router(clock)
+    a = idle("a")  # one slot: a new request waits for what is ahead
+    place(r, [a])  # 1.2 s of work
+    clock.now += 0.5
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(0.7 + 1.2)
+    # Long past its estimate, it is still running: a quarter of it (0.3 s) is left.
+    clock.now += 60.0
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(0.3 + 1.2)
+
+
+def test_answer_length_is_a_moving_average() -> None:
+    """The first answer sets it; each later one moves it a fifth of the way."""
+    clock = Clock()
+    r = Router(clock)
+    for tokens, expected in ((20, 20.0), (70, 30.0), (30, 30.0), (80, 40.0)):
+        res = place(r, [idle("a")])
+        clock.now += 1.0
+        r.release(res, completion_tokens=tokens)
+        assert r.expected_new_tokens(REQUEST) == pytest.approx(expected)
+    # A failed or empty answer teaches nothing.
+    r.release(place(r, [idle("a")]), completion_tokens=0)
+    r.release(place(r, [idle("a")]))
+    assert r.expected_new_tokens(REQUEST) == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize(
+    ("takes_s", "scale"),
+    [(12.0, 4.0), (0.12, 0.25), (2.4, 2.0)],
+    ids=["ten-times-slower", "ten-times-faster", "twice-as-slow"],
+)
+def test_speed_correction_is_bounded(takes_s: float, scale: float) -> None:
+    """Reported 1.2 s a request; the correction follows what it takes, within 1/4x..4x."""
+    clock = Clock()
+    r = Router(clock)
+    a = idle("a")
+    for _ in range(10):
+        res = r.reserve(r.rank([a], REQUEST)[0], REQUEST)
+        clock.now += takes_s
+        r.release(res, completion_tokens=100)
+    assert r.scale("a") == pytest.approx(scale, rel=0.01)
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(1.2 * scale, rel=0.01)
