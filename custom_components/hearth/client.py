@@ -8,11 +8,20 @@ fingerprint (`aiohttp.Fingerprint` on every request; a changed certificate raise
 HearthCertificateError), plain HTTP only for an entry set up that way. The host is
 resolved here and the request goes to the checked IP address: by default only
 private, link-local and loopback addresses (`address_allowed`).
+
+Connections are kept alive and reused: one pin object per certificate (`_pin`), so
+the session's pool (keyed by it) hands the next request the TLS connection that was
+checked against that pin when it was opened. A connection to a worker presenting
+another certificate is never made, hence never reused.
+
+Error messages name the worker's URL and address and say what went wrong in words
+(`describe`), never an object's repr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -326,6 +335,46 @@ def worker_proof(key: bytes, fingerprint: bytes, nonce: bytes, token: str, node_
     return hmac.digest(key, message, "sha256")
 
 
+class _Pin(aiohttp.Fingerprint):
+    """A certificate pin that reads well in logs and is equal to any pin of the same hash.
+
+    aiohttp pools connections by (host, port, ssl, ...): equal pins share a pool.
+    """
+
+    def __repr__(self) -> str:
+        return f"<pinned certificate sha256:{self.fingerprint.hex()[:16]}>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Pin) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+
+@functools.lru_cache(maxsize=64)
+def _pin(fingerprint: str) -> _Pin:
+    """The one pin object for a certificate (hex SHA-256)."""
+    return _Pin(bytes.fromhex(fingerprint))
+
+
+def describe(err: BaseException) -> str:
+    """What went wrong talking to a worker, in words (no object reprs)."""
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        return f"TLS error from {err.host}:{err.port}: {err.certificate_error}"
+    if isinstance(err, aiohttp.ClientConnectorError):
+        os_error = err.os_error
+        reason = os_error.strerror or str(os_error) or type(os_error).__name__
+        return f"cannot connect to {err.host}:{err.port}: {reason}"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    if isinstance(err, aiohttp.ServerDisconnectedError):
+        return "the worker closed the connection"
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 _UNVERIFIED: ssl.SSLContext | None = None
 
 
@@ -398,13 +447,16 @@ class HearthClient:
         return f"{self.scheme}://{host}:{self.port}{path}"
 
     def _ssl(self, pinned: str | None = None) -> aiohttp.Fingerprint | bool:
-        """The pinned certificate for a request (False: plain HTTP, nothing to verify)."""
+        """The pinned certificate for a request (False: plain HTTP, nothing to verify).
+
+        The same pin object every time, so that connections are reused (see above).
+        """
         if self.plain_http:
             return False
         fingerprint = pinned or self.fingerprint
         if not fingerprint:
             raise HearthCertificateError("No certificate is pinned for this worker: pair again")
-        return aiohttp.Fingerprint(bytes.fromhex(fingerprint))
+        return _pin(fingerprint)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -428,7 +480,9 @@ class HearthClient:
         body: Mapping[str, Any] | None = None,
         *,
         verify: aiohttp.Fingerprint | bool | None = None,
+        answer: bool = True,
     ) -> dict[str, Any]:
+        """One request; its JSON object answer (`answer=False`: none expected, {})."""
         url = await self._url(path)
         try:
             async with self._session.request(
@@ -441,13 +495,13 @@ class HearthClient:
                 ssl=self._ssl() if verify is None else verify,
             ) as response:
                 await self._raise_for_status(response)
-                data = await response.json(content_type=None)
+                data = await response.json(content_type=None) if answer else {}
         except aiohttp.ServerFingerprintMismatch as err:
             raise HearthCertificateError(
                 f"{self.base_url} presented another certificate than the one paired with"
             ) from err
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
         if not isinstance(data, dict):
             raise HearthConnectionError(f"Unexpected answer from {self.base_url}")
         return data
@@ -465,7 +519,7 @@ class HearthClient:
                     address, self.port, ssl=_unverified_context(), server_hostname=""
                 )
         except (OSError, TimeoutError, ssl.SSLError) as err:
-            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
         try:
             ssl_object = writer.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -545,10 +599,19 @@ class HearthClient:
                 "not_proven", "The worker's certificate changed while pairing"
             ) from err
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-            raise HearthConnectionError(f"Cannot pair with {self.base_url}: {err}") from err
+            raise HearthConnectionError(
+                f"Cannot pair with {self.base_url}: {describe(err)}"
+            ) from err
         if not isinstance(data, dict):
             raise HearthConnectionError(f"Unexpected answer from {self.base_url}")
         return data
+
+    async def revoke_token(self) -> None:
+        """DELETE /v1/tokens/self: the worker forgets the token this client holds.
+
+        After it, every request with that token gets 401 (HearthAuthError).
+        """
+        await self._request("DELETE", "/v1/tokens/self", answer=False)
 
     async def info(self) -> WorkerInfo:
         """GET /v1/info."""
@@ -611,7 +674,7 @@ class HearthClient:
                 f"{self.base_url} presented another certificate than the one paired with"
             ) from err
         except aiohttp.ClientError as err:
-            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {err}") from err
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
         return _timed(_iter_sse(response), self.base_url, limits, started)
 
 
@@ -682,7 +745,7 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
                 if content := delta.get("content"):
                     yield ChatDelta(content=str(content))
     except (aiohttp.ClientError, TimeoutError) as err:
-        raise HearthConnectionError(f"Chat stream broke off: {err}") from err
+        raise HearthConnectionError(f"Chat stream broke off: {describe(err)}") from err
     except asyncio.CancelledError:
         response.close()
         raise

@@ -11,7 +11,13 @@ ways, alternating, so both see the same warm worker:
   the first content delta reaching the ChatLog (what a voice pipeline streams
   to TTS), the way Assist pipelines listen for deltas.
 
-With --json the last line is {"direct_ttft_ms_p50": ..., "hearth_ttft_ms_p50": ...}.
+Both ways go through a TCP relay each (TLS passes through untouched, the same hop
+for both) that counts the connections opened: every one is a TLS handshake with the
+worker. A client that keeps its connection alive opens one for all its requests.
+
+With --json the last line is {"direct_ttft_ms_p50": ..., "hearth_ttft_ms_p50": ...,
+"direct_connections": ..., "hearth_connections": ...} (connections opened during
+the measured requests).
 """
 
 from __future__ import annotations
@@ -34,6 +40,43 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "hello"
 SYSTEM = "You are Hearth, a helpful assistant. Answer briefly."
+
+
+class CountingRelay:
+    """Relays TCP connections to the worker and counts them."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._writers):
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
 
 
 async def direct_ttft(
@@ -84,6 +127,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         worker = start_worker([model], Path(tmp) / "worker")
         assert worker.token is not None
+        to_direct, to_hearth = CountingRelay(worker.port), CountingRelay(worker.port)
+        direct_url = f"https://127.0.0.1:{await to_direct.start()}"
+        hearth_port = await to_hearth.start()
         try:
             async with async_test_home_assistant() as hass:
                 hass.data.pop(loader.DATA_CUSTOM_COMPONENTS, None)  # load custom_components/
@@ -94,7 +140,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                     title="bench",
                     data={
                         CONF_HOST: "127.0.0.1",
-                        CONF_PORT: worker.port,
+                        CONF_PORT: hearth_port,
                         CONF_TOKEN: worker.token,
                         "fingerprint": worker.fingerprint,  # pinned, as pairing does
                     },
@@ -156,13 +202,20 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                     connector=aiohttp.TCPConnector(ssl=worker.ssl)
                 ) as http:
                     body["model"] = model_name(model)
-                    await direct_ttft(http, worker.url, worker.token, body)
+                    await direct_ttft(http, direct_url, worker.token, body)
+                    opened = to_direct.accepted, to_hearth.accepted
                     for _ in range(args.runs):
-                        direct.append(await direct_ttft(http, worker.url, worker.token, body))
+                        direct.append(await direct_ttft(http, direct_url, worker.token, body))
                         hearth.append((await hearth_ttft())[0])
+                    connections = (
+                        to_direct.accepted - opened[0],
+                        to_hearth.accepted - opened[1],
+                    )
                 assert await hass.config_entries.async_unload(entry.entry_id)
                 await hass.async_block_till_done()
         finally:
+            await to_direct.close()
+            await to_hearth.close()
             worker.stop()
 
     return {
@@ -171,6 +224,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         "hearth_ttft_ms_p50": round(statistics.median(hearth), 2),
         "direct_ttft_ms_p90": round(statistics.quantiles(direct, n=10)[-1], 2),
         "hearth_ttft_ms_p90": round(statistics.quantiles(hearth, n=10)[-1], 2),
+        "direct_connections": connections[0],
+        "hearth_connections": connections[1],
     }
 
 
@@ -195,9 +250,14 @@ def main() -> int:
     print(
         f"{'p90 (ms)':16}{result['direct_ttft_ms_p90']:>12.2f}{result['hearth_ttft_ms_p90']:>14.2f}"
     )
+    print(
+        f"{'connections':16}{result['direct_connections']:>12}{result['hearth_connections']:>14}"
+        "  (opened, each a TLS handshake)"
+    )
     print(f"Hearth adds {overhead:.2f} ms at the median (target < 10 ms)")
     if args.json:
-        print(json.dumps({k: result[k] for k in ("direct_ttft_ms_p50", "hearth_ttft_ms_p50")}))
+        keys = ("direct_ttft_ms_p50", "hearth_ttft_ms_p50", "direct_connections")
+        print(json.dumps({k: result[k] for k in (*keys, "hearth_connections")}))
     return 0
 
 
