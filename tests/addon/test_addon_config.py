@@ -1,15 +1,20 @@
 """Checks of the Home Assistant add-on's files and the repository metadata.
 
-The add-on's config.yaml is validated against the Supervisor's schema kept in
-``shared/data/addon-config.schema.json``; keys set to the Supervisor's default
-are refused (the add-on linter refuses them too).
+The add-on's config.yaml is validated against the project's own copy of the
+Supervisor's add-on options, ``tests/addon/addon-config.schema.json`` (written from
+the Supervisor's documentation and validator, see its ``$comment``); keys set to the
+Supervisor's default are refused (the add-on linter refuses them too). No Docker
+engine runs here, so the hardening (AppArmor profile, unprivileged worker, no port
+on the LAN by default, pinned base image and Python packages) is checked in the files.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import tomllib
@@ -19,14 +24,13 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[2]
+THIS_FILE = Path(__file__).resolve()
+REPO = THIS_FILE.parents[2]
 ADDON = REPO / "addon"
-SCHEMA_NAME = "addon-config.schema.json"
-SCHEMA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / SCHEMA_NAME,
-    REPO / "shared" / "data" / SCHEMA_NAME,
-)
+SCHEMA = Path(__file__).resolve().parent / "addon-config.schema.json"
 S6 = ADDON / "rootfs" / "etc" / "s6-overlay" / "s6-rc.d"
 # Every key hacs.json may have (https://hacs.xyz/docs/publish/start/#hacsjson).
 HACS_KEYS = {
@@ -57,15 +61,36 @@ def config() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def schema() -> dict[str, Any]:
-    for path in SCHEMA_CANDIDATES:
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            assert isinstance(data, dict)
-            return data
-    pytest.fail(
-        f"The Supervisor's add-on config schema ({SCHEMA_NAME}) is missing: looked for "
-        + " and ".join(str(p) for p in SCHEMA_CANDIDATES)
-    )
+    data = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_schema_is_the_projects_own(schema: dict[str, Any]) -> None:
+    assert SCHEMA.is_relative_to(REPO)
+    assert "Supervisor" in schema["$comment"]
+    assert "developers.home-assistant.io" in schema["$comment"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    # The options this add-on relies on are described.
+    for key in ("ports", "apparmor", "map", "discovery", "init", "schema", "options"):
+        assert key in schema["properties"], key
+    # A disabled host port (null) is valid, as the Supervisor documents.
+    assert {"type": "null"} in schema["properties"]["ports"]["additionalProperties"]["anyOf"]
+
+
+def test_nothing_reads_outside_the_repository() -> None:
+    """tests/, scripts/ and .ci/ name no path beside the repository (no ../shared)."""
+    outside = re.compile(r"\.\./shared|parent\s*/\s*[\"']shared|\bREPO\.parent\b|/work/shared")
+    found = []
+    for name in repository_files():
+        if name.split("/", 1)[0] not in {"tests", "scripts", ".ci"}:
+            continue
+        path = REPO / name
+        if not path.is_file() or path.suffix in {".onnx", ".data", ".png"}:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found += [f"{name}:{m.group(0)}" for m in outside.finditer(text) if path != THIS_FILE]
+    assert not found, f"paths outside the repository: {found}"
 
 
 def test_config_matches_schema(config: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -98,7 +123,8 @@ def test_config_essentials(config: dict[str, Any]) -> None:
     assert sorted(config["arch"]) == ["aarch64", "amd64"]
     assert config["init"] is False  # s6-overlay v3 runs the service
     assert config["discovery"] == ["hearth"]
-    assert config["ports"] == {"8765/tcp": 8765}
+    # Declared, but not published on the host: see test_api_port_not_on_the_lan_by_default.
+    assert config["ports"] == {"8765/tcp": None}
     # The Supervisor's discovery endpoint is open to every add-on listing the
     # service: no Supervisor API access is asked for.
     assert "hassio_api" not in config
@@ -183,7 +209,7 @@ def test_s6_service() -> None:
         assert path.read_text(encoding="utf-8").startswith("#!/command/with-contenv bashio\n")
         assert os.access(path, os.X_OK), f"{path} must be executable"
     run = (service / "run").read_text(encoding="utf-8")
-    assert "exec hearth-worker --state-dir /data serve" in run
+    assert "exec s6-setuidgid hearth /opt/hearth/bin/hearth-worker --state-dir /data serve" in run
     for flag in ("--host 0.0.0.0", "--port 8765", "--supervisor-discovery"):
         assert flag in run
 
@@ -246,3 +272,203 @@ def test_images(name: str, size: tuple[int, int]) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
     assert data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == size
+
+
+# --- hardening --------------------------------------------------------------------
+
+APPARMOR = ADDON / "apparmor.txt"
+WORKER_PROGRAM = "/opt/hearth/bin/hearth-worker"
+# The Supervisor takes the one line starting with "profile " as the profile's name
+# (supervisor/utils/apparmor.py, get_profile_name) and renames it to the add-on slug.
+PROFILE_LINE = re.compile(r"^profile ([^ ]+).*$")
+
+
+def _profile_blocks(text: str) -> dict[str, str]:
+    """{profile name: its body} for the profiles in an AppArmor file (nested too)."""
+    blocks: dict[str, str] = {}
+    for match in re.finditer(r"^\s*profile\s+(\S+)[^{\n]*\{", text, re.MULTILINE):
+        depth, start = 1, match.end()
+        for index in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth == 0:
+                blocks[match.group(1)] = text[start:index]
+                break
+        else:
+            pytest.fail(f"profile {match.group(1)} is not closed")
+    return blocks
+
+
+def _rules(body: str) -> list[str]:
+    """A profile body's own rules (without nested profiles and comments)."""
+    code = "\n".join(line for line in body.splitlines() if not line.strip().startswith("#"))
+    flat = re.sub(
+        r"^\s*profile\s+\S+[^{\n]*\{(?:[^{}]|\{[^{}]*\})*\}", "", code, flags=re.MULTILINE
+    )
+    return [line.strip().rstrip(",") for line in flat.splitlines() if line.strip()]
+
+
+def test_apparmor_profile(config: dict[str, Any]) -> None:
+    # Shipped beside config.yaml, and not switched off there ("apparmor: false").
+    assert config.get("apparmor", True) is True
+    text = APPARMOR.read_text(encoding="utf-8")
+    assert text.startswith("#include <tunables/global>\n")
+    assert text.count("{") == text.count("}")
+    names = [m.group(1) for line in text.splitlines() if (m := PROFILE_LINE.match(line))]
+    assert names == [config["slug"]], "exactly one top-level profile, named after the slug"
+    blocks = _profile_blocks(text)
+    assert set(blocks) == {"hearth", "hearth_worker"}
+    for name in blocks:
+        header = re.search(rf"profile {name}\b([^{{\n]*)\{{", text)
+        assert header is not None
+        assert "complain" not in header.group(1), "the profile must enforce"
+    outer, worker = _rules(blocks["hearth"]), _rules(blocks["hearth_worker"])
+    # The program the service runs switches to the worker's own profile.
+    assert f"{WORKER_PROGRAM} cx -> hearth_worker" in outer
+    run = (S6 / "hearth" / "run").read_text(encoding="utf-8")
+    assert f"s6-setuidgid hearth {WORKER_PROGRAM} " in run
+    wrapper = (ADDON / "rootfs" / "usr" / "local" / "bin" / "hearth-worker").read_text()
+    assert f"exec /command/s6-setuidgid hearth {WORKER_PROGRAM} " in wrapper
+    # The worker: no capabilities, no blanket file access, stops on s6's signals.
+    assert not [r for r in worker if r.startswith("capability")], worker
+    assert "file" not in worker
+    assert "signal (receive) peer=*_hearth" in worker
+    # Its state in /data (files it owns); models and the share read-only.
+    assert "owner /data/ rw" in worker
+    assert "owner /data/{,.}* rwk" in worker
+    read_only = [r for r in worker if re.match(r"/(share|data/models)\b", r)]
+    assert read_only, "models must be readable"
+    for rule in read_only:
+        assert set(rule.split()[-1]) <= {"r", "m"}, f"not read-only: {rule}"
+    assert not [r for r in worker if r.startswith("/share") and "hearth" not in r]
+    # The network it serves on.
+    assert "network inet stream" in worker
+
+
+def test_apparmor_profile_parses() -> None:
+    """apparmor_parser accepts the profile, where it is installed (apt install apparmor)."""
+    parser = shutil.which("apparmor_parser")
+    if parser is None:
+        pytest.skip("apparmor_parser is not installed")
+    done = subprocess.run(
+        [parser, "--skip-kernel-load", "--skip-cache", "--quiet", str(APPARMOR)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_worker_runs_unprivileged() -> None:
+    dockerfile = (ADDON / "Dockerfile").read_text(encoding="utf-8")
+    joined = " ".join(dockerfile.replace("\\\n", " ").split())
+    assert re.search(r"useradd --system --gid hearth [^&]*--shell \S+ hearth\b", joined)
+    assert "groupadd --system hearth" in dockerfile
+    # s6-overlay's init needs root; the service drops privileges in its run script.
+    assert not re.search(r"^USER\b", dockerfile, re.MULTILINE)
+    run = (S6 / "hearth" / "run").read_text(encoding="utf-8")
+    lines = [line.strip() for line in run.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("exec "))
+    assert lines[start].startswith("exec s6-setuidgid hearth "), lines[start]
+    assert "hearth-worker" in lines[start]
+    # /data (the worker's state) is handed to that user before the worker starts.
+    chown = next(i for i, line in enumerate(lines) if line == "chown hearth:hearth /data")
+    assert chown < start
+    assert any("-exec chown -R hearth:hearth" in line for line in lines[chown:start])
+    # `docker exec ... hearth-worker pair` goes through the wrapper, as the same user.
+    wrapper = ADDON / "rootfs" / "usr" / "local" / "bin" / "hearth-worker"
+    assert os.access(wrapper, os.X_OK)
+    text = wrapper.read_text(encoding="utf-8")
+    assert text.startswith("#!/bin/sh\n")
+    assert 'if [ "$(id -u)" -eq 0 ]; then' in text
+    assert "/usr/local/bin/hearth-worker" in dockerfile  # made executable
+    assert "ENV PATH" not in dockerfile, "the venv stays off PATH: the wrapper is the command"
+
+
+def test_api_port_not_on_the_lan_by_default(config: dict[str, Any]) -> None:
+    """Home Assistant reaches the add-on on the internal network; the host port is off
+    until the user sets one under Network."""
+    assert config["ports"] == {"8765/tcp": None}
+    assert set(config["ports_description"]) == set(config["ports"])
+    assert "host_network" not in config
+    translations = load_yaml(ADDON / "translations" / "en.yaml")
+    assert "disabled" in translations["network"]["8765/tcp"].lower()
+    docs = (ADDON / "DOCS.md").read_text(encoding="utf-8")
+    assert "not published" in docs.lower()
+
+
+def test_base_image_pinned(config: dict[str, Any]) -> None:
+    build_from = load_yaml(ADDON / "build.yaml")["build_from"]
+    tags = set()
+    for arch, image in build_from.items():
+        match = re.fullmatch(
+            rf"ghcr\.io/home-assistant/{arch}-base-debian:(trixie-\d{{4}}\.\d{{2}}\.\d+)", image
+        )
+        assert match, f"{arch}: {image} is not a dated release tag"
+        tags.add(match.group(1))
+    assert len(tags) == 1, f"one base release for every arch: {tags}"
+
+
+def _requirements() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for raw in (ADDON / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)", line)
+        assert match, f"addon/requirements.txt: not an exact pin: {raw!r}"
+        pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_python_dependencies_pinned() -> None:
+    pins = _requirements()
+    with (ADDON / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)
+    wanted = [
+        *project["project"]["dependencies"],
+        *project["build-system"]["requires"],
+    ]
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in addon/requirements.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} does not satisfy pyproject.toml's {text!r}"
+        )
+    # What the pinned packages need is pinned too (as far as this environment knows them).
+    environment = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.13"}
+    for name, version in pins.items():
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate({**environment, "extra": ""}):
+                continue
+            assert canonicalize_name(requirement.name) in pins, (
+                f"{name} needs {requirement.name}, which addon/requirements.txt does not pin"
+            )
+
+
+def test_dockerfile_installs_only_pinned_packages() -> None:
+    dockerfile = (ADDON / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    assert re.search(r"^COPY requirements\.txt ", dockerfile, re.MULTILINE)
+    installs = [
+        " ".join(step.split())
+        for line in dockerfile.splitlines()
+        if line.startswith("RUN ")
+        for step in line[4:].split("&&")
+        if "pip install" in step
+    ]
+    assert len(installs) == 2, installs
+    constraint = "PIP_CONSTRAINT=/usr/src/hearth/requirements.txt"
+    for step in installs:
+        assert step.startswith(constraint + " "), f"unconstrained: {step}"
+        assert "--upgrade" not in step and " -U " not in step, step
+        assert "-r /usr/src/hearth/requirements.txt" in step or "--no-deps" in step, step
+    assert "--only-binary=:all:" in installs[0]
+    assert installs[1].endswith("--no-deps /usr/src/hearth")
+    assert "pip check" in dockerfile
