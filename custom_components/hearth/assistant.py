@@ -154,6 +154,11 @@ async def _deltas_to_chat_log(
             yield {"content": "\n\n" + await note(err)}
 
 
+async def _replay(deltas: list[ChatDelta]) -> AsyncGenerator[ChatDelta]:
+    for delta in deltas:
+        yield delta
+
+
 async def async_provide_llm_data(
     chat_log: conversation.ChatLog,
     user_input: conversation.ConversationInput,
@@ -191,9 +196,14 @@ async def async_run_chat_log(
     """Let the household's workers answer the chat log, running tool calls in between.
 
     Returns the worker name that produced the last answer. Raises NoWorkerError
-    when no worker can answer. When a worker breaks off mid-answer, the chat log
-    keeps what it produced; with `language`, a translated note saying so ends the
-    answer and this returns normally, else AnswerCutOffError is raised.
+    when no worker can answer, RequestNotServableError when the request itself
+    cannot be served (too long, refused).
+
+    With `language`, the answer streams to a person as it comes: when a worker
+    breaks off mid-answer, the chat log keeps what it produced and a translated
+    note saying so ends the answer (this returns normally). Without, nobody sees
+    the answer before it is whole, so a cut-off answer is asked again of another
+    worker; only when every worker broke off is AnswerCutOffError raised.
     """
     settings = cluster.settings
     tools: list[dict[str, Any]] | None = None
@@ -217,24 +227,36 @@ async def async_run_chat_log(
         }
         if tools:
             body["tools"] = tools
+        cut_off: list[AnswerCutOffError] = []
+        if language is None:  # nobody waits on the stream: a whole answer, or an error
+            done = await cluster.async_complete(
+                body, conversation_id=chat_log.conversation_id, kind=kind
+            )
+            if done.cut_off is not None:
+                raise done.cut_off
+            worker_name = done.worker.name
+            async for _content in chat_log.async_add_delta_content_stream(
+                agent_id, _deltas_to_chat_log(_replay(done.deltas), cut_off, None)
+            ):
+                pass
+            if not chat_log.unresponded_tool_results:
+                break
+            continue
         stream = await cluster.async_open_chat(
             body,
             conversation_id=chat_log.conversation_id,
             kind=kind,
         )
         worker_name = stream.worker.name
-        cut_off: list[AnswerCutOffError] = []
 
-        async def note(err: AnswerCutOffError, language: str | None = language) -> str:
-            return await async_error_text(hass, language or hass.config.language, err)
+        async def note(err: AnswerCutOffError, language: str = language) -> str:
+            return await async_error_text(hass, language, err)
 
         async for _content in chat_log.async_add_delta_content_stream(
-            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note if language else None)
+            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note)
         ):
             pass
-        if cut_off:
-            if language is None:
-                raise cut_off[0]
+        if cut_off:  # the answer so far and the note stay; no second answer after it
             break
         if not chat_log.unresponded_tool_results:
             break

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from homeassistant.core import HomeAssistant, callback
-from homeassistant.exceptions import HomeAssistantError
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers.storage import Store
 
 from . import router
@@ -69,6 +69,66 @@ class AnswerCutOffError(HomeAssistantError):
         )
 
 
+class RequestNotServableError(ServiceValidationError):
+    """No worker can serve the request because of the request itself, not availability.
+
+    A ServiceValidationError: the caller's input is the cause, so Home Assistant
+    answers with the translated reason and logs no traceback.
+    """
+
+
+class RequestTooLongError(RequestNotServableError):
+    """The request does not fit the context of any model that was asked."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="request_too_long",
+            translation_placeholders={"details": details},
+        )
+
+
+class MessageTooLongError(RequestNotServableError):
+    """Refused before any worker is asked: longer than any household model could read."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="message_too_long",
+            translation_placeholders={"length": str(length), "limit": str(limit)},
+        )
+
+
+class RequestRefusedError(RequestNotServableError):
+    """Every worker that answered refused the request (unknown model, bad arguments)."""
+
+    def __init__(self, worker_name: str, details: str) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="request_refused",
+            translation_placeholders={"name": worker_name, "details": details},
+        )
+
+
+# A request is refused before any worker sees it when it is longer, in characters,
+# than the largest context of the household's chat models could hold even at
+# CHARS_PER_TOKEN_CEILING characters a token (real text averages about 4), and
+# never longer than MAX_PROMPT_CHARS: what no worker can answer costs nothing.
+CHARS_PER_TOKEN_CEILING: Final = 8
+MAX_PROMPT_CHARS: Final = 512_000
+# Worker error codes that mean "this request is too long" (see the worker's API).
+_TOO_LONG_CODES: Final = frozenset({"context_length_exceeded", "body_too_large"})
+
+
+def refusal_error(refusals: list[tuple[str, HearthRequestError]]) -> RequestNotServableError:
+    """The error for a request every answering worker refused: too long, else the reason."""
+    for _name, err in refusals:
+        if err.code in _TOO_LONG_CODES or err.status == 413:
+            return RequestTooLongError(str(err) or err.code)
+    name, err = refusals[-1]
+    return RequestRefusedError(name, str(err) or err.code or f"HTTP {err.status}")
+
+
 @dataclass
 class WorkerHandle:
     """One loaded worker, as the cluster sees it."""
@@ -117,6 +177,11 @@ class WorkerHandle:
         )
 
 
+def prompt_chars(body: dict[str, Any]) -> int:
+    """A chat request's prompt size in characters (messages and tools)."""
+    return len(json.dumps([body.get("messages"), body.get("tools")], ensure_ascii=False))
+
+
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """A chat request's prompt size in tokens, roughly (4 characters a token), for routing."""
     return max(1, len(json.dumps([body.get("messages"), body.get("tools")])) // 4)
@@ -150,6 +215,19 @@ class AskResult:
     @property
     def partial(self) -> bool:
         return self.cut_off is not None
+
+
+@dataclass
+class Completion:
+    """A whole answer's deltas, collected before anyone saw them (see async_complete)."""
+
+    deltas: list[ChatDelta]
+    worker: WorkerHandle
+    cut_off: AnswerCutOffError | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(delta.content for delta in self.deltas)
 
 
 @dataclass
@@ -239,6 +317,7 @@ class Cluster:
         prompt_tokens: int | None = None,
         conversation_id: str | None = None,
         kind: str = "chat",
+        exclude: Collection[str] = (),
     ) -> ChatStream:
         """Send a chat request to the best worker, failing over before the first token.
 
@@ -250,8 +329,16 @@ class Cluster:
         Each try is reserved against its worker until the answer is over, so that
         requests arriving together spread out (router.Router); `conversation_id`
         keeps a conversation on the worker of its previous turn; `kind` groups
-        requests with similar answer lengths ("voice", "task").
+        requests with similar answer lengths ("voice", "task"); workers in `exclude`
+        (entry ids) are not asked.
+
+        Raises MessageTooLongError, before any worker is asked, for a request longer
+        than prompt_char_limit(); when no worker answers, RequestNotServableError if
+        a worker refused the request itself (too long for its model, bad arguments:
+        its 4xx), else NoWorkerError (nobody could be reached, or all were busy).
         """
+        if (length := prompt_chars(body)) > (limit := self.prompt_char_limit()):
+            raise MessageTooLongError(length, limit)
         request = router.RouteRequest(
             model=self.settings.get(CONF_CHAT_MODEL) or None,
             prompt_tokens=prompt_tokens or estimate_prompt_tokens(body),
@@ -259,9 +346,10 @@ class Cluster:
             conversation_id=conversation_id,
             kind=kind,
         )
+        refusals: list[tuple[str, HearthRequestError]] = []
         for candidate in self.candidates(request):
             worker = self.workers.get(candidate.worker_id)
-            if worker is None:
+            if worker is None or candidate.worker_id in exclude:
                 continue
             deltas: AsyncGenerator[ChatDelta] | None = None
             reservation = self.routing.reserve(candidate, request)
@@ -275,8 +363,11 @@ class Cluster:
                 LOGGER.debug("Worker %s is busy, trying the next: %s", worker.name, err)
                 continue
             except HearthRequestError as err:
+                # The request itself (too long for this model, bad arguments): another
+                # worker may still take it; if none does, the user hears this reason.
                 self.routing.release(reservation)
-                LOGGER.warning("Worker %s refused the request: %s", worker.name, err)
+                LOGGER.info("Worker %s refused the request: %s", worker.name, err)
+                refusals.append((worker.name, err))
                 continue
             except HearthError as err:
                 self.routing.release(reservation)
@@ -292,7 +383,27 @@ class Cluster:
             return ChatStream(
                 worker, candidate.model, self._relay(worker, first, deltas, reservation)
             )
+        if refusals:
+            raise refusal_error(refusals)
         raise NoWorkerError
+
+    def largest_context(self) -> int:
+        """The longest context (tokens) of any chat model in the household; 0 if unknown."""
+        return max(
+            (
+                model.context_length
+                for worker in self.workers.values()
+                for model in worker.coordinator.info.models
+                if model.kind == "chat"
+            ),
+            default=0,
+        )
+
+    def prompt_char_limit(self) -> int:
+        """The longest request, in characters, that any household model might read."""
+        if context := self.largest_context():
+            return min(MAX_PROMPT_CHARS, context * CHARS_PER_TOKEN_CEILING)
+        return MAX_PROMPT_CHARS
 
     async def _relay(
         self,
@@ -335,17 +446,54 @@ class Cluster:
         self.routing.report_success(worker.entry_id)
         LOGGER.debug("Worker %s answered", worker.name)
 
-    async def async_ask(self, body: dict[str, Any], *, kind: str = "task") -> AskResult:
-        """Ask once and collect the whole answer text.
+    async def async_complete(
+        self,
+        body: dict[str, Any],
+        *,
+        kind: str = "task",
+        conversation_id: str | None = None,
+    ) -> Completion:
+        """Collect a whole answer before anyone sees it; a cut-off answer is asked again.
 
-        Raises NoWorkerError when no worker produced anything; a worker that broke
-        off mid-answer gives a partial result (`cut_off` set) with what it sent.
+        For callers that pass nothing on while the answer comes (hearth.ask, AI
+        tasks): a worker that breaks off mid-answer costs nobody anything yet, so the
+        request goes to the next worker (never the ones that broke off). When every
+        worker broke off, the longest partial answer is returned with `cut_off` set.
+        Raises as async_open_chat when no worker produced anything.
         """
-        stream = await self.async_open_chat(body, kind=kind)
-        parts: list[str] = []
-        try:
-            async for delta in stream.deltas:
-                parts.append(delta.content)
-        except AnswerCutOffError as err:
-            return AskResult("".join(parts).strip(), stream.worker, err)
-        return AskResult("".join(parts).strip(), stream.worker)
+        broke_off: list[str] = []
+        best: Completion | None = None
+        while True:
+            try:
+                stream = await self.async_open_chat(
+                    body, kind=kind, conversation_id=conversation_id, exclude=broke_off
+                )
+            except (NoWorkerError, RequestNotServableError):
+                if best is not None:
+                    return best
+                raise
+            deltas: list[ChatDelta] = []
+            try:
+                async for delta in stream.deltas:
+                    deltas.append(delta)
+            except AnswerCutOffError as err:
+                broke_off.append(stream.worker.entry_id)
+                partial = Completion(deltas, stream.worker, err)
+                if best is None or len(partial.text) >= len(best.text):
+                    best = partial
+                LOGGER.info(
+                    "Asking again: worker %s broke off before the answer was passed on",
+                    stream.worker.name,
+                )
+                continue
+            return Completion(deltas, stream.worker)
+
+    async def async_ask(self, body: dict[str, Any], *, kind: str = "task") -> AskResult:
+        """Ask once and collect the whole answer text (see async_complete).
+
+        Raises NoWorkerError or RequestNotServableError when no worker produced
+        anything; when every worker broke off mid-answer, a partial result
+        (`cut_off` set) with the longest answer one sent.
+        """
+        done = await self.async_complete(body, kind=kind)
+        return AskResult(done.text.strip(), done.worker, done.cut_off)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from homeassistant.components import conversation
 from homeassistant.const import MATCH_ALL
@@ -18,6 +18,7 @@ from .assistant import (
     async_provide_llm_data,
     async_run_chat_log,
 )
+from .cluster import MessageTooLongError, RequestNotServableError
 from .const import CONF_LLM_HASS_API, CONF_PREFER_LOCAL_INTENTS, CONVERSATION_UNIQUE_ID, LOGGER
 
 if TYPE_CHECKING:
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 PARALLEL_UPDATES = 0
+
+# Home Assistant's sentence matcher takes time that grows about with the square of
+# the text's length and holds the event loop meanwhile (4,000 characters: 17 s);
+# spoken and typed commands are short, so longer text goes straight to a worker.
+MAX_LOCAL_INTENT_CHARS: Final = 250
 
 
 async def async_setup_entry(
@@ -69,8 +75,17 @@ class HearthConversationEntity(conversation.ConversationEntity):
         chat_log: conversation.ChatLog,
     ) -> conversation.ConversationResult:
         settings = self.cluster.settings
-        if settings.get(CONF_PREFER_LOCAL_INTENTS) and (
-            local := await self._async_try_local_intents(user_input, chat_log)
+        message = user_input.text
+        if len(message) > (limit := self.cluster.prompt_char_limit()):
+            # Longer than any household model could read: refused before anything
+            # (sentence matching, preference relevance, a worker) spends time on it.
+            return await self._async_error(
+                user_input, chat_log, MessageTooLongError(len(message), limit)
+            )
+        if (
+            settings.get(CONF_PREFER_LOCAL_INTENTS)
+            and len(message.strip()) <= MAX_LOCAL_INTENT_CHARS
+            and (local := await self._async_try_local_intents(user_input, chat_log))
         ):
             return conversation.ConversationResult(
                 response=local, conversation_id=chat_log.conversation_id
@@ -88,14 +103,7 @@ class HearthConversationEntity(conversation.ConversationEntity):
                 language=user_input.language,  # a cut-off answer ends with a note
             )
         except HomeAssistantError as err:
-            response = intent.IntentResponse(language=user_input.language)
-            response.async_set_error(
-                intent.IntentResponseErrorCode.UNKNOWN,
-                await async_error_text(self.hass, user_input.language, err),
-            )
-            return conversation.ConversationResult(
-                response=response, conversation_id=chat_log.conversation_id
-            )
+            return await self._async_error(user_input, chat_log, err)
         response = intent.IntentResponse(language=user_input.language)
         last = chat_log.content[-1]
         text = last.content if isinstance(last, conversation.AssistantContent) else None
@@ -104,6 +112,31 @@ class HearthConversationEntity(conversation.ConversationEntity):
             response=response,
             conversation_id=chat_log.conversation_id,
             continue_conversation=chat_log.continue_conversation,
+        )
+
+    async def _async_error(
+        self,
+        user_input: conversation.ConversationInput,
+        chat_log: conversation.ChatLog,
+        err: HomeAssistantError,
+    ) -> conversation.ConversationResult:
+        """A translated error answer (no traceback: the reason is the answer).
+
+        A message no worker could serve because of the message itself is dropped
+        from the conversation's history, so that the next turn is not refused too.
+        """
+        LOGGER.info("No answer to a %d-character message: %s", len(user_input.text), err)
+        if isinstance(err, RequestNotServableError):
+            last = chat_log.content[-1] if chat_log.content else None
+            if isinstance(last, conversation.UserContent) and last.content == user_input.text:
+                chat_log.content.pop()
+        response = intent.IntentResponse(language=user_input.language)
+        response.async_set_error(
+            intent.IntentResponseErrorCode.UNKNOWN,
+            await async_error_text(self.hass, user_input.language, err),
+        )
+        return conversation.ConversationResult(
+            response=response, conversation_id=chat_log.conversation_id
         )
 
     async def _async_try_local_intents(

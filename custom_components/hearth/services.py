@@ -16,6 +16,7 @@ from homeassistant.exceptions import ServiceValidationError, Unauthorized
 from homeassistant.helpers import config_validation as cv
 from homeassistant.util import dt as dt_util
 
+from .cluster import MessageTooLongError
 from .const import CONF_MAX_TOKENS, CONF_TEMPERATURE, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
 from .preferences import (
     CATEGORIES,
@@ -62,16 +63,22 @@ def async_setup_services(hass: HomeAssistant) -> None:
         from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
 
         cluster = get_cluster(hass)
+        prompt: str = call.data[ATTR_PROMPT]
+        if not prompt.strip():
+            raise ServiceValidationError(translation_domain=DOMAIN, translation_key="empty_prompt")
+        if len(prompt) > (limit := cluster.prompt_char_limit()):
+            raise MessageTooLongError(len(prompt), limit)
         messages: list[dict[str, Any]] = []
         system = [call.data.get(ATTR_INSTRUCTIONS) or ""]
         if person := call.data.get(ATTR_PERSON):  # that person's preferences, as in Assist
             member = member_for_person(hass, person)
-            system.append(
-                await hass.data[DATA_PREFERENCES].async_prompt(member, call.data[ATTR_PROMPT]) or ""
-            )
+            # As the preference actions: a user who is not an administrator may
+            # only bring their own preferences into an answer.
+            await _async_check_allowed(hass, call, member)
+            system.append(await hass.data[DATA_PREFERENCES].async_prompt(member, prompt) or "")
         if instructions := "\n".join(part for part in system if part):
             messages.append({"role": "system", "content": instructions})
-        messages.append({"role": "user", "content": call.data[ATTR_PROMPT]})
+        messages.append({"role": "user", "content": prompt})
         body = {
             "messages": messages,
             "max_tokens": call.data.get(ATTR_MAX_TOKENS)
