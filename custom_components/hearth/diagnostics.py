@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -41,23 +42,30 @@ async def async_get_config_entry_diagnostics(
 
 
 def preferences_diagnostics(hass: HomeAssistant) -> dict[str, Any]:
-    """What the preference store holds: per member a count and the items (no secrets)."""
+    """What the preference store holds, as counts and categories only.
+
+    Diagnostics are made to be shared: no preference text, no member name or key
+    (a key names a person); members are listed by size, not by who they are.
+    """
     prefs = hass.data.get(DATA_PREFERENCES)
     if prefs is None:
         return {}
+    shapes: list[tuple[int, dict[str, int]]] = sorted(
+        (
+            (
+                len(member["items"]),
+                dict(sorted(Counter(i["category"] for i in member["items"]).items())),
+            )
+            for member in prefs.members.values()
+        ),
+        key=lambda shape: (-shape[0], sorted(shape[1].items())),
+    )
+    members = [{"count": count, "categories": categories} for count, categories in shapes]
     return {
         "store": prefs.store.path,
         "readable": prefs.corrupt is None,
         "problem": prefs.corrupt,
-        "members": {
-            key: {
-                "name": member["name"],
-                "count": len(member["preferences"]),
-                "items": [
-                    {k: item[k] for k in ("category", "value", "updated_at")}
-                    for item in member["preferences"]
-                ],
-            }
-            for key, member in prefs.export().items()
-        },
+        "member_count": len(members),
+        "preference_count": sum(count for count, _ in shapes),
+        "members": members,
     }
