@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 import onnxruntime as ort
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import API_VERSION, __version__, pairing
 from .admission import Admission, Busy
@@ -42,10 +44,13 @@ _LOGGER = logging.getLogger(__name__)
 TOKEN_KEY = "hearth_token"  # noqa: S105 - the request's TokenInfo, set by _authenticate
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/pair", "/v1/openapi.yaml"})
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# POST /v1/pair needs no token: read no more than a pairing proof needs.
+MAX_PAIR_BODY_BYTES = 4 * 1024
 WARMUP_PROMPT_TOKENS = 32
 WARMUP_NEW_TOKENS = 8
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_HEX = re.compile("(?:[0-9a-fA-F]{2})*")
 
 
 @dataclass
@@ -63,10 +68,7 @@ class WorkerOptions:
 
 def _hex_field(data: dict[str, Any], name: str, low: int, high: int) -> bytes:
     value = data.get(name)
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else None
-    except ValueError:
-        raw = None
+    raw = bytes.fromhex(value) if isinstance(value, str) and _HEX.fullmatch(value) else None
     if raw is None or not low <= len(raw) <= high:
         size = f"{low}" if low == high else f"{low} to {high}"
         raise ApiError(400, f"'{name}' must be {size} bytes in hex", param=name)
@@ -94,6 +96,27 @@ def _pairing_error(err: PairingError) -> ApiError:
         code=err.reason,
         type_="permission_error",
     )
+
+
+class _QuietBadHttp(logging.Filter):
+    """Malformed HTTP is the client's mistake: one debug line, no traceback.
+
+    aiohttp answers a request it cannot parse (a NUL byte in a header, a line
+    too long, a broken chunk) with a 400 itself, but logs it on
+    ``aiohttp.server`` as an ERROR with a traceback. This filter drops such
+    records and logs a one-line debug message instead.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        message = " ".join(str(exc.message).split())[:200]
+        _LOGGER.debug("%s: refused with %s (%s)", record.getMessage(), exc.code or 400, message)
+        return False
+
+
+_QUIET_BAD_HTTP = _QuietBadHttp()
 
 
 def _sse(payload: str) -> bytes:
@@ -169,6 +192,7 @@ class Worker:
     # -- application ----------------------------------------------------------
 
     def build_app(self) -> web.Application:
+        logging.getLogger("aiohttp.server").addFilter(_QUIET_BAD_HTTP)  # once: same object
         app = web.Application(
             middlewares=[self._errors, self._authenticate], client_max_size=MAX_BODY_BYTES
         )
@@ -236,8 +260,21 @@ class Worker:
             request[TOKEN_KEY] = info
         return await handler(request)
 
-    async def _json(self, request: web.Request) -> dict[str, Any]:
-        return parse_json_object(await request.read())
+    async def _json(self, request: web.Request, limit: int | None = None) -> dict[str, Any]:
+        """The body as a JSON object; with `limit`, reading stops past that many bytes."""
+        if limit is None:
+            return parse_json_object(await request.read())
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        body = bytearray()
+        while len(body) <= limit:
+            chunk = await request.content.read(limit + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+        return parse_json_object(bytes(body))
 
     # -- endpoints --------------------------------------------------------------
 
@@ -272,7 +309,7 @@ class Worker:
 
     async def pair(self, request: web.Request) -> web.Response:
         """Check the client's pairing proof; answer with a token and the worker's proof."""
-        data = await self._json(request)
+        data = await self._json(request, MAX_PAIR_BODY_BYTES)
         if "code" in data:
             raise ApiError(
                 400,
@@ -401,7 +438,7 @@ class Worker:
             max_new_tokens=max_new,
             temperature=req.temperature,
             top_p=req.top_p,
-            seed=req.seed,
+            seed=req.engine_seed,
             stop=req.stop,
         )
         try:
@@ -538,6 +575,12 @@ class Worker:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"Request body is too large (at most {limit} bytes)", code="body_too_large"
+    )
 
 
 def _error_response(err: ApiError) -> web.Response:

@@ -8,11 +8,26 @@ is answered clearly and never reaches an engine.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 256
+# Containers (objects and arrays) nested in any request body, the body itself included.
+MAX_JSON_DEPTH = 64
+# Digits of one JSON integer: far beyond any field's range, far below int()'s own limit.
+MAX_INT_DIGITS = 100
+# One tool's function definition, and all of a request's tools, as compact JSON.
+MAX_TOOL_BYTES = 32 * 1024
+MAX_TOOLS_BYTES = 256 * 1024
+# The API accepts OpenAI's 64-bit seeds; the engine takes 31 bits (`engine_seed`).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+# max_tokens / max_completion_tokens: at most a 32-bit count (a context is far smaller).
+MAX_TOKENS_LIMIT = 2**31 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 TOOL_CHOICES = frozenset({"none", "auto", "required"})
 
@@ -71,6 +86,11 @@ class ChatRequest:
     def tool_names(self) -> list[str]:
         return [t["function"]["name"] for t in self.tools]
 
+    @property
+    def engine_seed(self) -> int | None:
+        """`seed` folded into the 31 bits the engine takes (the same seed, the same draw)."""
+        return None if self.seed is None else self.seed % 2**31
+
 
 @dataclass(frozen=True)
 class EmbeddingRequest:
@@ -79,14 +99,100 @@ class EmbeddingRequest:
     encoding_format: str = "float"
 
 
+class _Refused(ValueError):
+    """A JSON value refused while parsing (raised from json's hooks)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"a number has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:20]}... is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON value")
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body: a JSON object, with limits that keep parsing cheap and safe.
+
+    Nesting beyond MAX_JSON_DEPTH, numbers too long or out of range, NaN and
+    Infinity, and strings with lone surrogates (not Unicode text: no tokenizer
+    takes them) are all answered with a 400.
+    """
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(
+            raw,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except RecursionError as err:
+        raise _too_deep(()) from err
+    except _Refused as err:
+        raise ApiError(400, f"Request body is not accepted: {err}", code="invalid_json") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise ApiError(400, f"Request body is not valid JSON: {err}", code="invalid_json") from err
     if not isinstance(data, dict):
         raise ApiError(400, "Request body must be a JSON object", code="invalid_json")
+    _check_tree(data)
     return data
+
+
+def _too_deep(path: tuple[str | int, ...]) -> ApiError:
+    return ApiError(
+        400,
+        f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of objects "
+        "and arrays)",
+        code="json_too_deep",
+        param=_param(path[:1]) if path else None,
+    )
+
+
+def _param(path: tuple[str | int, ...]) -> str:
+    """`messages[0].content` for ("messages", 0, "content")."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if len(part) <= 40 else part[:40] + "..."
+            text += f".{name}" if text else name
+    return text
+
+
+def _check_tree(data: dict[str, Any]) -> None:
+    """Depth and Unicode checks over a parsed body, without recursion."""
+    stack: list[tuple[dict[str, Any] | list[Any], tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            raise _too_deep(path)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise _not_unicode((*path, key))
+            if isinstance(item, dict | list):
+                stack.append((item, (*path, key)))
+            elif isinstance(item, str) and _SURROGATE.search(item):
+                raise _not_unicode((*path, key))
+
+
+def _not_unicode(path: tuple[str | int, ...]) -> ApiError:
+    return ApiError(
+        400,
+        "Request body has a string that is not valid Unicode text (a lone surrogate "
+        "such as \\ud800)",
+        code="invalid_unicode",
+        param=_param(path),
+    )
 
 
 def _string(data: dict[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -113,7 +219,7 @@ def _number(data: dict[str, Any], key: str, lo: float, hi: float) -> float | Non
     return float(value)
 
 
-def _integer(data: dict[str, Any], key: str, minimum: int) -> int | None:
+def _integer(data: dict[str, Any], key: str, minimum: int, maximum: int) -> int | None:
     value = data.get(key)
     if value is None:
         return None
@@ -121,6 +227,8 @@ def _integer(data: dict[str, Any], key: str, minimum: int) -> int | None:
         raise invalid(f"'{key}' must be an integer", key)
     if value < minimum:
         raise invalid(f"'{key}' must be at least {minimum}", key)
+    if value > maximum:
+        raise invalid(f"'{key}' must be at most {maximum}", key)
     return value
 
 
@@ -147,6 +255,8 @@ def _tool_call(call: Any, param: str) -> dict[str, Any]:
     function = call.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise invalid("A tool call needs 'function' with a string 'name'", f"{param}.function")
+    if call.get("type", "function") != "function":
+        raise invalid("A tool call's 'type' must be 'function'", f"{param}.type")
     arguments = function.get("arguments", "{}")
     if isinstance(arguments, dict):
         arguments = json.dumps(arguments)
@@ -199,6 +309,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise invalid("'tools' must be an array", "tools")
     tools = []
+    total = 0
     for i, tool in enumerate(value):
         param = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
@@ -215,6 +326,23 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"name": function["name"], "parameters": parameters}
         if description:
             entry["description"] = description
+        size = len(json.dumps(entry, ensure_ascii=False).encode())
+        if size > MAX_TOOL_BYTES:
+            raise ApiError(
+                400,
+                f"Tool {function['name'][:40]!r} is too large: {size} bytes as JSON "
+                f"(at most {MAX_TOOL_BYTES})",
+                code="tool_too_large",
+                param=f"{param}.function",
+            )
+        total += size
+        if total > MAX_TOOLS_BYTES:
+            raise ApiError(
+                400,
+                f"The tools are too large together: more than {MAX_TOOLS_BYTES} bytes as JSON",
+                code="tools_too_large",
+                param="tools",
+            )
         tools.append({"type": "function", "function": entry})
     return tools
 
@@ -258,15 +386,16 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("'stream_options' must be an object", "stream_options")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise invalid("'include_usage' must be a boolean", "stream_options.include_usage")
     n = data.get("n")
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid("Only n=1 is supported", "n")
-    max_tokens = _integer(data, "max_completion_tokens", 1)
+    max_tokens = _integer(data, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens", 1)
-    seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise invalid("'seed' must be an integer", "seed")
+        max_tokens = _integer(data, "max_tokens", 1, MAX_TOKENS_LIMIT)
+    seed = _integer(data, "seed", SEED_MIN, SEED_MAX)
     top_p = _number(data, "top_p", 0.0, 1.0)
     if top_p == 0.0:
         raise invalid("'top_p' must be greater than 0", "top_p")
@@ -274,7 +403,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         model=model,
         messages=_messages(data.get("messages")),
         stream=stream,
-        include_usage=bool(options and options.get("include_usage")),
+        include_usage=bool(include_usage),
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 0.0, 2.0),
         top_p=top_p,
@@ -302,7 +431,9 @@ def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
             code="too_many_inputs",
             param="input",
         )
-    encoding = data.get("encoding_format", "float") or "float"
+    encoding = data.get("encoding_format")
+    if encoding is None:
+        encoding = "float"
     if encoding not in ("float", "base64"):
         raise invalid("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     dimensions = data.get("dimensions")

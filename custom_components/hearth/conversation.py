@@ -18,7 +18,7 @@ from .assistant import (
     async_provide_llm_data,
     async_run_chat_log,
 )
-from .cluster import MessageTooLongError, RequestNotServableError
+from .cluster import MessageTooLongError
 from .const import CONF_LLM_HASS_API, CONF_PREFER_LOCAL_INTENTS, CONVERSATION_UNIQUE_ID, LOGGER
 
 if TYPE_CHECKING:
@@ -122,14 +122,10 @@ class HearthConversationEntity(conversation.ConversationEntity):
     ) -> conversation.ConversationResult:
         """A translated error answer (no traceback: the reason is the answer).
 
-        A message no worker could serve because of the message itself is dropped
-        from the conversation's history, so that the next turn is not refused too.
+        Nothing is added to the chat log, so Home Assistant keeps the message out
+        of the conversation's history and the next turn is not refused with it.
         """
         LOGGER.info("No answer to a %d-character message: %s", len(user_input.text), err)
-        if isinstance(err, RequestNotServableError):
-            last = chat_log.content[-1] if chat_log.content else None
-            if isinstance(last, conversation.UserContent) and last.content == user_input.text:
-                chat_log.content.pop()
         response = intent.IntentResponse(language=user_input.language)
         response.async_set_error(
             intent.IntentResponseErrorCode.UNKNOWN,
