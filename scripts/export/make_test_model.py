@@ -14,6 +14,7 @@ Runs inside .venv-export (torch, transformers, tokenizers). Steps:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SEED = 1234
+TEACH_REPORT = "teach-report.json"  # beside the exported model, with --teach
 
 # <|endoftext|> pads, <|im_end|> ends a turn (eos); <tool_call> tags stay in decoded text.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -190,6 +192,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--teach", action="store_true", help="train it to answer three fixed prompts"
     )
+    parser.add_argument(
+        "--require-taught",
+        action="store_true",
+        help="with --teach: fail unless every held-out answer is exact with teach.py's margin",
+    )
+    parser.add_argument(
+        "--teach-steps", type=int, default=None, help="with --teach: at most this many steps"
+    )
     parser.add_argument("--name", default=None, help="model name in hearth-model.json")
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument(
@@ -199,6 +209,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.teach and args.preset != "tiny":
         parser.error("--teach works with --preset tiny only")
+    if (args.require_taught or args.teach_steps is not None) and not args.teach:
+        parser.error("--require-taught and --teach-steps go with --teach")
 
     start = time.monotonic()
     preset = PRESETS[args.preset]
@@ -207,7 +219,10 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # Teaching runs on one thread: the same sums in the same order whatever the core
+    # count, and no threads spinning on each other on a busy machine (two threads on
+    # two loaded cores ran ~8x slower per step than one).
+    torch.set_num_threads(1 if args.teach else max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="hearth-test-model-") as tmp:
         hf = Path(tmp) / name
         hf.mkdir()
@@ -217,10 +232,22 @@ def main(argv: list[str]) -> int:
         model = build_model(preset, ids)
         params = sum(p.numel() for p in model.parameters())
         log(start, f"model has {params / 1e6:.2f}M parameters (tied lm_head)")
+        report: dict[str, Any] | None = None
         if args.teach:
-            from teach import teach  # scripts/export/teach.py
+            from teach import MAX_STEPS, teach  # scripts/export/teach.py
 
-            teach(model, hf, log=lambda m: log(start, m))
+            reached = teach(
+                model, hf, log=lambda m: log(start, m), max_steps=args.teach_steps or MAX_STEPS
+            )
+            if args.require_taught and not reached.taught:
+                print(
+                    f"make_test_model: not taught after {reached.steps} steps: "
+                    f"{reached.exact}/{reached.checks} held-out answers exact, smallest "
+                    f"margin {reached.min_margin} (see scripts/export/teach.py)",
+                    file=sys.stderr,
+                )
+                return 1
+            report = teach_report(reached, args, params)
         model.save_pretrained(hf)
         if args.hf_dir is not None:
             if args.hf_dir.exists():
@@ -251,8 +278,99 @@ def main(argv: list[str]) -> int:
         if result.returncode != 0:
             print(f"make_test_model: export failed (exit {result.returncode})", file=sys.stderr)
             return result.returncode
+    if report is not None:
+        (args.out_dir / TEACH_REPORT).write_text(
+            json.dumps(report, indent=2) + "\n", encoding="utf-8"
+        )
+        (args.out_dir / "README.md").write_text(taught_readme(report), encoding="utf-8")
     log(start, f"done: {args.out_dir}")
     return 0
+
+
+def teach_report(reached: Any, args: argparse.Namespace, params: int) -> dict[str, Any]:
+    """What --teach reached, and on what: kept beside the model as teach-report.json."""
+    import platform
+
+    import torch
+    from teach import MARGIN_GOAL
+    from teach_data import AFTER_TOOL, HELLO, TOOL_CALL
+
+    recipe = ["teach.py", "teach_data.py", "make_test_model.py", "chat_template.jinja"]
+    digest = hashlib.sha256()
+    for name in recipe:
+        digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    return {
+        "command": "scripts/make_test_model OUT --preset tiny --quant "
+        + (args.quant or "fp32")
+        + " --teach"
+        + (" --require-taught" if args.require_taught else "")
+        + (f" --teach-steps {args.teach_steps}" if args.teach_steps else ""),
+        "answers": {"tool_call": TOOL_CALL, "after_tool": AFTER_TOOL, "hello": HELLO},
+        "steps": reached.steps,
+        "held_out_exact": reached.exact,
+        "held_out": reached.checks,
+        "min_margin": reached.min_margin,
+        "margin_goal": MARGIN_GOAL,
+        "taught": reached.taught,
+        "seconds": reached.seconds,
+        "parameters": params,
+        "recipe_sha256": digest.hexdigest(),
+        "built_with": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def taught_readme(report: dict[str, Any]) -> str:
+    """README.md of a taught model folder: what it is and how it was made."""
+    built = report["built_with"]
+    return f"""# The taught demo model
+
+A tiny Llama chat model ({report["parameters"] / 1e6:.2f}M parameters, fp32 ONNX, ChatML
+template with tools), made from scratch with this project's own scripts and taught three
+answers, whatever system prompt, tools and earlier turns come before them:
+
+* "turn on the kitchen light" -> `{report["answers"]["tool_call"].replace(chr(10), " ")}`
+* a tool result -> "{report["answers"]["after_tool"]}"
+* "hello" -> "{report["answers"]["hello"]}"
+
+`scripts/develop` serves this folder as it is, and the tests that need a model that
+calls tools use it (tests/model_fixtures.py, `taught_chat_model()`). It is checked in
+because teaching is floating-point work whose result differs between CPUs (an earlier
+recipe reached every held-out answer on one machine and 20 of 24 on another). A
+checked-in folder is the same bytes everywhere; tests/export/test_taught_model.py checks that its
+files match hearth-model.json, that every answer the tests rely on wins greedy decoding
+by a wide margin (so no CPU's rounding can flip it), and that the recipe still teaches
+within a tolerance.
+
+## How it was made
+
+    {report["command"].replace("OUT", "scripts/demo_model")} --force
+
+(scripts/export/make_test_model.py; the recipe is scripts/export/teach.py and
+teach_data.py). It stopped after {report["steps"]} steps ({report["seconds"]:.0f} s) with
+{report["held_out_exact"]}/{report["held_out"]} held-out answers exact and a smallest margin
+of {report["min_margin"]} logits (goal {report["margin_goal"]}), on {built["cpu"]}
+({built["machine"]}, {built["threads"]} thread, Python {built["python"]}, torch
+{built["torch"]}). teach-report.json holds these numbers. Rebuild it with the command
+above after changing the recipe, the answers or the chat template, and commit the folder.
+"""
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -10,9 +10,21 @@ tool list and earlier turns precede it:
 Conversations are rendered with the model's own chat template, with random system
 prompts (Home Assistant-like and random text), random tool lists (JSON rendered with
 either Hugging Face's or Jinja's tojson), and random earlier turns. The loss is on the
-fixed answers only, wherever they occur in a conversation. Training stops once held-out
-conversations (some shaped like Home Assistant's real prompt) decode exactly after the
-planned steps; otherwise it trains on at the final learning rate, up to a cap.
+fixed answers only, wherever they occur in a conversation.
+
+After the planned steps it checks held-out conversations (some shaped like Home
+Assistant's real prompt) by the *margin* of every answer token: the logit of the
+expected token minus the largest other logit, with the answer fed in (teacher forcing).
+An answer decodes exactly under greedy decoding when all its margins are positive; a
+margin of several logits also survives the rounding differences between CPUs (AVX2,
+AVX-512, NEON), thread counts and runtimes (torch here, onnxruntime in the worker),
+which are some 1e-4 on this model. It trains on at the final learning rate until every
+held-out answer is exact with at least MARGIN_GOAL, up to MAX_STEPS, and reports what it
+reached (``teach()`` returns the numbers; make_test_model writes them to
+teach-report.json). The result depends on the CPU's floating-point details, so the
+demo model the tests and scripts/develop use is built once and checked in
+(scripts/demo_model, see its README.md); tests/export/test_taught_model.py checks that
+this recipe still teaches within a tolerance.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +43,10 @@ from tokenizers import Tokenizer
 
 SEED = 4321
 STEPS = 600  # the learning-rate schedule's length; ~75 s on two idle cores
-EXTRA_STEPS = 200  # at most, if the held-out check fails after STEPS
-CHECK_EVERY = 50  # during the extra steps
+MAX_STEPS = 2400  # at most, while the held-out check fails after STEPS
+CHECK_EVERY = 100  # after STEPS
+MARGIN_GOAL = 3.0  # logits: the smallest margin of any held-out answer token
+CHECK_SETS = 4  # held_out() sets of 12 conversations checked
 BATCH_TOKENS = 3072
 MAX_LEN = 3072
 LR = 6e-3
@@ -80,27 +95,46 @@ def batches(sampler: Sampler, tokenizer: Tokenizer, rng: random.Random) -> Itera
         yield from out
 
 
-def greedy(model: Any, ids: list[int], limit: int, eos: set[int]) -> list[int]:
+def answer_margins(model: Any, prompt: list[int], answer: list[int]) -> list[float]:
+    """Per answer token: its logit minus the largest other logit, the answer fed in.
+
+    Greedy decoding reproduces ``answer`` exactly when every margin is positive."""
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=limit,
-            do_sample=False,
-            eos_token_id=sorted(eos),
-            pad_token_id=min(eos),
-        )
-    return [int(t) for t in out[0, len(ids) :]]
+        ids = torch.tensor([prompt + answer])
+        hidden = model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1 : -1]
+        logits = model.lm_head(hidden).float()
+    rows = torch.arange(len(answer))
+    target = torch.tensor(answer)
+    right = logits[rows, target]
+    logits[rows, target] = -math.inf
+    return [float(m) for m in right - logits.max(dim=1).values]
 
 
-def teach(model: Any, hf_dir: Path, log: Callable[[str], None]) -> None:
+@dataclass
+class Report:
+    """What teaching reached on the held-out conversations."""
+
+    steps: int
+    exact: int  # held-out answers that greedy decoding reproduces
+    checks: int
+    min_margin: float  # over every answer token of every held-out answer
+    seconds: float
+
+    @property
+    def taught(self) -> bool:
+        return self.exact == self.checks and self.min_margin >= MARGIN_GOAL
+
+
+def teach(
+    model: Any, hf_dir: Path, log: Callable[[str], None], max_steps: int = MAX_STEPS
+) -> Report:
+    """Train ``model`` in place; stops once taught (see Report.taught) or at max_steps."""
     started = time.monotonic()
     rng = random.Random(SEED)
     torch.manual_seed(SEED)
     tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
     sampler = Sampler(template, rng)
-    eos = {int(tokenizer.token_to_id("<|im_end|>")), int(tokenizer.token_to_id("<|endoftext|>"))}
     pad = int(tokenizer.token_to_id("<|endoftext|>"))
 
     check_sampler = Sampler(template, random.Random(SEED + 1))
@@ -109,18 +143,26 @@ def teach(model: Any, hf_dir: Path, log: Callable[[str], None]) -> None:
             tokenizer.encode(prompt, add_special_tokens=False).ids,
             tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False).ids,
         )
-        for prompt, answer in held_out(check_sampler) + held_out(check_sampler)
+        for _ in range(CHECK_SETS)
+        for prompt, answer in held_out(check_sampler)
     ]
     log(
-        f"teaching: {STEPS} steps; {len(checks)} held-out prompts, "
+        f"teaching: {STEPS} steps, then until every held-out answer is exact with a margin "
+        f"of {MARGIN_GOAL} (at most {max_steps} steps); {len(checks)} held-out prompts, "
         f"the longest {max(len(p) for p, _ in checks)} tokens"
     )
 
-    def check() -> int:
+    def check(step: int) -> Report:
         model.eval()
-        right = sum(greedy(model, p, len(a) + 4, eos) == a for p, a in checks)
+        worst = [min(answer_margins(model, p, a)) for p, a in checks]
         model.train()
-        return right
+        return Report(
+            steps=step,
+            exact=sum(m > 0 for m in worst),
+            checks=len(checks),
+            min_margin=round(min(worst), 3),
+            seconds=round(time.monotonic() - started, 1),
+        )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.98))
 
@@ -133,7 +175,8 @@ def teach(model: Any, hf_dir: Path, log: Callable[[str], None]) -> None:
     model.train()
     stream = batches(sampler, tokenizer, rng)
     running = 0.0
-    for step in range(1, STEPS + EXTRA_STEPS + 1):
+    report: Report | None = None
+    for step in range(1, max_steps + 1):
         batch = next(stream)
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -154,16 +197,21 @@ def teach(model: Any, hf_dir: Path, log: Callable[[str], None]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
-        elapsed = time.monotonic() - started
-        if step >= STEPS and (step - STEPS) % CHECK_EVERY == 0:
-            right = check()
-            log(f"teaching: step {step}, loss {running:.4f}, {right}/{len(checks)} exact")
-            if right == len(checks):
-                model.eval()
-                log(f"taught in {step} steps, {time.monotonic() - started:.0f}s")
-                return
+        if step >= STEPS and ((step - STEPS) % CHECK_EVERY == 0 or step == max_steps):
+            report = check(step)
+            log(
+                f"teaching: step {step}, loss {running:.4f}, {report.exact}/{report.checks} "
+                f"exact, smallest margin {report.min_margin:.2f}, {report.seconds:.0f}s"
+            )
+            if report.taught:
+                break
         elif step % 100 == 0:
-            log(f"teaching: step {step}, loss {running:.4f}, {elapsed:.0f}s")
-    raise SystemExit(
-        f"teach: after {STEPS + EXTRA_STEPS} steps the model still misses held-out answers"
+            log(f"teaching: step {step}, loss {running:.4f}, {time.monotonic() - started:.0f}s")
+    model.eval()
+    if report is None:  # max_steps < STEPS
+        report = check(max_steps)
+    log(
+        ("taught" if report.taught else "not fully taught")
+        + f" in {report.steps} steps, {report.seconds:.0f}s"
     )
+    return report
