@@ -140,6 +140,14 @@ class HomeAssistant:
                 raise TimeoutError(f"no discovered {domain} flow in {timeout:.0f} s")
             await asyncio.sleep(0.5)
 
+    async def no_discovered_flow(self, domain: str, unique_id: str, timeout: float = 60.0) -> None:
+        """Wait until no discovery flow for `unique_id` is in progress (a bounded wait)."""
+        deadline = time.monotonic() + timeout
+        while flows := await self.discovered_flows(domain, unique_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{domain} flows still there after {timeout:.0f} s: {flows}")
+            await asyncio.sleep(0.5)
+
     async def pair(self, flow_id: str, code: str) -> dict[str, Any]:
         """Confirm a discovered Hearth worker with its pairing code: the new config entry."""
         form = await self.rest("GET", f"/api/config/config_entries/flow/{flow_id}")

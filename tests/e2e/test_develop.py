@@ -5,9 +5,13 @@ Hearth as the Assist agent switching the demo light, and hearth.ask from a scrip
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import pytest
+from hearth_worker.discovery import SERVICE_TYPE
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from scripts import develop
 
@@ -17,6 +21,26 @@ pytestmark = pytest.mark.slow
 
 AGENT = "conversation.hearth"
 LIGHT = "light.kitchen_light"
+
+
+async def wait_for_txt(name: str, key: str, value: str, timeout: float = 60.0) -> None:
+    """Until the worker's mDNS TXT record (on loopback) says key=value, as Home Assistant
+    hears it; the worker re-announces itself when paired."""
+    zeroconf = AsyncZeroconf(interfaces=[develop.LOOPBACK], ip_version=IPVersion.V4Only)
+    try:
+        deadline = time.monotonic() + timeout
+        seen: dict[bytes, bytes | None] = {}
+        while True:
+            info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}")
+            if await info.async_request(zeroconf.zeroconf, 3000):
+                seen = dict(info.properties)
+                if seen.get(key.encode()) == value.encode():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: no TXT {key}={value} in {timeout:.0f} s; saw {seen}")
+            await asyncio.sleep(0.5)
+    finally:
+        await zeroconf.async_close()
 
 
 async def test_develop_end_to_end(stack: develop.Stack, http: aiohttp.ClientSession) -> None:
@@ -35,9 +59,11 @@ async def test_develop_end_to_end(stack: develop.Stack, http: aiohttp.ClientSess
         assert entry["domain"] == "hearth"
         assert entry["title"] == develop.WORKER_NAME
         assert entry["state"] == "loaded"
-        # No longer "discovered" (the worker's new "paired" TXT record finds it configured).
-        await asyncio.sleep(2)
-        assert await ha.discovered_flows("hearth", stack.node_id) == []
+        # No longer "discovered": once the worker re-announces itself as paired, Home
+        # Assistant finds its id configured (no fixed sleep: wait for that announcement).
+        name = flow["context"]["title_placeholders"]["name"]
+        await wait_for_txt(name, "paired", "true")
+        await ha.no_discovered_flow("hearth", stack.node_id)
 
         # Let the model do the work (not Home Assistant's own sentence matching).
         await ha.set_options(
