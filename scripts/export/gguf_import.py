@@ -30,14 +30,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-# No telemetry, no hub lookups: everything here is local.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 IMPORT_FAILED = 3
 # GGUF model types transformers names differently in its model classes.
 MODEL_TYPE_RENAMES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+# transformers' names for GGUF architectures llama.cpp spells otherwise.
+GGUF_SPELLING = {"gpt_oss": "gpt-oss", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 class ImportRefused(Exception):
@@ -69,7 +66,7 @@ def importable_architectures(known: set[str]) -> list[str]:
     for arch in GGUF_SUPPORTED_ARCHITECTURES:
         if arch in GGUF_CONFIG_MAPPING and arch not in ("general", "tokenizer"):  # noqa: SIM102
             if causal_lm_class(arch) in known:
-                found.append(arch)
+                found.append(GGUF_SPELLING.get(arch, arch))
     return sorted(set(found))
 
 
@@ -349,6 +346,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         raise SystemExit(__doc__)
     path, out, info_path = Path(argv[0]), Path(argv[1]), Path(argv[2])
+    # No telemetry, no hub lookups: everything here is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         info = import_gguf(path, out)
     except ImportRefused as err:
