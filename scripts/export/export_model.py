@@ -231,8 +231,7 @@ def build_genai(src: Path, out: Path, work: Path, quant: str, log: Path) -> None
     run(
         [
             str(EXPORT_PY),
-            "-m",
-            "onnxruntime_genai.models.builder",
+            str(HERE / "run_builder.py"),  # the builder, fed configs it can read
             "-i",
             str(src),
             "-o",
