@@ -1,15 +1,42 @@
 """Admission control: a limit on concurrent generations and a bounded queue.
 
 Beyond the queue a request is refused at once (the server answers 429 with
-Retry-After) instead of waiting without bound.
+Retry-After) instead of waiting without bound. A slot is held until the work
+in it has really stopped: a request whose client goes away keeps its slot until
+its generation thread (or executor job) ends, so dropped requests cannot run
+more work at once than ``max_running``; see ``run_to_end``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+async def run_to_end(work: Awaitable[_T]) -> _T:  # noqa: UP047 - runs on Python 3.11
+    """Await ``work`` until it has finished, even if the caller is cancelled meanwhile.
+
+    For work that cannot be interrupted (a thread, an executor job): the caller
+    (and the admission slot it holds) waits until the work has really ended, then
+    the cancellation is raised.
+    """
+    future = asyncio.ensure_future(work)
+    interrupted = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if not future.cancelled():
+            future.exception()  # retrieved: nobody is left to hear of it
+        raise asyncio.CancelledError
+    return future.result()
 
 
 class Busy(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import logging
@@ -23,12 +24,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import API_VERSION, __version__, pairing
-from .admission import Admission, Busy
+from .admission import Admission, Busy, run_to_end
 from .auth import AuthStore, PairingError, TokenInfo
 from .capacity import RateTracker, hardware_info, system_snapshot
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
-from .embedding_engine import EmbeddingModel
+from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
 from .manifest import Manifest, load_manifest
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
 from .validation import (
@@ -137,6 +138,8 @@ class Worker:
         self.rates = RateTracker()
         self.on_paired: list[Callable[[], Awaitable[None]]] = []
         self._pairing = asyncio.Lock()
+        # Prompts rendered and tokenized at once (each in an executor thread).
+        self._preparing = asyncio.Semaphore(max(2, options.max_running))
         self._hardware = hardware_info()
         self._providers = list(ort.get_available_providers())
 
@@ -428,7 +431,13 @@ class Worker:
             raise self._model_not_found(req.model, "chat")
         tools = req.tools if req.tool_choice != "none" else []
         try:
-            prompt_ids = model.encode(model.render(req.messages, tools))
+            model.check_fits(req.messages)  # before any rendering: cheap
+            async with self._preparing:  # rendering and tokenizing, off the event loop
+                prompt_ids = await run_to_end(
+                    asyncio.get_running_loop().run_in_executor(
+                        None, model.prepare, req.messages, tools
+                    )
+                )
             max_new = model.budget(len(prompt_ids), req.max_tokens)
         except ChatTemplateError as err:
             raise ApiError(400, f"Cannot build the prompt: {err}", param="messages") from err
@@ -455,11 +464,14 @@ class Worker:
     ) -> web.Response:
         pieces: list[str] = []
         result = GenerationResult()
-        async for item in model.stream(prompt_ids, sampling, threading.Event()):
-            if isinstance(item, GenerationResult):
-                result = item
-            else:
-                pieces.append(item)
+        async with contextlib.aclosing(
+            model.stream(prompt_ids, sampling, threading.Event())
+        ) as items:
+            async for item in items:
+                if isinstance(item, GenerationResult):
+                    result = item
+                else:
+                    pieces.append(item)
         self._record(model.id, result)
         content: str | None = "".join(pieces)
         calls: list[ParsedToolCall] = []
@@ -509,13 +521,16 @@ class Worker:
         result = GenerationResult()
         cancelled = threading.Event()
         try:
-            async for item in model.stream(prompt_ids, sampling, cancelled):
-                if isinstance(item, GenerationResult):
-                    result = item
-                    break
-                text = filt.feed(item) if filt else item
-                if text:
-                    await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
+            # Closed on the way out, however it is left: the generation thread has
+            # ended before the admission slot is given back.
+            async with contextlib.aclosing(model.stream(prompt_ids, sampling, cancelled)) as items:
+                async for item in items:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                        break
+                    text = filt.feed(item) if filt else item
+                    if text:
+                        await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
             finish = result.finish_reason
             if filt:
                 text, calls = filt.finish()
@@ -550,10 +565,15 @@ class Worker:
         model = self.embedding_models.get(req.model)
         if model is None:
             raise self._model_not_found(req.model, "embedding")
+        loop = asyncio.get_running_loop()
+        try:
+            encodings = await run_to_end(loop.run_in_executor(None, model.tokenize, req.inputs))
+        except EmbeddingTooLarge as err:
+            raise ApiError(400, str(err), code="too_many_tokens", param="input") from err
         try:
             async with self.admission.slot():
-                vectors, tokens = await asyncio.get_running_loop().run_in_executor(
-                    None, model.embed, req.inputs
+                vectors, tokens = await run_to_end(
+                    loop.run_in_executor(None, model.embed_tokens, encodings)
                 )
         except Busy as err:
             raise _busy(err) from err
