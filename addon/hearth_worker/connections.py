@@ -5,11 +5,14 @@ headers without a deadline, so anyone on the network could hold hundreds of
 TLS connections (about 250 KB each) open. Here the worker accepts connections
 itself and
 
-* caps connections in total and per source address: a connection beyond a
-  client's share is refused at accept, before any TLS work; when the total is
-  reached, a newcomer takes the oldest connection of the address that holds
-  the most, if that address holds more than the newcomer would, so one busy
-  address cannot shut others out;
+* caps connections in total and per source address. A client at its cap
+  that connects again has its oldest connection closed gracefully (at once
+  when idle, after its current request otherwise), as a client that does not
+  reuse connections would want; when the total is reached, the address holding
+  the most connections gives up its oldest the same way, if it holds more than
+  the newcomer would, so one busy address cannot shut others out. Connections
+  being closed count against a hard bound of twice the caps, beyond which a
+  newcomer is refused at accept, before any TLS work;
 * gives every connection ``header_timeout_s`` from accept to finish its TLS
   handshake and the headers of its first request (later requests on the same
   connection fall under aiohttp's keep-alive timeout, which closes a
@@ -30,11 +33,14 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 _LOGGER = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 60.0
 _ACCEPT_RETRY_S = 0.5
+# A connection asked to make room finishes its request in progress within this.
+EVICT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,15 +96,26 @@ def bind(host: str, port: int) -> socket.socket:
 class _Connection:
     """One accepted connection, from accept until it is closed."""
 
-    __slots__ = ("peer", "released", "task", "transport")
+    __slots__ = ("closing", "peer", "protocol", "released", "task", "transport")
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.task: asyncio.Task[None] | None = None
         self.transport: asyncio.BaseTransport | None = None
+        self.protocol: _Guarded | None = None
         self.released = False
+        self.closing = False
+
+    def close_gracefully(self) -> None:
+        """Close when idle, or after the request in progress."""
+        self.closing = True
+        if self.protocol is not None and self.transport is not None:
+            self.protocol.close_gracefully()
+        else:
+            self.close()
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None:
             transport = self.transport
             if isinstance(transport, asyncio.WriteTransport):
@@ -125,11 +142,25 @@ class _Guarded(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
+        self._closing: asyncio.Task[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_at(self._deadline, self._too_slow)
         self._inner.connection_made(transport)
+
+    def close_gracefully(self) -> None:
+        """Close at once when idle, else after the request in progress (within a grace).
+
+        aiohttp's handler: ``close()`` ends one that waits for a request, and
+        ``shutdown()`` closes the connection after the request in progress."""
+        close = getattr(self._inner, "close", None)
+        shutdown = getattr(self._inner, "shutdown", None)
+        if callable(close) and callable(shutdown) and self._closing is None:
+            close()
+            self._closing = asyncio.get_running_loop().create_task(shutdown(EVICT_GRACE_S))
+        elif self._transport is not None:
+            self._transport.close()
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -244,27 +275,36 @@ class Listener:
             conn.task = loop.create_task(self._open(conn, sock))
 
     def _admit(self, peer: str) -> _Connection | None:
+        limits = self._limits
         mine = self._by_peer.get(peer, [])
-        if len(mine) >= self._limits.max_per_client:
+        if len(mine) >= 2 * limits.max_per_client or self._total >= 2 * limits.max_connections:
             self._warn(
-                "Refusing connections from %s: it holds %d (the limit per address)",
+                "Refusing a connection from %s: %d open from there, %d in all",
                 peer,
                 len(mine),
+                self._total,
             )
             return None
-        if self._total >= self._limits.max_connections:
-            heaviest = max(self._by_peer.values(), key=len)
-            if len(heaviest) <= len(mine) + 1:
+        live = [conn for conn in mine if not conn.closing]
+        if len(live) >= limits.max_per_client:
+            _LOGGER.debug("%s holds %d connections: closing its oldest", peer, len(live))
+            live[0].close_gracefully()
+            live.pop(0)
+        live_total = sum(not conn.closing for conns in self._by_peer.values() for conn in conns)
+        if live_total >= limits.max_connections:
+            heaviest = max(
+                ([conn for conn in conns if not conn.closing] for conns in self._by_peer.values()),
+                key=len,
+            )
+            if len(heaviest) <= len(live) + 1:
                 self._warn(
                     "Refusing a connection from %s: %d connections open (the limit)",
                     peer,
-                    self._total,
+                    live_total,
                 )
                 return None
-            victim = heaviest[0]
-            _LOGGER.debug("Connection limit reached: closing the oldest from %s", victim.peer)
-            self._release(victim)
-            victim.close()
+            _LOGGER.debug("Connection limit reached: closing the oldest from %s", heaviest[0].peer)
+            heaviest[0].close_gracefully()
         conn = _Connection(peer)
         self._by_peer.setdefault(peer, []).append(conn)
         self._total += 1
@@ -288,7 +328,8 @@ class Listener:
         deadline = loop.time() + timeout
 
         def protocol() -> asyncio.Protocol:
-            return _Guarded(self._factory(), deadline, lambda: self._release(conn))
+            conn.protocol = _Guarded(self._factory(), deadline, lambda: self._release(conn))
+            return conn.protocol
 
         try:
             transport, _ = await loop.connect_accepted_socket(
@@ -307,7 +348,7 @@ class Listener:
             _LOGGER.debug("Connection from %s ended before it was set up: %r", conn.peer, err)
             return
         conn.transport = transport
-        if conn.released:  # evicted during its handshake
+        if conn.closing:  # asked to close during its handshake
             conn.close()
 
     def _warn(self, message: str, *args: object) -> None:

@@ -186,3 +186,28 @@ async def test_many_connections_cost_bounded_memory(limited_worker: WorkerProces
         abort(streams)
         await tls_closed()
     await health_ok(worker)
+
+
+async def test_client_that_keeps_opening_connections_is_still_answered(
+    limited_worker: WorkerProcess,
+) -> None:
+    """A client at its cap that connects again has its oldest (idle) connection
+    closed instead of being refused: clients that open a connection per request
+    and keep the old ones idle still work."""
+    worker = limited_worker
+    streams: list[Stream] = []
+    try:
+        for _ in range(MAX_PER_CLIENT + 8):
+            stream = await connect(worker, "127.0.0.6")
+            streams.append(stream)
+            reader, writer = stream
+            writer.write(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+        await asyncio.sleep(0.5)
+        open_now = [s for s in streams if not await closed_by_worker(s[0], 0.05)]
+        assert len(open_now) <= MAX_PER_CLIENT
+        assert streams[-1] in open_now
+    finally:
+        abort(streams)
+        await tls_closed()
