@@ -629,6 +629,35 @@ async def test_relevant_preferences_chosen_by_real_embeddings(
     assert "- Diet: vegetarian, no meat or fish" in prompt
 
 
+async def test_a_long_request_is_cut_before_it_is_embedded(
+    hass: HomeAssistant, hass_admin_user: MockUser, shared_worker: WorkerProcess
+) -> None:
+    """Relevance needs the gist: a long message costs the embedding worker no more."""
+    from custom_components.hearth.preferences import MAX_QUERY_CHARS
+
+    await setup_entry(hass, entry_for(shared_worker))
+    prefs = hass.data[DATA_PREFERENCES]
+    member = await async_member_for_user(hass, hass_admin_user.id)
+    assert member is not None
+    await fill(prefs, member)
+    prefs.max_in_prompt = 3
+    client = next(iter(hass.data[DOMAIN].workers.values())).client
+    sent: list[list[str]] = []
+    real = client.embeddings
+
+    async def recording(model: str, inputs: list[str]) -> list[list[float]]:
+        sent.append(inputs)
+        return await real(model, inputs)
+
+    client.embeddings = recording
+    query = "What can I cook for dinner tonight? " + "and some more words " * 5000
+    chosen, by_embeddings = await prefs.async_select(member.key, query)
+    assert by_embeddings
+    assert len(chosen) == 3
+    assert sent and all(len(text) <= MAX_QUERY_CHARS for inputs in sent for text in inputs)
+    assert sent[0][0] == query[:MAX_QUERY_CHARS]
+
+
 async def test_most_recent_without_an_embedding_model(
     hass: HomeAssistant, hass_admin_user: MockUser, chat_worker: WorkerProcess
 ) -> None:
