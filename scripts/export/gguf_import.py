@@ -162,6 +162,34 @@ def check_architecture(path: Path, arch: str) -> tuple[dict[str, Any], str]:
 # ---------------------------------------------------------------------------- config
 
 
+def config_overrides(reader: Any, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Config values a GGUF states that transformers' loader does not read for its type.
+
+    * head_dim: llama.cpp writes it as attention.key_length (Qwen 3, Gemma);
+    * Gemma: llama.cpp scales queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for
+      the 27B models), which transformers calls query_pre_attn_scalar (default 256);
+      logit soft-capping as <arch>.attn_logit_softcapping / final_logit_softcapping.
+    """
+    out: dict[str, Any] = {}
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else None
+    head_dim = config.get("head_dim") or derived
+    key_length = field_value(reader, f"{arch}.attention.key_length")
+    if isinstance(key_length, int) and key_length > 0 and key_length != head_dim:
+        out["head_dim"] = head_dim = key_length
+    if arch in ("gemma2", "gemma3"):
+        layers = config.get("num_hidden_layers")
+        big = layers == (46 if arch == "gemma2" else 62)  # the 27B models
+        scalar = derived if big and derived else head_dim
+        if scalar:
+            out["query_pre_attn_scalar"] = scalar
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = field_value(reader, f"{arch}.{key}")
+        if isinstance(value, (int, float)) and value > 0:
+            out[key] = float(value)
+    return out
+
+
 def rope_from_gguf(reader: Any, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
     """RoPE scaling as a hub config states it, from the GGUF's metadata and tensors.
 
@@ -255,8 +283,13 @@ def normalize_config(config: dict[str, Any], rope: dict[str, Any] | None) -> dic
     params = out.get("rope_parameters")
     scaling = out.pop("rope_scaling", None)
     nested = isinstance(params, dict) and all(isinstance(v, dict) for v in params.values())
-    if nested and params:
-        return out  # per-layer-type rope (Gemma 3/4): the builder reads it as it is
+    if nested and params:  # per attention type (Gemma 3/4): scaling is the global layers'
+        if rope and isinstance(params.get("full_attention"), dict):
+            out["rope_parameters"] = {
+                **params,
+                "full_attention": {**params["full_attention"], **rope},
+            }
+        return out
     merged: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
     if isinstance(scaling, dict):
         for key, value in scaling.items():
@@ -303,7 +336,10 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
 
     dtype = pick_dtype(reader)
     folder, file_name = str(path.parent), path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype)
+    overrides = config_overrides(reader, arch, gguf_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file_name, dtype=dtype, **overrides
+    )
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -338,6 +374,7 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
         "hf_architecture": hf_class,
         "dtype": str(dtype).removeprefix("torch."),
         "rope": rope,
+        "overrides": overrides,
         "seconds": round(time.monotonic() - started, 1),
     }
 

@@ -54,7 +54,9 @@ else:
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config["rope_theta"]
+    rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: per attention type
+    theta = rope.get("rope_theta") or config["rope_theta"]
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(layers)
@@ -63,10 +65,17 @@ else:
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(float(theta))
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    rope = config.get("rope_parameters") or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp writes per-frequency factors
         import math
 
@@ -107,14 +116,16 @@ else:
     def permute(w, n):  # as llama.cpp's convert_hf_to_gguf.py does for q and k
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
     for name, weight in load_file(hf / "model.safetensors").items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             weight = permute(weight, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             weight = permute(weight, kv_heads)
+        elif arch.startswith("gemma") and name.endswith("norm.weight"):
+            weight = weight + 1  # llama.cpp's Gemma norms multiply by w, transformers' by 1 + w
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert target, name
         writer.add_tensor(target, np.ascontiguousarray(weight, dtype=np.float32))
@@ -122,6 +133,30 @@ writer.write_header_to_file()
 writer.write_kv_data_to_file()
 writer.write_tensors_to_file()
 writer.close()
+"""
+
+
+# Runs in .venv-export: python - TOKENIZER_DIR OUT_DIR MODEL_TYPE SETTINGS_JSON IDS_JSON
+# A tiny random model of that type (tokenizer from TOKENIZER_DIR) in OUT_DIR/hf, and
+# transformers' logits after IDS in OUT_DIR/reference.npy.
+MAKE_TINY = r"""
+import json, shutil, sys
+from pathlib import Path
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+tokenizer_dir, out, model_type = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+settings, ids = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+torch.manual_seed(0)
+config = AutoConfig.for_model(model_type, **settings)
+model = AutoModelForCausalLM.from_config(config).eval()
+model.save_pretrained(out / "hf")
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(tokenizer_dir / name, out / "hf" / name)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0, -1]
+np.save(out / "reference.npy", logits.numpy())
 """
 
 
@@ -355,3 +390,69 @@ def test_config_is_normalized(
     module = gguf_import_module()
     normalized = module.normalize_config({**config, "quantization_config": {}}, rope)
     assert normalized == expected
+
+
+# ---------------------------------------------------------------------------- architectures
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 2048,
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.1,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": None,
+    "eos_token_id": 2045,
+    "pad_token_id": 2043,
+    "tie_word_embeddings": True,
+}
+# GGUF architecture -> (transformers model type, settings beside TINY). head_dim differs
+# from hidden_size / heads where the architecture allows it: a GGUF states it only as
+# attention.key_length, which transformers' loader does not read for these.
+ARCHITECTURES = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "final_logit_softcapping": 20.0,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16, "num_hidden_layers": 6},
+    ),
+    "phi3": ("phi3", {"tie_word_embeddings": False, "original_max_position_embeddings": 4096}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_import_faithfully(arch: str, tiny_hf: Path, tmp_path: Path) -> None:
+    """A GGUF of each architecture the builder knows, beside llama, exports to a model
+    whose logits are transformers' own for the original weights."""
+    model_type, settings = ARCHITECTURES[arch]
+    ids = [5 + (7 * i) % 1900 for i in range(40)]  # past the sliding windows
+    subprocess.run(
+        [
+            str(EXPORT_PYTHON),
+            "-",
+            *(str(tiny_hf), str(tmp_path), model_type),
+            *(json.dumps({**TINY, **settings}), json.dumps(ids)),
+        ],
+        input=MAKE_TINY,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    gguf = write_gguf(tmp_path / f"{arch}.gguf", tmp_path / "hf", arch=arch, name=f"Tiny {arch}")
+    done = export_model(str(gguf), str(tmp_path / "out"), "--quant", "fp32")
+    assert done.returncode == 0, done.stderr
+    assert manifest_of(tmp_path / "out")["name"] == f"Tiny {arch}"
+    reference = np.load(tmp_path / "reference.npy")
+    np.testing.assert_allclose(first_logits(tmp_path / "out", ids), reference, atol=1e-2, rtol=0)
