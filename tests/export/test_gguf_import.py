@@ -382,6 +382,17 @@ def gguf_import_module() -> Any:
             None,
             {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {}}},
         ),
+        # ... with the GGUF's scaling for the global layers (Gemma 3 4B: linear, 8)
+        (
+            {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {}}},
+            {"rope_type": "linear", "factor": 8.0},
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                    "sliding_attention": {},
+                }
+            },
+        ),
     ],
 )
 def test_config_is_normalized(
