@@ -180,17 +180,35 @@ async def test_max_tokens_and_stop(
 async def test_sampling_is_reproducible_with_a_seed(
     http: aiohttp.ClientSession, shared_worker: WorkerProcess, tiny_chat_model: Path
 ) -> None:
-    body = {
-        "model": model_id(tiny_chat_model),
-        "messages": HELLO,
-        "max_tokens": 16,
-        "temperature": 1.0,
-        "top_p": 0.9,
-        "seed": 7,
-    }
-    _, first = await chat(http, shared_worker, body)
-    _, second = await chat(http, shared_worker, body)
-    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+    """Same seed, same answer; and seed, temperature and top_p each change what comes out.
+
+    Every comparison is between answers of this worker on this machine (none
+    against stored text), so nothing depends on the CPU's floating point.
+    """
+    base = {"model": model_id(tiny_chat_model), "messages": HELLO, "max_tokens": 16}
+
+    async def answer(**sampling: float) -> str:
+        status, body = await chat(http, shared_worker, {**base, **sampling})
+        assert status == 200, body
+        return str(body["choices"][0]["message"]["content"])
+
+    greedy = await answer()
+    sampled = await answer(temperature=1.0, top_p=0.9, seed=7)
+    assert await answer(temperature=1.0, top_p=0.9, seed=7) == sampled
+    # The seed matters: the random tiny model's next-token distribution is nearly flat,
+    # so 16 sampled tokens repeat under another seed practically never.
+    others = {await answer(temperature=1.0, top_p=0.9, seed=seed) for seed in (8, 9, 10)}
+    assert len(others | {sampled}) == 4, others
+    assert sampled != greedy
+    # The temperature shapes the distribution the seed's draws pick from.
+    shaped = {await answer(temperature=t, seed=7, max_tokens=32) for t in (0.2, 1.0, 2.0)}
+    assert len(shaped) > 1, shaped
+    # Temperature 0 is greedy, whatever the seed.
+    assert await answer(temperature=0.0, seed=7) == greedy
+    assert await answer(temperature=0.0, top_p=0.9, seed=8) == greedy
+    # top_p keeps only the likeliest tokens: a tiny one leaves just the greedy choice.
+    for seed in (7, 8):
+        assert await answer(temperature=1.0, top_p=1e-6, seed=seed) == greedy
 
 
 BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
