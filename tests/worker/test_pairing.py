@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,16 +214,31 @@ async def test_wrong_codes_are_rate_limited(
         worker.stop()
 
 
+async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for `check` (generously: a loaded machine is slow), failing with `what`."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.05)
+    assert check(), what
+
+
 async def test_supervisor_discovery(
     http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
 ) -> None:
-    """In the add-on, the worker announces itself with a fresh token and withdraws on stop."""
-    received: list[tuple[str, str, Any]] = []
+    """In the add-on, the worker announces itself with a fresh token and withdraws on stop.
+
+    A restart announces a new token and revokes the old one.
+    """
+    received: list[tuple[str, str, str, Any]] = []  # method, path, Authorization, body
 
     async def discovery(request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
-        received.append((request.method, request.headers.get("Authorization", ""), body))
-        return web.json_response({"result": "ok", "data": {"uuid": "abc123"}})
+        auth = request.headers.get("Authorization", "")
+        received.append((request.method, request.path, auth, body))
+        return web.json_response({"result": "ok", "data": {"uuid": f"uuid{len(received)}"}})
+
+    def posts() -> list[tuple[str, str, str, Any]]:
+        return [r for r in received if r[0] == "POST"]
 
     app = web.Application()
     app.router.add_post("/discovery", discovery)
@@ -232,36 +248,54 @@ async def test_supervisor_discovery(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     supervisor_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    worker = start_worker(
-        [tiny_chat_model],
-        tmp_path,
-        token=False,
-        extra=["--no-warmup", "--supervisor-discovery", "--discovery-host", "local-hearth"],
-        env={"SUPERVISOR_URL": supervisor_url, "SUPERVISOR_TOKEN": "supervisor-secret"},
-    )
-    try:
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.05)
-        method, auth, body = received[0]
-        assert (method, auth) == ("POST", "Bearer supervisor-secret")
-        assert body["service"] == "hearth"
-        config = body["config"]
-        assert config["host"] == "local-hearth"
-        assert config["port"] == worker.port
-        # The Supervisor channel is trusted: it carries the certificate to pin.
-        assert config["scheme"] == "https"
-        assert config["fingerprint"] == worker.fingerprint
-        headers = {"Authorization": f"Bearer {config['token']}"}
+
+    def start() -> WorkerProcess:
+        return start_worker(
+            [tiny_chat_model],
+            tmp_path,  # the same state dir each time
+            token=False,
+            extra=["--no-warmup", "--supervisor-discovery", "--discovery-host", "local-hearth"],
+            env={"SUPERVISOR_URL": supervisor_url, "SUPERVISOR_TOKEN": "supervisor-secret"},
+        )
+
+    async def status_with(worker: WorkerProcess, token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"}
         async with http.get(worker.url + "/v1/info", headers=headers) as resp:
-            assert resp.status == 200
-            assert (await resp.json())["node_id"] == config["node_id"]
-        assert "Pairing code" not in worker.log()
+            return resp.status
+
+    tokens: list[str] = []
+    try:
+        for run in (1, 2):
+            worker = start()
+            try:
+                await until(lambda n=run: len(posts()) == n, f"announcement {run}")
+                _, path, auth, body = posts()[-1]
+                assert (path, auth) == ("/discovery", "Bearer supervisor-secret")
+                assert body["service"] == "hearth"
+                config = body["config"]
+                assert config["host"] == "local-hearth"
+                assert config["port"] == worker.port
+                # The Supervisor channel is trusted: it carries the certificate to pin.
+                assert config["scheme"] == "https"
+                assert config["fingerprint"] == worker.fingerprint
+                tokens.append(config["token"])
+                async with http.get(
+                    worker.url + "/v1/info", headers={"Authorization": f"Bearer {tokens[-1]}"}
+                ) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["node_id"] == config["node_id"]
+                assert "Pairing code" not in worker.log()
+                if run == 2:
+                    # Rotated: a new token; the one announced before no longer opens anything.
+                    assert tokens[1] != tokens[0]
+                    assert await status_with(worker, tokens[0]) == 401
+            finally:
+                assert await worker.astop() == 0, worker.log()
+            # Stopping withdraws this run's announcement (uuid<n>: the n-th request).
+            announced = f"/discovery/uuid{received.index(posts()[-1]) + 1}"
+            assert received[-1][:3] == ("DELETE", announced, "Bearer supervisor-secret")
+        assert [r[0] for r in received] == ["POST", "DELETE", "POST", "DELETE"]
     finally:
-        assert await worker.astop() == 0, worker.log()
         await runner.cleanup()
-    assert received[-1][0] == "DELETE"
-    # A restart announces a new token and revokes the old one.
-    listing = cli(worker.state_dir, "tokens", "list")
+    listing = cli(tmp_path / "state", "tokens", "list")
     assert listing.count("Supervisor") == 1
