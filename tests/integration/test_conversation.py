@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
@@ -17,6 +19,7 @@ from custom_components.hearth.const import (
     CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
+from custom_components.hearth.router import Candidate, RouteRequest
 
 from .conftest import entry_for, setup_entry
 
@@ -43,18 +46,50 @@ async def converse(hass: HomeAssistant, text: str, conversation_id: str | None =
     )
 
 
+def record_requests(hass: HomeAssistant) -> list[tuple[str, dict[str, Any]]]:
+    """(worker name, request body) of every chat request the household sends from now on."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def wrap(name: str, real: Any) -> Any:
+        async def chat_stream(body: dict[str, Any], *args: Any) -> Any:
+            sent.append((name, body))
+            return await real(body, *args)
+
+        return chat_stream
+
+    for handle in hass.data[DOMAIN].workers.values():
+        handle.client.chat_stream = wrap(handle.name, handle.client.chat_stream)
+    return sent
+
+
+def chat_turns(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The user and assistant messages of a request, without the system prompt."""
+    return [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"]
+
+
 async def test_conversation_answers(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
     await setup_entry(hass, entry_for(chat_worker))
     await plain_settings(hass)
+    sent = record_requests(hass)
     result = await converse(hass, "hello")
     assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
     first = result.response.speech["plain"]["speech"]
     assert isinstance(first, str)
     assert first
+    assert chat_turns(sent[0][1]) == [("user", "hello")]
     # A second turn in the same conversation carries the history.
     again = await converse(hass, "and again", result.conversation_id)
     assert again.conversation_id == result.conversation_id
     assert again.response.response_type is intent.IntentResponseType.ACTION_DONE
+    assert len(sent) == 2
+    assert chat_turns(sent[1][1]) == [
+        ("user", "hello"),
+        ("assistant", first),
+        ("user", "and again"),
+    ]
+    # Another conversation starts afresh.
+    await converse(hass, "hi there")
+    assert chat_turns(sent[2][1]) == [("user", "hi there")]
 
 
 async def test_ask_action(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
@@ -95,16 +130,29 @@ async def test_no_worker_gives_translated_error(
 async def test_fails_over_to_the_next_worker(
     hass: HomeAssistant, chat_worker: WorkerProcess, own_worker: WorkerProcess
 ) -> None:
+    """The worker the router ranks first is gone (not noticed yet): the next one answers."""
     await setup_entry(hass, entry_for(own_worker, "Stopped"))
     await setup_entry(hass, entry_for(chat_worker, "Running"))
     await plain_settings(hass)
+    cluster = hass.data[DOMAIN]
+    running = next(h for h in cluster.workers.values() if h.name == "Running")
+    # Another of our requests (100 s) is open on Running: the router ranks Stopped first.
+    busy = cluster.routing.reserve(
+        Candidate(running.entry_id, running.coordinator.info.chat_models[0], 100.0, work_s=100.0),
+        RouteRequest(kind="other"),
+    )
+    ranked = cluster.candidates(RouteRequest(max_new_tokens=4))
+    assert [cluster.workers[c.worker_id].name for c in ranked] == ["Stopped", "Running"]
+    sent = record_requests(hass)
     own_worker.stop()
-    for _ in range(2):  # whichever the router ranks first
-        response = await hass.services.async_call(
-            DOMAIN, "ask", {"prompt": "hi", "max_tokens": 4}, blocking=True, return_response=True
-        )
-        assert response is not None
-        assert response["worker"] == "Running"
+    response = await hass.services.async_call(
+        DOMAIN, "ask", {"prompt": "hi", "max_tokens": 4}, blocking=True, return_response=True
+    )
+    assert [name for name, _ in sent] == ["Stopped", "Running"]
+    assert response is not None
+    assert response["worker"] == "Running"
+    assert response["partial"] is False
+    cluster.routing.release(busy)
 
 
 async def setup_kitchen_light(hass: HomeAssistant) -> None:
