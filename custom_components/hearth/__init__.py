@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from dataclasses import dataclass
 
@@ -16,7 +17,14 @@ from homeassistant.helpers.typing import ConfigType
 
 from .client import HearthAuthError, HearthCertificateError, HearthClient, HearthError
 from .cluster import Cluster, WorkerHandle
-from .const import CONF_ALLOW_PUBLIC, CONF_FINGERPRINT, CONF_PLAIN_HTTP, DOMAIN
+from .const import (
+    CONF_ALLOW_PUBLIC,
+    CONF_FINGERPRINT,
+    CONF_PLAIN_HTTP,
+    DOMAIN,
+    LOGGER,
+    REVOKE_TIMEOUT,
+)
 from .coordinator import HearthCoordinator, auth_issue_id, unreachable_issue_id
 from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
@@ -50,6 +58,19 @@ def get_cluster(hass: HomeAssistant) -> Cluster:
     return cluster
 
 
+def _client(hass: HomeAssistant, entry: HearthConfigEntry) -> HearthClient:
+    return HearthClient(
+        async_get_clientsession(hass),
+        entry.data[CONF_HOST],
+        entry.data[CONF_PORT],
+        entry.data[CONF_TOKEN],
+        # Pinned at pairing; an entry without one (made before HTTPS) must pair again.
+        fingerprint=entry.data.get(CONF_FINGERPRINT),
+        plain_http=bool(entry.data.get(CONF_PLAIN_HTTP, False)),
+        allow_public=bool(entry.data.get(CONF_ALLOW_PUBLIC, False)),
+    )
+
+
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Create the household cluster and register the actions."""
     hass.data[DOMAIN] = await Cluster.async_create(hass)
@@ -60,16 +81,7 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
 
 async def async_setup_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bool:
     """Connect to one worker."""
-    client = HearthClient(
-        async_get_clientsession(hass),
-        entry.data[CONF_HOST],
-        entry.data[CONF_PORT],
-        entry.data[CONF_TOKEN],
-        # Pinned at pairing; an entry without one (made before HTTPS) must pair again.
-        fingerprint=entry.data.get(CONF_FINGERPRINT),
-        plain_http=bool(entry.data.get(CONF_PLAIN_HTTP, False)),
-        allow_public=bool(entry.data.get(CONF_ALLOW_PUBLIC, False)),
-    )
+    client = _client(hass, entry)
     try:
         info = await client.info()
     except HearthAuthError as err:
@@ -108,6 +120,34 @@ async def async_unload_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> b
 
 
 async def async_remove_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> None:
-    """Forget the repair issues of a removed worker."""
+    """Revoke the removed worker's token on it, and forget its repair issues."""
     ir.async_delete_issue(hass, DOMAIN, auth_issue_id(entry.entry_id))
     ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
+    await _async_revoke_token(hass, entry)
+
+
+async def _async_revoke_token(hass: HomeAssistant, entry: HearthConfigEntry) -> None:
+    """Best effort, bounded by REVOKE_TIMEOUT: removal goes on whatever happens."""
+    if not entry.data.get(CONF_TOKEN):
+        return
+    client = _client(hass, entry)
+    try:
+        async with asyncio.timeout(REVOKE_TIMEOUT):
+            await client.revoke_token()
+    except HearthAuthError as err:
+        if not isinstance(err, HearthCertificateError):
+            LOGGER.debug("The token for %s was no longer valid: %s", entry.title, err)
+            return
+        problem = str(err)
+    except (HearthError, TimeoutError) as err:
+        problem = str(err) or "timed out"
+    else:
+        LOGGER.debug("Revoked Home Assistant's token on the removed worker %s", entry.title)
+        return
+    LOGGER.warning(
+        "Could not revoke Home Assistant's token on the removed worker %s (%s): %s."
+        " Revoke it there with `hearth-worker tokens revoke`",
+        entry.title,
+        client.base_url,
+        problem,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from .const import (
     DEFAULT_TEMPERATURE,
     DOMAIN,
     LOGGER,
+    REPOLL_TIMEOUT,
     STORAGE_KEY,
     STORAGE_VERSION,
 )
@@ -310,6 +312,23 @@ class Cluster:
             ranked = self.routing.rank(states, replace(request, model=None))
         return ranked
 
+    async def async_candidates(self, request: router.RouteRequest) -> list[router.Candidate]:
+        """As `candidates`; when none is online, the offline workers are polled first.
+
+        A worker that came back since its last poll takes the request instead of it
+        failing with "no worker" until the next poll of its back-off. The polls wait
+        at most REPOLL_TIMEOUT: a worker that answers takes far less.
+        """
+        if ranked := self.candidates(request):
+            return ranked
+        offline = [w for w in self.workers.values() if not w.coordinator.last_update_success]
+        if not offline:
+            return ranked
+        LOGGER.debug("No worker is online: polling %s", ", ".join(w.name for w in offline))
+        polls = [w.coordinator.async_poll_now() for w in offline]
+        await asyncio.wait(polls, timeout=REPOLL_TIMEOUT)
+        return self.candidates(request)
+
     async def async_open_chat(
         self,
         body: dict[str, Any],
@@ -347,7 +366,7 @@ class Cluster:
             kind=kind,
         )
         refusals: list[tuple[str, HearthRequestError]] = []
-        for candidate in self.candidates(request):
+        for candidate in await self.async_candidates(request):
             worker = self.workers.get(candidate.worker_id)
             if worker is None or candidate.worker_id in exclude:
                 continue
@@ -437,6 +456,7 @@ class Cluster:
     # The one place where the cluster learns how a worker did with a chat request.
     def _worker_failed(self, worker: WorkerHandle, err: HearthError, *, answering: bool) -> None:
         self.routing.report_failure(worker.entry_id)  # the circuit breaker backs off
+        worker.coordinator.async_poll_now()  # is it gone? known at once, not at the next poll
         if answering:
             LOGGER.warning("Worker %s broke off mid-answer: %s", worker.name, err)
         else:

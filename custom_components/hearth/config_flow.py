@@ -7,12 +7,14 @@ are explicit options of the manual step, off by default.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
 import voluptuous as vol
 from homeassistant.config_entries import (
     ConfigEntry,
+    ConfigEntryState,
     ConfigFlow,
     ConfigFlowResult,
     OptionsFlow,
@@ -229,13 +231,48 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         self._host = str(discovery_info.host)
         self._port = int(discovery_info.port or DEFAULT_PORT)
         self._name = discovery_info.name.split(".", 1)[0] or self._host
-        await self.async_set_unique_id(node_id)
-        self._abort_if_unique_id_configured(updates={CONF_HOST: self._host, CONF_PORT: self._port})
+        if entry := await self.async_set_unique_id(node_id):
+            await self._async_rediscovered(entry)
         if properties.get("scheme", "https") != "https":
             # Never a silent downgrade: plain HTTP only when set up by hand with that option.
             return self.async_abort(reason="plain_http_discovered")
         self.context["title_placeholders"] = {"name": self._name}
         return await self.async_step_pair()
+
+    async def _async_rediscovered(self, entry: ConfigEntry) -> None:
+        """A paired worker announced itself: poll it now; follow it if it moved.
+
+        The announcement is unauthenticated (anyone can send one with any `id`): the
+        entry takes the new address only if the worker there presents the pinned
+        certificate (the TLS handshake proves it holds its key). Always aborts.
+        """
+        updates: dict[str, Any] | None = None
+        if (entry.data[CONF_HOST], entry.data[CONF_PORT]) == (self._host, self._port):
+            if entry.state is ConfigEntryState.LOADED:
+                entry.runtime_data.coordinator.async_poll_now()
+        elif await self._async_presents_pin(entry):
+            updates = {CONF_HOST: self._host, CONF_PORT: self._port}
+        else:
+            LOGGER.debug(
+                "Ignoring an announcement of %s at %s:%s: not the paired certificate there",
+                entry.title,
+                self._host,
+                self._port,
+            )
+        # Also reloads an entry waiting to retry its set-up (Home Assistant does that).
+        self._abort_if_unique_id_configured(updates=updates)
+
+    async def _async_presents_pin(self, entry: ConfigEntry) -> bool:
+        """Whether the worker at the announced address presents the entry's certificate."""
+        pinned = entry.data.get(CONF_FINGERPRINT)
+        if not pinned or entry.data.get(CONF_PLAIN_HTTP):
+            return False  # nothing to check against: only a new pairing moves it
+        self._allow_public = bool(entry.data.get(CONF_ALLOW_PUBLIC, False))
+        try:
+            seen = await self._client().peer_fingerprint()
+        except HearthError:
+            return False
+        return hmac.compare_digest(seen, str(pinned))
 
     # --- Supervisor add-on --------------------------------------------------
 

@@ -44,6 +44,10 @@ BETWEEN_TOKENS_TIMEOUT: Final = 30.0  # chat: silence between two stream events
 STREAM_TOTAL_TIMEOUT: Final = 600.0  # chat: request sent -> the answer's last token
 
 SCAN_INTERVAL: Final = timedelta(seconds=10)
+# A request finding no worker online polls the offline ones first, waiting at most this.
+REPOLL_TIMEOUT: Final = CONNECT_TIMEOUT
+# Removing a worker's entry revokes its token there, waiting at most this (best effort).
+REVOKE_TIMEOUT: Final = CONNECT_TIMEOUT
 MAX_SCAN_INTERVAL: Final = timedelta(seconds=60)
 UNREACHABLE_ISSUE_AFTER: Final = timedelta(minutes=5)
 

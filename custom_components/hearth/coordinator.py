@@ -1,11 +1,18 @@
-"""Polls one worker's capacity, with back-off while it is unreachable."""
+"""Polls one worker's capacity, with back-off while it is unreachable.
+
+Besides the interval, a poll is made at once (`async_poll_now`) when the worker
+announces itself on the network (config_flow.py, zeroconf) and when a request to it
+fails (cluster.py): a returning worker is seen within a poll's time, not at the
+next interval of its back-off, and a lost one as soon as a request notices.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from homeassistant.config_entries import ConfigEntry
-from homeassistant.core import HomeAssistant
+from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
@@ -57,6 +64,27 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         self.client = client
         self.info = info
         self.unreachable_since: datetime | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._poll_again = False
+
+    @callback
+    def async_poll_now(self) -> asyncio.Task[None]:
+        """Poll the worker now, whatever the interval; the task ends after the poll.
+
+        A poll asked for while one runs is made right after it (what it would have
+        seen may have changed in between); many asks in the meantime make one poll.
+        """
+        self._poll_again = True
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = self.config_entry.async_create_task(
+                self.hass, self._poll_while_asked(), f"{self.name} poll now", eager_start=False
+            )
+        return self._poll_task
+
+    async def _poll_while_asked(self) -> None:
+        while self._poll_again:
+            self._poll_again = False
+            await self.async_refresh()
 
     async def _async_update_data(self) -> Capacity:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from ipaddress import ip_address
 from pathlib import Path
@@ -234,11 +235,17 @@ async def test_zeroconf_not_hearth(hass: HomeAssistant, fresh_worker: WorkerProc
 async def test_zeroconf_known_worker_new_address(
     hass: HomeAssistant, fresh_worker: WorkerProcess
 ) -> None:
-
+    """A real move: the worker at the announced address presents the pinned certificate."""
     entry = MockConfigEntry(
         domain=DOMAIN,
         unique_id=node_id_of(fresh_worker),
-        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "t", CONF_NODE_ID: "x"},
+        data={
+            CONF_HOST: "192.0.2.1",
+            CONF_PORT: 1,
+            CONF_TOKEN: "t",
+            CONF_NODE_ID: "x",
+            CONF_FINGERPRINT: fresh_worker.fingerprint,
+        },
     )
     entry.add_to_hass(hass)
     result = await hass.config_entries.flow.async_init(
@@ -252,6 +259,112 @@ async def test_zeroconf_known_worker_new_address(
     assert entry.data[CONF_PORT] == fresh_worker.port
     assert entry.data[CONF_TOKEN] == "t"
     await hass.async_block_till_done()
+
+
+async def test_zeroconf_moved_worker_same_certificate_new_port(
+    hass: HomeAssistant, own_worker: WorkerProcess, tiny_chat_model: Path
+) -> None:
+    """A paired, loaded worker restarted on another port: the entry follows it."""
+    entry = entry_for(own_worker)
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    await own_worker.astop()
+    # The same state dir (same node id, same certificate), another free port.
+    moved = start_worker([tiny_chat_model], own_worker.state_dir.parent, token=False)
+    try:
+        assert moved.port != own_worker.port
+        assert moved.fingerprint == entry.data[CONF_FINGERPRINT]
+        result = await hass.config_entries.flow.async_init(
+            DOMAIN,
+            context={"source": config_entries.SOURCE_ZEROCONF},
+            data=zeroconf_info(moved, str(entry.unique_id)),
+        )
+        assert result["reason"] == "already_configured"
+        assert entry.data[CONF_PORT] == moved.port
+        await hass.async_block_till_done()  # reloaded at the new address
+        assert entry.state is config_entries.ConfigEntryState.LOADED
+        assert entry.runtime_data.client.port == moved.port
+        assert await hass.config_entries.async_unload(entry.entry_id)
+    finally:
+        moved.stop()
+
+
+async def test_zeroconf_spoofed_worker_cannot_take_a_paired_entry(
+    hass: HomeAssistant,
+    chat_worker: WorkerProcess,
+    fresh_worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another real worker (its own certificate) announced with a paired worker's id:
+    the entry keeps its address, and the token never goes there."""
+    caplog.set_level(logging.DEBUG, logger="custom_components.hearth")
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    before = dict(entry.data)
+    assert fresh_worker.fingerprint != chat_worker.fingerprint
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(fresh_worker, str(entry.unique_id)),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert dict(entry.data) == before
+    assert "not the paired certificate there" in caplog.text
+    assert chat_worker.token is not None
+    assert chat_worker.token not in fresh_worker.log()
+    await hass.async_block_till_done()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {CONF_FINGERPRINT: None},  # nothing pinned: only pairing again moves it
+        {CONF_FINGERPRINT: None, CONF_PLAIN_HTTP: True},
+    ],
+)
+async def test_zeroconf_unverifiable_entry_keeps_its_address(
+    hass: HomeAssistant, fresh_worker: WorkerProcess, data: dict[str, object]
+) -> None:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=node_id_of(fresh_worker),
+        data={CONF_HOST: "192.0.2.1", CONF_PORT: 1, CONF_TOKEN: "t", **data},
+    )
+    entry.add_to_hass(hass)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(fresh_worker, node_id_of(fresh_worker)),
+    )
+    assert result["reason"] == "already_configured"
+    assert (entry.data[CONF_HOST], entry.data[CONF_PORT]) == ("192.0.2.1", 1)
+
+
+async def test_zeroconf_known_worker_unreachable_or_unchanged(
+    hass: HomeAssistant, chat_worker: WorkerProcess
+) -> None:
+    """Nothing answers at the announced address: ignored. An announcement at the known
+    address of an entry that is not loaded changes nothing."""
+    entry = entry_for(chat_worker)
+    entry.add_to_hass(hass)
+    before = dict(entry.data)
+    gone = zeroconf_info(chat_worker, str(entry.unique_id))
+    gone.port = free_port()
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_ZEROCONF}, data=gone
+    )
+    assert result["reason"] == "already_configured"
+    assert dict(entry.data) == before
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": config_entries.SOURCE_ZEROCONF},
+        data=zeroconf_info(chat_worker, str(entry.unique_id)),
+    )
+    assert result["reason"] == "already_configured"
+    assert dict(entry.data) == before
+    assert entry.state is config_entries.ConfigEntryState.NOT_LOADED
 
 
 def hassio_info(worker: WorkerProcess, token: str | None, node_id: str) -> HassioServiceInfo:
