@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import suppress
 from datetime import timedelta
 from ipaddress import ip_address
+from pathlib import Path
 from unittest.mock import patch
 
 import aiohttp
 import pytest
+from hearth_worker.tls import ensure_certificate
 from homeassistant import config_entries
 from homeassistant.const import STATE_OFF, STATE_ON
 from homeassistant.core import HomeAssistant
@@ -37,6 +39,7 @@ from custom_components.hearth.client import (
     describe,
 )
 from custom_components.hearth.const import (
+    CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_PREFER_LOCAL_INTENTS,
@@ -98,11 +101,22 @@ class CountingRelay:
             writer.close()
 
 
+@pytest.fixture
+def slow_polls() -> Iterator[None]:
+    """Polling every hour: only the immediate re-polls can notice anything in a test."""
+    hour = timedelta(hours=1)
+    with (
+        patch.object(coordinator_module, "SCAN_INTERVAL", hour),
+        patch.object(coordinator_module, "MAX_SCAN_INTERVAL", hour),
+    ):
+        yield
+
+
 # --- one TLS session per worker ------------------------------------------------
 
 
 async def test_requests_share_one_connection(
-    hass: HomeAssistant, chat_worker: WorkerProcess
+    hass: HomeAssistant, chat_worker: WorkerProcess, slow_polls: None
 ) -> None:
     """Set-up, polls and chats (streamed and not) all go over one TLS connection.
 
@@ -227,17 +241,6 @@ async def test_error_descriptions_have_no_reprs(hass: HomeAssistant) -> None:
 
 
 # --- a worker's going and coming, seen at once ---------------------------------
-
-
-@pytest.fixture
-def slow_polls() -> Iterator[None]:
-    """Polling every hour: only the immediate re-polls can notice anything in a test."""
-    hour = timedelta(hours=1)
-    with (
-        patch.object(coordinator_module, "SCAN_INTERVAL", hour),
-        patch.object(coordinator_module, "MAX_SCAN_INTERVAL", hour),
-    ):
-        yield
 
 
 def online_sensor(hass: HomeAssistant, worker: WorkerProcess) -> str:
@@ -394,27 +397,40 @@ async def test_removal_goes_on_when_the_worker_is_gone(
 
 
 async def test_removal_is_bounded_by_a_silent_worker(
-    hass: HomeAssistant, own_worker: WorkerProcess, caplog: pytest.LogCaptureFixture
+    hass: HomeAssistant,
+    own_worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
-    """A worker that accepts the connection and never answers holds removal at most
-    REVOKE_TIMEOUT (shortened here)."""
+    """A worker that completes the TLS handshake and then never answers holds removal
+    at most REVOKE_TIMEOUT (shortened here to 0.2 s; the request's own bound is 10 s)."""
     held: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
 
-    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    cert = ensure_certificate(tmp_path / "silent", "silent")
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=cert.server_context())
     try:
         entry = entry_for(own_worker)
         await setup_entry(hass, entry)
         assert await hass.config_entries.async_unload(entry.entry_id)
         hass.config_entries.async_update_entry(
-            entry, data={**entry.data, "port": silent.sockets[0].getsockname()[1]}
+            entry,
+            data={
+                **entry.data,
+                "port": silent.sockets[0].getsockname()[1],
+                CONF_FINGERPRINT: cert.fingerprint_hex,
+            },
         )
+        started = time.monotonic()
         with patch("custom_components.hearth.REVOKE_TIMEOUT", 0.2):
             await hass.config_entries.async_remove(entry.entry_id)
+        took = time.monotonic() - started
         assert not hass.config_entries.async_entries(DOMAIN)
+        assert held  # the request did reach the silent worker
         assert "timed out" in caplog.text
+        assert took < 5  # generous: unbounded, the request's own 10 s would pass
     finally:
         silent.close()
         for writer in held:
