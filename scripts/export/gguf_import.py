@@ -94,8 +94,30 @@ def field_value(reader: Any, key: str) -> Any:
         return None
 
 
+def share_one_reader() -> None:
+    """One GGUFReader per file for this process. transformers opens the file anew for
+    the config, the weights and the tokenizer, and each reader parses every metadata
+    value (tens of thousands of token strings) again: most of an import's time."""
+    import gguf
+
+    if getattr(gguf.GGUFReader, "hearth_shared", False):
+        return
+    open_reader = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = open_reader(path, mode)
+        return readers[key]
+
+    shared.hearth_shared = True  # type: ignore[attr-defined]
+    gguf.GGUFReader = shared
+
+
 def read_metadata(path: Path) -> tuple[Any, str, str | None]:
     """(reader, general.architecture, general.name)."""
+    share_one_reader()
     from gguf import GGUFReader
 
     with path.open("rb") as fh:
