@@ -47,6 +47,7 @@ PUBLIC_PATHS = frozenset({"/v1/health", "/v1/pair", "/v1/openapi.yaml"})
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # POST /v1/pair needs no token: read no more than a pairing proof needs.
 MAX_PAIR_BODY_BYTES = 4 * 1024
+PARSE_ON_LOOP_BYTES = 64 * 1024
 WARMUP_PROMPT_TOKENS = 32
 WARMUP_NEW_TOKENS = 8
 
@@ -266,7 +267,12 @@ class Worker:
     async def _json(self, request: web.Request, limit: int | None = None) -> dict[str, Any]:
         """The body as a JSON object; with `limit`, reading stops past that many bytes."""
         if limit is None:
-            return parse_json_object(await request.read())
+            raw = await request.read()
+            if len(raw) <= PARSE_ON_LOOP_BYTES:
+                return parse_json_object(raw)
+            # A big body takes a while to parse and check: not on the event loop.
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, parse_json_object, raw)
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit)
         body = bytearray()

@@ -83,7 +83,6 @@ def with_raw(body: dict[str, Any], key: str, raw: str) -> str:
         pytest.param("[" * 1900 + "]" * 1900, 400, "json_too_deep", id="arrays-1900-deep"),
         pytest.param(nested(500), 400, "json_too_deep", id="objects-500-deep"),
         pytest.param("[" * 3800, 400, "invalid_json", id="unclosed-3800-deep"),
-        pytest.param("1" * 101, 400, "invalid_json", id="101-digit-integer"),
         pytest.param("NaN", 400, "invalid_json", id="NaN"),
         pytest.param("-Infinity", 400, "invalid_json", id="Infinity"),
         pytest.param("1e999", 400, "invalid_json", id="1e999"),
@@ -105,7 +104,7 @@ async def test_pairing_refuses_hostile_json_without_a_token(
         pytest.param(nested(100_000), "json_too_deep", id="nested-100k-deep"),
         pytest.param("[" * 1_000_000, "json_too_deep", id="unclosed-1M-deep"),
         pytest.param("1" * 5000, "invalid_json", id="5000-digit-integer"),
-        pytest.param("-" + "9" * 101, "invalid_json", id="101-digit-integer"),
+        pytest.param("-" + "9" * 4301, "invalid_json", id="4301-digit-integer"),
     ],
 )
 async def test_token_holders_get_the_same_limits(
