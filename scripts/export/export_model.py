@@ -120,7 +120,16 @@ def looks_local(source: str) -> bool:
 
 
 def is_gguf(source: str) -> bool:
-    return source.lower().endswith(".gguf")
+    """A .gguf name, or any file that starts with the GGUF magic bytes (Ollama keeps its
+    models as blobs named sha256-HEX, without the suffix)."""
+    if source.lower().endswith(".gguf"):
+        return True
+    path = Path(source).expanduser()
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:  # missing, a folder, unreadable: not a GGUF
+        return False
 
 
 def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
@@ -163,11 +172,15 @@ def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
     stage(f"importing {path.name}: dequantizing the GGUF with transformers")
     log = work / "export.log"
     info_path = work / "gguf.json"
+    named = path
+    if path.suffix.lower() != ".gguf":  # transformers' loader goes by the file's suffix
+        named = work / f"{path.name}.gguf"
+        named.symlink_to(path)
     run(
         [
             str(EXPORT_PY),
             str(HERE / "gguf_import.py"),
-            str(path),
+            str(named),
             str(work / "gguf"),
             str(info_path),
         ],
@@ -180,7 +193,8 @@ def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
         f"imported a {info['architecture']} GGUF as {info['hf_architecture']} "
         f"({info['dtype']}) in {info['seconds']:.1f}s"
     )
-    return work / "gguf", str(path), info.get("name") or path.stem
+    fallback = path.stem if path.suffix.lower() == ".gguf" else path.name
+    return work / "gguf", str(path), info.get("name") or fallback
 
 
 def detect_kind(src: Path, kind: str) -> str:
@@ -561,8 +575,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "source",
         help="Hugging Face hub id (owner/name), local model folder, or a .gguf file (as "
-        "llama.cpp and Ollama keep models; dequantized, then built and quantized like any "
-        "chat model by the genai model builder, for the architectures it knows)",
+        "llama.cpp keeps models; Ollama's blobs, ~/.ollama/models/blobs/sha256-..., are GGUF "
+        "files too): dequantized, then built and quantized like any chat model by the genai "
+        "model builder, for the architectures it knows",
     )
     parser.add_argument("out_dir", type=Path, help="folder to create (must not exist, or --force)")
     parser.add_argument(

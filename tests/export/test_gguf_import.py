@@ -323,11 +323,13 @@ def test_name_option_wins_over_general_name(tiny_hf: Path, tmp_path: Path) -> No
     manifest = manifest_of(tmp_path / "out")
     assert manifest["name"] == "kitchen-helper"
     assert manifest["quantization"] == "int4"
-    # without general.name, the file's name
-    bare = write_gguf(tmp_path / "Bare-Model.Q8_0.gguf", tiny_hf)
+    # without general.name, the file's name; a GGUF without the suffix, as Ollama keeps
+    # its models (blobs/sha256-HEX), is recognized by its magic bytes
+    bare = write_gguf(tmp_path / "sha256-0a1b2c3d", tiny_hf)
     done = export_model(str(bare), str(tmp_path / "bare"), "--quant", "fp32")
     assert done.returncode == 0, done.stderr
-    assert manifest_of(tmp_path / "bare")["name"] == "Bare-Model.Q8_0"
+    assert manifest_of(tmp_path / "bare")["name"] == "sha256-0a1b2c3d"
+    assert manifest_of(tmp_path / "bare")["source"] == str(bare)
 
 
 # ---------------------------------------------------------------------------- config shapes
