@@ -287,6 +287,21 @@ async def test_malformed_http_is_a_400_without_a_traceback(
     assert answer[:13] in (b"HTTP/1.1 400 ", b"HTTP/1.0 400 "), answer[:200]
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"Authorization: Bearer \xff\xfe", id="not-UTF-8"),
+        pytest.param(b"Authorization: Bearer \xed\xa0\x80", id="surrogate-bytes"),
+        pytest.param(b"Authorization: \xed\xa0\x80 hearth_x", id="surrogate-scheme"),
+    ],
+)
+async def test_a_token_that_is_not_text_is_a_401(worker: WorkerProcess, header: bytes) -> None:
+    answer = await raw_request(
+        worker, b"GET /v1/info HTTP/1.1\r\nHost: w\r\n" + header + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
 async def test_a_broken_chunked_body_is_a_400(worker: WorkerProcess, tiny_chat_model: Path) -> None:
     head = (
         f"POST {CHAT} HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {worker.token}\r\n"
