@@ -8,6 +8,7 @@ cached). The official `openai` client asks it a question a real model answers.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def real_worker(
 
 def model_id(folder: Path) -> str:
     return str(json.loads((folder / "hearth-model.json").read_text())["name"])
+
+
+def test_served_without_the_export_tools(real_worker: WorkerProcess) -> None:
+    """The worker serving the imported GGUF runs where torch, transformers and gguf are
+    not even installed: they stay in the export environment."""
+    probe = subprocess.run(
+        [
+            real_worker.args[0],
+            "-c",
+            "import importlib.util as u, sys; "
+            "sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'gguf')))",
+        ],
+        check=False,
+    )
+    assert probe.returncode == 0
+    assert real_worker.process.poll() is None
 
 
 async def test_capital_of_france(real_worker: WorkerProcess, real_chat_model: Path) -> None:
