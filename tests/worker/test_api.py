@@ -415,11 +415,12 @@ async def test_busy_response_has_retry_after(
         )
         await holder.content.readline()
         queued = asyncio.create_task(chat(http, worker, {**body, "max_tokens": 4}))
-        for _ in range(100):
-            async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as cap:
-                if (await cap.json())["queued"] == 1:
-                    break
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(60):  # generous: a loaded machine is slow to queue it
+            while True:
+                async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as cap:
+                    if (await cap.json())["queued"] == 1:
+                        break
+                await asyncio.sleep(0.02)
         async with http.post(worker.url + CHAT, json=body, headers=worker.headers) as resp:
             assert resp.status == 429
             assert int(resp.headers["Retry-After"]) >= 1
