@@ -21,7 +21,7 @@ import shutil
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -228,7 +228,7 @@ async def test_busy_worker_429_fails_over(
                     "stream": True,
                 },
                 headers=alpha.headers,
-                ssl=alpha.ssl,
+                ssl=alpha.ssl or False,
             )
             held.append(response)
             assert response.status == 200
@@ -246,8 +246,8 @@ async def test_busy_worker_429_fails_over(
         assert spy.in_flight(alpha_id) == 0
         spy.release(busy)
     finally:
-        for response in held:
-            response.close()
+        for holder in held:
+            holder.close()
         await session.close()
         await stop_all(workers)
         await tls_closed()
@@ -313,7 +313,9 @@ async def test_probe_ending_without_verdict_frees_the_probe(
         assert [c.worker_id for c in ranked][-1:] == [alpha_id]
         assert "breaker_half_open" in ranked[-1].reasons
         await anext(aiter(stream.deltas))
-        await stream.deltas.aclose()  # e.g. the user went away: no verdict
+        await cast(
+            AsyncGenerator[ChatDelta], stream.deltas
+        ).aclose()  # e.g. the user went away: no verdict
     assert spy.breaker_state(alpha_id) is router.BreakerState.HALF_OPEN
     assert spy.in_flight(alpha_id) == 0
 
@@ -419,7 +421,7 @@ async def test_capacity_snapshot_showing_our_request_is_not_counted_twice(
             # ... which is already counted as ours, not again as another client's.
             assert alpha_estimate() == pytest.approx(alpha_estimate(running=0))
         finally:
-            await stream.deltas.aclose()
+            await cast(AsyncGenerator[ChatDelta], stream.deltas).aclose()
     # Finished: the snapshot, now stale, still shows it running; it is not someone else's.
     assert alpha.coordinator.data.running == 1
     assert spy.in_flight(alpha.entry_id) == 0

@@ -127,7 +127,7 @@ def test_each_penalty_puts_a_faster_worker_behind(
     assert rank([plugged])[0].estimated_s == pytest.approx(1.5)
     # Without the condition the laptop is clearly first.
     assert [c.worker_id for c in rank([plugged, worker("laptop", FAST)])] == ["laptop", "plugged"]
-    laptop = worker("laptop", FAST, **condition)
+    laptop = worker("laptop", FAST, **condition)  # type: ignore[arg-type]
     ranked = rank([plugged, laptop])
     assert [c.worker_id for c in ranked] == ["plugged", "laptop"]
     assert ranked[1].estimated_s == pytest.approx(1.2 * factor)
@@ -140,7 +140,7 @@ def test_enough_memory_and_unknown_conditions_are_not_penalised() -> None:
         {"on_battery": False, "user_active": False},
         {"on_battery": None, "user_active": None, "memory_free_mb": None},
     ):
-        ranked = rank([worker("laptop", FAST, **condition)])  # type: ignore[arg-type]
+        ranked = rank([worker("laptop", FAST, **condition)])
         assert ranked[0].estimated_s == pytest.approx(1.2)
         assert ranked[0].reasons == ()
 
