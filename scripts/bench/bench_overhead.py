@@ -42,43 +42,6 @@ PROMPT = "hello"
 SYSTEM = "You are Hearth, a helpful assistant. Answer briefly."
 
 
-class CountingRelay:
-    """Relays TCP connections to the worker and counts them."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.accepted = 0
-        self.server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in list(self._writers):
-            writer.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-
 async def direct_ttft(
     session: aiohttp.ClientSession, url: str, token: str, body: dict[str, Any]
 ) -> float:
@@ -113,6 +76,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         MockConfigEntry,
         async_test_home_assistant,
     )
+    from relay import CountingRelay
     from worker_process import start_worker
 
     from custom_components.hearth.const import DOMAIN
