@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -143,3 +145,19 @@ def taught_worker(
     worker = start_worker([taught_chat_model], tmp_path_factory.mktemp("taught-worker"))
     yield worker
     worker.stop()
+
+
+@pytest.fixture
+def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
+    """Two workers of the test alone, "Alpha" and "Beta" (one slot each; fail-over tests)."""
+    started = {
+        name: start_worker(
+            [tiny_chat_model], tmp_path / name, extra=["--max-running", "1", "--no-warmup"]
+        )
+        for name in ("Alpha", "Beta")
+    }
+    yield started
+    for worker in started.values():
+        if worker.process.poll() is None:
+            os.kill(worker.process.pid, signal.SIGCONT)  # in case a test froze it
+        worker.stop()

@@ -13,8 +13,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import intent
-from worker_process import WorkerProcess, start_worker
+from worker_process import WorkerProcess
 
 from custom_components.hearth import router
 from custom_components.hearth.client import ChatDelta, StreamTimeouts
@@ -93,22 +92,6 @@ async def _call(action: Action, name: str) -> None:
     result = action(name)
     if result is not None:
         await result
-
-
-@pytest.fixture
-def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    """Two workers of this test alone, "Alpha" and "Beta" (one slot each)."""
-    started = {
-        name: start_worker(
-            [tiny_chat_model], tmp_path / name, extra=["--max-running", "1", "--no-warmup"]
-        )
-        for name in ("Alpha", "Beta")
-    }
-    yield started
-    for worker in started.values():
-        if worker.process.poll() is None:
-            os.kill(worker.process.pid, signal.SIGCONT)  # in case a test froze it
-        worker.stop()
 
 
 async def household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Cluster:

@@ -11,8 +11,6 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from pytest_homeassistant_custom_component.typing import (
     ClientSessionGenerator,
     WebSocketGenerator,
 )
-from worker_process import WorkerProcess, start_worker
+from worker_process import WorkerProcess
 
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
@@ -47,20 +45,6 @@ TOO_LONG = "This request is too long for the household's Hearth models ("
 # About 14,000 tokens of the tiny model (context 8,192), but under the size that is
 # refused before any worker is asked (8 characters a token of the largest context).
 BEYOND_CONTEXT = "the sea and the mountains " * 1600
-
-
-@pytest.fixture
-def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    """Two workers of this test alone, "Alpha" and "Beta" (as in test_failover.py)."""
-    started = {
-        name: start_worker(
-            [tiny_chat_model], tmp_path / name, extra=["--max-running", "1", "--no-warmup"]
-        )
-        for name in ("Alpha", "Beta")
-    }
-    yield started
-    for worker in started.values():
-        worker.stop()
 
 
 class MatcherSpy:
