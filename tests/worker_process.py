@@ -15,6 +15,7 @@ with `--plain-http`. To talk to one:
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import re
@@ -60,6 +61,20 @@ async def tls_closed(timeout: float = 2.0) -> None:
         for handle in getattr(loop, "_scheduled", [])
         if not handle.cancelled()
     ):
+        await asyncio.sleep(0.01)
+
+
+async def generators_closed() -> None:
+    """openai stops reading at `[DONE]` and leaves its SSE generators to the garbage
+    collector; collect them now, so that their clean-up tasks end within the test
+    (when the collector ran is otherwise a matter of timing)."""
+    quiet = 0  # each closed generator leaves the next one to the collector: a cascade
+    for _ in range(500):
+        gc.collect()
+        busy = any("athrow" in repr(task) for task in asyncio.all_tasks())
+        quiet = 0 if busy else quiet + 1
+        if quiet >= 10:
+            return
         await asyncio.sleep(0.01)
 
 

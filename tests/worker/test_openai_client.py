@@ -8,8 +8,6 @@ with `check_hostname = False`, passed as `httpx.AsyncClient(verify=...)`.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from worker_process import WorkerProcess
+from worker_process import WorkerProcess, generators_closed
 
 
 def _id(path: Path) -> str:
@@ -73,20 +71,6 @@ async def test_models_chat_and_stream(client: openai.AsyncOpenAI, tiny_chat_mode
         assert usage == whole.usage
         del stream, chunk
     await generators_closed()
-
-
-async def generators_closed() -> None:
-    """openai stops reading at `[DONE]` and leaves its SSE generators to the garbage
-    collector; collect them now, so that their clean-up tasks end within the test
-    (when the collector ran is otherwise a matter of timing)."""
-    quiet = 0  # each closed generator leaves the next one to the collector: a cascade
-    for _ in range(500):
-        gc.collect()
-        busy = any("athrow" in repr(task) for task in asyncio.all_tasks())
-        quiet = 0 if busy else quiet + 1
-        if quiet >= 10:
-            return
-        await asyncio.sleep(0.01)
 
 
 async def test_errors_map_to_openai_exceptions(

@@ -16,7 +16,7 @@ import httpx
 import model_fixtures
 import openai
 import pytest
-from worker_process import WorkerProcess, start_worker
+from worker_process import WorkerProcess, generators_closed, start_worker
 
 QUESTION = "What is the capital of France?"
 
@@ -88,3 +88,5 @@ async def test_capital_of_france(real_worker: WorkerProcess, real_chat_model: Pa
                 streamed += chunk.choices[0].delta.content or ""
         print(f"streamed answer: {streamed!r}")
         assert streamed == answer
+        del stream, chunk
+    await generators_closed()
