@@ -224,17 +224,10 @@ class ChatModel:
             raise PromptTooLong(prompt_tokens, self.context_length)
         return min(room, requested or DEFAULT_MAX_NEW_TOKENS)
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        sampling: Sampling,
-        on_text: Callable[[str], None],
-        cancelled: threading.Event,
-    ) -> GenerationResult:
-        """Generate in the calling thread, handing decoded text to `on_text`."""
-        max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
+    def _params(self, max_length: int, sampling: Sampling) -> og.GeneratorParams:
+        """The one place GeneratorParams are built (search options, guidance)."""
         params = og.GeneratorParams(self._model)
-        options: dict[str, Any] = {"max_length": len(prompt_ids) + max_new}
+        options: dict[str, Any] = {"max_length": max_length}
         if sampling.temperature:  # None or 0 means greedy
             options |= {
                 "do_sample": True,
@@ -247,6 +240,18 @@ class ChatModel:
         else:
             options["do_sample"] = False
         params.set_search_options(**options)
+        return params
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        on_text: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> GenerationResult:
+        """Generate in the calling thread, handing decoded text to `on_text`."""
+        max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
+        params = self._params(len(prompt_ids) + max_new, sampling)
         result = GenerationResult(prompt_tokens=len(prompt_ids))
         generator = og.Generator(self._model, params)
         stream = self._tokenizer.create_stream()
