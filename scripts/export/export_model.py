@@ -7,6 +7,7 @@ optimum-onnx), which it builds on first use through scripts/setup.
 A .gguf file (as llama.cpp and Ollama keep models) is dequantized into a Hugging Face
 folder first (scripts/export/gguf_import.py), then built and quantized by the genai
 model builder like any other chat model; its display name is the GGUF's general.name.
+A folder's display name comes from its metadata (model_name(); --name overrides).
 """
 
 from __future__ import annotations
@@ -143,14 +144,14 @@ def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
         if not path.is_dir():
             fail(f"source is not a folder or a .gguf file: {source}")
         path = path.resolve()
-        return path, str(path), path.name
+        return path, str(path), model_name(path)
     if source.count("/") != 1 or not all(source.split("/")):
         fail(f"'{source}' is neither an existing folder nor a Hugging Face hub id (owner/name)")
     ensure_env("export")
     stage(f"downloading {source} from the Hugging Face hub")
     log = work / "export.log"
     run([str(EXPORT_PY), str(HERE / "hub_download.py"), source, str(work / "hub")], log, "download")
-    return work / "hub", source, source.split("/")[1]
+    return work / "hub", source, clean_name(source.split("/")[1])
 
 
 def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
@@ -194,7 +195,179 @@ def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
         f"({info['dtype']}) in {info['seconds']:.1f}s"
     )
     fallback = path.stem if path.suffix.lower() == ".gguf" else path.name
-    return work / "gguf", str(path), info.get("name") or fallback
+    return work / "gguf", str(path), clean_name(info.get("name") or "") or clean_name(fallback)
+
+
+# ---------------------------------------------------------------------------- display name
+
+# Folder names that say nothing about the model inside (the issue's "hf"): a name from
+# one of them is passed over for the model's metadata or a more telling parent folder.
+GENERIC_FOLDERS = {
+    "hf",
+    "huggingface",
+    "hub",
+    "model",
+    "models",
+    "snapshots",
+    "checkpoint",
+    "checkpoints",
+    "weights",
+    "original",
+    "onnx",
+    "export",
+    "exports",
+    "out",
+    "output",
+    "outputs",
+    "final",
+    "latest",
+    "main",
+    "src",
+    "source",
+    "download",
+    "downloads",
+    "files",
+    "tmp",
+    "temp",
+}
+NAME_MAX = 100
+_GENERIC_PATTERN = re.compile(r"(?i)(checkpoint-\d+|[0-9a-f]{40}|\d+|\.+)")
+_ID_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_HUB_CACHE = re.compile(r"models--([^/]+?)--(.+)")  # huggingface_hub's cache: models--OWNER--NAME
+
+
+def clean_name(text: str) -> str:
+    """`text` as a model id: slashes and control characters become separators, runs of
+    white space one space, trimmed to NAME_MAX characters. Spaces and other letters stay:
+    the id is what Home Assistant shows; the worker takes any string without a slash."""
+    text = re.sub(r"[/\\]+", "-", text)
+    text = "".join(" " if (ch.isspace() or not ch.isprintable()) else ch for ch in text)
+    text = re.sub(r" +", " ", text).strip(" -")
+    return text[:NAME_MAX].rstrip(" -")
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` (a --name) cannot be a model id, or None."""
+    if not name.strip():
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a slash (the id is part of the worker's URLs, /v1/models/ID)"
+    if any(not ch.isprintable() for ch in name if ch != " "):
+        return "it contains control characters"
+    if name != name.strip():
+        return "it starts or ends with white space"
+    if len(name) > NAME_MAX:
+        return f"it is longer than {NAME_MAX} characters"
+    return None
+
+
+def is_generic(name: str) -> bool:
+    return not name or name.lower() in GENERIC_FOLDERS or bool(_GENERIC_PATTERN.fullmatch(name))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_name(value: Any) -> str | None:
+    """NAME of a hub id OWNER/NAME (as `_name_or_path` records a model loaded from the hub)."""
+    if not isinstance(value, str) or looks_local(value) or value.count("/") != 1:
+        return None
+    owner, name = value.split("/")
+    return name if owner and name and not is_generic(name) else None
+
+
+def _path_name(value: Any) -> str | None:
+    """The last telling part of a local path (as `_name_or_path` records a folder)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    parts = [p for p in re.split(r"[/\\]+", value.strip()) if p]
+    for part in reversed(parts):
+        found = _HUB_CACHE.fullmatch(part)
+        if found:
+            return found.group(2)
+        if not is_generic(part) and part != "snapshots":
+            return part
+    return None
+
+
+def _readme_names(folder: Path) -> tuple[str | None, str | None]:
+    """(name from the model card's front matter, its first '# ' heading)."""
+    try:
+        lines = (folder / "README.md").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None, None
+    declared = None
+    body = lines
+    if lines and lines[0].strip() == "---":
+        end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), None)
+        if end is not None:
+            body = lines[end + 1 :]
+            front = lines[1:end]
+            for i, line in enumerate(front):
+                found = re.fullmatch(r"model_name:\s*(.+)", line.strip())
+                if found is None and line.startswith("model-index:"):
+                    # model-index:\n- name: NAME   (the fine-tuned model's own name)
+                    nxt = front[i + 1].strip() if i + 1 < len(front) else ""
+                    found = re.fullmatch(r"-\s*name:\s*(.+)", nxt)
+                if found:
+                    declared = found.group(1).strip().strip("'\"") or None
+                    break
+    heading = None
+    fenced = False
+    for line in body:
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("# "):
+            text = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", line[2:]).strip(" *_`")
+            text = re.sub(r"(?i)^model card for\s+", "", text)
+            if text and "<" not in text and text.lower() != "model id":
+                heading = text
+            break
+    return declared, heading
+
+
+def model_name(folder: Path) -> str:
+    """The display name of the Hugging Face model folder `folder`, from its own metadata.
+
+    In order: the model card's declared name (README.md front matter `model_name`, or
+    `model-index`'s first `name`); config.json's `_name_or_path` when it is a hub id
+    (its NAME part), else tokenizer_config.json's `name_or_path` hub id; the model card's
+    first heading, when it is a one-word model id that says more than that hub name
+    (all-MiniLM-L6-v2's card over `nreimers/MiniLM-L6-H384-uncased`, its base model;
+    not SmolLM2 over SmolLM2-135M-Instruct); a huggingface_hub cache path
+    (models--OWNER--NAME); the last telling part of a local `_name_or_path`; the folder's
+    own name, or its parent's when the folder is called `hf`, `model`, `snapshots/HASH`...
+    """
+    folder = folder.resolve()
+    declared, heading = _readme_names(folder)
+    config = _json_object(folder / "config.json")
+    tokenizer = _json_object(folder / "tokenizer_config.json")
+    hub = _hub_name(config.get("_name_or_path")) or _hub_name(tokenizer.get("name_or_path"))
+    if heading is not None and (
+        not _ID_LIKE.fullmatch(heading) or (hub and hub.lower().startswith(heading.lower()))
+    ):
+        heading = None
+    cached = next(
+        (m.group(2) for p in reversed(folder.parts) if (m := _HUB_CACHE.fullmatch(p))), None
+    )
+    candidates = [
+        declared,
+        hub if heading is None else heading,
+        hub,
+        cached,
+        _path_name(config.get("_name_or_path")),
+        *(p.name for p in (folder, *list(folder.parents)[:2]) if not is_generic(p.name)),
+        folder.name,
+    ]
+    for candidate in candidates:
+        if candidate and (name := clean_name(candidate)):
+            return name
+    return "model"
 
 
 def detect_kind(src: Path, kind: str) -> str:
@@ -582,8 +755,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to create (must not exist, or --force)")
     parser.add_argument(
         "--name",
-        help="model name shown in Home Assistant (default: a GGUF's general.name, else the "
-        "hub repo's or source folder's name)",
+        help="the model's id: the name the worker serves it under and Home Assistant shows "
+        "(no slash). Default, from the model's own metadata: a GGUF's general.name (else its "
+        "file name); a hub id's repository name; a folder's model card name (README.md "
+        "model_name or model-index), config.json's _name_or_path hub id (tokenizer_config's "
+        "name_or_path) unless the card's first heading names it more precisely, else the "
+        "folder's name, or its parent's when the folder is called hf, model, ... "
+        "(_name_or_path may name the base model of a fine-tune: "
+        "pass --name then)",
     )
     parser.add_argument(
         "--quant", choices=QUANTS, help="default: int4 for chat, fp32 for embedding"
@@ -618,6 +797,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--source-label", help=argparse.SUPPRESS)  # "source" in the manifest
     args = parser.parse_args(argv)
+    if args.name is not None and (problem := name_problem(args.name)):
+        fail(f"--name {args.name!r} cannot be a model id: {problem}")
 
     out: Path = args.out_dir.expanduser().absolute()
     if out.exists():

@@ -225,7 +225,9 @@ def main(argv: list[str]) -> int:
     # two loaded cores ran ~8x slower per step than one).
     torch.set_num_threads(1 if args.teach else max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="hearth-test-model-") as tmp:
-        hf = Path(tmp) / name
+        # A folder called hf, as households keep them: export_model names the model from
+        # its config's _name_or_path (tests/export/test_names.py checks the manifest).
+        hf = Path(tmp) / "hf"
         hf.mkdir()
         log(start, f"training tokenizer ({preset['vocab_size']} tokens)")
         ids = build_tokenizer(hf, preset["vocab_size"], preset["corpus"])
@@ -250,6 +252,10 @@ def main(argv: list[str]) -> int:
                 return 1
             report = teach_report(reached, args, params)
         model.save_pretrained(hf)
+        config_path = hf / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["_name_or_path"] = name
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if args.hf_dir is not None:
             if args.hf_dir.exists():
                 shutil.rmtree(args.hf_dir)
@@ -262,8 +268,6 @@ def main(argv: list[str]) -> int:
             str(REPO / "scripts" / "export_model"),
             str(hf),
             str(args.out_dir),
-            "--name",
-            name,
             "--quant",
             quant,
             "--kind",
