@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,8 +36,6 @@ MEMORY_HEADROOM: Final = 0.8
 # decodes too slowly for a voice assistant; a smaller one is preferred when it fits.
 FEW_CORES: Final = 4
 SMALL_MODEL_B: Final = 2.0
-
-_GIB = 1024**3
 
 _SOURCE_RE = re.compile(
     r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)"
@@ -200,8 +199,8 @@ def load_catalog(path: Path | None = None) -> list[CatalogEntry]:
     return parse_catalog(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _gib(value: int) -> str:
-    return f"{value / _GIB:.1f} GB"
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.1f} GB"
 
 
 def _rank(entry: CatalogEntry, index: int, small: bool) -> tuple[bool, bool, float, int]:
@@ -300,9 +299,9 @@ def _reason(
 ) -> str:
     needs = []
     if not fits_memory:
-        needs.append(f"needs {_gib(entry.memory_bytes)} of memory, {_gib(memory_bytes)} free")
+        needs.append(f"needs {_gb(entry.memory_bytes)} of memory, {_gb(memory_bytes)} free")
     if not fits_disk:
-        needs.append(f"needs {_gib(entry.disk_bytes)} of disk, {_gib(free_disk_bytes)} free")
+        needs.append(f"needs {_gb(entry.disk_bytes)} of disk, {_gb(free_disk_bytes)} free")
     if needs:
         return "; ".join(needs)
     if chosen:
@@ -319,7 +318,7 @@ def _reason(
     if entry.kind == "chat" and not entry.tool_calling:
         return "fits; cannot call tools (no device control)"
     if small and entry.kind == "chat" and entry.parameters_b > SMALL_MODEL_B:
-        return "fits; slow on this few cores"
+        return "fits; slow with so few cores"
     return "fits"
 
 
@@ -419,3 +418,98 @@ def probe_machine(models_dir: Path) -> Machine:
         cores=cpu_cores(),
         free_disk_bytes=free_disk_bytes(models_dir),
     )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def pull_command(entry: CatalogEntry, models_dir: Path | None = None) -> str:
+    """The command that installs ``entry`` (with ``--models-dir`` when one was given)."""
+    where = f" --models-dir {shlex.quote(str(models_dir))}" if models_dir is not None else ""
+    return f"hearth-worker pull{where} {shlex.quote(entry.source)}"
+
+
+def report(
+    machine: Machine,
+    models_dir: Path,
+    recommendations: Sequence[Recommendation],
+    *,
+    explicit_dir: bool = False,
+) -> dict[str, Any]:
+    """What ``hearth-worker recommend --json`` prints."""
+    pull_dir = models_dir if explicit_dir else None
+    return {
+        "machine": asdict(machine),
+        "models_dir": str(models_dir),
+        "models": [rec.to_json() for rec in recommendations],
+        "suggested": [
+            pull_command(rec.entry, pull_dir) for rec in recommendations if rec.recommended
+        ],
+    }
+
+
+def format_table(
+    machine: Machine,
+    models_dir: Path,
+    recommendations: Sequence[Recommendation],
+    *,
+    explicit_dir: bool = False,
+) -> str:
+    """A table a person reads: every catalog model, whether it fits, and what to pull."""
+    lines = [
+        f"This machine: {_gb(machine.available_memory_bytes)} of memory free "
+        f"(of {_gb(machine.total_memory_bytes)}), {machine.cores} cores, "
+        f"{_gb(machine.free_disk_bytes)} free disk in {models_dir}",
+        "",
+    ]
+    header = ("", "MODEL", "KIND", "PARAMS", "DISK", "MEMORY", "TOOLS", "FITS", "")
+    rows = [header]
+    order = sorted(
+        recommendations, key=lambda r: (r.entry.kind != "chat", not r.recommended, not r.fits)
+    )
+    for rec in order:
+        e = rec.entry
+        rows.append(
+            (
+                "*" if rec.recommended else "",
+                e.id,
+                e.kind,
+                f"{e.parameters_b:g}B",
+                _gb(e.disk_bytes),
+                _gb(e.memory_bytes),
+                "yes" if e.tool_calling else "no" if e.kind == "chat" else "-",
+                "yes" if rec.fits else "no",
+                rec.reason,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    chosen = [rec for rec in order if rec.recommended]
+    lines.append("")
+    if chosen:
+        lines.append("* recommended. To install them:")
+        pull_dir = models_dir if explicit_dir else None
+        lines.extend(f"  {pull_command(rec.entry, pull_dir)}" for rec in chosen)
+    else:
+        lines.append("No catalog model fits this machine's free memory and disk.")
+    return "\n".join(lines)
+
+
+def run_recommend(
+    models_dir: Path,
+    *,
+    as_json: bool = False,
+    explicit_dir: bool = False,
+    machine: Machine | None = None,
+) -> str:
+    """The output of ``hearth-worker recommend`` for this machine (or ``machine``)."""
+    machine = machine or probe_machine(models_dir)
+    recommendations = recommend(
+        machine.available_memory_bytes, machine.cores, machine.free_disk_bytes
+    )
+    if as_json:
+        data = report(machine, models_dir, recommendations, explicit_dir=explicit_dir)
+        return json.dumps(data, indent=2)
+    return format_table(machine, models_dir, recommendations, explicit_dir=explicit_dir)

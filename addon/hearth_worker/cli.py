@@ -122,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
         help="show the TLS certificate's path and SHA-256 fingerprint (made if missing)",
     )
 
+    recommend = sub.add_parser(
+        "recommend", help="show which catalog models fit this machine and how to pull them"
+    )
+    recommend.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="where models are stored; free disk is measured there (default: <state-dir>/models)",
+    )
+    recommend.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
     tokens = sub.add_parser("tokens", help="list or revoke the tokens of paired clients")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     tokens_sub.add_parser("list", help="list tokens")
@@ -267,6 +278,12 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "recommend":
+        from .catalog import run_recommend  # noqa: PLC0415 (only this command needs it)
+
+        models_dir = args.models_dir or args.state_dir / "models"
+        print(run_recommend(models_dir, as_json=args.json, explicit_dir=bool(args.models_dir)))
+        return 0
     auth = AuthStore(args.state_dir)
     if args.command == "pair":
         _show_code(auth)
