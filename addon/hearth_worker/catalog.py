@@ -204,8 +204,8 @@ def _gb(value: int) -> str:
 
 
 def _rank(entry: CatalogEntry, index: int, small: bool) -> tuple[bool, bool, float, int]:
-    """Higher is better: tool calling, then (on few cores) small enough, then size,
-    then the earlier place in the file."""
+    """A chat model's rank, higher is better: tool calling, then (on few cores) small
+    enough, then size, then the earlier place in the file."""
     return (
         entry.tool_calling,
         not small or entry.parameters_b <= SMALL_MODEL_B,
@@ -229,7 +229,8 @@ def recommend(
     first; on fewer than ``FEW_CORES`` cores one of at most ``SMALL_MODEL_B`` billion
     parameters if any fits; then the largest) that leaves room, together with the
     recommended embedding model, within ``MEMORY_HEADROOM`` of the memory and within
-    the free disk; then the best embedding model in what is left.
+    the free disk; then the first embedding model in the catalog (they are listed in
+    order of preference) that fits in what is left.
     """
     entries = list(load_catalog() if catalog is None else catalog)
     budget = int(memory_bytes * MEMORY_HEADROOM)
@@ -258,7 +259,8 @@ def recommend(
     used_mem = best_chat[1].memory_bytes if best_chat else 0
     used_disk = best_chat[1].disk_bytes if best_chat else 0
     embed_fit = fitting(embedding, budget - used_mem, free_disk_bytes - used_disk)
-    best_embed = max(embed_fit, key=lambda p: _rank(p[1], p[0], False), default=None)
+    # Embedding models: the catalog lists them in order of preference.
+    best_embed = min(embed_fit, key=lambda p: p[0], default=None)
     chosen = {p[1].id for p in (best_chat, best_embed) if p is not None}
 
     results = []

@@ -25,6 +25,7 @@ from hearth_worker.catalog import (
     recommend,
     split_source,
 )
+from hearth_worker.pull import parse_source
 
 GIB = 1024**3
 GB = 10**9
@@ -113,6 +114,12 @@ def test_shipped_catalog_validates_every_field() -> None:
         else:
             assert entry.parameters_b < 1 and not entry.tool_calling
     assert any(e.tool_calling for e in entries if e.kind == "chat")
+
+
+def test_every_source_is_one_pull_takes() -> None:
+    for entry in load_catalog():
+        hub = parse_source(entry.source)
+        assert (hub.repo_id, hub.subfolder or None) == split_source(entry.source)
 
 
 def test_catalog_json_ships_in_the_package() -> None:
@@ -241,6 +248,16 @@ def test_recommend_prefers_tool_calling() -> None:
     # Among models that cannot call tools, the largest that fits.
     without_tools = [replace(e, tool_calling=False) for e in SYNTHETIC]
     assert _picked(recommend(8 * GIB, 8, 500 * GB, catalog=without_tools))["chat"] == "mid-no-tools"
+
+
+def test_recommend_takes_embedding_models_in_catalog_order() -> None:
+    swapped = [e for e in SYNTHETIC if e.kind == "chat"] + [SYNTHETIC[-1], SYNTHETIC[-2]]
+    assert _picked(recommend(8 * GIB, 8, 500 * GB, catalog=swapped))["embedding"] == "embed-small"
+    # The first in order that fits what the chat model leaves: 4 GiB, budget 3.2 GiB,
+    # small-tools takes 2.4, and an embedding model of 0.9 GiB listed first does not fit.
+    heavy = _entry("embed-heavy", "embedding", 0.3, 0.5, 0.9, False)
+    recs = recommend(4 * GIB, 8, 500 * GB, catalog=[*SYNTHETIC[:5], heavy, *SYNTHETIC[5:]])
+    assert _picked(recs) == {"chat": "small-tools", "embedding": "embed-big"}
 
 
 def test_recommend_prefers_a_small_model_on_few_cores() -> None:
