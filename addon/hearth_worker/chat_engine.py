@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,9 @@ import onnxruntime_genai as og
 
 from .admission import run_to_end
 from .chat_template import ChatTemplate
+from .guidance import ModelGuidance
 from .manifest import Manifest
+from .prompt_cache import CacheEntry, PromptCache, Taken
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,6 +50,14 @@ PREFILL_MIN_SLICE = 16
 TOKEN_CHARS_MARGIN = 2
 # After the first piece of a streamed answer, hand text to the server at most this often.
 STREAM_FLUSH_S = 0.025
+# A generator kept for the prompt cache is sized for this many tokens beyond its
+# first request (rounded up to CACHE_LENGTH_STEP): later turns of the
+# conversation then fit in it (see _cached_length).
+CACHE_HEADROOM = 1024
+CACHE_LENGTH_STEP = 512
+# Sampling fields that make a generator stateful beyond its token history (a
+# grammar's matcher): such generators are never reused from the prompt cache.
+_STATEFUL_FIELD_WORDS = ("guid", "grammar", "schema", "format")
 
 
 class PromptTooLong(ValueError):
@@ -96,11 +107,18 @@ def message_chars(messages: list[dict[str, Any]]) -> int:
 
 @dataclass(frozen=True)
 class Sampling:
+    """How to pick tokens. None: the model's default (`Manifest.generation`)."""
+
     max_new_tokens: int | None = None
-    temperature: float | None = None
+    temperature: float | None = None  # 0: greedy
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    # (type, data) for GeneratorParams.set_guidance (see guidance.py); None: free text.
+    guidance: tuple[str, str] | None = None
 
 
 @dataclass
@@ -110,6 +128,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
 
 
 class StopMatcher:
@@ -152,8 +171,10 @@ class StopMatcher:
         return out
 
 
-def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threading.Event) -> bool:
-    """Feed the prompt to the generator in slices; False when cancelled meanwhile.
+def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threading.Event) -> int:
+    """Feed the prompt to the generator in slices; returns how many tokens were fed.
+
+    Fewer than all when cancelled meanwhile.
 
     onnxruntime-genai holds the GIL while it processes appended tokens: one
     append of a long prompt would freeze the event loop (every other request,
@@ -165,14 +186,15 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
     position = 0
     while position < len(prompt_ids):
         if cancelled.is_set():
-            return False
+            return position
         begun = time.perf_counter()
-        generator.append_tokens(prompt_ids[position : position + size])
-        position += size
+        piece = prompt_ids[position : position + size]
+        generator.append_tokens(piece)
+        position += len(piece)
         took = max(time.perf_counter() - begun, 1e-4)
         size = max(PREFILL_MIN_SLICE, min(2 * size, int(size * PREFILL_SLICE_S / took)))
         time.sleep(0)  # let the event loop run
-    return True
+    return position
 
 
 def _genai_config(manifest: Manifest, threads: int) -> og.Config:
@@ -186,7 +208,13 @@ def _genai_config(manifest: Manifest, threads: int) -> og.Config:
 class ChatModel:
     """One chat model loaded with onnxruntime-genai."""
 
-    def __init__(self, manifest: Manifest, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        threads: int | None = None,
+        cache: PromptCache | None = None,
+    ) -> None:
         self.manifest = manifest
         self.id = manifest.name
         self.context_length = manifest.context_length
@@ -194,9 +222,49 @@ class ChatModel:
         self._model = og.Model(_genai_config(manifest, self.threads))
         self._tokenizer = og.Tokenizer(self._model)
         self.template = ChatTemplate.from_model_dir(manifest.path)
+        self.guidance = ModelGuidance(self._model, self.template, manifest.path)
         self.token_chars = max_token_chars(manifest.path / "tokenizer.json") * TOKEN_CHARS_MARGIN
         self._active_lock = threading.Lock()
         self.active = 0  # generation threads running now
+        # The prompt cache (shared by a worker's models, within one budget); None: off.
+        self.cache = cache
+        self.kv_bytes_per_token = self._measure_kv_bytes()
+        self.prefilled_tokens = 0  # prompt tokens fed to the model, all requests together
+
+    def _measure_kv_bytes(self) -> int:
+        """Bytes of keys and values one token takes (all layers), measured on a tiny run."""
+        decoder = self.manifest_config().get("model", {}).get("decoder", {})
+        layers = int(decoder.get("num_hidden_layers") or 0)
+        name = str(decoder.get("outputs", {}).get("present_key_names", "present.%d.key"))
+        length = 4
+        try:
+            params = og.GeneratorParams(self._model)
+            params.set_search_options(max_length=length, do_sample=False)
+            generator = og.Generator(self._model, params)
+            generator.append_tokens([0])
+            key = generator.get_output(name % 0)
+            per_layer = int(key.nbytes) // max(1, int(key.shape[2]))
+            return 2 * per_layer * max(1, layers)
+        except Exception as err:  # an estimate from the config will do
+            _LOGGER.debug("KV size not measured (%r); estimating from the config", err)
+            heads = int(
+                decoder.get("num_key_value_heads") or decoder.get("num_attention_heads") or 1
+            )
+            head_size = int(decoder.get("head_size") or 64)
+            return 2 * max(1, layers) * heads * head_size * 4
+
+    def manifest_config(self) -> dict[str, Any]:
+        """The model's genai_config.json ({} when unreadable)."""
+        try:
+            data = json.loads((self.manifest.path / "genai_config.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def close(self) -> None:
+        """The model is going: drop what the prompt cache holds of it."""
+        if self.cache is not None:
+            self.cache.drop(self.id)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tokenizer.encode(text)]
@@ -228,18 +296,17 @@ class ChatModel:
         """The one place GeneratorParams are built (search options, guidance)."""
         params = og.GeneratorParams(self._model)
         options: dict[str, Any] = {"max_length": max_length}
-        if sampling.temperature:  # None or 0 means greedy
-            options |= {
-                "do_sample": True,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p or 1.0,
-                "top_k": 0,
-            }
-            if sampling.seed is not None:
-                options["random_seed"] = sampling.seed
-        else:
-            options["do_sample"] = False
+        options |= self.manifest.generation.search_options(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            repetition_penalty=sampling.repetition_penalty,
+            no_repeat_ngram_size=sampling.no_repeat_ngram_size,
+            seed=sampling.seed,
+        )
         params.set_search_options(**options)
+        if sampling.guidance is not None:
+            params.set_guidance(*sampling.guidance)
         return params
 
     def generate(
@@ -251,17 +318,110 @@ class ChatModel:
     ) -> GenerationResult:
         """Generate in the calling thread, handing decoded text to `on_text`."""
         max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
-        params = self._params(len(prompt_ids) + max_new, sampling)
+        needed = len(prompt_ids) + max_new
         result = GenerationResult(prompt_tokens=len(prompt_ids))
-        generator = og.Generator(self._model, params)
+        started = time.perf_counter()
+        entry = self._generator(prompt_ids, needed, sampling)
+        kept = False
+        try:
+            generator = entry.generator
+            result.cached_tokens = len(entry.tokens)
+            first_token_at = self._decode(
+                generator, prompt_ids, max_new, sampling, on_text, cancelled, result
+            )
+            if self.cache is not None and entry.key is not None:
+                self.cache.put(entry, [int(t) for t in generator.get_sequence(0)])
+                kept = True
+        finally:
+            if not kept and self.cache is not None:
+                self.cache.discard(entry)
+        ended = time.perf_counter()
+        result.prefill_s = (first_token_at or ended) - started
+        result.decode_s = ended - (first_token_at or ended)
+        return result
+
+    def _cache_key(self, sampling: Sampling) -> Sampling | None:
+        """What a cached generator must have been made for to serve `sampling`; None: no reuse.
+
+        A generator's search options are fixed when it is made, so it serves only
+        requests with the same ones. A seeded sample must start its own random
+        stream, and a grammar's matcher is state beyond the token history.
+        """
+        if sampling.temperature and sampling.seed is not None:
+            return None
+        for item in dataclasses.fields(sampling):
+            if any(word in item.name for word in _STATEFUL_FIELD_WORDS) and getattr(
+                sampling, item.name
+            ):
+                return None
+        return dataclasses.replace(
+            sampling,
+            max_new_tokens=None,
+            stop=[],
+            seed=sampling.seed if sampling.temperature else None,
+        )
+
+    def _cached_length(self, needed: int) -> int:
+        """max_length for a generator the cache may keep: room for later turns."""
+        step = CACHE_LENGTH_STEP
+        length = -(-(needed + CACHE_HEADROOM) // step) * step
+        return max(needed, min(self.context_length, length))
+
+    def _generator(self, prompt_ids: list[int], needed: int, sampling: Sampling) -> CacheEntry:
+        """A generator holding the longest cached prefix of the prompt (or a new one).
+
+        The entry's `tokens` are the prompt tokens it already holds.
+        """
+        key = self._cache_key(sampling) if self.cache is not None else None
+        taken = Taken(None)
+        if self.cache is not None and key is not None:
+            taken = self.cache.take(self.id, key, prompt_ids, needed)
+        if taken.entry is not None:
+            entry = taken.entry
+            entry.generator.rewind_to(taken.reuse)
+            entry.tokens = list(prompt_ids[: taken.reuse])
+            return entry
+        max_length = self._cached_length(needed) if key is not None else needed
+        generator = og.Generator(self._model, self._params(max_length, sampling))
+        entry = CacheEntry(
+            model_id=self.id,
+            key=key,
+            generator=generator,
+            max_length=max_length,
+            nbytes=max_length * self.kv_bytes_per_token,
+        )
+        if self.cache is not None:
+            self.cache.started(entry.nbytes)
+        return entry
+
+    def _decode(
+        self,
+        generator: og.Generator,
+        prompt_ids: list[int],
+        max_new: int,
+        sampling: Sampling,
+        on_text: Callable[[str], None],
+        cancelled: threading.Event,
+        result: GenerationResult,
+    ) -> float | None:
+        """Prefill what the generator lacks of the prompt, then decode up to `max_new`.
+
+        Returns when the first token came (time.perf_counter()), None if none did.
+        """
         stream = self._tokenizer.create_stream()
         stops = StopMatcher(sampling.stop)
-        started = time.perf_counter()
         first_token_at = None
-        if not _prefill(generator, prompt_ids, cancelled):
+        rest = prompt_ids[result.cached_tokens :]
+        fed = _prefill(generator, rest, cancelled)
+        with self._active_lock:
+            self.prefilled_tokens += fed
+        if fed < len(rest):
             result.finish_reason = "cancelled"
         else:
             while not generator.is_done():
+                if result.completion_tokens >= max_new:
+                    result.finish_reason = "length"
+                    break
                 if cancelled.is_set():
                     result.finish_reason = "cancelled"
                     break
@@ -281,10 +441,7 @@ class ChatModel:
         tail = stops.flush()
         if tail:
             on_text(tail)
-        ended = time.perf_counter()
-        result.prefill_s = (first_token_at or ended) - started
-        result.decode_s = ended - (first_token_at or ended)
-        return result
+        return first_token_at
 
     async def stream(
         self,

@@ -1,0 +1,211 @@
+"""A prompt cache: live generators kept with the KV cache of their token history.
+
+onnxruntime-genai 0.18's `Generator.rewind_to(n)` keeps the first `n` tokens'
+keys and values and drops the rest, at no cost. So a generator that has seen
+tokens `A` can serve a prompt `P` by rewinding to the longest common prefix of
+`A` and `P` and appending only the rest of `P`: the second turn of a
+conversation appends the last lines, and a new conversation of the same
+household appends what follows the shared system prompt and tools.
+
+The cache is a pool of idle generators, shared by the conversations (the
+household's prompt is the same for everyone) and bounded by a memory budget:
+a generator's KV cache is allocated for its `max_length` when it is created
+(`past_present_share_buffer`), so each entry costs `max_length` times the
+model's bytes per token, whatever it holds. A generator is taken out of the
+pool while it generates (nobody else can use it meanwhile) and put back
+afterwards with its new history; the least recently used entries go when the
+pool is over budget. Everything is in memory: nothing reaches the disk, and a
+model's entries are dropped with it.
+
+`/v1/capacity` shows the warm prefixes as hashes (never text): the SHA-256 of
+the first N token ids, for N at a few block boundaries each entry covers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BUDGET_MB = 512
+# Warm prefixes are announced by the hash of their first N tokens, for N in these.
+PREFIX_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# A common prefix shorter than this is not worth a generator sized for another prompt.
+MIN_REUSE_TOKENS = 16
+
+
+def prefix_hash(token_ids: Sequence[int], length: int) -> str:
+    """SHA-256 (hex, first 16 bytes) of the first `length` token ids."""
+    data = b"".join(int(t).to_bytes(4, "little", signed=True) for t in token_ids[:length])
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in chunks first (list slices compare in C), then token by token.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """One generator and the tokens whose keys and values it holds."""
+
+    model_id: str
+    key: Any  # what the generator was made for (search options): reused only for the same
+    generator: Any
+    max_length: int
+    nbytes: int
+    tokens: list[int] = field(default_factory=list)
+    last_used: int = 0
+
+
+@dataclass
+class Taken:
+    """What `take()` found: an entry to rewind to `reuse` tokens, or nothing."""
+
+    entry: CacheEntry | None
+    reuse: int = 0
+
+
+class PromptCache:
+    """Idle generators keyed by their token history, LRU within a byte budget."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_MB * 1024 * 1024) -> None:
+        self.budget_bytes = max(0, budget_bytes)
+        self._lock = threading.Lock()
+        self._idle: list[CacheEntry] = []
+        self._busy_bytes = 0  # generators taken out and generating now
+        self._clock = itertools.count(1)
+        self.peak_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.cached_tokens = 0  # prompt tokens not prefilled thanks to the cache
+
+    # -- use ------------------------------------------------------------------
+
+    def take(self, model_id: str, key: Any, prompt: Sequence[int], max_length: int) -> Taken:
+        """Take the idle generator sharing the longest prefix with `prompt`.
+
+        Only one made for the same model and `key` and long enough for
+        `max_length` qualifies; at least one prompt token is always left to
+        append (its logits give the first new token). The caller owns the
+        entry until it gives it back with `put()` (or drops it with
+        `discard()`).
+        """
+        best: CacheEntry | None = None
+        best_len = 0
+        with self._lock:
+            for entry in self._idle:
+                if entry.model_id != model_id or entry.key != key:
+                    continue
+                if entry.max_length < max_length:
+                    continue
+                # The last token of a history may not be in the KV cache yet
+                # (sampled, not fed back): never reuse it, and leave one to append.
+                usable = min(len(entry.tokens) - 1, len(prompt) - 1)
+                shared = common_prefix(entry.tokens[: max(usable, 0)], prompt)
+                if shared > best_len or (
+                    shared == best_len and best is not None and entry.last_used > best.last_used
+                ):
+                    best, best_len = entry, shared
+            if best is None or best_len < min(MIN_REUSE_TOKENS, len(prompt) - 1) or best_len <= 0:
+                self.misses += 1
+                return Taken(None)
+            self._idle.remove(best)
+            self._busy_bytes += best.nbytes
+            self.hits += 1
+            self.cached_tokens += best_len
+            return Taken(best, best_len)
+
+    def started(self, nbytes: int) -> None:
+        """A new generator of `nbytes` is generating outside the pool."""
+        with self._lock:
+            self._busy_bytes += nbytes
+            self._note_peak()
+
+    def put(self, entry: CacheEntry, tokens: list[int]) -> None:
+        """Give a generator back with the tokens it now holds; evict LRU over budget."""
+        with self._lock:
+            self._busy_bytes = max(0, self._busy_bytes - entry.nbytes)
+            if len(tokens) < 2 or entry.nbytes > self.budget_bytes:
+                return
+            entry.tokens = tokens
+            entry.last_used = next(self._clock)
+            self._idle.append(entry)
+            self._note_peak()
+            while self._idle_bytes() > self.budget_bytes:
+                oldest = min(self._idle, key=lambda e: e.last_used)
+                self._idle.remove(oldest)
+                self.evictions += 1
+
+    def discard(self, entry: CacheEntry) -> None:
+        """A taken or new generator that is not kept (an error, or not cacheable)."""
+        with self._lock:
+            self._busy_bytes = max(0, self._busy_bytes - entry.nbytes)
+
+    def drop(self, model_id: str) -> int:
+        """Drop every idle entry of a model (the model is going); returns how many."""
+        with self._lock:
+            gone = [e for e in self._idle if e.model_id == model_id]
+            self._idle = [e for e in self._idle if e.model_id != model_id]
+            return len(gone)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+    # -- reporting --------------------------------------------------------------
+
+    def _idle_bytes(self) -> int:
+        return sum(e.nbytes for e in self._idle)
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self._idle_bytes() + self._busy_bytes)
+
+    def entries(self, model_id: str | None = None) -> list[CacheEntry]:
+        with self._lock:
+            return [e for e in self._idle if model_id is None or e.model_id == model_id]
+
+    def warm_prefixes(self, model_id: str) -> list[dict[str, Any]]:
+        """The prefixes held for a model, as hashes of their first N tokens."""
+        seen: set[tuple[int, str]] = set()
+        out: list[dict[str, Any]] = []
+        for entry in sorted(self.entries(model_id), key=lambda e: -e.last_used):
+            usable = len(entry.tokens) - 1
+            for block in PREFIX_BLOCKS:
+                if block > usable:
+                    break
+                item = (block, prefix_hash(entry.tokens, block))
+                if item not in seen:
+                    seen.add(item)
+                    out.append({"tokens": block, "sha256": item[1]})
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            used = self._idle_bytes()
+            entries = len(self._idle)
+            busy = self._busy_bytes
+        return {
+            "budget_bytes": self.budget_bytes,
+            "used_bytes": used,
+            "in_use_bytes": busy,
+            "peak_bytes": self.peak_bytes,
+            "entries": entries,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "cached_tokens": self.cached_tokens,
+            "prefix_blocks": list(PREFIX_BLOCKS),
+        }
