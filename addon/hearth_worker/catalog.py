@@ -397,11 +397,15 @@ def cpu_cores(
 
 
 def free_disk_bytes(path: Path, disk_usage: Callable[[Path], Any] = shutil.disk_usage) -> int:
-    """Free bytes on the file system that holds ``path`` (its nearest existing parent)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return int(disk_usage(probe).free)
+    """Free bytes on the file system that holds ``path`` (its nearest existing parent);
+    0 when it cannot be read (nothing is then said to fit the disk)."""
+    probe = path.absolute()
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return max(0, int(disk_usage(probe).free))
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)

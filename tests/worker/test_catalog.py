@@ -385,6 +385,11 @@ def test_free_disk_of_a_path_that_does_not_exist_yet(tmp_path: Path) -> None:
     assert seen == [tmp_path]
     assert catalog.free_disk_bytes(tmp_path) > 0  # the real file system
 
+    def unreadable(path: Path) -> Any:
+        raise PermissionError(path)
+
+    assert catalog.free_disk_bytes(tmp_path / "models", unreadable) == 0
+
 
 # --------------------------------------------------------------------------- CLI
 
