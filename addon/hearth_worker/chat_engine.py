@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +57,7 @@ STREAM_FLUSH_S = 0.025
 # conversation then fit in it (see _cached_length).
 CACHE_HEADROOM = 1024
 CACHE_LENGTH_STEP = 512
-# Sampling fields that make a generator stateful beyond its token history (a
-# grammar's matcher): such generators are never reused from the prompt cache.
-_STATEFUL_FIELD_WORDS = ("guid", "grammar", "schema", "format")
+_OWNERS = itertools.count(1)  # tells apart the ChatModel instances in a prompt cache
 
 
 class PromptTooLong(ValueError):
@@ -227,7 +227,12 @@ class ChatModel:
         self._active_lock = threading.Lock()
         self.active = 0  # generation threads running now
         # The prompt cache (shared by a worker's models, within one budget); None: off.
+        # Entries are this instance's (a new model of the same name shares none), and
+        # go when it does: a removed model is not kept alive by its cached generators.
         self.cache = cache
+        self.cache_owner = next(_OWNERS)
+        if cache is not None:
+            weakref.finalize(self, cache.drop, self.cache_owner)
         self.kv_bytes_per_token = self._measure_kv_bytes()
         self.prefilled_tokens = 0  # prompt tokens fed to the model, all requests together
 
@@ -264,7 +269,11 @@ class ChatModel:
     def close(self) -> None:
         """The model is going: drop what the prompt cache holds of it."""
         if self.cache is not None:
-            self.cache.drop(self.id)
+            self.cache.drop(self.cache_owner)
+
+    def warm_prefixes(self) -> list[dict[str, Any]]:
+        """The prompt prefixes cached for this model, as hashes of token ids."""
+        return [] if self.cache is None else self.cache.warm_prefixes(self.cache_owner)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tokenizer.encode(text)]
@@ -343,23 +352,16 @@ class ChatModel:
     def _cache_key(self, sampling: Sampling) -> Sampling | None:
         """What a cached generator must have been made for to serve `sampling`; None: no reuse.
 
-        A generator's search options are fixed when it is made, so it serves only
-        requests with the same ones. A seeded sample must start its own random
-        stream, and a grammar's matcher is state beyond the token history.
+        A generator's search options and grammar are fixed when it is made, so it
+        serves only requests with the same ones (the stop strings and the token
+        limit are the engine's, not the generator's). A grammar restarts when the
+        generator is rewound (its matcher follows generated tokens only), so a
+        household's tool grammar is reused turn after turn. A seeded sample must
+        start its own random stream: it is never reused.
         """
-        if sampling.temperature and sampling.seed is not None:
+        if sampling.seed is not None:
             return None
-        for item in dataclasses.fields(sampling):
-            if any(word in item.name for word in _STATEFUL_FIELD_WORDS) and getattr(
-                sampling, item.name
-            ):
-                return None
-        return dataclasses.replace(
-            sampling,
-            max_new_tokens=None,
-            stop=[],
-            seed=sampling.seed if sampling.temperature else None,
-        )
+        return dataclasses.replace(sampling, max_new_tokens=None, stop=[])
 
     def _cached_length(self, needed: int) -> int:
         """max_length for a generator the cache may keep: room for later turns."""
@@ -375,7 +377,7 @@ class ChatModel:
         key = self._cache_key(sampling) if self.cache is not None else None
         taken = Taken(None)
         if self.cache is not None and key is not None:
-            taken = self.cache.take(self.id, key, prompt_ids, needed)
+            taken = self.cache.take(self.cache_owner, key, prompt_ids, needed)
         if taken.entry is not None:
             entry = taken.entry
             entry.generator.rewind_to(taken.reuse)
@@ -384,7 +386,7 @@ class ChatModel:
         max_length = self._cached_length(needed) if key is not None else needed
         generator = og.Generator(self._model, self._params(max_length, sampling))
         entry = CacheEntry(
-            model_id=self.id,
+            model_id=self.cache_owner,
             key=key,
             generator=generator,
             max_length=max_length,

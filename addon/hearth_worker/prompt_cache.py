@@ -60,7 +60,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CacheEntry:
     """One generator and the tokens whose keys and values it holds."""
 
-    model_id: str
+    model_id: int  # the ChatModel instance it belongs to (ChatModel.cache_owner)
     key: Any  # what the generator was made for (search options): reused only for the same
     generator: Any
     max_length: int
@@ -94,7 +94,7 @@ class PromptCache:
 
     # -- use ------------------------------------------------------------------
 
-    def take(self, model_id: str, key: Any, prompt: Sequence[int], max_length: int) -> Taken:
+    def take(self, model_id: int, key: Any, prompt: Sequence[int], max_length: int) -> Taken:
         """Take the idle generator sharing the longest prefix with `prompt`.
 
         Only one made for the same model and `key` and long enough for
@@ -154,7 +154,7 @@ class PromptCache:
         with self._lock:
             self._busy_bytes = max(0, self._busy_bytes - entry.nbytes)
 
-    def drop(self, model_id: str) -> int:
+    def drop(self, model_id: int) -> int:
         """Drop every idle entry of a model (the model is going); returns how many."""
         with self._lock:
             gone = [e for e in self._idle if e.model_id == model_id]
@@ -173,11 +173,11 @@ class PromptCache:
     def _note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self._idle_bytes() + self._busy_bytes)
 
-    def entries(self, model_id: str | None = None) -> list[CacheEntry]:
+    def entries(self, model_id: int | None = None) -> list[CacheEntry]:
         with self._lock:
             return [e for e in self._idle if model_id is None or e.model_id == model_id]
 
-    def warm_prefixes(self, model_id: str) -> list[dict[str, Any]]:
+    def warm_prefixes(self, model_id: int) -> list[dict[str, Any]]:
         """The prefixes held for a model, as hashes of their first N tokens."""
         seen: set[tuple[int, str]] = set()
         out: list[dict[str, Any]] = []
