@@ -18,15 +18,20 @@ serves each folder's files (without its ``hearth-model.json``) under that prefix
 ``files={"README.md": b"..."}`` adds single files. Knobs: ``drop_after(repo, path,
 nbytes, times=1)`` closes the connection after ``nbytes`` of the file's body (the next
 ``times`` downloads), ``corrupt(repo, path)`` serves the file with one byte changed
-(the metadata keeps the true hash). ``served[(repo, path)]`` counts body bytes sent.
+(the metadata keeps the true hash), ``slow(seconds)`` waits after each 64 KiB sent.
+``served_bytes(repo, path)`` counts body bytes sent, ``downloads(repo, path)`` the GETs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,7 +86,10 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.served: dict[tuple[str, str], int] = {}
+        self.started: dict[tuple[str, str], int] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.delay = 0.0
+        self._connections: set[socket.socket] = set()
         self._drops: dict[tuple[str, str], list[int]] = {}
         self._corrupt: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -116,13 +124,25 @@ class FakeHub:
         return repo
 
     def drop_after(self, repo_id: str, path: str, nbytes: int, times: int = 1) -> None:
-        """The next `times` downloads of the file stop after `nbytes` of body bytes."""
+        """The next `times` downloads of the file stop after `nbytes` of body bytes (the
+        connection closes); calls queue up: drop_after(..., 1000); drop_after(..., 0)."""
         with self._lock:
-            self._drops[(repo_id, path)] = [nbytes] * times
+            self._drops.setdefault((repo_id, path), []).extend([nbytes] * times)
 
-    def corrupt(self, repo_id: str, path: str) -> None:
+    def corrupt(self, repo_id: str, path: str, corrupt: bool = True) -> None:
         """Serve the file with one byte changed (its advertised hash stays the true one)."""
-        self._corrupt.add((repo_id, path))
+        if corrupt:
+            self._corrupt.add((repo_id, path))
+        else:
+            self._corrupt.discard((repo_id, path))
+
+    def slow(self, seconds_per_piece: float) -> None:
+        """Wait this long after each 64 KiB piece of every file body."""
+        self.delay = seconds_per_piece
+
+    def downloads(self, repo_id: str, path: str) -> int:
+        """GET requests that started sending the file's body."""
+        return self.started.get((repo_id, path), 0)
 
     def served_bytes(self, repo_id: str, path: str) -> int:
         return self.served.get((repo_id, path), 0)
@@ -141,17 +161,27 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = False
+        self._server.block_on_close = True  # server_close() joins the request threads
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """Stop, closing kept-alive connections, and leave no thread behind."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = None
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -173,6 +203,14 @@ class FakeHub:
             self.served[key] = self.served.get(key, 0) + n
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (cancelled, or stopped reading) is no error here."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handle_error(request, client_address)
+
+
 _API = re.compile(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?/?$")
 _TREE = re.compile(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
 _RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
@@ -183,6 +221,17 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeHub
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._lock:
+            self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._lock:
+            self.fake._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet."""
@@ -362,7 +411,9 @@ class _Handler(BaseHTTPRequestHandler):
             middle = len(data) // 2
             data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
         body = data[start:]
-        drop = self.fake._take_drop(key) if self.command == "GET" else None
+        with self.fake._lock:
+            self.fake.started[key] = self.fake.started.get(key, 0) + 1
+        drop = self.fake._take_drop(key)
         if drop is not None and drop < len(body):
             body = body[:drop]
             self.close_connection = True
@@ -375,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.fake._count(key, len(piece))
+            if self.fake.delay:
+                time.sleep(self.fake.delay)
         if self.close_connection:
             self.wfile.flush()
 

@@ -133,6 +133,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     recommend.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
+    models_dir_help = "where models are kept (default: <state-dir>/models, which serve uses)"
+    pull = sub.add_parser(
+        "pull",
+        help="download a model from Hugging Face (resumable; Ctrl-C cancels, pull again resumes)",
+    )
+    pull.add_argument(
+        "source",
+        help="owner/name or owner/name:sub/folder: an onnxruntime-genai chat model "
+        "(a folder with genai_config.json) or an ONNX embedding model",
+    )
+    pull.add_argument("--name", default=None, help="name shown in Home Assistant")
+    pull.add_argument("--models-dir", type=Path, default=None, help=models_dir_help)
+    models = sub.add_parser("models", help="list or remove the models in the models folder")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_sub.add_parser("list", help="list installed models")
+    models_list.add_argument("--models-dir", type=Path, default=None, help=models_dir_help)
+    models_remove = models_sub.add_parser("remove", help="delete an installed model")
+    models_remove.add_argument("model_id", help="the model's name (as 'models list' shows it)")
+    models_remove.add_argument("--models-dir", type=Path, default=None, help=models_dir_help)
+
     tokens = sub.add_parser("tokens", help="list or revoke the tokens of paired clients")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     tokens_sub.add_parser("list", help="list tokens")
@@ -278,6 +298,15 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("pull", "models"):
+        from . import pull  # noqa: PLC0415 (huggingface_hub loads only for these commands)
+
+        models_dir = args.models_dir or pull.default_models_dir(args.state_dir)
+        if args.command == "pull":
+            return pull.run_pull(args.source, models_dir, args.name)
+        if args.models_command == "list":
+            return pull.run_models_list(models_dir)
+        return pull.run_models_remove(models_dir, args.model_id)
     if args.command == "recommend":
         from .catalog import run_recommend  # noqa: PLC0415 (only this command needs it)
 

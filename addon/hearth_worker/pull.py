@@ -24,19 +24,19 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 
 PARTIAL_DIR = ".partial"
-CHUNK_BYTES = 256 * 1024
 SPACE_MARGIN_BYTES = 16 * 1024 * 1024  # the manifest, the file system's own blocks
 ATTEMPTS_PER_FILE = 3  # a dropped connection that made progress is resumed at once
 ERROR_CODES = (
@@ -531,7 +531,9 @@ class _Puller:
         self, client: httpx.Client, f: _HubFile, revision: str, path: Path, have: int
     ) -> int:
         """Request the file from byte `have` on; append what comes. Returns bytes written."""
-        request_headers = {"Range": f"bytes={have}-"} if have else {}
+        request_headers = {"Accept-Encoding": "identity"}  # byte ranges of the file itself
+        if have:
+            request_headers["Range"] = f"bytes={have}-"
         written = 0
         with client.stream("GET", self._url(f, revision), headers=request_headers) as response:
             if response.status_code in (401, 403, 404):
@@ -549,7 +551,9 @@ class _Puller:
                 mode = "wb"
                 self.done -= have
             with path.open(mode) as out:
-                for chunk in response.iter_bytes(CHUNK_BYTES):
+                # As it arrives: a chunk held back in a buffer would be lost with the
+                # connection, and fetched again on the retry.
+                for chunk in response.iter_raw():
                     out.write(chunk)
                     written += len(chunk)
                     self.done += len(chunk)
@@ -697,3 +701,134 @@ def _size(n: int) -> str:
 def _reason(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class _Display:
+    """Progress on the terminal: a bar on a TTY, else a line per phase, file and 10%."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.bar: Any = None
+        self.phase = ""
+        self.file: str | None = None
+        self.tenth = -1
+
+    def update(self, p: PullProgress) -> None:
+        if self.tty:
+            self._bar(p)
+        else:
+            self._lines(p)
+
+    def _bar(self, p: PullProgress) -> None:
+        if p.phase == "downloading" and p.total_bytes:
+            if self.bar is None:
+                from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415
+
+                self.bar = tqdm(
+                    total=p.total_bytes,
+                    initial=p.done_bytes,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=self.stream,
+                    desc=p.source,
+                    dynamic_ncols=True,
+                )
+            self.bar.update(p.done_bytes - self.bar.n)
+        elif p.phase != self.phase:
+            self.close()
+            if p.phase in ("resolving", "verifying", "installing"):
+                print(f"{p.phase} {p.source}", file=self.stream, flush=True)
+        self.phase = p.phase
+
+    def _lines(self, p: PullProgress) -> None:
+        if p.phase not in (self.phase, "done"):
+            extra = ""
+            if p.phase == "downloading":
+                extra = f": {_size(p.total_bytes)}"
+                if p.done_bytes:
+                    extra += f" ({_size(p.done_bytes)} here already)"
+            print(f"{p.phase} {p.source}{extra}", file=self.stream, flush=True)
+        self.phase = p.phase
+        if p.phase != "downloading" or not p.total_bytes:
+            return
+        if p.file and p.file != self.file:
+            self.file = p.file
+            print(f"  {p.file}", file=self.stream, flush=True)
+        tenth = p.done_bytes * 10 // p.total_bytes
+        if tenth != self.tenth:
+            if self.tenth >= 0:
+                print(f"  {tenth * 10}% of {_size(p.total_bytes)}", file=self.stream, flush=True)
+            self.tenth = tenth
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_pull(source: str, models_dir: Path, name: str | None) -> int:
+    """`hearth-worker pull`: progress on stderr, one line on success or failure;
+    Ctrl-C cancels (what was downloaded is kept: pulling again resumes)."""
+    display = _Display(sys.stderr)
+    cancel = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["path"] = pull_model(
+                source, models_dir, name=name, progress=display.update, cancel=cancel
+            )
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=work, name="hearth-pull", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        cancel.set()
+        thread.join()
+    display.close()
+    error = outcome.get("error")
+    if isinstance(error, PullError):
+        print(f"hearth-worker: {error.message}", file=sys.stderr)
+        return 130 if error.code == "cancelled" else 1
+    if isinstance(error, ValueError):
+        print(f"hearth-worker: {error}", file=sys.stderr)
+        return 1
+    if isinstance(error, OSError):
+        print(f"hearth-worker: cannot write the model: {error}", file=sys.stderr)
+        return 1
+    if error is not None:
+        raise error
+    manifest = load_manifest(outcome["path"])
+    print(
+        f"Installed {manifest.name} ({manifest.kind}, {manifest.quantization}, "
+        f"{_size(manifest.size_bytes)}) in {manifest.path}"
+    )
+    return 0
+
+
+def run_models_list(models_dir: Path) -> int:
+    models = installed_models(models_dir)
+    if not models:
+        print(f"No models in {models_dir}")
+    for m in models:
+        print(f"{m.name}\t{m.kind}\t{m.quantization}\t{_size(m.size_bytes)}\t{m.path.name}")
+    return 0
+
+
+def run_models_remove(models_dir: Path, model_id: str) -> int:
+    try:
+        folder = remove_model(models_dir, model_id)
+    except KeyError:
+        print(f"hearth-worker: no model {model_id!r} in {models_dir}", file=sys.stderr)
+        return 1
+    print(f"Removed {model_id} ({folder})")
+    return 0

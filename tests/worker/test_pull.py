@@ -1,0 +1,447 @@
+"""Pulling models from a (fake, local) Hugging Face Hub: hearth_worker.pull and
+`hearth-worker pull` / `models list` / `models remove`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakehub import FakeHub
+from hearth_worker.manifest import MANIFEST_NAME, load_manifest
+from hearth_worker.pull import (
+    PARTIAL_DIR,
+    SPACE_MARGIN_BYTES,
+    PullError,
+    PullProgress,
+    default_models_dir,
+    display_name,
+    installed_models,
+    parse_source,
+    pull_model,
+    remove_model,
+)
+from worker_process import start_worker
+
+REPO = "acme/Tiny-chat-onnx"
+FOLDER = "cpu_and_mobile/cpu-fp32-rtn"
+SOURCE = f"{REPO}:{FOLDER}"
+DATA = f"{FOLDER}/model.onnx.data"  # the large (LFS) file: 3.3 MB
+INSTALLED = "acme--Tiny-chat-onnx--cpu_and_mobile--cpu-fp32-rtn"
+
+
+@pytest.fixture
+def hub(tiny_chat_model: Path) -> Iterator[FakeHub]:
+    with FakeHub() as fake:
+        fake.add_repo(
+            REPO,
+            {FOLDER: tiny_chat_model, "cpu_and_mobile/cpu-int4-other": tiny_chat_model},
+            files={"README.md": b"# Tiny chat\n"},
+        )
+        fake.add_repo(
+            "acme/not-a-model",
+            files={"README.md": b"# Notes\n", "weights/data.bin": b"\0" * 4096},
+        )
+        yield fake
+
+
+def pull(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: object) -> Path:
+    return pull_model(source, models_dir, endpoint=hub.url, **kwargs)  # type: ignore[arg-type]
+
+
+def error_of(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: object) -> PullError:
+    with pytest.raises(PullError) as caught:
+        pull(hub, models_dir, source, **kwargs)
+    assert "\n" not in caught.value.message
+    return caught.value
+
+
+def nothing_installed(models_dir: Path) -> bool:
+    visible = [p for p in models_dir.iterdir()] if models_dir.is_dir() else []
+    return all(p.name == PARTIAL_DIR for p in visible) and not installed_models(models_dir)
+
+
+def test_parse_source() -> None:
+    assert parse_source("microsoft/Phi-4-mini-instruct-onnx").subfolder == ""
+    hub_source = parse_source(" owner/name:cpu_and_mobile/cpu-int4-rtn-block-32/ ")
+    assert (hub_source.repo_id, hub_source.subfolder) == (
+        "owner/name",
+        "cpu_and_mobile/cpu-int4-rtn-block-32",
+    )
+    assert hub_source.folder_name == "owner--name--cpu_and_mobile--cpu-int4-rtn-block-32"
+    for bad in ("name", "a/b/c", "owner/name:../x", "/x", "owner/na me", ""):
+        with pytest.raises(ValueError):
+            parse_source(bad)
+
+
+def test_display_name() -> None:
+    phi = parse_source(
+        "microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+    )
+    assert display_name(phi) == "Phi-4-mini-instruct-onnx-cpu-int4"
+    assert display_name(parse_source("Xenova/all-MiniLM-L6-v2:onnx")) == "all-MiniLM-L6-v2"
+    assert display_name(parse_source("acme/Model")) == "Model"
+
+
+def test_good_pull_is_served_by_a_worker(
+    hub: FakeHub, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    seen: list[PullProgress] = []
+    path = pull(hub, models_dir, progress=seen.append)
+
+    assert path == models_dir / INSTALLED
+    manifest = load_manifest(path)
+    assert manifest.name == "Tiny-chat-onnx-cpu-fp32"
+    assert (manifest.kind, manifest.runtime, manifest.quantization) == (
+        "chat",
+        "onnxruntime-genai",
+        "fp32",
+    )
+    assert manifest.context_length == 8192  # from genai_config.json
+    written = json.loads((path / MANIFEST_NAME).read_text())
+    assert written["source"] == SOURCE
+    original = json.loads((tiny_chat_model / MANIFEST_NAME).read_text())
+    assert written["files"] == original["files"]  # the same files, sizes and sha256
+    assert written["size_bytes"] == original["size_bytes"]
+    # Only the chosen folder's files were downloaded (not the other variant, not README).
+    fetched = {re.sub(r".*/resolve/[^/]+/", "", p) for _, p in hub.requests if "/resolve/" in p}
+    assert fetched == {f"{FOLDER}/{f['path']}" for f in original["files"]}
+    phases = [p.phase for p in seen]
+    assert phases[0] == "resolving" and phases[-1] == "done"
+    assert phases.index("downloading") < phases.index("verifying") < phases.index("installing")
+    assert seen[-1].done_bytes == seen[-1].total_bytes == original["size_bytes"]
+    assert not list((models_dir / PARTIAL_DIR).iterdir())  # nothing left behind
+
+    # Pulling it again changes nothing and downloads nothing.
+    before = len(hub.requests)
+    assert pull(hub, models_dir) == path
+    assert len(hub.requests) == before
+
+    worker = start_worker([path], tmp_path / "worker", extra=["--no-warmup"])
+    try:
+        body = {
+            "model": manifest.name,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 4,
+        }
+        request = urllib.request.Request(
+            worker.url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={**worker.headers, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, context=worker.ssl, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["model"] == manifest.name
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        assert worker.stop() == 0, worker.log()
+
+
+def test_embedding_model_in_the_common_layout(embedding_model: Path, tmp_path: Path) -> None:
+    """onnx/model.onnx with the tokenizer and configs at the repository's root, as
+    sentence-transformers and Xenova publish them."""
+    from hearth_worker.embedding_engine import EmbeddingModel
+
+    pooling = {"word_embedding_dimension": 384, "pooling_mode_mean_tokens": True}
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    root = {
+        name: embedding_model / name
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    }
+    with FakeHub() as hub:
+        hub.add_repo(
+            "acme/MiniLM",
+            files={
+                **root,
+                "onnx/model.onnx": embedding_model / "model.onnx",
+                "modules.json": json.dumps(modules).encode(),
+                "1_Pooling/config.json": json.dumps(pooling).encode(),
+                "sentence_bert_config.json": b'{"max_seq_length": 256}',
+                "README.md": b"# MiniLM\n",
+            },
+        )
+        path = pull_model("acme/MiniLM", tmp_path / "models", endpoint=hub.url)
+    manifest = load_manifest(path)
+    assert (manifest.name, manifest.kind, manifest.runtime) == (
+        "MiniLM",
+        "embedding",
+        "onnxruntime",
+    )
+    assert manifest.embedding == {"dimensions": 384, "pooling": "mean", "normalize": True}
+    assert manifest.context_length == 256
+    assert (path / "model.onnx").is_file() and (path / "tokenizer.json").is_file()
+    assert not (path / "README.md").exists()
+    pulled, _ = EmbeddingModel(manifest, threads=1).embed(["the kitchen light"])
+    exported, _ = EmbeddingModel(load_manifest(embedding_model), threads=1).embed(
+        ["the kitchen light"]
+    )
+    assert pulled.shape == (1, 384)
+    assert np.allclose(pulled, exported, atol=1e-5)
+
+
+def test_a_dropped_connection_is_resumed_not_restarted(hub: FakeHub, tmp_path: Path) -> None:
+    size = (hub.repos[REPO].files[DATA]).size
+    hub.drop_after(REPO, DATA, 1_000_000)  # mid-file; the pull resumes by itself
+    path = pull(hub, tmp_path / "models")
+    load_manifest(path)
+    assert hub.downloads(REPO, DATA) == 2
+    assert hub.served_bytes(REPO, DATA) == size  # no byte twice
+
+
+def test_network_gone_then_a_retry_resumes(hub: FakeHub, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    size = hub.repos[REPO].files[DATA].size
+    hub.drop_after(REPO, DATA, 1_000_000)
+    hub.drop_after(REPO, DATA, 0)  # then the connection breaks without progress: gone
+    error = error_of(hub, models_dir)
+    assert error.code == "network"
+    assert "model.onnx.data" in error.message and "pull again" in error.message
+    assert nothing_installed(models_dir)
+    partial = models_dir / PARTIAL_DIR / INSTALLED / "model.onnx.data"
+    assert partial.stat().st_size == 1_000_000  # kept for the retry
+
+    path = pull(hub, models_dir)
+    load_manifest(path)
+    assert hub.served_bytes(REPO, DATA) == size  # the retry fetched only the rest
+
+
+@pytest.mark.parametrize(
+    "corrupted",
+    [DATA, f"{FOLDER}/tokenizer.json"],
+    ids=["lfs-sha256", "git-blob-id"],
+)
+def test_a_corrupt_file_is_refused(hub: FakeHub, tmp_path: Path, corrupted: str) -> None:
+    models_dir = tmp_path / "models"
+    hub.corrupt(REPO, corrupted)
+    error = error_of(hub, models_dir)
+    assert error.code == "corrupt"
+    name = corrupted.rsplit("/", 1)[-1]
+    assert name in error.message
+    assert nothing_installed(models_dir)
+    assert not (models_dir / PARTIAL_DIR / INSTALLED / name).exists()  # deleted
+
+    hub.corrupt(REPO, corrupted, False)  # the next try gets good bytes
+    load_manifest(pull(hub, models_dir))
+    assert hub.downloads(REPO, f"{FOLDER}/model.onnx") == 1  # good files kept
+
+
+def test_unknown_repo(hub: FakeHub, tmp_path: Path) -> None:
+    error = error_of(hub, tmp_path / "models", "acme/no-such-model")
+    assert error.code == "unknown_repo"
+    assert "acme/no-such-model" in error.message
+    assert not (tmp_path / "models").exists()
+
+
+def test_unknown_subfolder_names_the_folders_there(hub: FakeHub, tmp_path: Path) -> None:
+    error = error_of(hub, tmp_path / "models", f"{REPO}:cpu_and_mobile/cpu-int8")
+    assert error.code == "unknown_subfolder"
+    assert "cpu_and_mobile/cpu-int8" in error.message
+    assert FOLDER in error.message  # where the models are
+    assert not (tmp_path / "models").exists()
+
+
+def test_not_a_model(hub: FakeHub, tmp_path: Path) -> None:
+    error = error_of(hub, tmp_path / "models", "acme/not-a-model")
+    assert error.code == "not_a_model"
+    assert "genai_config.json" in error.message
+
+
+def test_a_plain_onnx_text_generator_is_not_taken_for_an_embedding_model(
+    tmp_path: Path,
+) -> None:
+    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64}
+    with FakeHub() as hub:
+        hub.add_repo(
+            "acme/qwen-onnx",
+            files={
+                "config.json": json.dumps(config).encode(),
+                "tokenizer.json": b"{}",
+                "onnx/model.onnx": b"not really onnx",
+            },
+        )
+        error = error_of(hub, tmp_path / "models", "acme/qwen-onnx")
+    assert error.code == "not_a_model"
+    assert "Qwen2ForCausalLM" in error.message
+    assert nothing_installed(tmp_path / "models")
+
+
+def test_too_little_disk_counts_what_is_there_already(hub: FakeHub, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    total = sum(f.size for p, f in hub.repos[REPO].files.items() if p.startswith(f"{FOLDER}/"))
+    error = error_of(hub, models_dir, free_space=lambda _: total)
+    assert error.code == "no_space"
+    assert str(models_dir) in error.message
+    assert not [p for m, p in hub.requests if "/resolve/" in p]  # checked before downloading
+
+    # A cancelled pull leaves part of it; the next one needs only the rest.
+    cancel = threading.Event()
+
+    def stop_midway(progress: PullProgress) -> None:
+        if progress.done_bytes > 1_000_000:
+            cancel.set()
+
+    assert error_of(hub, models_dir, progress=stop_midway, cancel=cancel).code == "cancelled"
+    partial = models_dir / PARTIAL_DIR / INSTALLED
+    have = sum(p.stat().st_size for p in partial.iterdir())
+    assert 1_000_000 < have < total
+    needed = total - have + SPACE_MARGIN_BYTES
+    assert error_of(hub, models_dir, free_space=lambda _: needed - 1).code == "no_space"
+    load_manifest(pull(hub, models_dir, free_space=lambda _: needed))
+
+
+def test_cancel_installs_nothing_and_keeps_the_partial(hub: FakeHub, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    cancel = threading.Event()
+
+    def stop_midway(progress: PullProgress) -> None:
+        if progress.file == DATA and progress.done_bytes > 1_000_000:
+            cancel.set()
+
+    error = error_of(hub, models_dir, progress=stop_midway, cancel=cancel)
+    assert error.code == "cancelled"
+    assert nothing_installed(models_dir)
+    partial = models_dir / PARTIAL_DIR / INSTALLED / "model.onnx.data"
+    have = partial.stat().st_size
+    size = hub.repos[REPO].files[DATA].size
+    assert 0 < have < size
+
+    sent_before = hub.served_bytes(REPO, DATA)  # more than `have`: socket buffers
+    load_manifest(pull(hub, models_dir))
+    assert hub.served_bytes(REPO, DATA) - sent_before == size - have  # only the rest
+
+
+def test_installed_models_and_remove(hub: FakeHub, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    assert installed_models(models_dir) == []
+    first = pull(hub, models_dir)
+    second = pull(hub, models_dir, f"{REPO}:cpu_and_mobile/cpu-int4-other", name="Other")
+    assert [m.name for m in installed_models(models_dir)] == ["Other", "Tiny-chat-onnx-cpu-fp32"]
+    error = error_of(hub, models_dir, f"{REPO}:{FOLDER}-copy", name="Other")
+    assert error.code == "name_taken"  # before asking the hub: two models cannot share a name
+    assert remove_model(models_dir, "Other") == second
+    assert not second.exists()
+    assert [m.path for m in installed_models(models_dir)] == [first]
+    with pytest.raises(KeyError):
+        remove_model(models_dir, "Other")
+
+
+def test_default_models_dir(tmp_path: Path) -> None:
+    assert default_models_dir(tmp_path) == tmp_path / "models"
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def hearth_worker(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hearth_worker", "--state-dir", str(tmp_path / "state"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")},
+        check=False,
+    )
+
+
+def test_cli_pull_list_remove(hub: FakeHub, tmp_path: Path) -> None:
+    done = hearth_worker(tmp_path, hub, "pull", SOURCE, "--name", "Tiny")
+    assert done.returncode == 0, done.stderr
+    models_dir = tmp_path / "state" / "models"
+    assert "Installed Tiny (chat, fp32" in done.stdout
+    assert str(models_dir / INSTALLED) in done.stdout
+    assert "downloading" in done.stderr and "model.onnx.data" in done.stderr  # plain lines
+    assert not (tmp_path / "hf-home").exists()  # nothing in a Hugging Face cache
+
+    listed = hearth_worker(tmp_path, hub, "models", "list")
+    assert listed.returncode == 0
+    assert listed.stdout.split("\t")[:3] == ["Tiny", "chat", "fp32"]
+
+    removed = hearth_worker(tmp_path, hub, "models", "remove", "Tiny")
+    assert removed.returncode == 0, removed.stderr
+    assert not (models_dir / INSTALLED).exists()
+    again = hearth_worker(tmp_path, hub, "models", "remove", "Tiny")
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [again.stderr.strip()]
+    assert "Tiny" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("acme/no-such-model", "acme/no-such-model"),  # PullError (the others have tests above)
+        ("not a source", "owner/name"),  # ValueError
+    ],
+)
+def test_cli_errors_are_one_line(hub: FakeHub, tmp_path: Path, source: str, words: str) -> None:
+    models_dir = tmp_path / "elsewhere"
+    done = hearth_worker(tmp_path, hub, "pull", source, "--models-dir", str(models_dir))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("hearth-worker: ")
+    assert words in last
+    assert not installed_models(models_dir)
+
+
+def test_cli_ctrl_c_cancels_and_a_second_pull_resumes(hub: FakeHub, tmp_path: Path) -> None:
+    hub.slow(0.05)  # 64 KiB every 50 ms: the 3.3 MB file takes seconds
+    models_dir = tmp_path / "models"
+    command = [
+        sys.executable,
+        "-m",
+        "hearth_worker",
+        "pull",
+        SOURCE,
+        "--models-dir",
+        str(models_dir),
+    ]
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        partial = models_dir / PARTIAL_DIR / INSTALLED / "model.onnx.data"
+        deadline = time.monotonic() + 60
+        while not (partial.is_file() and partial.stat().st_size > 0):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert "cancelled" in err.strip().splitlines()[-1]
+    assert nothing_installed(models_dir)
+    have = partial.stat().st_size
+    assert have > 0
+
+    hub.slow(0)
+    sent_before = hub.served_bytes(REPO, DATA)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    size = hub.repos[REPO].files[DATA].size
+    assert hub.served_bytes(REPO, DATA) - sent_before == size - have  # resumed
