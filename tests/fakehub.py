@@ -89,6 +89,7 @@ class FakeHub:
         self.started: dict[tuple[str, str], int] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.delay = 0.0
+        self.ranges = True  # False: Range headers are ignored (200 with the whole file)
         self._connections: set[socket.socket] = set()
         self._drops: dict[tuple[str, str], list[int]] = {}
         self._corrupt: set[tuple[str, str]] = set()
@@ -394,7 +395,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self, repo: Repo, f: HubFile, headers: dict[str, str], *, head: bool) -> None:
         key = (repo.repo_id, f.path)
         start, status = 0, 200
-        if (range_header := self.headers.get("Range")) and (m := _RANGE.match(range_header)):
+        range_header = self.headers.get("Range") if self.fake.ranges else None
+        if range_header and (m := _RANGE.match(range_header)):
             start = int(m.group(1))
             if start >= f.size and f.size:
                 self._send(416, {"Content-Range": f"bytes */{f.size}", "Content-Length": "0"})

@@ -20,6 +20,7 @@ Nothing is written outside ``models_dir`` (no ``~/.cache/huggingface``).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import re
@@ -236,7 +237,16 @@ def pull_model(
     `free_space` (bytes free at a path) is for tests; default shutil.disk_usage."""
     hub = parse_source(source)
     puller = _Puller(hub, models_dir, name, progress, cancel, endpoint, free_space)
-    return puller.run()
+    try:
+        return puller.run()
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # filled by something else meanwhile
+            raise PullError(
+                "no_space",
+                f"{models_dir} ran out of disk space while pulling {hub} (what was "
+                "downloaded is kept: free some space and pull again)",
+            ) from err
+        raise
 
 
 class _Puller:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -327,6 +328,34 @@ def test_cancel_installs_nothing_and_keeps_the_partial(hub: FakeHub, tmp_path: P
     sent_before = hub.served_bytes(REPO, DATA)  # more than `have`: socket buffers
     load_manifest(pull(hub, models_dir))
     assert hub.served_bytes(REPO, DATA) - sent_before == size - have  # only the rest
+
+
+def test_a_server_that_ignores_range_sends_the_whole_file_again(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    hub.drop_after(REPO, DATA, 1_000_000)
+    hub.drop_after(REPO, DATA, 0)
+    assert error_of(hub, models_dir).code == "network"
+    hub.ranges = False  # the retry asks for the rest and gets all of it: written from 0
+    path = pull(hub, models_dir)
+    assert load_manifest(path).size_bytes == hub.repos[REPO].files[DATA].size + sum(
+        f.size for p, f in hub.repos[REPO].files.items() if p.startswith(f"{FOLDER}/") and p != DATA
+    )
+
+
+def test_disk_filling_up_meanwhile_is_no_space(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hearth_worker import pull as pull_module
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pull_module._Puller, "_fetch", full)
+    error = error_of(hub, tmp_path / "models")
+    assert error.code == "no_space"
+    assert nothing_installed(tmp_path / "models")
 
 
 def test_installed_models_and_remove(hub: FakeHub, tmp_path: Path) -> None:
