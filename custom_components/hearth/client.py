@@ -29,6 +29,7 @@ import json
 import secrets
 import socket
 import ssl
+import urllib.parse
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,11 @@ class HearthRequestError(HearthError):
         self.code = code
 
 
+class HearthAdminRequiredError(HearthRequestError):
+    """The token may not change the worker's models (403 `admin_required`): tokens from
+    pairing may; one made with `hearth-worker tokens create` only with `--admin`."""
+
+
 class HearthPairingError(HearthError):
     """Pairing refused: `reason` is wrong_code, expired, no_code or rate_limited."""
 
@@ -130,6 +136,58 @@ class ModelInfo:
     quantization: str = ""
     context_length: int = 0
     size_bytes: int = 0
+
+
+# A pull job's `status` while the worker downloads, and once it ended.
+PULL_RUNNING = "running"
+PULL_DONE = "done"
+PULL_FAILED = "failed"
+PULL_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class PullJob:
+    """A model download on the worker (POST /v1/models/pull); jobs live in its memory."""
+
+    id: str
+    source: str
+    status: str  # PULL_RUNNING, PULL_DONE, PULL_FAILED or PULL_CANCELLED
+    phase: str  # resolving, downloading, verifying, installing, done
+    done_bytes: int
+    total_bytes: int
+    model: ModelInfo | None  # the installed model, once done
+    error_code: str | None = None  # unknown_repo, unknown_subfolder, not_a_model, no_space, ...
+    error_message: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status == PULL_RUNNING
+
+    @property
+    def fraction(self) -> float | None:
+        """How much of the download is done, 0 to 1; None while the size is unknown."""
+        if self.total_bytes <= 0:
+            return None
+        return min(1.0, max(0.0, self.done_bytes / self.total_bytes))
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """A model of the worker's catalog (GET /v1/catalog), judged for that machine."""
+
+    id: str
+    name: str
+    source: str  # owner/name:subfolder
+    kind: str  # chat or embedding
+    parameters_b: float
+    disk_bytes: int
+    memory_bytes: int
+    context_length: int
+    license: str
+    tool_calling: bool
+    fits: bool
+    recommended: bool
+    installed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +283,66 @@ def parse_capacity(data: Mapping[str, Any]) -> Capacity:
         raise HearthConnectionError(f"Unexpected capacity answer: {err}") from err
 
 
+def parse_model(data: Mapping[str, Any]) -> ModelInfo:
+    """A model as /v1/info lists it, or as /v1/models does (details under `hearth`)."""
+    details = data.get("hearth")
+    if isinstance(details, Mapping):
+        data = {**details, "id": details.get("id") or data["id"]}
+    return ModelInfo(
+        id=str(data["id"]),
+        kind=str(data.get("kind") or "chat"),
+        quantization=str(data.get("quantization") or ""),
+        context_length=int(data.get("context_length") or 0),
+        size_bytes=int(data.get("size_bytes") or 0),
+    )
+
+
+def parse_pull_job(data: Mapping[str, Any]) -> PullJob:
+    """Parse a pull job; raises HearthConnectionError on a bad shape."""
+    try:
+        model = data.get("model")
+        error = data.get("error")
+        error = error if isinstance(error, Mapping) else {}
+        return PullJob(
+            id=str(data["id"]),
+            source=str(data.get("source") or ""),
+            status=str(data["status"]),
+            phase=str(data.get("phase") or ""),
+            done_bytes=int(data.get("done_bytes") or 0),
+            total_bytes=int(data.get("total_bytes") or 0),
+            model=parse_model(model) if isinstance(model, Mapping) else None,
+            error_code=str(error.get("code") or "") or None,
+            error_message=str(error.get("message") or "") or None,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise HearthConnectionError(f"Unexpected pull job answer: {err}") from err
+
+
+def parse_catalog(data: Mapping[str, Any]) -> list[CatalogEntry]:
+    """Parse GET /v1/catalog; raises HearthConnectionError on a bad shape."""
+    try:
+        return [
+            CatalogEntry(
+                id=str(row["id"]),
+                name=str(row.get("name") or row["id"]),
+                source=str(row["source"]),
+                kind=str(row.get("kind") or "chat"),
+                parameters_b=float(row.get("parameters_b") or 0.0),
+                disk_bytes=int(row.get("disk_bytes") or 0),
+                memory_bytes=int(row.get("memory_bytes") or 0),
+                context_length=int(row.get("context_length") or 0),
+                license=str(row.get("license") or ""),
+                tool_calling=bool(row.get("tool_calling")),
+                fits=bool(row.get("fits")),
+                recommended=bool(row.get("recommended")),
+                installed=bool(row.get("installed")),
+            )
+            for row in data["data"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise HearthConnectionError(f"Unexpected catalog answer: {err}") from err
+
+
 def parse_info(data: Mapping[str, Any]) -> WorkerInfo:
     """Parse GET /v1/info; raises HearthConnectionError on a bad shape."""
     try:
@@ -233,16 +351,7 @@ def parse_info(data: Mapping[str, Any]) -> WorkerInfo:
             name=str(data.get("name") or data["node_id"]),
             version=str(data.get("version") or ""),
             api_version=int(data.get("api_version") or 1),
-            models=[
-                ModelInfo(
-                    id=str(m["id"]),
-                    kind=str(m.get("kind") or "chat"),
-                    quantization=str(m.get("quantization") or ""),
-                    context_length=int(m.get("context_length") or 0),
-                    size_bytes=int(m.get("size_bytes") or 0),
-                )
-                for m in data.get("models") or []
-            ],
+            models=[parse_model(m) for m in data.get("models") or []],
             hardware=dict(data.get("hardware") or {}),
             execution_providers=[str(p) for p in data.get("execution_providers") or []],
         )
@@ -333,6 +442,11 @@ def worker_proof(key: bytes, fingerprint: bytes, nonce: bytes, token: str, node_
     token_hash = hashlib.sha256(token.encode("utf-8")).digest()
     message = _fields(b"worker", fingerprint, nonce, token_hash, node_id.encode("utf-8"))
     return hmac.digest(key, message, "sha256")
+
+
+def _segment(value: str) -> str:
+    """One path segment of a URL, percent-encoded (model ids may hold any character)."""
+    return urllib.parse.quote(value, safe="")
 
 
 class _Pin(aiohttp.Fingerprint):
@@ -469,6 +583,8 @@ class HearthClient:
             raise HearthAuthError(message or "Token rejected")
         if response.status == 429:
             raise HearthBusyError(message or "Worker busy", _retry_after(response))
+        if response.status == 403 and code == "admin_required":
+            raise HearthAdminRequiredError(response.status, code, message)
         if response.status < 500:
             raise HearthRequestError(response.status, code, message)
         raise HearthConnectionError(f"Worker error {response.status}: {message}")
@@ -636,6 +752,40 @@ class HearthClient:
         if len(vectors) != len(inputs):
             raise HearthConnectionError("Embeddings answer has the wrong number of vectors")
         return vectors
+
+    # --- models: pull, remove, catalog (admin scope, except the catalog) ---------
+
+    async def pull_model(self, source: str, name: str | None = None) -> PullJob:
+        """POST /v1/models/pull: start downloading `owner/name[:subfolder]`.
+
+        Returns the job at once (a source already being pulled returns that job).
+        Raises HearthAdminRequiredError for a token without the admin scope and
+        HearthRequestError (400) for a malformed source.
+        """
+        body: dict[str, Any] = {"source": source}
+        if name:
+            body["name"] = name
+        return parse_pull_job(await self._request("POST", "/v1/models/pull", body))
+
+    async def pull_job(self, job_id: str) -> PullJob:
+        """GET /v1/models/pull/{id}: the job's progress (404 once the worker forgot it)."""
+        return parse_pull_job(await self._request("GET", f"/v1/models/pull/{_segment(job_id)}"))
+
+    async def cancel_pull(self, job_id: str) -> PullJob:
+        """DELETE /v1/models/pull/{id}: stop the download; nothing is installed."""
+        return parse_pull_job(await self._request("DELETE", f"/v1/models/pull/{_segment(job_id)}"))
+
+    async def remove_model(self, model_id: str) -> None:
+        """DELETE /v1/models/{id}: the worker stops serving the model and deletes it.
+
+        HearthRequestError 404 for an unknown model, 409 `model_not_removable` for one
+        the worker was started with (`--model`).
+        """
+        await self._request("DELETE", f"/v1/models/{_segment(model_id)}")
+
+    async def catalog(self) -> list[CatalogEntry]:
+        """GET /v1/catalog: the catalog, each entry judged for this worker's machine."""
+        return parse_catalog(await self._request("GET", "/v1/catalog"))
 
     async def chat_stream(
         self, body: Mapping[str, Any], timeouts: StreamTimeouts | None = None

@@ -7,8 +7,10 @@ are explicit options of the manual step, off by default.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import voluptuous as vol
@@ -27,15 +29,21 @@ from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
+from . import HearthRuntimeData, get_cluster
 from .client import (
+    PULL_DONE,
+    CatalogEntry,
     HearthAddressError,
+    HearthAdminRequiredError,
     HearthAuthError,
     HearthCertificateError,
     HearthClient,
     HearthConnectionError,
     HearthError,
     HearthPairingError,
+    HearthRequestError,
     PairResult,
+    PullJob,
     WorkerInfo,
 )
 from .const import (
@@ -43,6 +51,7 @@ from .const import (
     CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
     CONF_CODE,
+    CONF_EMBEDDING_MODEL,
     CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -408,37 +417,131 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 WORKER_FLAGS = (CONF_ONLY_WHEN_IDLE, CONF_NOT_ON_BATTERY)
+# Household settings the form may leave empty: cleared when left empty.
+CLEARABLE_SETTINGS = (CONF_PROMPT, CONF_CHAT_MODEL, CONF_EMBEDDING_MODEL)
+
+# Fields of "Add a model" and "Remove a model".
+CONF_MODEL = "model"
+CONF_SOURCE = "source"
+
+# How often the progress step asks the worker how its download goes (seconds), and
+# how many answers in a row may be missing before the flow gives up on it.
+PULL_POLL_INTERVAL = 1.0
+PULL_POLL_MISSES = 5
+
+# A failed pull's code (the worker's, MODELS_API.md) -> the add form's error.
+PULL_ERRORS = {
+    "unknown_repo": "unknown_repo",
+    "unknown_subfolder": "unknown_subfolder",
+    "not_a_model": "not_a_model",
+    "no_space": "no_space",
+    "network": "network",
+    "corrupt": "corrupt",
+    "cancelled": "cancelled",
+}
+# A refused removal's code -> the remove form's error.
+REMOVE_ERRORS = {"model_not_removable": "model_not_removable"}
+
+# owner/name[:sub/folder], as the Hugging Face hub names repositories.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_SOURCE = re.compile(rf"(?P<repo>{_REPO_PART}/{_REPO_PART})(?::(?P<sub>[^:\\]+))?")
+
+
+def valid_source(source: str) -> bool:
+    """Whether `source` reads as `owner/name` or `owner/name:sub/folder`."""
+    match = _SOURCE.fullmatch(source)
+    if match is None or ".." in match["repo"] or "--" in match["repo"]:
+        return False
+    sub = (match["sub"] or "").strip("/")
+    if not sub:
+        return match["sub"] is None
+    parts = sub.split("/")
+    return all(part.strip() and part not in (".", "..") for part in parts)
+
+
+def _size(size_bytes: int) -> str:
+    """A size a person reads at a glance: 2.3 GB, 640 MB."""
+    if size_bytes >= 10**9:
+        return f"{size_bytes / 10**9:.1f} GB"
+    return f"{max(1, round(size_bytes / 10**6))} MB"
+
+
+def catalog_choices(catalog: list[CatalogEntry]) -> list[CatalogEntry]:
+    """What may be added to this worker: fits it, not there yet; recommended first,
+    then chat models before embedding models, small before large."""
+    return sorted(
+        (entry for entry in catalog if entry.fits and not entry.installed),
+        key=lambda e: (not e.recommended, e.kind != "chat", e.disk_bytes, e.name),
+    )
+
+
+def catalog_label(entry: CatalogEntry) -> str:
+    """`Name (2.3 GB) 🛠 ★`: size on disk; 🛠 calls tools, ★ recommended, 🔎 embeddings
+    (the add step's description explains the marks in the user's language)."""
+    marks = [
+        mark
+        for mark, shown in (
+            ("🔎", entry.kind == "embedding"),
+            ("🛠", entry.tool_calling),
+            ("★", entry.recommended),
+        )
+        if shown
+    ]
+    return " ".join([f"{entry.name} ({_size(entry.disk_bytes)})", *marks])
 
 
 class HearthOptionsFlow(OptionsFlow):
-    """The household's assistant settings (shared by every worker entry), and this
-    worker's routing flags (the entry's own options)."""
+    """A menu: the household's assistant (settings every worker shares, kept by the
+    cluster), this worker (its routing flags, the entry's options), and adding or
+    removing this worker's models. Each form changes only what it says."""
+
+    def __init__(self) -> None:
+        self._catalog: list[CatalogEntry] | None = None
+        self._job: PullJob | None = None
+        self._pull_task: asyncio.Task[PullJob] | None = None
+        # Why the last pull failed: the add form's errors and the worker's words.
+        self._failed: tuple[dict[str, str], str] | None = None
+
+    @property
+    def _runtime(self) -> HearthRuntimeData:
+        runtime: HearthRuntimeData = self.config_entry.runtime_data
+        return runtime
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
+        menu = ["household", "worker"]
+        if self.config_entry.state is ConfigEntryState.LOADED:
+            menu += ["add_model", "remove_model"]  # they talk to the worker
+        return self.async_show_menu(
+            step_id="init",
+            menu_options=menu,
+            description_placeholders={"name": self.config_entry.title},
+        )
 
+    # --- the household's assistant ---------------------------------------------
+
+    async def async_step_household(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Settings of the household's one assistant, whichever worker answers."""
         cluster = get_cluster(self.hass)
         if user_input is not None:
-            settings = dict(user_input)
-            flags = {flag: bool(settings.pop(flag, False)) for flag in WORKER_FLAGS}
-            settings.setdefault(CONF_PROMPT, None)
-            settings.setdefault(CONF_CHAT_MODEL, None)
-            settings[CONF_LLM_HASS_API] = list(settings.get(CONF_LLM_HASS_API) or [])
+            settings = {**cluster.settings, **user_input}
+            for key in CLEARABLE_SETTINGS:
+                settings[key] = user_input.get(key) or None
+            settings[CONF_LLM_HASS_API] = list(user_input.get(CONF_LLM_HASS_API) or [])
             await cluster.async_update_settings(settings)
-            return self.async_create_entry(data={**self.config_entry.options, **flags})
+            # This worker's own options stay as they are.
+            return self.async_create_entry(data=dict(self.config_entry.options))
 
         apis = [
             sel.SelectOptionDict(value=api.id, label=api.name)
             for api in llm.async_get_apis(self.hass)
         ]
-        models = sorted(
-            {
-                name
-                for worker in cluster.workers.values()
-                for name in worker.coordinator.info.chat_models
-            }
-        )
-        settings = cluster.settings
+        served = [
+            model for worker in cluster.workers.values() for model in worker.coordinator.info.models
+        ]
+        chat = sorted({m.id for m in served if m.kind == "chat"})
+        embedding = sorted({m.id for m in served if m.kind == "embedding"})
         schema = vol.Schema(
             {
                 vol.Optional(CONF_PROMPT): sel.TemplateSelector(),
@@ -456,18 +559,235 @@ class HearthOptionsFlow(OptionsFlow):
                     sel.NumberSelectorConfig(min=0, max=2, step=0.05)
                 ),
                 vol.Optional(CONF_CHAT_MODEL): sel.SelectSelector(
-                    sel.SelectSelectorConfig(options=models, custom_value=True)
+                    sel.SelectSelectorConfig(options=chat, custom_value=True)
                 ),
-                # This worker only: when the router may send it requests.
+                vol.Optional(CONF_EMBEDDING_MODEL): sel.SelectSelector(
+                    sel.SelectSelectorConfig(options=embedding, custom_value=True)
+                ),
+            }
+        )
+        suggested = {k: v for k, v in cluster.settings.items() if v is not None}
+        return self.async_show_form(
+            step_id="household",
+            data_schema=self.add_suggested_values_to_schema(schema, suggested),
+        )
+
+    # --- this worker --------------------------------------------------------------
+
+    async def async_step_worker(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """When the router may send this worker requests (this entry's options only)."""
+        if user_input is not None:
+            flags = {flag: bool(user_input.get(flag, False)) for flag in WORKER_FLAGS}
+            return self.async_create_entry(data={**self.config_entry.options, **flags})
+        schema = vol.Schema(
+            {
                 vol.Optional(CONF_ONLY_WHEN_IDLE, default=False): sel.BooleanSelector(),
                 vol.Optional(CONF_NOT_ON_BATTERY, default=False): sel.BooleanSelector(),
             }
         )
-        suggested = {k: v for k, v in settings.items() if v is not None}
-        suggested.update(
-            {flag: bool(self.config_entry.options.get(flag, False)) for flag in WORKER_FLAGS}
+        suggested = {
+            flag: bool(self.config_entry.options.get(flag, False)) for flag in WORKER_FLAGS
+        }
+        return self.async_show_form(
+            step_id="worker",
+            data_schema=self.add_suggested_values_to_schema(schema, suggested),
+            description_placeholders={"name": self.config_entry.title},
+        )
+
+    # --- add a model -------------------------------------------------------------
+
+    async def async_step_add_model(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """A model of the catalog that fits this worker, or any hub id; then pull it."""
+        client = self._runtime.client
+        if self._catalog is None:
+            try:
+                self._catalog = await client.catalog()
+            except HearthError as err:
+                LOGGER.debug("No catalog from %s: %s", self.config_entry.title, err)
+                self._catalog = []
+        choices = catalog_choices(self._catalog)
+        errors: dict[str, str] = {}
+        details = ""
+        if user_input is not None:
+            source = str(user_input.get(CONF_SOURCE) or "").strip()
+            if not source:
+                chosen = user_input.get(CONF_MODEL)
+                source = next((e.source for e in choices if e.id == chosen), "")
+            if not source:
+                errors["base"] = "no_model_chosen"
+            elif not valid_source(source):
+                errors[CONF_SOURCE] = "invalid_source"
+            else:
+                try:
+                    self._job = await client.pull_model(source)
+                except HearthAdminRequiredError:
+                    errors["base"] = "admin_required"
+                except HearthRequestError as err:
+                    errors["base"] = "invalid_source" if err.status == 400 else "pull_refused"
+                    details = str(err)
+                except HearthError as err:
+                    errors["base"] = "cannot_connect"
+                    details = str(err)
+                else:
+                    return await self.async_step_pull()
+        elif self._failed is not None:
+            (errors, details), self._failed = self._failed, None
+
+        fields: dict[vol.Marker, Any] = {}
+        if choices:
+            options = [sel.SelectOptionDict(value=e.id, label=catalog_label(e)) for e in choices]
+            fields[vol.Optional(CONF_MODEL)] = sel.SelectSelector(
+                sel.SelectSelectorConfig(options=options, mode=sel.SelectSelectorMode.LIST)
+            )
+        fields[vol.Optional(CONF_SOURCE)] = sel.TextSelector()
+        return self.async_show_form(
+            step_id="add_model",
+            data_schema=self.add_suggested_values_to_schema(vol.Schema(fields), user_input or {}),
+            errors=errors,
+            description_placeholders={"name": self.config_entry.title, "details": details},
+        )
+
+    async def async_step_pull(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Wait while the worker downloads; poll its job."""
+        assert self._job is not None
+        if self._pull_task is None:
+            self._pull_task = self.hass.async_create_background_task(
+                self._async_follow(self._runtime.client, self._job),
+                f"Hearth: {self.config_entry.title} pulls {self._job.source}",
+            )
+        if not self._pull_task.done():
+            return self.async_show_progress(
+                step_id="pull",
+                progress_action="pull",
+                progress_task=self._pull_task,
+                description_placeholders={
+                    "name": self.config_entry.title,
+                    "model": self._job.source,
+                },
+            )
+        task, self._pull_task = self._pull_task, None
+        try:
+            job = task.result()
+        except HearthError as err:
+            self._job = None  # nothing left to cancel
+            self._failed = ({"base": "pull_lost"}, str(err))
+            return self.async_show_progress_done(next_step_id="add_model")
+        if job.status == PULL_DONE:
+            return self.async_show_progress_done(next_step_id="pull_done")
+        code = job.error_code or job.status
+        self._failed = ({"base": PULL_ERRORS.get(code, "pull_failed")}, job.error_message or "")
+        return self.async_show_progress_done(next_step_id="add_model")
+
+    async def _async_follow(self, client: HearthClient, job: PullJob) -> PullJob:
+        """Poll the job until it ends; the percentage where Home Assistant shows one."""
+        # Flows have async_update_progress from Home Assistant 2025.x on (not in 2025.4).
+        update: Callable[[float], None] | None = getattr(self, "async_update_progress", None)
+        misses = 0
+        while job.running:
+            if update is not None and (fraction := job.fraction) is not None:
+                update(fraction)
+            await asyncio.sleep(PULL_POLL_INTERVAL)
+            try:
+                job = await client.pull_job(job.id)
+            except HearthConnectionError:
+                misses += 1
+                if misses >= PULL_POLL_MISSES:
+                    raise
+                continue
+            misses = 0
+            self._job = job
+        return job
+
+    async def async_step_pull_done(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """The model is on the worker: show it on its device and to the router now."""
+        assert self._job is not None
+        model = self._job.model.id if self._job.model else self._job.source
+        await self._async_models_changed()
+        return self.async_abort(
+            reason="model_added",
+            description_placeholders={"name": self.config_entry.title, "model": model},
+        )
+
+    @callback
+    def async_remove(self) -> None:
+        """The flow was closed: a download it started and still runs is cancelled."""
+        if self._job is None or not self._job.running:
+            return
+        job, self._job = self._job, None
+        self.hass.async_create_background_task(
+            self._async_cancel(self._runtime.client, job),
+            f"Hearth: cancel pulling {job.source}",
+        )
+
+    async def _async_cancel(self, client: HearthClient, job: PullJob) -> None:
+        try:
+            await client.cancel_pull(job.id)
+        except HearthError as err:
+            LOGGER.warning(
+                "Could not cancel pulling %s on %s: %s", job.source, client.base_url, err
+            )
+
+    async def _async_models_changed(self) -> None:
+        """Read the worker's models again (device, router, the household's choices)."""
+        try:
+            await self._runtime.coordinator.async_refresh_models()
+        except HearthError as err:
+            # The next poll that finds the worker reads them (the entry reloads then).
+            LOGGER.warning("Could not read the models of %s: %s", self.config_entry.title, err)
+
+    # --- remove a model --------------------------------------------------------
+
+    async def async_step_remove_model(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Delete one of this worker's models (not one it was started with)."""
+        runtime = self._runtime
+        models = runtime.coordinator.info.models
+        if not models:
+            return self.async_abort(
+                reason="no_models", description_placeholders={"name": self.config_entry.title}
+            )
+        errors: dict[str, str] = {}
+        details = ""
+        if user_input is not None:
+            model = str(user_input[CONF_MODEL])
+            try:
+                await runtime.client.remove_model(model)
+            except HearthAdminRequiredError:
+                errors["base"] = "admin_required"
+            except HearthRequestError as err:
+                if err.status != 404:  # already gone: what was asked for
+                    errors["base"] = REMOVE_ERRORS.get(err.code, "remove_refused")
+                    details = str(err)
+            except HearthError as err:
+                errors["base"] = "cannot_connect"
+                details = str(err)
+            if not errors:
+                await self._async_models_changed()
+                return self.async_abort(
+                    reason="model_removed",
+                    description_placeholders={"name": self.config_entry.title, "model": model},
+                )
+        options = [
+            sel.SelectOptionDict(value=m.id, label=f"{m.id} ({_size(m.size_bytes)})")
+            if m.size_bytes
+            else sel.SelectOptionDict(value=m.id, label=m.id)
+            for m in models
+        ]
+        schema = vol.Schema(
+            {
+                vol.Required(CONF_MODEL): sel.SelectSelector(
+                    sel.SelectSelectorConfig(options=options, mode=sel.SelectSelectorMode.LIST)
+                )
+            }
         )
         return self.async_show_form(
-            step_id="init",
-            data_schema=self.add_suggested_values_to_schema(schema, suggested),
+            step_id="remove_model",
+            data_schema=self.add_suggested_values_to_schema(schema, user_input or {}),
+            errors=errors,
+            description_placeholders={"name": self.config_entry.title, "details": details},
         )

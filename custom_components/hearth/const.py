@@ -27,6 +27,7 @@ CONF_PREFER_LOCAL_INTENTS: Final = "prefer_local_intents"
 CONF_MAX_TOKENS: Final = "max_tokens"
 CONF_TEMPERATURE: Final = "temperature"
 CONF_CHAT_MODEL: Final = "chat_model"
+CONF_EMBEDDING_MODEL: Final = "embedding_model"
 
 # Per-worker routing flags (options of that worker's config entry).
 CONF_ONLY_WHEN_IDLE: Final = "only_when_idle"

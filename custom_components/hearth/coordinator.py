@@ -81,6 +81,15 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
             )
         return self._poll_task
 
+    async def async_refresh_models(self) -> None:
+        """Read the worker's models again (one was added or removed), then poll it.
+
+        The router and the household's choices read `info`; the device's sensors
+        read the poll. Raises HearthError when the worker does not answer.
+        """
+        self.info = await self.client.info()
+        await self.async_poll_now()
+
     async def _poll_while_asked(self) -> None:
         while self._poll_again:
             self._poll_again = False

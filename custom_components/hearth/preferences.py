@@ -45,7 +45,7 @@ from homeassistant.util.json import JsonObjectType
 from homeassistant.util.ulid import ulid_now
 
 from .client import HearthClient, HearthError
-from .const import DOMAIN, LOGGER
+from .const import CONF_EMBEDDING_MODEL, DOMAIN, LOGGER
 
 STORAGE_KEY: Final = "hearth.preferences"
 STORAGE_VERSION: Final = 1
@@ -475,17 +475,19 @@ class Preferences:
     # --- relevance ---------------------------------------------------------
 
     def _embedders(self) -> list[tuple[HearthClient, str]]:
-        """(client, model) of loaded workers with an embedding model, online ones first."""
+        """(client, model) of loaded workers with an embedding model: those with the
+        household's chosen one first (its options), then online ones first."""
         cluster = self.hass.data.get(DOMAIN)
-        found: list[tuple[bool, HearthClient, str]] = []
+        wanted = getattr(cluster, "settings", {}).get(CONF_EMBEDDING_MODEL)
+        found: list[tuple[bool, bool, HearthClient, str]] = []
         for worker in getattr(cluster, "workers", {}).values():
-            for model in worker.coordinator.info.models:
-                if model.kind == "embedding":
-                    online = bool(worker.coordinator.last_update_success)
-                    found.append((online, worker.client, model.id))
-                    break
-        found.sort(key=lambda entry: not entry[0])
-        return [(client, model) for _, client, model in found]
+            models = [m.id for m in worker.coordinator.info.models if m.kind == "embedding"]
+            if models:
+                model = str(wanted) if wanted in models else models[0]
+                online = bool(worker.coordinator.last_update_success)
+                found.append((model == wanted, online, worker.client, model))
+        found.sort(key=lambda entry: (not entry[0], not entry[1]))
+        return [(client, model) for _, _, client, model in found]
 
     async def _async_embed(self, texts: list[str]) -> tuple[str, list[list[float]]] | None:
         """Embeddings of the texts from the first worker that answers, or None."""

@@ -12,6 +12,7 @@ from unittest.mock import patch
 import pytest
 from hearth_worker.pairing import pair_remote
 from homeassistant import config_entries
+from homeassistant.config_entries import ConfigFlowResult
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
@@ -568,8 +569,13 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
     await hass.async_block_till_done()
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
-    assert result["type"] is FlowResultType.FORM
+    assert result["type"] is FlowResultType.MENU
     assert result["step_id"] == "init"
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {"next_step_id": "household"}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "household"
     result = await hass.config_entries.options.async_configure(
         result["flow_id"],
         {
@@ -589,6 +595,18 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 
+async def open_worker_options(hass: HomeAssistant, entry_id: str) -> ConfigFlowResult:
+    """The options menu's "This worker" form."""
+    result = await hass.config_entries.options.async_init(entry_id)
+    assert result["type"] is FlowResultType.MENU
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {"next_step_id": "worker"}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "worker"
+    return result
+
+
 async def test_options_worker_routing_flags(
     hass: HomeAssistant, chat_worker: WorkerProcess
 ) -> None:
@@ -602,15 +620,9 @@ async def test_options_worker_routing_flags(
     assert handle.state().not_on_battery is False
     assert handle.state().memory_free_mb is not None
 
-    household = {
-        CONF_LLM_HASS_API: ["assist"],
-        CONF_PREFER_LOCAL_INTENTS: True,
-        CONF_MAX_TOKENS: 128,
-        CONF_TEMPERATURE: 0.0,
-    }
-    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await open_worker_options(hass, entry.entry_id)
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {**household, CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
+        result["flow_id"], {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert entry.options == {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
@@ -620,14 +632,14 @@ async def test_options_worker_routing_flags(
     assert state.not_on_battery is True
 
     # The form shows them as set; clearing one keeps the other.
-    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await open_worker_options(hass, entry.entry_id)
     schema = result["data_schema"].schema
     suggested = {
         str(key): key.description.get("suggested_value") for key in schema if key.description
     }
     assert suggested[CONF_ONLY_WHEN_IDLE] is True
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {**household, CONF_NOT_ON_BATTERY: True}
+        result["flow_id"], {CONF_NOT_ON_BATTERY: True}
     )
     assert entry.options == {CONF_ONLY_WHEN_IDLE: False, CONF_NOT_ON_BATTERY: True}
     assert handle.state().only_when_idle is False

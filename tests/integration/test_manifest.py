@@ -529,6 +529,9 @@ class FlowFacts:
     def __init__(self, flow_module: Any, tree: ast.Module, cls: ast.ClassDef) -> None:
         self.steps: dict[str, set[str]] = {}  # step id -> schema keys
         self.placeholders: dict[str, set[str]] = {}  # step id -> description placeholders
+        self.menus: dict[str, set[str]] = {}  # menu step id -> its options
+        self.progress: dict[str, set[str]] = {}  # progress action -> placeholders
+        self.abort_placeholders: dict[str, set[str]] = {}  # abort reason -> placeholders
         self.errors: set[str] = set()
         self.aborts: set[str] = set()
         self.title_placeholders: set[str] = set()
@@ -609,9 +612,28 @@ class FlowFacts:
                 self.steps.setdefault(step, set()).update(keys)
                 placeholders = _dict_keys(_kw(node, "description_placeholders"))
                 self.placeholders.setdefault(step, set()).update(placeholders or set())
+            elif name == "async_show_menu":
+                step = _str(_kw(node, "step_id"))
+                assert step, f"{method.name}: async_show_menu without a literal step_id"
+                self.steps.setdefault(step, set())
+                placeholders = _dict_keys(_kw(node, "description_placeholders"))
+                self.placeholders.setdefault(step, set()).update(placeholders or set())
+                options = self._list_strings(method, _kw(node, "menu_options"))
+                assert options, f"{method.name}: menu options not found"
+                self.menus.setdefault(step, set()).update(options)
+            elif name == "async_show_progress":
+                action = _str(_kw(node, "progress_action"))
+                assert action, f"{method.name}: async_show_progress without a literal action"
+                placeholders = _dict_keys(_kw(node, "description_placeholders")) or set()
+                self.progress.setdefault(action, set()).update(placeholders)
+                if step := _str(_kw(node, "step_id")):
+                    self.steps.setdefault(step, set())
+                    self.placeholders.setdefault(step, set()).update(placeholders)
             elif name in ("async_abort", "_abort_if_unique_id_mismatch"):
                 reason = _str(_kw(node, "reason"))
                 self.aborts.add(reason or "unique_id_mismatch")
+                placeholders = _dict_keys(_kw(node, "description_placeholders")) or set()
+                self.abort_placeholders.setdefault(reason or "", set()).update(placeholders)
             elif name == "_abort_if_unique_id_configured":
                 self.aborts.add("already_configured")
             elif name == "async_set_unique_id":
@@ -630,15 +652,34 @@ class FlowFacts:
                     if key is not None and _str(key) == "base" and (error := _str(value)):
                         self.errors.add(error)
 
+    @staticmethod
+    def _list_strings(method: ast.AST, node: ast.expr | None) -> set[str]:
+        """The strings of a list display, or of the lists a local name is given."""
+        if isinstance(node, ast.List | ast.Tuple):
+            return {v for v in map(_str, node.elts) if v}
+        found: set[str] = set()
+        if isinstance(node, ast.Name):
+            for assign in ast.walk(method):
+                if isinstance(assign, ast.Assign | ast.AugAssign):
+                    targets = assign.targets if isinstance(assign, ast.Assign) else [assign.target]
+                    if any(isinstance(t, ast.Name) and t.id == node.id for t in targets):
+                        found |= FlowFacts._list_strings(method, assign.value)
+        return found
+
     def _assign(self, node: ast.Assign) -> None:
         target = node.targets[0]
         if (
             isinstance(target, ast.Subscript)
             and isinstance(target.value, ast.Name)
             and target.value.id == "errors"
-            and (error := _str(node.value))
         ):
-            self.errors.add(error)  # errors["base"] = "cannot_connect"
+            # errors["base"] = "cannot_connect", or "a" if ... else "b"
+            values = (
+                [node.value.body, node.value.orelse]
+                if isinstance(node.value, ast.IfExp)
+                else [node.value]
+            )
+            self.errors |= {v for v in map(_str, values) if v}
         if (
             isinstance(target, ast.Subscript)
             and _str(target.slice) == "title_placeholders"
@@ -705,6 +746,24 @@ def test_flow_strings_cover_the_code(kind: str) -> None:
     aborts = section.get("abort", {})
     problems += [f"abort {a}: no string" for a in sorted(facts.aborts - set(aborts))]
     problems += [f"abort {a}: never raised" for a in sorted(set(aborts) - facts.aborts)]
+    for reason, text in aborts.items():
+        given = facts.abort_placeholders.get(reason, set())
+        problems += [
+            f"abort {reason}: placeholder {{{p}}} never given"
+            for p in sorted(set(PLACEHOLDER.findall(text)) - given)
+        ]
+    for step, options in sorted(facts.menus.items()):
+        labels = set(section["step"].get(step, {}).get("menu_options", {}))
+        problems += [f"menu {step}: option {o} has no label" for o in sorted(options - labels)]
+        problems += [f"menu {step}: label for unknown option {o}" for o in labels - options]
+    progress = section.get("progress", {})
+    problems += [f"progress {a}: no string" for a in sorted(set(facts.progress) - set(progress))]
+    problems += [f"progress {a}: never shown" for a in sorted(set(progress) - set(facts.progress))]
+    for action, text in progress.items():
+        problems += [
+            f"progress {action}: placeholder {{{p}}} never given"
+            for p in sorted(set(PLACEHOLDER.findall(text)) - facts.progress.get(action, set()))
+        ]
     if title := section.get("flow_title"):
         problems += [
             f"flow_title placeholder {{{p}}} never set"
@@ -721,7 +780,13 @@ def test_flow_ast_walk_finds_the_known_paths() -> None:
     assert {"code"} <= config.steps["pair"]
     assert {"cannot_connect", "wrong_code", "rate_limited"} <= config.errors
     assert {"already_configured", "reauth_successful", "wrong_worker"} <= config.aborts
-    assert "init" in flow_facts()["options"].steps
+    options = flow_facts()["options"]
+    assert "init" in options.steps
+    assert {"household", "worker", "add_model", "remove_model"} <= options.menus["init"]
+    assert {"household", "worker", "add_model", "pull", "remove_model"} <= set(options.steps)
+    assert "pull" in options.progress
+    assert {"unknown_repo", "no_space", "pull_failed", "pull_lost"} <= options.errors
+    assert {"model_added", "model_removed"} <= options.aborts
 
 
 def translated_exceptions() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
