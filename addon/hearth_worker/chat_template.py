@@ -9,6 +9,11 @@ OpenAI-shaped messages are normalised first: content given as a list of text
 parts becomes one string, ``None`` content becomes ``""``, and assistant
 ``tool_calls`` get their ``function.arguments`` JSON string decoded to a dict,
 which is what Hugging Face templates expect.
+
+A template that does not read ``tools`` (SmolLM2-135M's, for one) would drop
+them: the model would never learn which tools there are. For such a template the
+tools are described in the system message instead, Hermes-style, and the model
+is asked to call them in ``<tool_call>`` tags (``TOOLS_IN_SYSTEM_FORMAT``).
 """
 
 import json
@@ -22,7 +27,7 @@ import jinja2.ext
 import jinja2.sandbox
 import jinja2.utils
 
-__all__ = ["ChatTemplate", "ChatTemplateError"]
+__all__ = ["TOOLS_IN_SYSTEM_FORMAT", "ChatTemplate", "ChatTemplateError", "tools_system_text"]
 
 
 class ChatTemplateError(ValueError):
@@ -102,6 +107,35 @@ BUILTIN_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+
+
+# For templates that do not read `tools`: the tools offered in the system
+# message, asking for Hermes-style calls (the format of BUILTIN_TEMPLATE).
+TOOLS_IN_SYSTEM_FORMAT = "hermes"
+_TOOLS_IN_SYSTEM_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_IN_SYSTEM_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def tools_system_text(tools: list[Any]) -> str:
+    """The tools described for a system message, Hermes-style."""
+    listed = "".join("\n" + _tojson(tool) for tool in tools)
+    return _TOOLS_IN_SYSTEM_HEAD + listed + _TOOLS_IN_SYSTEM_TAIL
+
+
+def _with_tools_in_system(chat: list[dict[str, Any]], tools: list[Any]) -> list[dict[str, Any]]:
+    text = tools_system_text(tools)
+    if chat and chat[0].get("role") == "system":
+        first = chat[0]
+        content = f"{first['content']}\n\n{text}" if first["content"] else text
+        return [{**first, "content": content}, *chat[1:]]
+    return [{"role": "system", "content": text}, *chat]
 
 
 # --------------------------------------------------------------------------- #
@@ -426,7 +460,8 @@ class ChatTemplate:
 
         ``tools`` are OpenAI tool definitions (``{"type": "function", "function":
         {...}}``), passed to the template as they are; an empty list counts as
-        none. ``template_vars`` (e.g. ``enable_thinking=False``) are extra template
+        none. A template that does not read them gets them in the system message.
+        ``template_vars`` (e.g. ``enable_thinking=False``) are extra template
         variables and win over the special tokens, as in transformers.
         """
         if not isinstance(messages, list) or not messages:
@@ -438,6 +473,8 @@ class ChatTemplate:
                 raise ChatTemplateError("tools must be a list of objects")
             tool_schemas = _plain(tools)
 
+        if tool_schemas is not None and not self.supports_tools:
+            chat = _with_tools_in_system(chat, tool_schemas)
         name = _TOOL_USE if tool_schemas is not None and _TOOL_USE in self._compiled else None
         name = name or self._default
         variables = {

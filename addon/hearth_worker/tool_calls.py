@@ -820,8 +820,12 @@ class ToolCallStreamFilter:
         self._pending += delta
         return self._advance(final=False)
 
-    def finish(self) -> tuple[str, list[ParsedToolCall]]:
-        """End of generation: the text still to show, and all calls found."""
+    def finish(self, *, cut: bool = False) -> tuple[str, list[ParsedToolCall]]:
+        """End of generation: the text still to show, and all calls found.
+
+        ``cut`` (the answer was cut by the token limit) changes nothing here: the
+        tolerant parser keeps what it can read (``guidance.GuidedAnswer`` takes it too).
+        """
         if self._finished:
             return "", list(self._calls)
         shown = self._advance(final=True)
