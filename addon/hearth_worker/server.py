@@ -30,6 +30,7 @@ from .capacity import RateTracker, hardware_info, system_snapshot
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
 from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
+from .guidance import Guide, GuidedAnswer
 from .manifest import Manifest, load_manifest
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
 from .validation import (
@@ -381,9 +382,18 @@ class Worker:
                 "api_version": API_VERSION,
                 "hardware": self._hardware,
                 "execution_providers": self._providers,
-                "models": [m.public() for m in self.manifests.values()],
+                "models": [self._model_info(m) for m in self.manifests.values()],
             }
         )
+
+    def _model_info(self, manifest: Manifest) -> dict[str, Any]:
+        """A model in /v1/info; a chat model also tells its guidance and sampling defaults."""
+        info = manifest.public()
+        chat = self.chat_models.get(manifest.name)
+        if chat is not None:
+            info |= chat.guidance.public()
+            info["sampling_defaults"] = manifest.generation.public()
+        return info
 
     async def capacity(self, request: web.Request) -> web.Response:
         return web.json_response(self.capacity_snapshot())
@@ -444,6 +454,19 @@ class Worker:
                         None, model.prepare, req.messages, tools
                     )
                 )
+                # The grammar for tool calls and response_format (checked once per grammar).
+                guide = await run_to_end(
+                    asyncio.get_running_loop().run_in_executor(
+                        None,
+                        functools.partial(
+                            model.guidance.plan,
+                            tools=tools,
+                            tool_choice=req.tool_choice,
+                            tool_name=req.tool_choice_name,
+                            response_format=req.response_format,
+                        ),
+                    )
+                )
             max_new = model.budget(len(prompt_ids), req.max_tokens)
         except ChatTemplateError as err:
             raise ApiError(400, f"Cannot build the prompt: {err}", param="messages") from err
@@ -455,18 +478,26 @@ class Worker:
             top_p=req.top_p,
             seed=req.engine_seed,
             stop=req.stop,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            guidance=guide.guidance if guide is not None else None,
         )
         try:
             async with self.admission.slot():
                 _LOGGER.debug("Chat request: %d prompt tokens", len(prompt_ids))
                 if req.stream:
-                    return await self._stream_chat(request, req, model, prompt_ids, sampling)
-                return await self._complete_chat(req, model, prompt_ids, sampling)
+                    return await self._stream_chat(request, req, model, prompt_ids, sampling, guide)
+                return await self._complete_chat(req, model, prompt_ids, sampling, guide)
         except Busy as err:
             raise _busy(err) from err
 
     async def _complete_chat(
-        self, req: ChatRequest, model: ChatModel, prompt_ids: list[int], sampling: Sampling
+        self,
+        req: ChatRequest,
+        model: ChatModel,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        guide: Guide | None,
     ) -> web.Response:
         pieces: list[str] = []
         result = GenerationResult()
@@ -481,13 +512,19 @@ class Worker:
         self._record(model.id, result)
         content: str | None = "".join(pieces)
         calls: list[ParsedToolCall] = []
-        if req.tools and req.tool_choice != "none":
+        cut = result.finish_reason == "length"
+        if guide is not None and guide.calls:
+            reader = guide.reader()
+            shown = reader.feed(content or "")
+            rest, calls = reader.finish(cut=cut)
+            content = shown + rest
+        elif req.tools and req.tool_choice != "none":
             content, calls = parse_tool_calls(content or "", req.tool_names)
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
         finish = result.finish_reason
         if calls:
             message["tool_calls"] = [_tool_call_json(c) for c in calls]
-            finish = "tool_calls"
+            finish = "length" if cut else "tool_calls"
         elif not content:
             message["content"] = ""
         return web.json_response(
@@ -508,6 +545,7 @@ class Worker:
         model: ChatModel,
         prompt_ids: list[int],
         sampling: Sampling,
+        guide: Guide | None,
     ) -> web.StreamResponse:
         completion_id = _completion_id()
         head = json.dumps(
@@ -523,7 +561,11 @@ class Worker:
         )
         await response.prepare(request)
         await response.write(chunk('{"role": "assistant", "content": ""}'))
-        filt = ToolCallStreamFilter(req.tool_names) if req.tools else None
+        filt: GuidedAnswer | ToolCallStreamFilter | None = None
+        if guide is not None and guide.calls:
+            filt = guide.reader()
+        elif req.tools and req.tool_choice != "none":
+            filt = ToolCallStreamFilter(req.tool_names)
         result = GenerationResult()
         cancelled = threading.Event()
         try:
@@ -539,13 +581,13 @@ class Worker:
                         await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
             finish = result.finish_reason
             if filt:
-                text, calls = filt.finish()
+                text, calls = filt.finish(cut=finish == "length")
                 if text:
                     await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
                 if calls:
                     deltas = [{"index": i, **_tool_call_json(call)} for i, call in enumerate(calls)]
                     await response.write(chunk(json.dumps({"tool_calls": deltas})))
-                    finish = "tool_calls"
+                    finish = "length" if finish == "length" else "tool_calls"
             await response.write(chunk("{}", finish))
             if req.include_usage:
                 usage = {

@@ -79,6 +79,14 @@ class ChatRequest:
     seed: int | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"
+    # A named tool choice ({"type": "function", "function": {"name": ...}}): tool_choice
+    # is "required" and this the tool.
+    tool_choice_name: str | None = None
+    # {"type": "json_object"} or {"type": "json_schema", "name": ..., "schema": {...}};
+    # None for plain text.
+    response_format: dict[str, Any] | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
 
     @property
     def tool_names(self) -> list[str]:
@@ -351,6 +359,56 @@ def _tool_choice(value: Any) -> str:
     raise invalid("'tool_choice' must be a string or a function choice", "tool_choice")
 
 
+def _tool_choice_name(value: Any, tools: list[dict[str, Any]]) -> str | None:
+    """The tool a named tool choice names; it must be one of the tools offered."""
+    if not isinstance(value, dict):
+        return None
+    function = value.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise invalid("A function choice needs 'function' with a string 'name'", "tool_choice")
+    if name not in [tool["function"]["name"] for tool in tools]:
+        raise invalid(f"'tool_choice' names {name[:40]!r}, which is not in 'tools'", "tool_choice")
+    return name
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """`response_format`: text (None), any JSON object, or JSON fitting a schema."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise invalid(
+            "'response_format' must be an object whose 'type' is 'text', 'json_object' or "
+            "'json_schema'",
+            "response_format",
+        )
+    assert isinstance(value, dict)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise invalid(
+            "'json_schema' must be an object with a JSON schema object in 'schema'",
+            "response_format.json_schema",
+        )
+    name = spec.get("name", "response")
+    if not isinstance(name, str):
+        raise invalid("'name' must be a string", "response_format.json_schema.name")
+    schema = spec.get("schema", {})
+    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    if size > MAX_TOOL_BYTES:
+        raise ApiError(
+            400,
+            f"The response schema is too large: {size} bytes as JSON (at most {MAX_TOOL_BYTES})",
+            code="schema_too_large",
+            param="response_format.json_schema.schema",
+        )
+    return {"type": "json_schema", "name": name, "schema": schema}
+
+
 def _stop(value: Any) -> list[str]:
     if value is None:
         return []
@@ -391,6 +449,10 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     top_p = _number(data, "top_p", 0.0, 1.0)
     if top_p == 0.0:
         raise invalid("'top_p' must be greater than 0", "top_p")
+    repetition_penalty = _number(data, "repetition_penalty", 0.0, 2.0)
+    if repetition_penalty == 0.0:
+        raise invalid("'repetition_penalty' must be greater than 0", "repetition_penalty")
+    tools = _tools(data.get("tools"))
     return ChatRequest(
         model=model,
         messages=_messages(data.get("messages")),
@@ -401,8 +463,12 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         top_p=top_p,
         stop=_stop(data.get("stop")),
         seed=seed,
-        tools=_tools(data.get("tools")),
+        tools=tools,
         tool_choice=_tool_choice(data.get("tool_choice")),
+        tool_choice_name=_tool_choice_name(data.get("tool_choice"), tools),
+        response_format=_response_format(data.get("response_format")),
+        top_k=_integer(data, "top_k", 0, MAX_TOKENS_LIMIT),
+        repetition_penalty=repetition_penalty,
     )
 
 
