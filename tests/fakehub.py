@@ -118,8 +118,8 @@ class FakeHub:
             entries[repo_path] = _hub_file(repo_path, source)
         entries.setdefault(".gitattributes", _hub_file(".gitattributes", b"*.onnx filter=lfs\n"))
         digest = hashlib.sha1(repo_id.encode(), usedforsecurity=False)
-        for path in sorted(entries):
-            digest.update(f"{path} {entries[path].blob_id}\n".encode())
+        for name in sorted(entries):
+            digest.update(f"{name} {entries[name].blob_id}\n".encode())
         repo = Repo(repo_id, entries, digest.hexdigest())
         self.repos[repo_id] = repo
         return repo
@@ -153,8 +153,8 @@ class FakeHub:
     @property
     def url(self) -> str:
         assert self._server is not None, "FakeHub not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        address = self._server.server_address
+        return f"http://{address[0]!s}:{address[1]!s}"
 
     def start(self) -> FakeHub:
         hub = self
@@ -359,8 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         common = {"X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes"}
         if f.lfs:
-            host, port = self.server.server_address[:2]
-            location = f"http://{host!s}:{port}/lfs-cdn/{repo_id}/{f.sha256}"
+            location = f"{self.fake.url}/lfs-cdn/{repo_id}/{f.sha256}"
             headers = {
                 **common,
                 "ETag": f'"{f.blob_id}"',

@@ -19,8 +19,10 @@ Nothing is written outside ``models_dir`` (no ``~/.cache/huggingface``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import json
 import re
@@ -28,7 +30,7 @@ import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
@@ -299,7 +301,34 @@ class _Puller:
         self._check_name_free()
         plan = self._plan()
         self._check_cancel()
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with self._folder_lock():
+            existing = self._installed_here()  # by another process while we waited
+            if existing is not None:
+                self._report("done")
+                return existing
+            return self._pull(plan)
+
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        """One pull of a folder at a time, across processes (the worker and the CLI):
+        a second one waits (cancellable), then finds the model installed."""
+        lock_path = self.models_dir / PARTIAL_DIR / f"{self.hub.folder_name}.lock"
+        with lock_path.open("a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self.cancel.wait(0.2):
+                        self._check_cancel()
+            try:
+                yield
+                lock_path.unlink(missing_ok=True)  # installed: a waiter finds the model
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _pull(self, plan: _Plan) -> Path:
         self.partial.mkdir(parents=True, exist_ok=True)
         self._forget_changed(plan)
         self.total = sum(f.size for f in plan.files)
@@ -367,6 +396,9 @@ class _Puller:
         revision = info.sha or "main"
         files: dict[str, _HubFile] = {}
         for sibling in info.siblings or []:
+            parts = sibling.rfilename.split("/")
+            if any(part in ("", ".", "..") for part in parts):  # never outside the folder
+                continue
             lfs = sibling.lfs
             files[sibling.rfilename] = _HubFile(
                 repo_path=sibling.rfilename,
@@ -726,8 +758,10 @@ class _Display:
         self.phase = ""
         self.file: str | None = None
         self.tenth = -1
+        self.downloaded = False
 
     def update(self, p: PullProgress) -> None:
+        self.downloaded = self.downloaded or p.phase == "downloading"
         if self.tty:
             self._bar(p)
         else:
@@ -818,8 +852,9 @@ def run_pull(source: str, models_dir: Path, name: str | None) -> int:
     if error is not None:
         raise error
     manifest = load_manifest(outcome["path"])
+    done = "Installed" if display.downloaded else "Already installed:"
     print(
-        f"Installed {manifest.name} ({manifest.kind}, {manifest.quantization}, "
+        f"{done} {manifest.name} ({manifest.kind}, {manifest.quantization}, "
         f"{_size(manifest.size_bytes)}) in {manifest.path}"
     )
     return 0

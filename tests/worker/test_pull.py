@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,11 +58,11 @@ def hub(tiny_chat_model: Path) -> Iterator[FakeHub]:
         yield fake
 
 
-def pull(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: object) -> Path:
-    return pull_model(source, models_dir, endpoint=hub.url, **kwargs)  # type: ignore[arg-type]
+def pull(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: Any) -> Path:
+    return pull_model(source, models_dir, endpoint=hub.url, **kwargs)
 
 
-def error_of(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: object) -> PullError:
+def error_of(hub: FakeHub, models_dir: Path, source: str = SOURCE, **kwargs: Any) -> PullError:
     with pytest.raises(PullError) as caught:
         pull(hub, models_dir, source, **kwargs)
     assert "\n" not in caught.value.message
@@ -266,6 +268,21 @@ def test_not_a_model(hub: FakeHub, tmp_path: Path) -> None:
     assert "genai_config.json" in error.message
 
 
+def test_hub_paths_never_lead_outside_the_model_folder(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    with FakeHub() as hub:
+        hub.add_repo(
+            "acme/sneaky",
+            {"m": tiny_chat_model},
+            files={"m/../../../escaped.txt": b"x", "m/./dot.txt": b"y"},
+        )
+        path = pull_model("acme/sneaky:m", tmp_path / "models", endpoint=hub.url)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (path / "dot.txt").exists()
+    load_manifest(path)
+
+
 def test_a_plain_onnx_text_generator_is_not_taken_for_an_embedding_model(
     tmp_path: Path,
 ) -> None:
@@ -358,6 +375,41 @@ def test_disk_filling_up_meanwhile_is_no_space(
     assert nothing_installed(tmp_path / "models")
 
 
+def test_a_second_pull_of_a_folder_waits_for_the_first(hub: FakeHub, tmp_path: Path) -> None:
+    """Another process (the worker, the CLI) pulling the same folder holds its lock."""
+    models_dir = tmp_path / "models"
+    (models_dir / PARTIAL_DIR).mkdir(parents=True)
+    lock_path = models_dir / PARTIAL_DIR / f"{INSTALLED}.lock"
+    started = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        def seen(progress: PullProgress) -> None:
+            started.set()
+
+        try:
+            outcome["path"] = pull(hub, models_dir, progress=seen)
+        except PullError as err:
+            outcome["error"] = err
+
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert started.wait(30)
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for the lock
+        assert not [p for _, p in hub.requests if "/resolve/" in p]
+        path = pull(hub, tmp_path / "elsewhere")  # the "other process" installs a copy
+        (models_dir / INSTALLED).parent.mkdir(exist_ok=True)
+        path.rename(models_dir / INSTALLED)
+        resolved = len([p for _, p in hub.requests if "/resolve/" in p])
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    thread.join(60)
+    assert outcome.get("path") == models_dir / INSTALLED, outcome
+    assert len([p for _, p in hub.requests if "/resolve/" in p]) == resolved  # none more
+
+
 def test_installed_models_and_remove(hub: FakeHub, tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     assert installed_models(models_dir) == []
@@ -375,6 +427,45 @@ def test_installed_models_and_remove(hub: FakeHub, tmp_path: Path) -> None:
 
 def test_default_models_dir(tmp_path: Path) -> None:
     assert default_models_dir(tmp_path) == tmp_path / "models"
+
+
+def test_the_fake_hub_speaks_huggingface_hubs_protocol(
+    hub: FakeHub, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """huggingface_hub's own calls work against the fake (it stays a faithful one)."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from tqdm import tqdm
+
+    api = HfApi(endpoint=hub.url)
+    info = api.model_info(REPO, files_metadata=True)
+    data = next(s for s in info.siblings or [] if s.rfilename == DATA)
+    assert data.lfs is not None and data.lfs.size == hub.repos[REPO].files[DATA].size
+    tree = api.list_repo_tree(REPO, path_in_repo=FOLDER, recursive=True)
+    assert {f.path for f in tree} == {f"{FOLDER}/{p.name}" for p in tiny_chat_model.iterdir()} - {
+        f"{FOLDER}/{MANIFEST_NAME}"
+    }
+    monitor_interval = tqdm.monitor_interval
+    tqdm.monitor_interval = 0  # no monitor thread, which would outlive the test
+    disable_progress_bars()
+    try:
+        for name in (DATA, f"{FOLDER}/tokenizer.json"):  # LFS (302 to the "CDN") and git
+            local = hf_hub_download(
+                REPO,
+                name,
+                endpoint=hub.url,
+                local_dir=tmp_path / "local",
+                cache_dir=tmp_path / "cache",
+            )
+            assert Path(local).read_bytes() == (tiny_chat_model / Path(name).name).read_bytes()
+    finally:
+        enable_progress_bars()
+        tqdm.monitor_interval = monitor_interval
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("acme/nothing-here")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(REPO, "nope.txt", endpoint=hub.url, cache_dir=tmp_path / "cache")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -399,6 +490,10 @@ def test_cli_pull_list_remove(hub: FakeHub, tmp_path: Path) -> None:
     assert str(models_dir / INSTALLED) in done.stdout
     assert "downloading" in done.stderr and "model.onnx.data" in done.stderr  # plain lines
     assert not (tmp_path / "hf-home").exists()  # nothing in a Hugging Face cache
+
+    again = hearth_worker(tmp_path, hub, "pull", SOURCE)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("Already installed: Tiny ")
 
     listed = hearth_worker(tmp_path, hub, "models", "list")
     assert listed.returncode == 0
