@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -482,7 +482,30 @@ def hearth_worker(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.Comple
     )
 
 
-def test_cli_pull_list_remove(hub: FakeHub, tmp_path: Path) -> None:
+@pytest.fixture
+def in_process_cli(
+    hub: FakeHub,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[..., tuple[int, str, str]]:
+    """`hearth-worker ARGS` in this process (fast), with the fake hub as the endpoint."""
+    from hearth_worker.cli import main
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(["--state-dir", str(tmp_path / "state"), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_cli_pull_list_remove(
+    hub: FakeHub, tmp_path: Path, in_process_cli: Callable[..., tuple[int, str, str]]
+) -> None:
     done = hearth_worker(tmp_path, hub, "pull", SOURCE, "--name", "Tiny")
     assert done.returncode == 0, done.stderr
     models_dir = tmp_path / "state" / "models"
@@ -491,21 +514,22 @@ def test_cli_pull_list_remove(hub: FakeHub, tmp_path: Path) -> None:
     assert "downloading" in done.stderr and "model.onnx.data" in done.stderr  # plain lines
     assert not (tmp_path / "hf-home").exists()  # nothing in a Hugging Face cache
 
-    again = hearth_worker(tmp_path, hub, "pull", SOURCE)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith("Already installed: Tiny ")
+    code, out, _ = in_process_cli("pull", SOURCE)
+    assert code == 0
+    assert out.startswith("Already installed: Tiny ")
 
-    listed = hearth_worker(tmp_path, hub, "models", "list")
-    assert listed.returncode == 0
-    assert listed.stdout.split("\t")[:3] == ["Tiny", "chat", "fp32"]
+    code, out, _ = in_process_cli("models", "list")
+    assert code == 0
+    assert out.split("\t")[:3] == ["Tiny", "chat", "fp32"]
 
-    removed = hearth_worker(tmp_path, hub, "models", "remove", "Tiny")
-    assert removed.returncode == 0, removed.stderr
+    code, out, _ = in_process_cli("models", "remove", "Tiny")
+    assert code == 0
     assert not (models_dir / INSTALLED).exists()
-    again = hearth_worker(tmp_path, hub, "models", "remove", "Tiny")
-    assert again.returncode == 1
-    assert again.stderr.strip().splitlines() == [again.stderr.strip()]
-    assert "Tiny" in again.stderr
+    code, out, err = in_process_cli("models", "remove", "Tiny")
+    assert code == 1
+    assert err.strip().splitlines() == [f"hearth-worker: no model 'Tiny' in {models_dir}"]
+    code, out, _ = in_process_cli("models", "list")
+    assert (code, out.strip()) == (0, f"No models in {models_dir}")
 
 
 @pytest.mark.parametrize(
@@ -515,12 +539,16 @@ def test_cli_pull_list_remove(hub: FakeHub, tmp_path: Path) -> None:
         ("not a source", "owner/name"),  # ValueError
     ],
 )
-def test_cli_errors_are_one_line(hub: FakeHub, tmp_path: Path, source: str, words: str) -> None:
+def test_cli_errors_are_one_line(
+    tmp_path: Path,
+    in_process_cli: Callable[..., tuple[int, str, str]],
+    source: str,
+    words: str,
+) -> None:
     models_dir = tmp_path / "elsewhere"
-    done = hearth_worker(tmp_path, hub, "pull", source, "--models-dir", str(models_dir))
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    code, _, err = in_process_cli("pull", source, "--models-dir", str(models_dir))
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert last.startswith("hearth-worker: ")
     assert words in last
     assert not installed_models(models_dir)
