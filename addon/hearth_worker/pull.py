@@ -645,7 +645,7 @@ class _Puller:
             "runtime": "onnxruntime-genai" if plan.kind == "chat" else "onnxruntime",
             "source": str(self.hub),
             "revision": plan.revision,
-            "quantization": guess_quantization(str(self.hub)) or "fp32",
+            "quantization": guess_quantization(str(self.hub)),  # None: looked at below
             "context_length": 0,
             "size_bytes": sum(f.size for f in plan.files),
             "files": files,
@@ -674,10 +674,15 @@ class _Puller:
             raise PullError(
                 "not_a_model", f"{self.hub}: genai_config.json lacks {err} (not a genai model?)"
             ) from err
-        if not (self.partial / decoder_file).is_file():
+        decoder = self.partial / decoder_file
+        if not decoder.is_file():
             raise PullError(
                 "not_a_model", f"{self.hub}: genai_config.json names {decoder_file}, not in folder"
             )
+        if fields["quantization"] is None:  # the folder's name does not say: the graph does
+            with decoder.open("rb") as fh:
+                int4 = any(b"MatMulNBits" in block for block in iter(lambda: fh.read(1 << 24), b""))
+            fields["quantization"] = "int4" if int4 else "fp32"
 
     def _describe_embedding(self, fields: dict[str, Any]) -> None:
         config = self._read_json("config.json")
@@ -711,6 +716,7 @@ class _Puller:
         if (self.partial / "sentence_bert_config.json").is_file():
             seq = self._read_json("sentence_bert_config.json").get("max_seq_length")
         fields["context_length"] = min(int(seq or native), native)
+        fields["quantization"] = fields["quantization"] or "fp32"
         fields["embedding"] = {"dimensions": int(dims), "pooling": pooling, "normalize": True}
 
     # -- install

@@ -268,6 +268,19 @@ def test_not_a_model(hub: FakeHub, tmp_path: Path) -> None:
     assert "genai_config.json" in error.message
 
 
+def test_quantization_from_the_graph_when_the_folder_name_does_not_say(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    from model_fixtures import tiny_chat_model_int4
+
+    with FakeHub() as hub:
+        hub.add_repo("acme/plain", {"a": tiny_chat_model, "b": tiny_chat_model_int4()})
+        fp32 = pull_model("acme/plain:a", tmp_path, endpoint=hub.url, name="A")
+        int4 = pull_model("acme/plain:b", tmp_path, endpoint=hub.url, name="B")
+    assert load_manifest(fp32).quantization == "fp32"
+    assert load_manifest(int4).quantization == "int4"  # MatMulNBits in its graph
+
+
 def test_hub_paths_never_lead_outside_the_model_folder(
     tiny_chat_model: Path, tmp_path: Path
 ) -> None:
