@@ -147,6 +147,18 @@ class FakeWorker:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def entry_data(self) -> dict[str, Any]:
+        """A config entry's data as pairing with this worker makes it (token pinned)."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "token": self.token,
+            "token_id": "tok-fake",
+            "node_id": self.node_id,
+            "fingerprint": self.fingerprint,
+            "plain_http": False,
+        }
+
     def show_pairing_code(self) -> str:
         """As `hearth-worker pair` does: a fresh code (returned) that pairing proves."""
         self.pairing_code = "FAKE2345"

@@ -371,31 +371,31 @@ class Cluster:
             if worker is None or candidate.worker_id in exclude:
                 continue
             deltas: AsyncGenerator[ChatDelta] | None = None
-            reservation = self.routing.reserve(candidate, request)
+            reservation = self._reserve(candidate, request)
             try:
                 deltas = await worker.client.chat_stream(
                     {**body, "model": candidate.model}, self.timeouts
                 )
                 first = await _first_delta(deltas)
             except HearthBusyError as err:
-                self.routing.release(reservation)
+                self._release(reservation)
                 LOGGER.debug("Worker %s is busy, trying the next: %s", worker.name, err)
                 continue
             except HearthRequestError as err:
                 # The request itself (too long for this model, bad arguments): another
                 # worker may still take it; if none does, the user hears this reason.
-                self.routing.release(reservation)
+                self._release(reservation)
                 LOGGER.info("Worker %s refused the request: %s", worker.name, err)
                 refusals.append((worker.name, err))
                 continue
             except HearthError as err:
-                self.routing.release(reservation)
+                self._release(reservation)
                 if deltas is not None:
                     await deltas.aclose()
                 self._worker_failed(worker, err, answering=False)
                 continue
             except BaseException:
-                self.routing.release(reservation)
+                self._release(reservation)
                 if deltas is not None:
                     await deltas.aclose()
                 raise
@@ -450,8 +450,29 @@ class Cluster:
         else:
             self._worker_answered(worker)
         finally:
-            self.routing.release(reservation, completion_tokens=completion_tokens)
+            self._release(reservation, completion_tokens=completion_tokens)
             await deltas.aclose()
+
+    def _reserve(
+        self, candidate: router.Candidate, request: router.RouteRequest
+    ) -> router.Reservation:
+        """Count a request against its worker until `_release` (router, sensors)."""
+        reservation = self.routing.reserve(candidate, request)
+        self._in_flight_changed(candidate.worker_id)
+        return reservation
+
+    def _release(
+        self, reservation: router.Reservation, *, completion_tokens: int | None = None
+    ) -> None:
+        """The request is over; idempotent (see router.Router.release)."""
+        self.routing.release(reservation, completion_tokens=completion_tokens)
+        self._in_flight_changed(reservation.worker_id)
+
+    @callback
+    def _in_flight_changed(self, entry_id: str) -> None:
+        """The worker's sensors show a request starting or ending at once, not at a poll."""
+        if (worker := self.workers.get(entry_id)) is not None:
+            worker.coordinator.async_set_in_flight(self.routing.in_flight(entry_id))
 
     # The one place where the cluster learns how a worker did with a chat request.
     def _worker_failed(self, worker: WorkerHandle, err: HearthError, *, answering: bool) -> None:

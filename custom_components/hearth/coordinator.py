@@ -4,6 +4,10 @@ Besides the interval, a poll is made at once (`async_poll_now`) when the worker
 announces itself on the network (config_flow.py, zeroconf) and when a request to it
 fails (cluster.py): a returning worker is seen within a poll's time, not at the
 next interval of its back-off, and a lost one as soon as a request notices.
+
+Between polls, the cluster tells the coordinator when Hearth's own requests to the
+worker start and end (`async_set_in_flight`); `load()` is the last snapshot
+corrected by them, and the sensors follow it at once (`signal_in_flight`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
 from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.dispatcher import async_dispatcher_send
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 from homeassistant.util import dt as dt_util
 
@@ -66,6 +71,34 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         self.unreachable_since: datetime | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._poll_again = False
+        # Hearth's own open requests on the worker, and how many of them were open
+        # when the last snapshot arrived (that snapshot counts them already).
+        self.in_flight = 0
+        self._in_flight_at_snapshot = 0
+
+    @property
+    def signal_in_flight(self) -> str:
+        """Dispatcher signal: Hearth's own open requests on this worker changed."""
+        return f"{DOMAIN}_in_flight_{self.config_entry.entry_id}"
+
+    @callback
+    def async_set_in_flight(self, count: int) -> None:
+        """Hearth now has `count` requests open on this worker (cluster.py calls it)."""
+        if count != self.in_flight:
+            self.in_flight = count
+            async_dispatcher_send(self.hass, self.signal_in_flight)
+
+    def load(self) -> tuple[int, int]:
+        """(running, queued) on the worker now, as far as Hearth can tell.
+
+        Other clients' requests as the last snapshot showed them, plus Hearth's own
+        open requests now; beyond the worker's parallel slots they wait in its queue.
+        """
+        capacity = self.data
+        others = max(0, capacity.running + capacity.queued - self._in_flight_at_snapshot)
+        total = others + self.in_flight
+        running = min(total, max(capacity.max_running, capacity.running))
+        return running, total - running
 
     @callback
     def async_poll_now(self) -> asyncio.Task[None]:
@@ -122,6 +155,7 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
                 translation_key="worker_unreachable",
                 translation_placeholders={"name": self.config_entry.title, "error": str(err)},
             ) from err
+        self._in_flight_at_snapshot = self.in_flight
         self._came_back()
         return capacity
 

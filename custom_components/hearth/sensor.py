@@ -1,4 +1,9 @@
-"""Capacity sensors of one worker."""
+"""Capacity sensors of one worker.
+
+Most follow the worker's capacity snapshot (polled); running and queued requests
+also follow Hearth's own requests to it as they start and end (`live`), between
+polls (coordinator.py `load`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from homeassistant.components.sensor import (
     SensorStateClass,
 )
 from homeassistant.const import UnitOfInformation
-from homeassistant.core import HomeAssistant
+from homeassistant.core import HomeAssistant, callback
+from homeassistant.helpers.dispatcher import async_dispatcher_connect
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
 from .client import Capacity
@@ -35,32 +41,36 @@ def _decode_rate(capacity: Capacity) -> float | None:
 class HearthSensorDescription(SensorEntityDescription):
     """A capacity sensor: how to read its value."""
 
-    value_fn: Callable[[Capacity], float | int | None]
+    value_fn: Callable[[HearthCoordinator], float | int | None]
     attrs_fn: Callable[[Capacity], dict[str, Any]] | None = None
+    # Also updated when one of Hearth's own requests to the worker starts or ends.
+    live: bool = False
 
 
 SENSORS: tuple[HearthSensorDescription, ...] = (
     HearthSensorDescription(
         key="running",
         state_class=SensorStateClass.MEASUREMENT,
-        value_fn=lambda c: c.running,
+        value_fn=lambda c: c.load()[0],
+        live=True,
     ),
     HearthSensorDescription(
         key="queued",
         state_class=SensorStateClass.MEASUREMENT,
-        value_fn=lambda c: c.queued,
+        value_fn=lambda c: c.load()[1],
+        live=True,
     ),
     HearthSensorDescription(
         key="decode_rate",
         native_unit_of_measurement="tokens/s",
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=1,
-        value_fn=_decode_rate,
+        value_fn=lambda c: _decode_rate(c.data),
     ),
     HearthSensorDescription(
         key="loaded_models",
         state_class=SensorStateClass.MEASUREMENT,
-        value_fn=lambda c: len(c.models),
+        value_fn=lambda c: len(c.data.models),
         attrs_fn=lambda c: {"models": sorted(c.models)},
     ),
     HearthSensorDescription(
@@ -69,7 +79,7 @@ SENSORS: tuple[HearthSensorDescription, ...] = (
         native_unit_of_measurement=UnitOfInformation.MEGABYTES,
         state_class=SensorStateClass.MEASUREMENT,
         suggested_display_precision=0,
-        value_fn=lambda c: c.memory_free_mb,
+        value_fn=lambda c: c.data.memory_free_mb,
     ),
 )
 
@@ -94,9 +104,22 @@ class HearthSensor(HearthWorkerEntity, SensorEntity):
         super().__init__(coordinator, description.key)
         self.entity_description = description
 
+    async def async_added_to_hass(self) -> None:
+        await super().async_added_to_hass()
+        if self.entity_description.live:
+            self.async_on_remove(
+                async_dispatcher_connect(
+                    self.hass, self.coordinator.signal_in_flight, self._in_flight_changed
+                )
+            )
+
+    @callback
+    def _in_flight_changed(self) -> None:
+        self.async_write_ha_state()
+
     @property
     def native_value(self) -> float | int | None:
-        return self.entity_description.value_fn(self.coordinator.data)
+        return self.entity_description.value_fn(self.coordinator)
 
     @property
     def extra_state_attributes(self) -> dict[str, Any] | None:

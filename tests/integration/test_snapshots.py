@@ -39,8 +39,6 @@ from worker_process import tls_closed
 from custom_components.hearth.const import (
     CONF_CODE,
     CONF_FINGERPRINT,
-    CONF_NODE_ID,
-    CONF_PLAIN_HTTP,
     CONF_TOKEN_ID,
     DOMAIN,
 )
@@ -63,18 +61,7 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
 def fake_entry(fake: FakeWorker, title: str = "Fake worker") -> MockConfigEntry:
     """An entry as pairing makes it: token, node id and the pinned certificate."""
     return MockConfigEntry(
-        domain=DOMAIN,
-        title=title,
-        unique_id=fake.node_id,
-        data={
-            CONF_HOST: fake.host,
-            CONF_PORT: fake.port,
-            CONF_TOKEN: fake.token,
-            CONF_TOKEN_ID: "tok-fake",
-            CONF_NODE_ID: fake.node_id,
-            CONF_FINGERPRINT: fake.fingerprint,
-            CONF_PLAIN_HTTP: False,
-        },
+        domain=DOMAIN, title=title, unique_id=fake.node_id, data=fake.entry_data()
     )
 
 

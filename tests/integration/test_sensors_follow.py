@@ -1,0 +1,123 @@
+"""The running and queued sensors follow Hearth's own requests at once, not at the next poll.
+
+A worker's capacity is polled every SCAN_INTERVAL; between polls the sensors add what
+Hearth itself started or finished on that worker since the snapshot. The answers
+here go through the household agent to the fake worker (tests/fake_worker.py), held
+after their first words; time never moves on, and the tests check that no poll
+happened while they looked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fake_worker import FakeWorker
+from homeassistant.components import conversation
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers import entity_registry as er
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+from worker_process import tls_closed
+
+from custom_components.hearth.const import DOMAIN
+
+POLL = "GET /v1/capacity"
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
+    async with FakeWorker(tmp_path / "fake") as worker:
+        yield worker
+    await tls_closed()
+
+
+async def setup(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="Fake worker", unique_id=fake.node_id, data=fake.entry_data()
+    )
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    return entry
+
+
+def load(hass: HomeAssistant, fake: FakeWorker) -> tuple[str, str]:
+    """The worker's (running, queued) sensor states."""
+    registry = er.async_get(hass)
+    states = []
+    for key in ("running", "queued"):
+        entity_id = registry.async_get_entity_id("sensor", DOMAIN, f"{fake.node_id}_{key}")
+        assert entity_id is not None
+        state = hass.states.get(entity_id)
+        assert state is not None
+        states.append(state.state)
+    return states[0], states[1]
+
+
+async def ask(hass: HomeAssistant) -> conversation.ConversationResult:
+    return await conversation.async_converse(
+        hass, "Tell me a story", None, Context(), agent_id="conversation.hearth"
+    )
+
+
+async def answering(fake: FakeWorker) -> None:
+    async with asyncio.timeout(60):
+        await fake.answering.wait()
+
+
+async def test_running_follows_a_request_between_polls(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    """1 while the answer comes, 0 as soon as it is over: no poll in between."""
+    await setup(hass, fake)
+    assert load(hass, fake) == ("0", "0")
+    polls = fake.count(POLL)
+    fake.hold_answers()
+    task = hass.async_create_task(ask(hass))
+    await answering(fake)
+    assert load(hass, fake) == ("1", "0")
+    fake.release_answers()
+    result = await task
+    assert result.response.speech["plain"]["speech"] == fake.answer
+    assert load(hass, fake) == ("0", "0")
+    assert fake.count(POLL) == polls
+
+
+async def test_running_drops_after_a_request_a_poll_saw(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    """A poll during the answer shows it running; it ends: 0 at once, not at the next poll."""
+    entry = await setup(hass, fake)
+    coordinator = entry.runtime_data.coordinator
+    fake.hold_answers()
+    task = hass.async_create_task(ask(hass))
+    await answering(fake)
+    await coordinator.async_refresh()  # the worker's own count: 1
+    assert coordinator.data.running == 1
+    assert load(hass, fake) == ("1", "0")
+    polls = fake.count(POLL)
+    fake.release_answers()
+    await task
+    assert load(hass, fake) == ("0", "0")
+    assert fake.count(POLL) == polls
+
+
+async def test_own_requests_add_to_other_clients(hass: HomeAssistant, fake: FakeWorker) -> None:
+    """Others' requests come from the snapshot, Hearth's own on top; beyond the worker's
+    parallel slots they count as queued."""
+    entry = await setup(hass, fake)
+    coordinator = entry.runtime_data.coordinator
+    fake.running = 2  # two requests of other clients fill both slots
+    await coordinator.async_refresh()
+    assert load(hass, fake) == ("2", "0")
+    polls = fake.count(POLL)
+    fake.hold_answers()
+    task = hass.async_create_task(ask(hass))
+    await answering(fake)
+    assert load(hass, fake) == ("2", "1")
+    fake.release_answers()
+    await task
+    assert load(hass, fake) == ("2", "0")
+    assert fake.count(POLL) == polls
