@@ -6,7 +6,11 @@ Everything lives in one state directory (``/data`` in the add-on):
 * ``pairing.json``: the current pairing code, only as its scrypt verifier
   (``pairing.py``) and salt, with its expiry and the number of wrong attempts
   made against it.
-* ``tokens.json``: the paired clients' tokens, only as sha256 hex.
+* ``tokens.json``: the paired clients' tokens, only as sha256 hex, each with its
+  scope: ``admin`` tokens may also change the machine (pull and remove models).
+  Tokens made by pairing are admin; ``create_token`` makes one only when asked.
+  A token stored before scopes existed is admin when its name says it came from
+  pairing (see ``_legacy_admin``).
 
 Every file is written atomically (temporary file + ``os.replace``) with mode
 0600. The CLI (``hearth-worker pair`` / ``tokens revoke``) and the server may
@@ -88,6 +92,29 @@ class TokenInfo:
     token_id: str
     name: str
     created_at: float  # unix time
+    admin: bool = False  # may pull and remove models
+
+
+# The token the add-on hands Home Assistant through the Supervisor (made anew at
+# each start, admin: it stands for pairing there).
+SUPERVISOR_TOKEN_NAME = "Home Assistant (Supervisor discovery)"  # noqa: S105
+# What pairing names a token: the client's name (Home Assistant sends the first)
+# or "paired from <address>".
+_PAIRED_NAMES = frozenset({"Home Assistant", SUPERVISOR_TOKEN_NAME})
+_PAIRED_PREFIX = "paired from "
+
+
+def _legacy_admin(name: str) -> bool:
+    """The scope of a token stored before scopes existed.
+
+    Such a record holds only its id, name, creation time and hash: whether it came
+    from pairing (admin) or from ``tokens create`` (not) shows only in its name.
+    Home Assistant pairs as "Home Assistant"; a client pairing without a name gets
+    "paired from <address>"; the Supervisor discovery token is made anew at each
+    start. Any other name is taken as one given to ``tokens create``: not admin
+    (its holder can be made admin again with ``tokens create --admin``).
+    """
+    return name in _PAIRED_NAMES or name.startswith(_PAIRED_PREFIX)
 
 
 class PairingError(Exception):
@@ -349,8 +376,8 @@ class AuthStore:
                 (self._dir / PAIRING_FILE).unlink(missing_ok=True)
                 self._clients.clear()
                 self._clients_code = None
-                name = (client_name or "").strip() or f"paired from {client_id}"
-                token, info = self._create_token_locked(name)
+                name = (client_name or "").strip() or f"{_PAIRED_PREFIX}{client_id}"
+                token, info = self._create_token_locked(name, admin=True)
         _LOGGER.info("Paired %r (token id %s)", info.name, info.token_id)
         return token, info, result
 
@@ -422,11 +449,16 @@ class AuthStore:
         with self._lock:
             return bool(self._cached_tokens())
 
-    def create_token(self, name: str) -> tuple[str, TokenInfo]:
-        """A new token without a pairing code (Supervisor discovery, the CLI)."""
+    def create_token(self, name: str, *, admin: bool = False) -> tuple[str, TokenInfo]:
+        """A new token without a pairing code (Supervisor discovery, the CLI).
+
+        Not admin unless ``admin``: it may use the models, not change them.
+        """
         with self._lock, self._file_lock():
-            token, info = self._create_token_locked(name)
-        _LOGGER.info("Created token %r (token id %s)", info.name, info.token_id)
+            token, info = self._create_token_locked(name, admin=admin)
+        _LOGGER.info(
+            "Created %stoken %r (token id %s)", "admin " if admin else "", info.name, info.token_id
+        )
         return token, info
 
     def verify(self, token: str) -> TokenInfo | None:
@@ -461,7 +493,7 @@ class AuthStore:
         _LOGGER.info("Revoked token %s", token_id)
         return True
 
-    def _create_token_locked(self, name: str) -> tuple[str, TokenInfo]:
+    def _create_token_locked(self, name: str, *, admin: bool) -> tuple[str, TokenInfo]:
         records = self._load_tokens_strict()
         ids = {record["token_id"] for record in records}
         token_id = secrets.token_hex(6)
@@ -473,6 +505,7 @@ class AuthStore:
             "name": name,
             "created_at": self._clock(),
             "sha256": _sha256_hex(token),
+            "admin": admin,
         }
         self._save_tokens([*records, record])
         return token, _token_info(record)
@@ -521,6 +554,7 @@ class AuthStore:
                     "name": str(item["name"]),
                     "created_at": float(item["created_at"]),
                     "sha256": str(item["sha256"]),
+                    "admin": _admin_field(item),
                 }
                 for item in data["tokens"]
             ]
@@ -550,5 +584,18 @@ class AuthStore:
 
 def _token_info(record: dict[str, Any]) -> TokenInfo:
     return TokenInfo(
-        token_id=record["token_id"], name=record["name"], created_at=record["created_at"]
+        token_id=record["token_id"],
+        name=record["name"],
+        created_at=record["created_at"],
+        admin=record["admin"],
     )
+
+
+def _admin_field(item: dict[str, Any]) -> bool:
+    """A stored record's scope; a record from before scopes: see ``_legacy_admin``."""
+    if "admin" not in item:
+        return _legacy_admin(str(item["name"]))
+    value = item["admin"]
+    if not isinstance(value, bool):
+        raise TypeError(f"'admin' must be true or false, not {value!r}")
+    return value

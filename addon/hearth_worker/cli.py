@@ -16,16 +16,16 @@ from pathlib import Path
 from aiohttp import ClientSession, web
 
 from . import API_VERSION, __version__
-from .auth import AuthStore
+from .auth import SUPERVISOR_TOKEN_NAME, AuthStore
 from .connections import BindError, ConnectionLimits, Listener, bind
 from .discovery import Advertiser
 from .manifest import ManifestError
+from .pull import default_models_dir
 from .server import Worker, WorkerOptions
 from .supervisor import announce, withdraw
 from .tls import Certificate, ensure_certificate
 
 _LOGGER = logging.getLogger("hearth_worker")
-SUPERVISOR_TOKEN_NAME = "Home Assistant (Supervisor discovery)"  # noqa: S105
 
 
 def default_state_dir() -> Path:
@@ -54,8 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         dest="models",
         type=Path,
         action="append",
-        required=True,
-        help="a model folder made by scripts/export_model (repeat for several)",
+        default=[],
+        help="also serve this model folder (made by scripts/export_model; repeat for several); "
+        "it cannot be removed through the API",
+    )
+    serve.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="serve every model folder in this folder; pulled models land here "
+        "(default: <state-dir>/models)",
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -160,6 +168,11 @@ def _parser() -> argparse.ArgumentParser:
         "create", help="issue a token without pairing, e.g. for an OpenAI client (shown once)"
     )
     create.add_argument("name", help="who the token is for (shown by 'tokens list')")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the token may also pull and remove models (pairing tokens may; others not)",
+    )
     revoke = tokens_sub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token_id")
     return parser
@@ -195,9 +208,12 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
     # Bound (not yet listening) before anything slow: a taken port is reported at once.
     sock = bind(args.host, args.port)
     cert = None if args.plain_http else _certificate(auth)
+    models_dir = args.models_dir or default_models_dir(args.state_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
     options = WorkerOptions(
         model_dirs=args.models,
         state_dir=args.state_dir,
+        models_dir=models_dir,
         name=args.name,
         max_running=args.max_running,
         max_queued=args.max_queued,
@@ -258,7 +274,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
         for token_info in auth.list_tokens():
             if token_info.name == SUPERVISOR_TOKEN_NAME:
                 auth.revoke(token_info.token_id)
-        token, _ = auth.create_token(SUPERVISOR_TOKEN_NAME)
+        token, _ = auth.create_token(SUPERVISOR_TOKEN_NAME, admin=True)
         discovery_uuid = await announce(
             session,
             config={
@@ -324,14 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "tokens":
         if args.tokens_command == "create":
-            token, info = auth.create_token(args.name)
-            print(f"Token {info.token_id} for {info.name} (shown only this once):")
+            token, info = auth.create_token(args.name, admin=args.admin)
+            scope = ", admin" if info.admin else ""
+            print(f"Token {info.token_id} for {info.name}{scope} (shown only this once):")
             print(token)
             return 0
         if args.tokens_command == "list":
             for info in auth.list_tokens():
                 created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
-                print(f"{info.token_id}\t{created}\t{info.name}")
+                scope = "admin" if info.admin else "user"
+                print(f"{info.token_id}\t{created}\t{scope}\t{info.name}")
             return 0
         if auth.revoke(args.token_id):
             print(f"Revoked {args.token_id}")

@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +23,7 @@ import onnxruntime as ort
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import API_VERSION, __version__, pairing
+from . import API_VERSION, __version__, catalog, pairing, pull
 from .admission import Admission, Busy, run_to_end
 from .auth import AuthStore, PairingError, TokenInfo
 from .capacity import RateTracker, hardware_info, system_snapshot
@@ -31,14 +31,18 @@ from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
 from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
 from .guidance import Guide, GuidedAnswer
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest
+from .pull_jobs import PullJob, PullJobs
+from .registry import ModelNotRemovable, ModelRegistry
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
 from .validation import (
     ApiError,
     ChatRequest,
+    EmbeddingRequest,
     parse_chat_request,
     parse_embedding_request,
     parse_json_object,
+    parse_pull_request,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -49,8 +53,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # POST /v1/pair needs no token: read no more than a pairing proof needs.
 MAX_PAIR_BODY_BYTES = 4 * 1024
 PARSE_ON_LOOP_BYTES = 64 * 1024
-WARMUP_PROMPT_TOKENS = 32
-WARMUP_NEW_TOKENS = 8
+# POST /v1/models/pull: a source and a name.
+MAX_PULL_BODY_BYTES = 4 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HEX = re.compile("(?:[0-9a-fA-F]{2})*")
@@ -58,8 +62,10 @@ _HEX = re.compile("(?:[0-9a-fA-F]{2})*")
 
 @dataclass
 class WorkerOptions:
-    model_dirs: list[Path]
+    model_dirs: list[Path]  # --model folders: served, never removed through the API
     state_dir: Path
+    # Every model folder in it is served, pulls land there; None: no pulls.
+    models_dir: Path | None = None
     name: str = field(default_factory=socket.gethostname)
     max_running: int = 1
     max_queued: int = 8
@@ -133,11 +139,17 @@ class Worker:
         self.options = options
         self.auth = auth
         self.node_id = auth.node_id
-        self.chat_models: dict[str, ChatModel] = {}
-        self.embedding_models: dict[str, EmbeddingModel] = {}
-        self.manifests: dict[str, Manifest] = {}
         self.admission = Admission(options.max_running, options.max_queued)
         self.rates = RateTracker()
+        self.registry = ModelRegistry(
+            fixed_dirs=options.model_dirs,
+            models_dir=options.models_dir,
+            rates=self.rates,
+            threads=options.threads,
+            warmup=options.warmup,
+            remove_folder=pull.remove_model,
+        )
+        self.jobs = PullJobs(self.registry)
         self.on_paired: list[Callable[[], Awaitable[None]]] = []
         self._pairing = asyncio.Lock()
         # Prompts rendered and tokenized at once (each in an executor thread).
@@ -148,42 +160,20 @@ class Worker:
     # -- models ---------------------------------------------------------------
 
     def load_models(self) -> None:
-        for model_dir in self.options.model_dirs:
-            manifest = load_manifest(model_dir)
-            if manifest.name in self.manifests:
-                raise ValueError(f"Two models are named {manifest.name!r}")
-            started = time.perf_counter()
-            if manifest.kind == "chat":
-                model = ChatModel(manifest, threads=self.options.threads)
-                self.chat_models[model.id] = model
-                if self.options.warmup:
-                    self._warm_up(model)
-            else:
-                self.embedding_models[manifest.name] = EmbeddingModel(
-                    manifest, threads=self.options.threads
-                )
-            self.manifests[manifest.name] = manifest
-            _LOGGER.info(
-                "Loaded %s model %s (%s) in %.1f s",
-                manifest.kind,
-                manifest.name,
-                manifest.quantization,
-                time.perf_counter() - started,
-            )
+        """Load every model to serve (blocking): see ``ModelRegistry.load_all``."""
+        self.registry.load_all()
 
-    def _warm_up(self, model: ChatModel) -> None:
-        """One short generation, so capacity reports real rates from the start."""
-        prompt = [model.encode(" ")[0] if model.encode(" ") else 0] * WARMUP_PROMPT_TOKENS
-        result = model.generate(
-            prompt, Sampling(max_new_tokens=WARMUP_NEW_TOKENS), lambda _: None, threading.Event()
-        )
-        self.rates.seed(
-            model.id,
-            prefill_tok_s=result.prompt_tokens / result.prefill_s if result.prefill_s else None,
-            decode_tok_s=(result.completion_tokens - 1) / result.decode_s
-            if result.decode_s
-            else None,
-        )
+    @property
+    def chat_models(self) -> dict[str, ChatModel]:
+        return self.registry.chat_models
+
+    @property
+    def embedding_models(self) -> dict[str, EmbeddingModel]:
+        return self.registry.embedding_models
+
+    @property
+    def manifests(self) -> dict[str, Manifest]:
+        return self.registry.manifests
 
     def _record(self, model_id: str, result: GenerationResult) -> None:
         self.rates.record(
@@ -209,13 +199,24 @@ class Worker:
                 web.get("/v1/info", self.info),
                 web.get("/v1/capacity", self.capacity),
                 web.get("/v1/models", self.models),
+                web.delete("/v1/models/{model_id}", self.delete_model),
+                web.post("/v1/models/pull", self.pull_model),
+                web.get("/v1/models/pull/{job_id}", self.pull_status),
+                web.delete("/v1/models/pull/{job_id}", self.pull_cancel),
+                web.get("/v1/catalog", self.catalog),
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post("/v1/embeddings", self.embeddings),
                 web.delete("/v1/tokens/self", self.revoke_own_token),
                 web.get("/v1/openapi.yaml", self.openapi),
             ]
         )
+        app.cleanup_ctx.append(self._pull_jobs)
         return app
+
+    async def _pull_jobs(self, app: web.Application) -> AsyncIterator[None]:
+        """Running pulls are cancelled when the app stops (their downloads are kept)."""
+        yield
+        await self.jobs.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -418,17 +419,100 @@ class Worker:
         }
 
     async def models(self, request: web.Request) -> web.Response:
+        data = [_model_json(m) for m in self.manifests.values()]
+        return web.json_response({"object": "list", "data": data})
+
+    # -- changing what is served (admin) -------------------------------------------
+
+    async def delete_model(self, request: web.Request) -> web.Response:
+        """Stop serving a model and delete it; running requests on it finish first."""
+        _require_admin(request)
+        model_id = request.match_info["model_id"]
+        try:
+            await self.registry.remove_model(model_id)
+        except KeyError as err:
+            served = sorted(self.manifests)
+            raise ApiError(
+                404,
+                f"No model {model_id!r} is served here (served: {served})",
+                code="model_not_found",
+                type_="not_found_error",
+            ) from err
+        except ModelNotRemovable as err:
+            raise ApiError(
+                409,
+                f"Model {model_id!r} was given to this worker with --model: remove it there",
+                code="model_not_removable",
+            ) from err
+        return web.json_response({"id": model_id, "deleted": True})
+
+    async def pull_model(self, request: web.Request) -> web.Response:
+        """Start pulling a model from the hub; the job says how it goes."""
+        _require_admin(request)
+        req = parse_pull_request(await self._json(request, MAX_PULL_BODY_BYTES))
+        if self.registry.models_dir is None:
+            raise ApiError(409, "This worker has no models directory", code="no_models_dir")
+        try:
+            job, new = self.jobs.start(req.source, req.name)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="source") from err
+        return web.json_response(self._job_json(job), status=202 if new else 200)
+
+    async def pull_status(self, request: web.Request) -> web.Response:
+        _require_admin(request)
+        return web.json_response(self._job_json(self._job(request)))
+
+    async def pull_cancel(self, request: web.Request) -> web.Response:
+        """Cancel a pull (what was downloaded stays for a retry); the job as it is now."""
+        _require_admin(request)
+        job = self.jobs.cancel(self._job(request).id)
+        assert job is not None
+        return web.json_response(self._job_json(job))
+
+    def _job(self, request: web.Request) -> PullJob:
+        job_id = request.match_info["job_id"]
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(
+                404,
+                f"No pull job {job_id!r} (jobs are forgotten when the worker restarts)",
+                code="job_not_found",
+                type_="not_found_error",
+            )
+        return job
+
+    def _job_json(self, job: PullJob) -> dict[str, Any]:
+        return job.to_json(_model_json)
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        """The model catalog, with what fits this machine and what is installed."""
+        models_dir = self.registry.models_dir or self.options.state_dir
+        machine = await asyncio.get_running_loop().run_in_executor(
+            None, catalog.probe_machine, models_dir
+        )
+        recommendations = catalog.recommend(
+            machine.available_memory_bytes, machine.cores, machine.free_disk_bytes
+        )
+        installed = {m.path.name for m in self.manifests.values() if m.path.parent == models_dir}
         data = [
             {
-                "id": m.name,
-                "object": "model",
-                "created": int(m.path.stat().st_mtime),
-                "owned_by": "hearth",
-                "hearth": m.public(),
+                **rec.to_json(),
+                "installed": pull.parse_source(rec.entry.source).folder_name in installed,
             }
-            for m in self.manifests.values()
+            for rec in recommendations
         ]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "machine": {
+                    "memory_total_bytes": machine.total_memory_bytes,
+                    "memory_available_bytes": machine.available_memory_bytes,
+                    "cores": machine.cores,
+                    "free_disk_bytes": machine.free_disk_bytes,
+                },
+            }
+        )
 
     def _model_not_found(self, name: str, kind: str) -> ApiError:
         served = sorted(self.chat_models if kind == "chat" else self.embedding_models)
@@ -442,9 +526,16 @@ class Worker:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_chat_request(await self._json(request))
-        model = self.chat_models.get(req.model)
-        if model is None:
-            raise self._model_not_found(req.model, "chat")
+        try:
+            held = self.registry.hold_chat(req.model)
+        except KeyError as err:
+            raise self._model_not_found(req.model, "chat") from err
+        with held as model:  # a removal of the model waits for this request
+            return await self._chat(request, req, model)
+
+    async def _chat(
+        self, request: web.Request, req: ChatRequest, model: ChatModel
+    ) -> web.StreamResponse:
         tools = req.tools if req.tool_choice != "none" else []
         try:
             model.check_fits(req.messages)  # before any rendering: cheap
@@ -610,9 +701,14 @@ class Worker:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_embedding_request(await self._json(request))
-        model = self.embedding_models.get(req.model)
-        if model is None:
-            raise self._model_not_found(req.model, "embedding")
+        try:
+            held = self.registry.hold_embedding(req.model)
+        except KeyError as err:
+            raise self._model_not_found(req.model, "embedding") from err
+        with held as model:  # a removal of the model waits for this request
+            return await self._embed(req, model)
+
+    async def _embed(self, req: EmbeddingRequest, model: EmbeddingModel) -> web.Response:
         loop = asyncio.get_running_loop()
         try:
             encodings = await run_to_end(loop.run_in_executor(None, model.tokenize, req.inputs))
@@ -642,6 +738,35 @@ class Worker:
                 "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
+        )
+
+
+def _model_json(manifest: Manifest) -> dict[str, Any]:
+    """A model as /v1/models lists it (OpenAI's shape, Hearth's details in ``hearth``)."""
+    try:
+        created = int(manifest.path.stat().st_mtime)
+    except OSError:  # being removed
+        created = 0
+    return {
+        "id": manifest.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "hearth",
+        "hearth": manifest.public(),
+    }
+
+
+def _require_admin(request: web.Request) -> None:
+    """Routes that change the machine need an admin token (pairing gives one)."""
+    info = request[TOKEN_KEY]
+    assert isinstance(info, TokenInfo)
+    if not info.admin:
+        raise ApiError(
+            403,
+            "This needs an admin token: pair with this worker (Home Assistant does), or make "
+            "one with 'hearth-worker tokens create NAME --admin'",
+            code="admin_required",
+            type_="permission_error",
         )
 
 

@@ -498,3 +498,52 @@ def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
     if dimensions is not None:
         raise invalid("'dimensions' is not supported by this worker", "dimensions")
     return EmbeddingRequest(model=model, inputs=inputs, encoding_format=encoding)
+
+
+# -- models (POST /v1/models/pull) ------------------------------------------------
+
+MAX_SOURCE_CHARS = 300
+MAX_MODEL_NAME_CHARS = 100
+# openapi.yaml's PullRequest says the same: owner/name, then optionally ":" and a
+# folder path of plain segments (never "." or "..").
+_SEGMENT = r"[A-Za-z0-9._+=@-]+"
+SOURCE_PATTERN = re.compile(
+    rf"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?::{_SEGMENT}(?:/{_SEGMENT})*)?"
+)
+_DOT_SEGMENT = re.compile(r":(?:.*/)?\.{1,2}(?:/|$)")
+# A model's id is part of the worker's URLs (/v1/models/ID) and what Home Assistant
+# shows: no slash, no control character, no white space at either end.
+_NAME_CHAR = r"[^/\\\x00-\x1f\x7f-\x9f]"
+_NAME_EDGE = r"[^\s/\\\x00-\x1f\x7f-\x9f]"
+MODEL_NAME_PATTERN = re.compile(rf"{_NAME_EDGE}(?:{_NAME_CHAR}*{_NAME_EDGE})?")
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    source: str
+    name: str | None = None
+
+
+def parse_pull_request(data: dict[str, Any]) -> PullRequest:
+    source = _string(data, "source", required=True)
+    assert source is not None
+    if (
+        len(source) > MAX_SOURCE_CHARS
+        or not SOURCE_PATTERN.fullmatch(source)
+        or _DOT_SEGMENT.search(source)
+    ):
+        raise invalid(
+            "'source' must be a Hugging Face model id, owner/name or owner/name:sub/folder "
+            f"(at most {MAX_SOURCE_CHARS} characters)",
+            "source",
+        )
+    name = _string(data, "name")
+    if name is not None and (
+        len(name) > MAX_MODEL_NAME_CHARS or not MODEL_NAME_PATTERN.fullmatch(name)
+    ):
+        raise invalid(
+            f"'name' must be 1 to {MAX_MODEL_NAME_CHARS} characters, without a slash or "
+            "control characters, not starting or ending with white space",
+            "name",
+        )
+    return PullRequest(source=source, name=name)
