@@ -55,8 +55,8 @@ STREAM_FLUSH_S = 0.025
 # A generator kept for the prompt cache is sized for this many tokens beyond its
 # first request (rounded up to CACHE_LENGTH_STEP): later turns of the
 # conversation then fit in it (see _cached_length).
-CACHE_HEADROOM = 1024
-CACHE_LENGTH_STEP = 512
+CACHE_HEADROOM = 512
+CACHE_LENGTH_STEP = 256
 _OWNERS = itertools.count(1)  # tells apart the ChatModel instances in a prompt cache
 
 

@@ -14,8 +14,9 @@ a generator's KV cache is allocated for its `max_length` when it is created
 model's bytes per token, whatever it holds. A generator is taken out of the
 pool while it generates (nobody else can use it meanwhile) and put back
 afterwards with its new history; the least recently used entries go when the
-pool is over budget. Everything is in memory: nothing reaches the disk, and a
-model's entries are dropped with it.
+pool and the generators running now together exceed the budget (running
+generators are never stopped for it: only they can exceed it). Everything is
+in memory: nothing reaches the disk, and a model's entries are dropped with it.
 
 `/v1/capacity` shows the warm prefixes as hashes (never text): the SHA-256 of
 the first N token ids, for N at a few block boundaries each entry covers.
@@ -129,9 +130,14 @@ class PromptCache:
             return Taken(best, best_len)
 
     def started(self, nbytes: int) -> None:
-        """A new generator of `nbytes` is generating outside the pool."""
+        """A new generator of `nbytes` is generating outside the pool.
+
+        Idle entries make room for it (least recently used first): the budget
+        bounds the generators kept and those generating together.
+        """
         with self._lock:
             self._busy_bytes += nbytes
+            self._evict()
             self._note_peak()
 
     def put(self, entry: CacheEntry, tokens: list[int]) -> None:
@@ -143,11 +149,15 @@ class PromptCache:
             entry.tokens = tokens
             entry.last_used = next(self._clock)
             self._idle.append(entry)
+            self._evict()
             self._note_peak()
-            while self._idle_bytes() > self.budget_bytes:
-                oldest = min(self._idle, key=lambda e: e.last_used)
-                self._idle.remove(oldest)
-                self.evictions += 1
+
+    def _evict(self) -> None:
+        """Drop least recently used idle entries until all fits the budget (lock held)."""
+        while self._idle and self._idle_bytes() + self._busy_bytes > self.budget_bytes:
+            oldest = min(self._idle, key=lambda e: e.last_used)
+            self._idle.remove(oldest)
+            self.evictions += 1
 
     def discard(self, entry: CacheEntry) -> None:
         """A taken or new generator that is not kept (an error, or not cacheable)."""

@@ -158,7 +158,7 @@ def test_budget_evicts_the_least_recently_used(manifest: Any) -> None:
     assert snapshot["entries"] == 2
     assert snapshot["evictions"] == 1
     assert snapshot["used_bytes"] <= snapshot["budget_bytes"]
-    assert snapshot["peak_bytes"] >= snapshot["used_bytes"]
+    assert snapshot["used_bytes"] <= snapshot["peak_bytes"] <= snapshot["budget_bytes"]
     assert run(model, prompts[2])[0].cached_tokens > 0  # the newest stays
     assert run(model, prompts[1])[0].cached_tokens > 0
     assert run(model, prompts[0])[0].cached_tokens == 0  # the oldest went

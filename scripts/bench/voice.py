@@ -1,0 +1,269 @@
+"""Voice-grade latency on a Home-Assistant-shaped prompt, through a real worker and `openai`.
+
+The real SmolLM2-135M-Instruct (int4, tests/model_fixtures.py real_chat_model()) is
+served by a `hearth-worker` process of its own; requests go through the official
+`openai` client, streaming, as Home Assistant's conversation agents do. The prompt
+(scripts/bench/voice_prompt.py) is Assist's: instructions, 46 entities with areas and
+states, 12 intent tools.
+
+Each round takes a household no cache has seen (its first line differs) and measures:
+
+* cold: turn 1 of a conversation (the whole prompt prefilled);
+* warm: turns 2-4 of that conversation (the answer and a new command appended);
+* new conversation: another member's turn 1 in the same household.
+
+Time to first token is measured with a one-token answer: from the request until its
+stream ends (tool-call text may be held back until it parses, so the first visible
+delta is no measure of the prefill). Rounds repeat and the medians are reported, so
+a noisy machine hits every figure alike (cold, warm and new are interleaved within
+each round, as bench_worker interleaves its paths).
+
+Then: the decode rate of one stream, the aggregate rate at 1, 2 and 4 concurrent
+streams (each its own conversation), the worker's peak RSS and the prompt cache's
+peak bytes. With --json the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import voice_prompt  # noqa: E402
+from worker_process import WorkerProcess, start_worker  # noqa: E402
+
+# Targets from the issue (reported, not enforced here).
+WARM_TARGET = 0.15  # warm turn TTFT / cold TTFT
+NEW_TARGET = 0.25  # new conversation TTFT / cold TTFT
+CONCURRENT_TARGET = 1.6  # aggregate at 4 / at 1
+
+
+async def ttft(
+    client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A one-token answer, streamed: seconds until it has ended, and its usage."""
+    started = time.perf_counter()
+    usage = None
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        tools=voice_prompt.tools(),  # type: ignore[arg-type]
+        max_tokens=1,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async with stream:
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+    elapsed = time.perf_counter() - started
+    assert usage is not None
+    details = usage.prompt_tokens_details
+    return {
+        "ms": elapsed * 1000,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": (details.cached_tokens or 0) if details else 0,
+    }
+
+
+async def decode(
+    client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], tokens: int
+) -> dict[str, float]:
+    """One streamed answer of up to `tokens` tokens, without tools (plain text)."""
+    started = time.perf_counter()
+    first = last = 0.0
+    count = 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async with stream:
+        async for chunk in stream:
+            if chunk.usage:
+                count = chunk.usage.completion_tokens
+            elif chunk.choices and chunk.choices[0].delta.content:
+                last = time.perf_counter()
+                first = first or last
+    return {
+        "tokens": count,
+        "decode_tok_s": (count - 1) / (last - first) if last > first else 0.0,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+STORY = "Tell me a long story about the family in this house cooking dinner together."
+
+
+def story(seed: int, member: int) -> list[dict[str, Any]]:
+    messages = voice_prompt.messages(seed, 1)
+    messages[-1] = {"role": "user", "content": f"{STORY} (member {member})"}
+    return messages
+
+
+# -- tool calls: helper "guidance" adds the measure of tool calls here --------------
+#
+# A function `(client, model) -> {"tool_call_valid_rate": float, "tool_call_right_rate":
+# float, ...}` over 50 varied commands; its figures are merged into the JSON.
+ToolCallMeasure = Callable[[openai.AsyncOpenAI, str], Awaitable[dict[str, Any]]]
+TOOL_CALL_MEASURES: list[ToolCallMeasure] = []
+
+
+async def measure(
+    worker: WorkerProcess, model: str, rounds: int, new_tokens: int
+) -> dict[str, Any]:
+    async with openai.AsyncOpenAI(
+        base_url=worker.url + "/v1",
+        api_key=worker.token or "none",
+        http_client=httpx.AsyncClient(verify=worker.ssl or False, timeout=600),
+        max_retries=0,
+    ) as client:
+        await ttft(client, model, voice_prompt.messages(9999, 1))  # warm the paths, uncounted
+        cold: list[dict[str, Any]] = []
+        warm: list[dict[str, Any]] = []
+        warm_means: list[float] = []
+        new: list[dict[str, Any]] = []
+        for r in range(rounds):
+            seed = r + 1
+            cold.append(await ttft(client, model, voice_prompt.messages(seed, 1)))
+            turns = [await ttft(client, model, voice_prompt.messages(seed, t)) for t in (2, 3, 4)]
+            warm += turns
+            warm_means.append(statistics.fmean(t["ms"] for t in turns))
+            other = voice_prompt.messages(seed, 1, first=voice_prompt.OTHER_MEMBER)
+            new.append(await ttft(client, model, other))
+            print(
+                f"round {r + 1}: cold {cold[-1]['ms']:.0f} ms, turns 2-4 "
+                f"{', '.join(f'{t["ms"]:.0f}' for t in turns)} ms, "
+                f"new conversation {new[-1]['ms']:.0f} ms "
+                f"(cached {new[-1]['cached_tokens']}/{new[-1]['prompt_tokens']})",
+                flush=True,
+            )
+        # Decode: one stream, then 1, 2 and 4 concurrent (each its own conversation).
+        seed = rounds + 1
+        await decode(client, model, story(seed, 0), 4)  # the household's prefix, warm
+        singles = [await decode(client, model, story(seed, 0), new_tokens) for _ in range(2)]
+        concurrent: dict[str, float] = {}
+        for n in (1, 2, 4):
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(decode(client, model, story(seed, m), new_tokens) for m in range(n))
+            )
+            concurrent[str(n)] = sum(r["tokens"] for r in results) / (time.perf_counter() - started)
+            print(f"{n} concurrent: {concurrent[str(n)]:.1f} tok/s in all", flush=True)
+        figures: dict[str, Any] = {}
+        for measure_calls in TOOL_CALL_MEASURES:
+            figures |= await measure_calls(client, model)
+    cold_ms = statistics.median(c["ms"] for c in cold)
+    return {
+        "prompt_tokens": cold[0]["prompt_tokens"],
+        "cold_ttft_ms": cold_ms,
+        "warm_turn_ttft_ms": statistics.median(warm_means),
+        "new_conversation_ttft_ms": statistics.median(n["ms"] for n in new),
+        "warm_cached_tokens": min(w["cached_tokens"] for w in warm),
+        "new_conversation_cached_tokens": min(n["cached_tokens"] for n in new),
+        "prefill_tok_s": statistics.median(c["prompt_tokens"] / c["ms"] * 1000 for c in cold),
+        "decode_tok_s": statistics.median(s["decode_tok_s"] for s in singles),
+        "concurrent_tok_s": concurrent,
+        **figures,
+    }
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def capacity(worker: WorkerProcess) -> dict[str, Any]:
+    async with httpx.AsyncClient(verify=worker.ssl or False) as http:
+        resp = await http.get(worker.url + "/v1/capacity", headers=worker.headers)
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3 if abs(value) < 10 else 1)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="households measured")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode stream")
+    parser.add_argument("--max-running", type=int, default=4, help="the worker's batch size")
+    parser.add_argument("--prompt-cache-mb", type=int, default=None, help="worker's cache budget")
+    parser.add_argument("--model", type=Path, help="model folder (default: the real SmolLM2)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args()
+
+    if args.model is None:
+        import model_fixtures  # tests/: builds the real model once, then reuses it
+
+        args.model = model_fixtures.real_chat_model()
+    name = json.loads((args.model / "hearth-model.json").read_text())["name"]
+    extra = ["--max-running", str(args.max_running), "--max-queued", "16"]
+    if args.prompt_cache_mb is not None:
+        extra += ["--prompt-cache-mb", str(args.prompt_cache_mb)]
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker([args.model], Path(tmp), extra=extra)
+        try:
+            figures = asyncio.run(measure(worker, name, args.rounds, args.new_tokens))
+            cache = asyncio.run(capacity(worker)).get("prompt_cache") or {}
+            figures["peak_rss_mb"] = peak_rss_mb(worker.process.pid)
+            figures["prompt_cache_peak_mb"] = cache.get("peak_bytes", 0) / 2**20
+            figures["prompt_cache_budget_mb"] = cache.get("budget_bytes", 0) / 2**20
+        finally:
+            worker.stop()
+    cold = figures["cold_ttft_ms"]
+    warm_ratio = figures["warm_turn_ttft_ms"] / cold
+    new_ratio = figures["new_conversation_ttft_ms"] / cold
+    scale = figures["concurrent_tok_s"]["4"] / figures["concurrent_tok_s"]["1"]
+    print(f"model {name}, prompt {figures['prompt_tokens']} tokens")
+    print(f"cold TTFT {cold:.0f} ms ({figures['prefill_tok_s']:.0f} prompt tok/s)")
+    print(
+        f"warm turn TTFT {figures['warm_turn_ttft_ms']:.0f} ms = {warm_ratio:.1%} of cold "
+        f"({'ok' if warm_ratio <= WARM_TARGET else 'ABOVE'} target {WARM_TARGET:.0%})"
+    )
+    print(
+        f"new conversation TTFT {figures['new_conversation_ttft_ms']:.0f} ms = {new_ratio:.1%} "
+        f"of cold ({'ok' if new_ratio <= NEW_TARGET else 'ABOVE'} target {NEW_TARGET:.0%})"
+    )
+    print(f"decode {figures['decode_tok_s']:.1f} tok/s (one stream)")
+    print(
+        f"concurrent 4 / 1: {scale:.2f}x "
+        f"({'ok' if scale >= CONCURRENT_TARGET else 'BELOW'} target {CONCURRENT_TARGET}x)"
+    )
+    print(
+        f"worker peak RSS {figures['peak_rss_mb']:.0f} MB, prompt cache peak "
+        f"{figures['prompt_cache_peak_mb']:.0f} MB of {figures['prompt_cache_budget_mb']:.0f} MB"
+    )
+    if args.json:
+        print(json.dumps(rounded(figures)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
