@@ -5,15 +5,18 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, cast
 
 from homeassistant.components import conversation
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
-from homeassistant.helpers import llm
+from homeassistant.helpers import llm, template
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.translation import async_get_translations
+from homeassistant.util.hass_dict import HassKey
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
 
 from .client import ChatDelta
@@ -24,12 +27,14 @@ from .const import (
     CONF_PROMPT,
     CONF_TEMPERATURE,
     DEFAULT_MAX_TOKENS,
+    DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
     HOUSEHOLD_DEVICE_ID,
     LOGGER,
+    MAX_REMEMBERED_CONVERSATIONS,
     MAX_TOOL_ITERATIONS,
 )
-from .preferences import async_prepare_chat_log
+from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER, async_prepare_chat_log
 
 HOUSEHOLD_DEVICE = DeviceInfo(
     identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},
@@ -115,25 +120,211 @@ def _content_to_message(content: conversation.Content) -> dict[str, Any]:
     return {"role": content.role, "content": content.content}
 
 
-def chat_log_messages(chat_log: conversation.ChatLog) -> list[dict[str, Any]]:
-    """The conversation so far, as OpenAI chat messages."""
-    return [_content_to_message(content) for content in chat_log.content]
+# --- The request's layout: what every household request shares first, what changes last.
+#
+# A worker reuses the computed prefix of an earlier request (its prompt cache), so
+# the request is laid out from the most to the least shared:
+#
+# 1. the household's system message: Home Assistant's instructions and Assist API
+#    prompt (entities), Hearth's own line; the worker's chat template renders the
+#    tools with it. The same for every member and every turn.
+# 2. before each user message, a system message with what is new for that turn:
+#    the member's preferences (and an automation's extra prompt) when they differ
+#    from what the conversation already carries, then the speaking device's area
+#    and the time, cut out of Home Assistant's prompt (the time added where it has
+#    none).
+#
+# A turn's note is remembered (PromptLayout), so a later turn sends the earlier
+# ones exactly as they were sent: each request extends the one before.
+
+_TEMPLATE_EXPRESSION: Final = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+
+
+def _rendered_pattern(template: str) -> re.Pattern[str]:
+    """What a Home Assistant prompt template renders to: its text, any value in one line."""
+    parts = _TEMPLATE_EXPRESSION.split(template.strip())
+    return re.compile(r"[^\n]*?".join(re.escape(part) for part in parts))
+
+
+# Home Assistant 2025.4 starts the prompt with BASE_PROMPT (the date and time);
+# later versions add DATE_TIME_PROMPT after the API's prompt, unless a GetDateTime
+# tool is offered.
+_DATE_TIME_TEMPLATE: Final = str(
+    getattr(llm, "DATE_TIME_PROMPT", None) or getattr(llm, "BASE_PROMPT", "")
+)
+_DATE_TIME: Final = _rendered_pattern(_DATE_TIME_TEMPLATE)
+# The Assist API's line for a speaking device with an area (differs between satellites).
+_DEVICE_AREA: Final = re.compile(r"^You are in area [^\n]* should target this area\.$", re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPrompt:
+    """Home Assistant's system prompt, in the parts the request lays out apart."""
+
+    household: str  # the same for every member and turn
+    live: str  # this turn's: the time, the speaking device's area
+    extra: str | None  # an automation's extra prompt for this conversation
+
+
+def split_system_prompt(text: str, extra: str | None = None) -> SplitPrompt:
+    """Cut the time, the device's area and the extra prompt out of Home Assistant's prompt.
+
+    What is not found (another Home Assistant's wording) stays where it is.
+    """
+    live: list[str] = []
+
+    def take(match: re.Match[str]) -> str:
+        live.append(match.group(0).strip())
+        return ""
+
+    text = _DEVICE_AREA.sub(take, text, count=1)
+    if _DATE_TIME.pattern:
+        text = _DATE_TIME.sub(take, text, count=1)
+    kept_extra: str | None = None
+    if extra and extra.strip() and text.rstrip().endswith(extra.strip()):
+        text = text.rstrip().removesuffix(extra.strip())
+        kept_extra = extra.strip()
+    household = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return SplitPrompt(household, "\n".join(live), kept_extra)
+
+
+@dataclass
+class _Conversation:
+    # user turn (1 = the first) -> (its text, the note sent before it)
+    notes: dict[int, tuple[str, str]] = field(default_factory=dict)
+    sections: dict[int, str | None] = field(default_factory=dict)  # preferences, per turn
+    shared: str | None = None  # the conversation-wide part the notes so far carry
+
+
+class PromptLayout:
+    """The note sent before each user turn, per conversation (bounded, in memory)."""
+
+    def __init__(self, max_conversations: int = MAX_REMEMBERED_CONVERSATIONS) -> None:
+        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._max = max_conversations
+
+    def _get(self, conversation_id: str) -> _Conversation:
+        found = self._conversations.get(conversation_id)
+        if found is None:
+            found = self._conversations[conversation_id] = _Conversation()
+            while len(self._conversations) > self._max:
+                self._conversations.popitem(last=False)
+        self._conversations.move_to_end(conversation_id)
+        return found
+
+    def set_section(self, conversation_id: str, turn: int, section: str | None) -> None:
+        """The member's preference section for a turn, before its first request."""
+        self._get(conversation_id).sections[turn] = section
+
+    def notes(
+        self, conversation_id: str, turn: int, text: str, prompt: SplitPrompt
+    ) -> dict[int, tuple[str, str]]:
+        """Every turn's note; the current turn's is made on its first request.
+
+        The conversation-wide part (an extra prompt, the member's preferences)
+        goes into a turn's note only when it differs from what earlier notes
+        carry; the live part (time, area) goes into each.
+        """
+        conv = self._get(conversation_id)
+        known = conv.notes.get(turn)
+        if known is None or known[0] != text:
+            shared = "\n".join(p for p in (prompt.extra, conv.sections.pop(turn, None)) if p)
+            parts = [prompt.live]
+            if shared and shared != conv.shared:
+                parts.insert(0, shared)
+            conv.shared = shared or None
+            conv.notes[turn] = (text, "\n".join(p for p in parts if p))
+        return conv.notes
+
+
+DATA_PROMPT_LAYOUT: HassKey[PromptLayout] = HassKey(f"{DOMAIN}_prompt_layout")
+PREFERENCE_TOOLS: Final = frozenset({TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST})
+
+
+def _prompt_layout(hass: HomeAssistant) -> PromptLayout:
+    if (layout := hass.data.get(DATA_PROMPT_LAYOUT)) is None:
+        layout = hass.data[DATA_PROMPT_LAYOUT] = PromptLayout()
+    return layout
+
+
+def request_messages(
+    hass: HomeAssistant,
+    chat_log: conversation.ChatLog,
+    *,
+    device_tools: bool = False,
+    extra_instructions: str | None = None,
+) -> list[dict[str, Any]]:
+    """The chat log as a request's messages, laid out for the workers' prompt cache."""
+    contents = list(chat_log.content)
+    first = contents[0] if contents else None
+    system = first.content if isinstance(first, conversation.SystemContent) else None
+    if system is None:
+        return [
+            *([{"role": "system", "content": extra_instructions}] if extra_instructions else []),
+            *(_content_to_message(content) for content in contents),
+        ]
+    prompt = split_system_prompt(system, getattr(chat_log, "extra_system_prompt", None))
+    if _DATE_TIME_TEMPLATE and not (_DATE_TIME.pattern and _DATE_TIME.search(prompt.live)):
+        # The time in every turn's note, as Home Assistant's prompt had it: a small
+        # model answers "what time is it" without a tool call and its second
+        # generation, and the note's place at the end costs no cached prefix.
+        now = template.Template(_DATE_TIME_TEMPLATE, hass).async_render(parse_result=False)
+        prompt = replace(prompt, live="\n".join(p for p in (prompt.live, now.strip()) if p))
+    household = [prompt.household]
+    if device_tools:
+        household.append(DEVICES_ONLY_THROUGH_TOOLS_PROMPT)
+    if extra_instructions:
+        household.append(extra_instructions)
+    users = [c for c in contents if isinstance(c, conversation.UserContent)]
+    notes: dict[int, tuple[str, str]] = {}
+    if users:
+        notes = _prompt_layout(hass).notes(
+            chat_log.conversation_id, len(users), users[-1].content, prompt
+        )
+    messages = [{"role": "system", "content": "\n".join(p for p in household if p)}]
+    turn = 0
+    for content in contents[1:]:
+        if isinstance(content, conversation.UserContent):
+            turn += 1
+            text, note = notes.get(turn, ("", ""))
+            if note and text == content.content:
+                messages.append({"role": "system", "content": note})
+        messages.append(_content_to_message(content))
+    return messages
+
+
+FINISH_LENGTH: Final = "length"  # the worker's finish_reason for an answer cut by max_tokens
+
+
+class AnswerLengthLimitError(HomeAssistantError):
+    """An answer that reached the longest answer allowed: what came is passed on, cut."""
+
+    def __init__(self, max_tokens: int) -> None:
+        super().__init__(
+            translation_domain=DOMAIN,
+            translation_key="answer_length_limit",
+            translation_placeholders={"max_tokens": str(max_tokens)},
+        )
 
 
 async def _deltas_to_chat_log(
     deltas: AsyncIterator[ChatDelta],
-    cut_off: list[AnswerCutOffError],
-    note: Callable[[AnswerCutOffError], Awaitable[str]] | None,
+    cut_off: list[HomeAssistantError],
+    note: Callable[[HomeAssistantError], Awaitable[str]] | None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> AsyncGenerator[conversation.AssistantContentDeltaDict]:
     """Worker deltas as ChatLog deltas: the role once, then text and tool calls.
 
     A worker that breaks off mid-answer ends the stream normally, so the chat log
     keeps what was produced; the error goes to `cut_off`, and `note` (if given)
-    turns it into a last piece of text that tells the user.
+    turns it into a last piece of text that tells the user. An answer the worker
+    cut at `max_tokens` (finish_reason "length") is told the same way.
     """
     yield {"role": "assistant"}
     try:
         async for delta in deltas:
+            if delta.finish_reason == FINISH_LENGTH:
+                cut_off.append(AnswerLengthLimitError(max_tokens))
             if delta.content:
                 yield {"content": delta.content}
             if delta.tool_calls:
@@ -150,8 +341,8 @@ async def _deltas_to_chat_log(
                 }
     except AnswerCutOffError as err:
         cut_off.append(err)
-        if note is not None:
-            yield {"content": "\n\n" + await note(err)}
+    if cut_off and note is not None:
+        yield {"content": "\n\n" + await note(cut_off[-1])}
 
 
 async def _replay(deltas: list[ChatDelta]) -> AsyncGenerator[ChatDelta]:
@@ -178,8 +369,19 @@ async def async_provide_llm_data(
         if len(apis) > 1:
             LOGGER.warning("This Home Assistant uses one LLM API at a time; using %s", apis[0])
         await chat_log.async_update_llm_data(DOMAIN, user_input, apis[0] if apis else None, prompt)
-    # The speaking member's preferences in the prompt, and the preference tools.
-    await async_prepare_chat_log(chat_log, user_input)
+    # The speaking member's preference tools; their preferences go after the
+    # household's prompt and tools (request_messages).
+    section = await async_prepare_chat_log(chat_log, user_input)
+    turn = sum(isinstance(c, conversation.UserContent) for c in chat_log.content)
+    _prompt_layout(chat_log.hass).set_section(chat_log.conversation_id, turn, section)
+
+
+def sampling_temperature(settings: dict[str, Any]) -> float | None:
+    """The household's temperature; None (send none): the model's own default."""
+    value = settings.get(CONF_TEMPERATURE)
+    if value is None or value == "":
+        return None
+    return float(value)
 
 
 async def async_run_chat_log(
@@ -201,7 +403,8 @@ async def async_run_chat_log(
 
     With `language`, the answer streams to a person as it comes: when a worker
     breaks off mid-answer, the chat log keeps what it produced and a translated
-    note saying so ends the answer (this returns normally). Without, nobody sees
+    note saying so ends the answer (this returns normally), as it does for an
+    answer cut at the length limit (max_tokens). Without, nobody sees
     the answer before it is whole, so a cut-off answer is asked again of another
     worker; only when every worker broke off is AnswerCutOffError raised.
     """
@@ -211,23 +414,19 @@ async def async_run_chat_log(
         tools = [
             format_tool(tool, chat_log.llm_api.custom_serializer) for tool in chat_log.llm_api.tools
         ]
+    device_tools = any(t["function"]["name"] not in PREFERENCE_TOOLS for t in tools or [])
     worker_name = ""
     for _ in range(MAX_TOOL_ITERATIONS):
-        messages = chat_log_messages(chat_log)
-        if extra_instructions:
-            if messages and messages[0]["role"] == "system":
-                first = messages[0]["content"]
-                messages[0] = {"role": "system", "content": f"{first}\n{extra_instructions}"}
-            else:
-                messages.insert(0, {"role": "system", "content": extra_instructions})
-        body: dict[str, Any] = {
-            "messages": messages,
-            "max_tokens": int(settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS),
-            "temperature": float(settings.get(CONF_TEMPERATURE) or 0.0),
-        }
+        messages = request_messages(
+            hass, chat_log, device_tools=device_tools, extra_instructions=extra_instructions
+        )
+        max_tokens = int(settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
+        if (temperature := sampling_temperature(settings)) is not None:
+            body["temperature"] = temperature
         if tools:
             body["tools"] = tools
-        cut_off: list[AnswerCutOffError] = []
+        cut_off: list[HomeAssistantError] = []
         if language is None:  # nobody waits on the stream: a whole answer, or an error
             done = await cluster.async_complete(
                 body, conversation_id=chat_log.conversation_id, kind=kind
@@ -236,9 +435,12 @@ async def async_run_chat_log(
                 raise done.cut_off
             worker_name = done.worker.name
             async for _content in chat_log.async_add_delta_content_stream(
-                agent_id, _deltas_to_chat_log(_replay(done.deltas), cut_off, None)
+                agent_id, _deltas_to_chat_log(_replay(done.deltas), cut_off, None, max_tokens)
             ):
                 pass
+            if cut_off:
+                LOGGER.info("The answer reached the length limit (%d tokens)", max_tokens)
+                break
             if not chat_log.unresponded_tool_results:
                 break
             continue
@@ -249,11 +451,11 @@ async def async_run_chat_log(
         )
         worker_name = stream.worker.name
 
-        async def note(err: AnswerCutOffError, language: str = language) -> str:
+        async def note(err: HomeAssistantError, language: str = language) -> str:
             return await async_error_text(hass, language, err)
 
         async for _content in chat_log.async_add_delta_content_stream(
-            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note)
+            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note, max_tokens)
         ):
             pass
         if cut_off:  # the answer so far and the note stay; no second answer after it

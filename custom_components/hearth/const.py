@@ -34,8 +34,18 @@ CONF_ONLY_WHEN_IDLE: Final = "only_when_idle"
 CONF_NOT_ON_BATTERY: Final = "not_on_battery"
 
 DEFAULT_MAX_TOKENS: Final = 256
-DEFAULT_TEMPERATURE: Final = 0.0
+# None: send no temperature, so the worker uses the model's own generation_config.json.
+DEFAULT_TEMPERATURE: Final[float | None] = None
 MAX_TOOL_ITERATIONS: Final = 5
+# Conversations whose per-turn notes are remembered, so that a later turn sends
+# its earlier turns exactly as they were sent (a prefix the worker has cached).
+MAX_REMEMBERED_CONVERSATIONS: Final = 256
+
+# Said in the household's system prompt whenever device tools are offered.
+DEVICES_ONLY_THROUGH_TOOLS_PROMPT: Final = (
+    "Devices change only when you call a tool: to control a device, call the tool, "
+    "and never say a device changed unless a tool call changed it."
+)
 
 # Every wait on a worker is bounded (seconds); see "Failure handling" in docs/ARCHITECTURE.md.
 CONNECT_TIMEOUT: Final = 5.0  # TCP connect, any request

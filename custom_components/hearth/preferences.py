@@ -6,9 +6,10 @@
   loaded, emptied or overwritten: a repair issue says so and writes are refused
   until the file is fixed by hand (checked again on every write) or wiped with
   `hearth.preferences_wipe` (which keeps the damaged file beside it).
-* Prompt: each request of a known person gets their preferences in the system
-  prompt, as data they stated inside a delimited block (never as instructions
-  that could override anything); beyond `MAX_IN_PROMPT` only the most relevant,
+* Prompt: each request of a known person gets their preferences in a system
+  message after the household's prompt and tools, as data they stated inside a
+  delimited block (never as instructions that could override anything); beyond
+  `MAX_IN_PROMPT` only the most relevant,
   by cosine similarity of embeddings computed by a worker with an embedding
   model (cached in memory), else the most recently changed.
 * Tools: Hearth's agent appends `remember_preference`, `forget_preference` and
@@ -796,22 +797,22 @@ def _llm_context(user_input: conversation.ConversationInput) -> llm.LLMContext:
 
 async def async_prepare_chat_log(
     chat_log: conversation.ChatLog, user_input: conversation.ConversationInput
-) -> None:
-    """Add the speaking member's preferences to the system prompt, and the preference tools.
+) -> str | None:
+    """Add the preference tools for the speaking member; return their prompt section.
 
-    Called after the chat log got its prompt and LLM API for this turn. Nothing
-    happens when Home Assistant does not know who is speaking.
+    Called after the chat log got its prompt and LLM API for this turn. The
+    section (None if there is none) is not written into the household's system
+    prompt: the request puts it after that prompt and its tools, which are the
+    same for every member (assistant.PromptLayout). Nothing happens, and None is
+    returned, when Home Assistant does not know who is speaking.
     """
     hass = chat_log.hass
     prefs = hass.data.get(DATA_PREFERENCES)
     context = user_input.context
     member = await async_member_for_user(hass, context.user_id if context else None)
     if prefs is None or member is None:
-        return
-    if (section := await prefs.async_prompt(member, user_input.text)) and chat_log.content:
-        first = chat_log.content[0]
-        if isinstance(first, conversation.SystemContent):
-            chat_log.content[0] = conversation.SystemContent(content=f"{first.content}\n{section}")
+        return None
+    section = await prefs.async_prompt(member, user_input.text)
     turn = Turn(
         chat_log.conversation_id,
         sum(isinstance(c, conversation.UserContent) for c in chat_log.content),
@@ -825,3 +826,4 @@ async def async_prepare_chat_log(
         )
     else:
         chat_log.llm_api = replace(chat_log.llm_api, tools=[*chat_log.llm_api.tools, *tools])
+    return section

@@ -381,17 +381,21 @@ async def test_tools_through_the_agent(
         hass, "hello", None, context, language="en", agent_id=AGENT
     )
     assert result.response.speech["plain"]["speech"] == "Hello from Hearth!"
-    system = bodies[0]["messages"][0]
+    # In a system message after the household's prompt (which every member shares),
+    # right before her message.
+    *_, system, user = bodies[0]["messages"]
+    assert user == {"role": "user", "content": "hello"}
     assert system["role"] == "system"
     assert "Alice's preferences" in system["content"]
     assert "- Units: grams" in system["content"]
+    assert "preferences" not in bodies[0]["messages"][0]["content"]
     offered = {t["function"]["name"] for t in bodies[0]["tools"]}
     assert {TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST, "HassTurnOn"} <= offered
 
     # Nobody known (a voice satellite without a user): no preferences, no preference tools.
     bodies.clear()
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
-    assert "preferences" not in bodies[0]["messages"][0]["content"]
+    assert not any("preferences" in m["content"] for m in bodies[0]["messages"])
     assert TOOL_REMEMBER not in {t["function"]["name"] for t in bodies[0]["tools"]}
 
 
