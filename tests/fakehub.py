@@ -91,6 +91,8 @@ class FakeHub:
         self.delay = 0.0
         self.ranges = True  # False: Range headers are ignored (200 with the whole file)
         self._connections: set[socket.socket] = set()
+        self._stalls: dict[tuple[str, str], int] = {}
+        self._stopping = threading.Event()
         self._drops: dict[tuple[str, str], list[int]] = {}
         self._corrupt: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -137,6 +139,11 @@ class FakeHub:
         else:
             self._corrupt.discard((repo_id, path))
 
+    def stall_after(self, repo_id: str, path: str, nbytes: int) -> None:
+        """Downloads of the file stop sending after `nbytes`, the connection left open,
+        until stop() (a network that hangs)."""
+        self._stalls[(repo_id, path)] = nbytes
+
     def slow(self, seconds_per_piece: float) -> None:
         """Wait this long after each 64 KiB piece of every file body."""
         self.delay = seconds_per_piece
@@ -173,6 +180,7 @@ class FakeHub:
         """Stop, closing kept-alive connections, and leave no thread behind."""
         if self._server is None:
             return
+        self._stopping.set()
         self._server.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -418,6 +426,14 @@ class _Handler(BaseHTTPRequestHandler):
         if drop is not None and drop < len(body):
             body = body[:drop]
             self.close_connection = True
+        if (stall := self.fake._stalls.get(key)) is not None and stall < len(body):
+            with contextlib.suppress(OSError):
+                self.wfile.write(body[:stall])
+                self.wfile.flush()
+            self.fake._count(key, stall)
+            self.fake._stopping.wait()
+            self.close_connection = True
+            return
         step = 64 * 1024
         for i in range(0, len(body), step):
             piece = body[i : i + step]

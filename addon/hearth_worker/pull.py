@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import sys
 import threading
 import uuid
@@ -276,6 +277,8 @@ class _Puller:
         self.state_path = models_dir / PARTIAL_DIR / f"{hub.folder_name}.pull.json"
         self.total = 0
         self.done = 0
+        self._socket: socket.socket | None = None  # the connection being read
+        self._socket_lock = threading.Lock()
 
     # -- progress and cancellation
 
@@ -530,10 +533,30 @@ class _Puller:
 
         headers = build_hf_headers()
         timeout = httpx.Timeout(30.0, connect=15.0)
-        with httpx.Client(follow_redirects=True, timeout=timeout, headers=headers) as client:
-            for f in plan.files:
-                self._check_cancel()
-                self._download(client, f, plan.revision)
+        finished = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch_cancel, args=(finished,), name="hearth-pull-cancel", daemon=True
+        )
+        watcher.start()
+        try:
+            with httpx.Client(follow_redirects=True, timeout=timeout, headers=headers) as client:
+                for f in plan.files:
+                    self._check_cancel()
+                    self._download(client, f, plan.revision)
+        finally:
+            finished.set()
+            watcher.join()
+
+    def _watch_cancel(self, finished: threading.Event) -> None:
+        """On cancel, shut the connection being read: a stalled one would otherwise keep
+        the pull waiting until its read timeout before it sees the cancel."""
+        while not finished.is_set():
+            if self.cancel.wait(0.1):
+                with self._socket_lock:
+                    if self._socket is not None:
+                        with contextlib.suppress(OSError):
+                            self._socket.shutdown(socket.SHUT_RDWR)
+                return
 
     def _url(self, f: _HubFile, revision: str) -> str:
         from huggingface_hub import hf_hub_url  # noqa: PLC0415
@@ -555,6 +578,7 @@ class _Puller:
             try:
                 got = self._fetch(client, f, revision, path, have)
             except httpx.HTTPError as err:
+                self._check_cancel()  # the connection was shut because of it
                 got = self._have(f) - have
                 if attempt >= ATTEMPTS_PER_FILE or got <= 0:
                     raise PullError(
@@ -566,6 +590,12 @@ class _Puller:
             have = self._have(f)
             if got > 0:
                 attempt = 0  # progress was made: a new drop gets its own attempts
+            elif have < f.size:  # an answer without the bytes: asking again would loop
+                raise PullError(
+                    "network",
+                    f"Hugging Face sent none of the {_size(f.size - have)} missing from "
+                    f"{f.repo_path} of {self.hub.repo_id}: pull again later",
+                )
         if f.size == 0:
             path.touch()
 
@@ -588,6 +618,9 @@ class _Puller:
                 raise httpx.HTTPStatusError(
                     f"HTTP {response.status_code}", request=response.request, response=response
                 )
+            stream = response.extensions.get("network_stream")
+            with self._socket_lock:
+                self._socket = stream.get_extra_info("socket") if stream is not None else None
             mode = "ab"
             if have and response.status_code != 206:  # the server sent the whole file
                 mode = "wb"

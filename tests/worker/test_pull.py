@@ -423,6 +423,31 @@ def test_a_second_pull_of_a_folder_waits_for_the_first(hub: FakeHub, tmp_path: P
     assert len([p for _, p in hub.requests if "/resolve/" in p]) == resolved  # none more
 
 
+def test_cancel_does_not_wait_for_a_stalled_connection(hub: FakeHub, tmp_path: Path) -> None:
+    hub.stall_after(REPO, DATA, 100_000)  # then nothing, the connection left open
+    cancel = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            pull(hub, tmp_path / "models", cancel=cancel)
+        except PullError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    partial = tmp_path / "models" / PARTIAL_DIR / INSTALLED / "model.onnx.data"
+    for _ in range(600):  # the first 100 kB arrive, then nothing
+        if partial.is_file() and partial.stat().st_size == 100_000:
+            break
+        thread.join(0.05)
+    cancel.set()
+    thread.join(20)  # the read timeout is 30 s: ending sooner is the cancel's doing
+    assert not thread.is_alive()
+    error = outcome["error"]
+    assert isinstance(error, PullError) and error.code == "cancelled"
+
+
 def test_installed_models_and_remove(hub: FakeHub, tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     assert installed_models(models_dir) == []
