@@ -139,11 +139,19 @@ def _json_rule(schema: dict[str, Any]) -> str:
 
 
 def call_schema(tool: dict[str, Any], arguments_key: str = "arguments") -> dict[str, Any]:
-    """The JSON schema of one call of ``tool`` (OpenAI's tool definition)."""
+    """The JSON schema of one call of ``tool`` (OpenAI's tool definition).
+
+    Arguments are an object. Where the tool's schema lists its properties and says
+    nothing of others, the call holds only those: a small model otherwise invents
+    keys, and Home Assistant's intent tools refuse keys they do not know. Still
+    valid against the tool's own schema, which allows more.
+    """
     function = tool["function"]
     parameters = function.get("parameters") or _EMPTY_PARAMETERS
     if "type" not in parameters:
         parameters = {**parameters, "type": "object"}
+    if isinstance(parameters.get("properties"), dict) and "additionalProperties" not in parameters:
+        parameters = {**parameters, "additionalProperties": False}
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, arguments_key: parameters},

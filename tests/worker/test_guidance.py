@@ -26,6 +26,7 @@ from hearth_worker.guidance import (
     LLAMA3,
     MISTRAL,
     build_guide,
+    call_schema,
     detect_format,
 )
 from test_api import check_schema, model_id
@@ -234,6 +235,34 @@ async def test_a_named_tool_is_the_one_called(
             calls = answer["choices"][0]["message"]["tool_calls"]
             assert calls and {c["function"]["name"] for c in calls} == {name}
             _assert_valid_calls(calls, {name})
+
+
+async def test_calls_hold_only_the_arguments_a_tool_lists(
+    http: aiohttp.ClientSession, worker: WorkerProcess, tiny_chat_model: Path
+) -> None:
+    """A schema that does not close its properties (as Home Assistant's intent tools):
+    the model still writes only the listed ones, which the tool understands."""
+    parameters = {"type": "object", "properties": {"area": {"type": "string", "enum": ["hall"]}}}
+    tools = [_tool("HassTurnOn", parameters)]
+    for seed in SEEDS:
+        body = _body(tiny_chat_model, PROMPTS[0], seed, tools=tools, tool_choice="required")
+        status, answer = await _complete(http, worker, body)
+        assert status == 200, answer
+        for call in answer["choices"][0]["message"]["tool_calls"]:
+            assert set(json.loads(call["function"]["arguments"])) <= {"area"}, call
+
+
+def test_call_schemas() -> None:
+    parameters = {"type": "object", "properties": {"name": {"type": "string"}}}
+    schema = call_schema(_tool("HassTurnOn", parameters))
+    assert schema["properties"]["name"] == {"const": "HassTurnOn"}
+    assert schema["properties"]["arguments"] == {**parameters, "additionalProperties": False}
+    assert schema["required"] == ["name", "arguments"]
+    open_ended = {"type": "object", "additionalProperties": {"type": "integer"}}
+    assert call_schema(_tool("X", open_ended), "parameters")["properties"]["parameters"] == (
+        open_ended
+    )
+    assert call_schema(_tool("X", {}))["properties"]["arguments"]["type"] == "object"
 
 
 async def test_a_named_tool_not_offered_is_refused(
