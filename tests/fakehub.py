@@ -18,7 +18,9 @@ serves each folder's files (without its ``hearth-model.json``) under that prefix
 ``files={"README.md": b"..."}`` adds single files. Knobs: ``drop_after(repo, path,
 nbytes, times=1)`` closes the connection after ``nbytes`` of the file's body (the next
 ``times`` downloads), ``corrupt(repo, path)`` serves the file with one byte changed
-(the metadata keeps the true hash), ``slow(seconds)`` waits after each 64 KiB sent.
+(the metadata keeps the true hash), ``stall_after(repo, path, nbytes)`` stops sending
+mid-file with the connection open (a hung network), ``slow(seconds)`` waits after each
+64 KiB sent, ``ranges = False`` ignores Range headers.
 ``served_bytes(repo, path)`` counts body bytes sent, ``downloads(repo, path)`` the GETs.
 """
 
@@ -139,10 +141,13 @@ class FakeHub:
         else:
             self._corrupt.discard((repo_id, path))
 
-    def stall_after(self, repo_id: str, path: str, nbytes: int) -> None:
+    def stall_after(self, repo_id: str, path: str, nbytes: int | None) -> None:
         """Downloads of the file stop sending after `nbytes`, the connection left open,
-        until stop() (a network that hangs)."""
-        self._stalls[(repo_id, path)] = nbytes
+        until stop() (a network that hangs); None: no more stalls."""
+        if nbytes is None:
+            self._stalls.pop((repo_id, path), None)
+        else:
+            self._stalls[(repo_id, path)] = nbytes
 
     def slow(self, seconds_per_piece: float) -> None:
         """Wait this long after each 64 KiB piece of every file body."""
