@@ -4,13 +4,14 @@ A worker's capacity is polled every SCAN_INTERVAL; between polls the sensors add
 Hearth itself started or finished on that worker since the snapshot. The answers
 here go through the household agent to the fake worker (tests/fake_worker.py), held
 after their first words; time never moves on, and the tests check that no poll
-happened while they looked.
+happened while they looked (the interval is set to an hour, so none comes by itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,13 @@ from worker_process import tls_closed
 from custom_components.hearth.const import DOMAIN
 
 POLL = "GET /v1/capacity"
+
+
+@pytest.fixture(autouse=True)
+def polls_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No interval poll comes during a test, however slow the machine: only the polls a
+    test makes (`async_refresh`) refresh the snapshot."""
+    monkeypatch.setattr("custom_components.hearth.coordinator.SCAN_INTERVAL", timedelta(hours=1))
 
 
 @pytest.fixture
