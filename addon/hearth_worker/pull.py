@@ -871,12 +871,11 @@ def run_pull(source: str, models_dir: Path, name: str | None) -> int:
 
     thread = threading.Thread(target=work, name="hearth-pull", daemon=True)
     thread.start()
-    try:
-        while thread.is_alive():
+    while thread.is_alive():
+        try:
             thread.join(0.2)
-    except KeyboardInterrupt:
-        cancel.set()
-        thread.join()
+        except KeyboardInterrupt:  # the pull stops at its next chunk (a second one too)
+            cancel.set()
     display.close()
     error = outcome.get("error")
     if isinstance(error, PullError):
