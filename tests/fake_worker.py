@@ -6,12 +6,13 @@ health, pairing (the real pairing proof, with the worker's own functions), info,
 capacity, models, streamed and whole chat completions, and revoking a token. Like
 a real worker it serves HTTPS with a self-signed certificate made by the worker's
 own `hearth_worker.tls` (the integration pins its fingerprint), asks for a bearer
-token, answers errors in the `Error` shape, refuses chat requests that the spec
+token, answers errors with the worker's own `ApiError`, refuses chat requests the spec
 refuses, and counts the requests it is answering in `running`.
 
-Every answer is checked against openapi.yaml's schemas by
-tests/integration/test_snapshots.py (`test_fake_worker_speaks_the_spec`), so the
-fake cannot drift from the contract; the real-process tests stay the contract for
+Every answer is checked against openapi.yaml's schemas
+(tests/integration/test_snapshots.py, `test_fake_worker_speaks_the_spec`) and key
+by key against a real worker's (tests/integration/test_fake_worker.py), so the fake
+cannot drift from the contract; the real-process tests stay the contract for
 behaviour. Values are fixed (a fake machine) except what a real worker makes per
 answer (timestamps, completion ids).
 
@@ -37,6 +38,7 @@ import jsonschema
 import yaml
 from aiohttp import web
 from hearth_worker import pairing, tls
+from hearth_worker.validation import ApiError
 from referencing import Registry, Resource
 
 SPEC_PATH = Path(__file__).parents[1] / "addon" / "hearth_worker" / "openapi.yaml"
@@ -66,25 +68,6 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
 def check_schema(instance: Any, name: str) -> None:
     """Validate `instance` against components/schemas/`name` of openapi.yaml."""
     _validator(name).validate(instance)
-
-
-class FakeApiError(Exception):
-    """An answer in the spec's `Error` shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str = "invalid_request",
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": type_, "code": code, "param": param}}
-        self.headers = headers or {}
 
 
 def _sse(event: dict[str, Any] | str) -> bytes:
@@ -290,21 +273,21 @@ class FakeWorker:
         self.requests.append(f"{request.method} {request.path}")
         try:
             return await handler(request)
-        except FakeApiError as err:
-            return web.json_response(err.body, status=err.status, headers=err.headers)
+        except ApiError as err:
+            return web.json_response(err.body(), status=err.status, headers=err.headers)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            error = FakeApiError(exc.status, exc.reason, code=f"http_{exc.status}", type_=kind)
-            return web.json_response(error.body, status=error.status)
+            error = ApiError(exc.status, exc.reason, code=f"http_{exc.status}", type_=kind)
+            return web.json_response(error.body(), status=error.status)
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or token.strip() not in self.tokens:
-                raise FakeApiError(
+                raise ApiError(
                     401,
                     "A valid bearer token is required: pair with this worker first",
                     code="invalid_token",
@@ -317,13 +300,13 @@ class FakeWorker:
         try:
             body = await request.json()
         except ValueError as err:
-            raise FakeApiError(400, "Body is not JSON", code="invalid_json") from err
+            raise ApiError(400, "Body is not JSON", code="invalid_json") from err
         if not isinstance(body, dict):
-            raise FakeApiError(400, "Body must be a JSON object", code="invalid_json")
+            raise ApiError(400, "Body must be a JSON object", code="invalid_json")
         error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(body))
         if error is not None:
             param = ".".join(str(p) for p in error.absolute_path) or None
-            raise FakeApiError(400, error.message, param=param)
+            raise ApiError(400, error.message, param=param)
         return body
 
     # --- endpoints --------------------------------------------------------------------
@@ -335,7 +318,7 @@ class FakeWorker:
 
     async def pair_challenge(self, request: web.Request) -> web.Response:
         if self.pairing_code is None:
-            raise FakeApiError(
+            raise ApiError(
                 403,
                 "No pairing code is active: run 'hearth-worker pair' on the worker",
                 code="no_code",
@@ -360,9 +343,7 @@ class FakeWorker:
         body = await self._json(request, "PairRequest")
         code = self.pairing_code
         if code is None or bytes.fromhex(body["salt"]) != self._pairing_salt:
-            raise FakeApiError(
-                403, "No such pairing code", code="no_code", type_="permission_error"
-            )
+            raise ApiError(403, "No such pairing code", code="no_code", type_="permission_error")
         nonce = bytes.fromhex(body["client_nonce"])
         loop = asyncio.get_running_loop()
         verifier = await loop.run_in_executor(None, pairing.code_verifier, code, self._pairing_salt)
@@ -371,9 +352,7 @@ class FakeWorker:
         )
         expected = pairing.client_proof(key, self.certificate.fingerprint, nonce)
         if not secrets.compare_digest(expected, bytes.fromhex(body["proof"])):
-            raise FakeApiError(
-                403, "Wrong pairing code", code="wrong_code", type_="permission_error"
-            )
+            raise ApiError(403, "Wrong pairing code", code="wrong_code", type_="permission_error")
         self.pairing_code = None
         token = f"fake-token-{secrets.token_hex(8)}"
         self.tokens.add(token)
@@ -418,7 +397,7 @@ class FakeWorker:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request, "ChatCompletionRequest")
         if body["model"] != self.model:
-            raise FakeApiError(
+            raise ApiError(
                 404,
                 f"Unknown chat model {body['model']!r}",
                 code="model_not_found",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -64,15 +65,22 @@ def load(hass: HomeAssistant, fake: FakeWorker) -> tuple[str, str]:
     return states[0], states[1]
 
 
-async def ask(hass: HomeAssistant) -> conversation.ConversationResult:
-    return await conversation.async_converse(
-        hass, "Tell me a story", None, Context(), agent_id="conversation.hearth"
+@asynccontextmanager
+async def held_answer(hass: HomeAssistant, fake: FakeWorker) -> AsyncIterator[None]:
+    """A question to the household agent, its answer held by the fake after its first
+    words while the block runs; the whole answer has arrived when the block is left."""
+    fake.hold_answers()
+    task = hass.async_create_task(
+        conversation.async_converse(
+            hass, "Tell me a story", None, Context(), agent_id="conversation.hearth"
+        )
     )
-
-
-async def answering(fake: FakeWorker) -> None:
     async with asyncio.timeout(60):
         await fake.answering.wait()
+    yield
+    fake.release_answers()
+    result = await task
+    assert result.response.speech["plain"]["speech"] == fake.answer
 
 
 async def test_running_follows_a_request_between_polls(
@@ -82,13 +90,8 @@ async def test_running_follows_a_request_between_polls(
     await setup(hass, fake)
     assert load(hass, fake) == ("0", "0")
     polls = fake.count(POLL)
-    fake.hold_answers()
-    task = hass.async_create_task(ask(hass))
-    await answering(fake)
-    assert load(hass, fake) == ("1", "0")
-    fake.release_answers()
-    result = await task
-    assert result.response.speech["plain"]["speech"] == fake.answer
+    async with held_answer(hass, fake):
+        assert load(hass, fake) == ("1", "0")
     assert load(hass, fake) == ("0", "0")
     assert fake.count(POLL) == polls
 
@@ -99,15 +102,11 @@ async def test_running_drops_after_a_request_a_poll_saw(
     """A poll during the answer shows it running; it ends: 0 at once, not at the next poll."""
     entry = await setup(hass, fake)
     coordinator = entry.runtime_data.coordinator
-    fake.hold_answers()
-    task = hass.async_create_task(ask(hass))
-    await answering(fake)
-    await coordinator.async_refresh()  # the worker's own count: 1
-    assert coordinator.data.running == 1
-    assert load(hass, fake) == ("1", "0")
-    polls = fake.count(POLL)
-    fake.release_answers()
-    await task
+    async with held_answer(hass, fake):
+        await coordinator.async_refresh()  # the worker's own count: 1
+        assert coordinator.data.running == 1
+        assert load(hass, fake) == ("1", "0")
+        polls = fake.count(POLL)
     assert load(hass, fake) == ("0", "0")
     assert fake.count(POLL) == polls
 
@@ -116,16 +115,11 @@ async def test_own_requests_add_to_other_clients(hass: HomeAssistant, fake: Fake
     """Others' requests come from the snapshot, Hearth's own on top; beyond the worker's
     parallel slots they count as queued."""
     entry = await setup(hass, fake)
-    coordinator = entry.runtime_data.coordinator
     fake.running = 2  # two requests of other clients fill both slots
-    await coordinator.async_refresh()
+    await entry.runtime_data.coordinator.async_refresh()
     assert load(hass, fake) == ("2", "0")
     polls = fake.count(POLL)
-    fake.hold_answers()
-    task = hass.async_create_task(ask(hass))
-    await answering(fake)
-    assert load(hass, fake) == ("2", "1")
-    fake.release_answers()
-    await task
+    async with held_answer(hass, fake):
+        assert load(hass, fake) == ("2", "1")
     assert load(hass, fake) == ("2", "0")
     assert fake.count(POLL) == polls
