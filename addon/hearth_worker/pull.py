@@ -177,9 +177,9 @@ def display_name(source: HubSource) -> str:
 def guess_quantization(text: str) -> str | None:
     words = {w.lower() for w in re.split(r"[-_/:.]", text)}
     for quant, markers in (
-        ("int4", {"int4", "q4", "q4f16", "4bit", "w4"}),
+        ("int4", {"int4", "uint4", "q4", "q4f16", "4bit", "w4"}),
         ("int8", {"int8", "uint8", "qint8", "q8", "quantized", "8bit"}),
-        ("fp16", {"fp16", "f16", "half"}),
+        ("fp16", {"fp16", "f16", "float16", "half"}),
         ("bf16", {"bf16"}),
         ("fp32", {"fp32", "f32"}),
     ):

@@ -96,6 +96,20 @@ def test_display_name() -> None:
     assert display_name(parse_source("acme/Model")) == "Model"
 
 
+def test_quantization_from_names_in_the_catalog() -> None:
+    from hearth_worker.pull import guess_quantization
+
+    for source, quant in [
+        ("microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32", "int4"),
+        ("amd/Qwen2.5-0.5B-Instruct-quantized_int4-float16-cpu-onnx", "int4"),
+        ("amd/Llama-3.2-1B-Instruct-awq-uint4-float16-cpu-onnx", "int4"),
+        ("microsoft/Phi-3-mini-4k-instruct-onnx:cuda/cuda-fp16", "fp16"),
+        ("Xenova/bge-small:onnx/quantized", "int8"),
+        ("sentence-transformers/all-MiniLM-L6-v2:onnx", None),
+    ]:
+        assert guess_quantization(source) == quant, source
+
+
 def test_good_pull_is_served_by_a_worker(
     hub: FakeHub, tiny_chat_model: Path, tmp_path: Path
 ) -> None:
@@ -199,6 +213,39 @@ def test_embedding_model_in_the_common_layout(embedding_model: Path, tmp_path: P
     )
     assert pulled.shape == (1, 384)
     assert np.allclose(pulled, exported, atol=1e-5)
+
+
+def test_embedding_layout_with_the_subfolder_named_and_cls_pooling(tmp_path: Path) -> None:
+    """BAAI/bge-small-en-v1.5:onnx: only onnx/model.onnx of the variants there; the
+    tokenizer, configs and pooling module from the root."""
+    config = {"architectures": ["BertModel"], "hidden_size": 384, "max_position_embeddings": 512}
+    modules = [{"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    with FakeHub() as hub:
+        hub.add_repo(
+            "acme/bge-small",
+            files={
+                "config.json": json.dumps(config).encode(),
+                "tokenizer.json": b"{}",
+                "modules.json": json.dumps(modules).encode(),
+                "1_Pooling/config.json": b'{"pooling_mode_cls_token": true}',
+                "onnx/model.onnx": b"graph",
+                "onnx/model_quantized.onnx": b"another graph",
+                "model.safetensors": b"weights for torch",
+            },
+        )
+        path = pull_model("acme/bge-small:onnx", tmp_path, endpoint=hub.url)
+    manifest = load_manifest(path)
+    assert manifest.name == "bge-small"
+    assert manifest.embedding == {"dimensions": 384, "pooling": "cls", "normalize": True}
+    assert manifest.context_length == 512
+    assert manifest.quantization == "fp32"
+    assert sorted(f["path"] for f in manifest.files) == [
+        "1_Pooling/config.json",
+        "config.json",
+        "model.onnx",
+        "modules.json",
+        "tokenizer.json",
+    ]
 
 
 def test_a_dropped_connection_is_resumed_not_restarted(hub: FakeHub, tmp_path: Path) -> None:
