@@ -12,6 +12,19 @@ runs in an executor. `check_fits()` refuses, before any rendering, a prompt
 that certainly cannot fit the context: no token is longer than the
 tokenizer's longest vocabulary entry, so the characters of the messages divided
 by that length (with a margin for normalizers) is a lower bound of its tokens.
+
+A generation starts from the prompt cache (prompt_cache.py) when it holds a
+generator sharing a prefix with the prompt: only the rest is prefilled.
+
+Why not onnxruntime-genai 0.18's `Engine` (continuous batching), measured on
+SmolLM2-135M int4 on a 2-core machine: its static batching (the only kind these
+exports allow: dynamic batching wants a paged-attention export and refuses ours,
+"Paged cache input must have rank four ...") gave 4 concurrent streams about
+3x one stream's decode, but an Engine request cannot start from another's KV
+cache, so every new conversation prefills the household prompt anew (1,500
+tokens: seconds, against tens of milliseconds from the prompt cache), and it
+prefills a prompt in one uninterruptible `run()`. For voice, the prompt cache
+wins; generations run side by side (`max_running`), each its own generator.
 """
 
 from __future__ import annotations
@@ -129,6 +142,7 @@ class GenerationResult:
     decode_s: float = 0.0
     finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
+    prefilled_tokens: int = 0  # prompt tokens fed to the model (fewer when cancelled)
 
 
 class StopMatcher:
@@ -415,6 +429,7 @@ class ChatModel:
         first_token_at = None
         rest = prompt_ids[result.cached_tokens :]
         fed = _prefill(generator, rest, cancelled)
+        result.prefilled_tokens = fed
         with self._active_lock:
             self.prefilled_tokens += fed
         if fed < len(rest):
@@ -502,11 +517,15 @@ class ChatModel:
                 running = self.active
             if isinstance(result, GenerationResult):
                 _LOGGER.debug(
-                    "Generation ended (%s) after %d tokens, prefill %.3f s: %d running",
+                    "Generation ended (%s) after %d tokens, prefill %.3f s: %d running; "
+                    "prompt %d tokens: %d from the cache, %d prefilled",
                     result.finish_reason,
                     result.completion_tokens,
                     result.prefill_s,
                     running,
+                    result.prompt_tokens,
+                    result.cached_tokens,
+                    result.prefilled_tokens,
                 )
             hand_over(end=result)
 
