@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hearth_worker.auth import SUPERVISOR_TOKEN_NAME, AuthStore
 from hearth_worker.pairing import pair_remote
 from test_api import check_schema, model_id
@@ -175,3 +176,48 @@ async def test_a_paired_token_is_admin(
         assert "\tadmin\tHome Assistant" in listing, listing
     finally:
         assert await worker.astop() == 0, worker.log()
+
+
+async def test_the_token_announced_to_home_assistant_through_the_supervisor_is_admin(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The add-on starts without a model and hands Home Assistant an admin token."""
+    announced: list[dict[str, object]] = []
+
+    async def discovery(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            announced.append(await request.json())
+        return web.json_response({"result": "ok", "data": {"uuid": "uuid1"}})
+
+    app = web.Application()
+    app.router.add_post("/discovery", discovery)
+    app.router.add_delete("/discovery/{uuid}", discovery)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    env = {
+        **no_hub(),
+        "SUPERVISOR_URL": f"http://127.0.0.1:{runner.addresses[0][1]}",
+        "SUPERVISOR_TOKEN": "supervisor-secret",
+    }
+    try:
+        worker = start_worker(
+            [], tmp_path, token=False, extra=["--no-warmup", "--supervisor-discovery"], env=env
+        )
+        try:
+            for _ in range(600):  # announced right after listening
+                if announced:
+                    break
+                await asyncio.sleep(0.05)
+            config = announced[0]["config"]
+            assert isinstance(config, dict)
+            route = ("DELETE", "/v1/models/pull/pull_0123", None)
+            status, body = await call(http, worker, route, str(config["token"]))
+            assert status == 404, body  # past the admin check: no such job
+            listing = cli(worker.state_dir, "tokens", "list")
+            assert f"\tadmin\t{SUPERVISOR_TOKEN_NAME}" in listing, listing
+        finally:
+            assert await worker.astop() == 0, worker.log()
+    finally:
+        await runner.cleanup()
