@@ -12,12 +12,12 @@ from homeassistant.core import (
     SupportsResponse,
     callback,
 )
-from homeassistant.exceptions import ServiceValidationError, Unauthorized
+from homeassistant.exceptions import HomeAssistantError, ServiceValidationError, Unauthorized
 from homeassistant.helpers import config_validation as cv
 from homeassistant.util import dt as dt_util
 
 from .cluster import MessageTooLongError
-from .const import CONF_MAX_TOKENS, CONF_TEMPERATURE, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
+from .const import CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
 from .preferences import (
     CATEGORIES,
     DATA_PREFERENCES,
@@ -79,23 +79,34 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if instructions := "\n".join(part for part in system if part):
             messages.append({"role": "system", "content": instructions})
         messages.append({"role": "user", "content": prompt})
-        body = {
-            "messages": messages,
-            "max_tokens": call.data.get(ATTR_MAX_TOKENS)
-            or int(cluster.settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS),
-            "temperature": float(cluster.settings.get(CONF_TEMPERATURE) or 0.0),
-        }
-        result = await cluster.async_ask(body)
-        error = None
-        if result.cut_off is not None:
-            from .assistant import async_error_text  # noqa: PLC0415 - needs conversation
+        from .assistant import (  # noqa: PLC0415 - needs conversation
+            FINISH_LENGTH,
+            AnswerLengthLimitError,
+            async_error_text,
+            sampling_temperature,
+        )
 
-            error = await async_error_text(hass, hass.config.language, result.cut_off)
-        # Nothing at all is an error (NoWorkerError); a cut-off answer is partial.
+        max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or int(
+            cluster.settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS
+        )
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
+        if (temperature := sampling_temperature(cluster.settings)) is not None:
+            body["temperature"] = temperature
+        done = await cluster.async_complete(body, kind="task")
+        finish_reason = next(
+            (d.finish_reason for d in reversed(done.deltas) if d.finish_reason), None
+        )
+        cut: HomeAssistantError | None = done.cut_off
+        if cut is None and finish_reason == FINISH_LENGTH:
+            cut = AnswerLengthLimitError(max_tokens)
+        error = None if cut is None else await async_error_text(hass, hass.config.language, cut)
+        # Nothing at all is an error (NoWorkerError); an answer cut off (a worker
+        # that broke off, or the length limit) is partial and says why.
         return {
-            "answer": result.answer,
-            "worker": result.worker.name,
-            "partial": result.partial,
+            "answer": done.text.strip(),
+            "worker": done.worker.name,
+            "partial": cut is not None,
+            "finish_reason": None if done.cut_off is not None else finish_reason,
             "error": error,
         }
 

@@ -238,7 +238,7 @@ async def test_busy_worker_429_fails_over(
         response = await ask(hass, "hi")
         assert recorder.tried == ["Alpha", "Beta"]
         assert response["worker"] == "Beta"
-        assert response["partial"] is False
+        assert response["finish_reason"] in ("stop", "length")  # answered to the end
         assert response["answer"]
         # Busy is not broken: Alpha stays in rotation, nothing of ours is left open there.
         alpha_id = handle(cluster, "Alpha").entry_id
@@ -276,7 +276,7 @@ async def test_refusing_worker_4xx_fails_over(
         response = await ask(hass, LONG_PROMPT)
         assert recorder.tried == ["Alpha", "Beta"]
         assert response["worker"] == "Beta"
-        assert response["partial"] is False
+        assert response["finish_reason"] in ("stop", "length")  # answered to the end
         assert response["answer"]
         # The request, not the worker, was the problem: Alpha is not taken out of rotation.
         alpha_id = handle(cluster, "Alpha").entry_id
@@ -380,7 +380,7 @@ async def test_answer_length_learned_from_a_real_stream(
     cluster, spy, _ = await household(hass, {})
     recorder = Recorder(cluster)
     response = await ask(hass, "Write a very long story about the sea.", max_tokens=8)
-    assert response["partial"] is False
+    assert response["finish_reason"] in ("stop", "length")  # answered to the end
     assert recorder.completion_tokens, "the worker reports usage at the end of a stream"
     tokens = recorder.completion_tokens[-1]
     assert 0 < tokens <= 8
@@ -438,7 +438,7 @@ async def test_preferred_model_served_nowhere_falls_back(
     cluster, spy, _ = await household(hass, {}, **{CONF_CHAT_MODEL: "no-such-model"})
     recorder = Recorder(cluster)
     response = await ask(hass, "hi")
-    assert response["partial"] is False
+    assert response["finish_reason"] in ("stop", "length")  # answered to the end
     served = cluster.workers[next(iter(cluster.workers))].coordinator.info.chat_models
     assert [body["model"] for body in recorder.bodies] == [served[0]]
     assert [r.model for r in spy.requests[-2:]] == ["no-such-model", None]
