@@ -424,10 +424,10 @@ CLEARABLE_SETTINGS = (CONF_PROMPT, CONF_CHAT_MODEL, CONF_EMBEDDING_MODEL)
 CONF_MODEL = "model"
 CONF_SOURCE = "source"
 
-# How often the progress step asks the worker how its download goes (seconds), and
-# how many answers in a row may be missing before the flow gives up on it.
+# How often the progress step asks the worker how its download goes, and how long the
+# worker may not answer (a restart) before the flow gives up on it (seconds).
 PULL_POLL_INTERVAL = 1.0
-PULL_POLL_MISSES = 5
+PULL_UNREACHABLE_FOR = 60.0
 
 # A failed pull's code (the worker's, MODELS_API.md) -> the add form's error.
 PULL_ERRORS = {
@@ -684,7 +684,8 @@ class HearthOptionsFlow(OptionsFlow):
         """Poll the job until it ends; the percentage where Home Assistant shows one."""
         # Flows have async_update_progress from Home Assistant 2025.x on (not in 2025.4).
         update: Callable[[float], None] | None = getattr(self, "async_update_progress", None)
-        misses = 0
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
         while job.running:
             if update is not None and (fraction := job.fraction) is not None:
                 update(fraction)
@@ -692,11 +693,10 @@ class HearthOptionsFlow(OptionsFlow):
             try:
                 job = await client.pull_job(job.id)
             except HearthConnectionError:
-                misses += 1
-                if misses >= PULL_POLL_MISSES:
+                if loop.time() - answered > PULL_UNREACHABLE_FOR:
                     raise
                 continue
-            misses = 0
+            answered = loop.time()
             self._job = job
         return job
 

@@ -24,7 +24,7 @@ from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.router import RouteRequest
 
-from .conftest import entry_for, setup_entry, worker_info
+from .conftest import entry_for, restart, setup_entry, worker_info
 
 REPO = "acme/Tiny-chat-onnx"
 FOLDER = "cpu_and_mobile/cpu-fp32-rtn"
@@ -224,11 +224,21 @@ async def test_a_failed_pull_says_why(
         assert result["description_placeholders"]["details"]  # the worker's own words
         assert served(model_worker) == ["tiny-chat"]
 
+    # The network gone mid-file: said so; trying again resumes where it stopped.
     hub.corrupt(REPO, DATA, corrupt=False)
+    hub.drop_after(REPO, DATA, 1_000_000)
+    hub.drop_after(REPO, DATA, 0)  # then the connection breaks without progress
+    result = await hass.config_entries.options.async_configure(flow_id, {"source": SOURCE})
+    result = await finish_progress(hass, dict(result))
+    assert result["errors"] == {"base": "network"}
+    assert "model.onnx.data" in result["description_placeholders"]["details"]
+    before = hub.served_bytes(REPO, DATA)
     result = await hass.config_entries.options.async_configure(flow_id, {"source": SOURCE})
     result = await finish_progress(hass, dict(result))
     assert result["reason"] == "model_added"
     assert served(model_worker) == sorted(["tiny-chat", PULLED])
+    size = hub.repos[REPO].files[DATA].size
+    assert hub.served_bytes(REPO, DATA) - before == size - 1_000_000  # only the rest
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 
@@ -258,13 +268,42 @@ async def test_closing_the_dialog_cancels_the_download(
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 
-async def started_job(hass: HomeAssistant, hub: FakeHub, timeout: float = 60.0) -> str:
-    """The running pull job's id, once the worker reads the large file from the hub."""
+async def test_a_download_stopped_on_the_worker_says_so(
+    hass: HomeAssistant, model_worker: WorkerProcess, hub: FakeHub
+) -> None:
+    """A job cancelled by someone else, and one the worker forgot (it restarted), end
+    the progress step with their reason; the form is back for another try."""
+    entry = entry_for(model_worker)
+    await setup_entry(hass, entry)
+    client = hass.data[DOMAIN].workers[entry.entry_id].client
+    hub.slow(0.5)
+    form = await open_step(hass, entry.entry_id, "add_model")
+    result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
+    await client.cancel_pull(await started_job(hass, hub))
+    result = await finish_progress(hass, dict(result))
+    assert result["errors"] == {"base": "cancelled"}
+
+    downloads = hub.downloads(REPO, DATA)
+    result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
+    await started_job(hass, hub, after=downloads)
+    await hass.async_add_executor_job(restart, model_worker)
+    result = await finish_progress(hass, dict(result))
+    assert result["errors"] == {"base": "pull_lost"}
+    assert "restart" in result["description_placeholders"]["details"]
+    hass.config_entries.options.async_abort(result["flow_id"])
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def started_job(
+    hass: HomeAssistant, hub: FakeHub, *, after: int = 0, timeout: float = 60.0
+) -> str:
+    """The running pull job's id, once the worker reads the large file from the hub
+    (more than `after` times)."""
     flows = hass.config_entries.options.async_progress()
     assert len(flows) == 1
     handler = hass.config_entries.options._progress[flows[0]["flow_id"]]
     async with asyncio.timeout(timeout):
-        while hub.downloads(REPO, DATA) == 0:
+        while hub.downloads(REPO, DATA) <= after:
             await asyncio.sleep(0.05)
     job = handler._job
     assert job is not None
