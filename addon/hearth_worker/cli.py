@@ -209,7 +209,6 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
     sock = bind(args.host, args.port)
     cert = None if args.plain_http else _certificate(auth)
     models_dir = args.models_dir or default_models_dir(args.state_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
     options = WorkerOptions(
         model_dirs=args.models,
         state_dir=args.state_dir,

@@ -130,7 +130,6 @@ async def test_worker_with_an_empty_models_dir_starts(
 ) -> None:
     worker = start_worker([], tmp_path, extra=["--no-warmup"])
     try:
-        assert (worker.state_dir / "models").is_dir(), "the default models dir is made"
         assert await served_ids(http, worker) == ([], [], [])
         assert worker.log().count("No model to serve yet") == 1, worker.log()
         async with http.post(
