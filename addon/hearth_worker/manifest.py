@@ -45,6 +45,7 @@ class GenerationDefaults:
     # "hearth" (the model folder says nothing); repetition control may still be Hearth's.
     source: str = "hearth"
     repetition_source: str = "hearth"
+    vocab_size: int | None = None  # a top_k of at least this cuts nothing
 
     def public(self) -> dict[str, Any]:
         """What /v1/info tells about them."""
@@ -83,11 +84,14 @@ class GenerationDefaults:
             ),
         }
         if temp > 0:
+            k = self.top_k if top_k is None else top_k
+            if self.vocab_size is not None and k >= self.vocab_size:
+                k = 0  # onnxruntime-genai refuses a top_k beyond the vocabulary
             options |= {
                 "do_sample": True,
                 "temperature": temp,
                 "top_p": self.top_p if top_p is None else top_p,
-                "top_k": self.top_k if top_k is None else top_k,
+                "top_k": k,
             }
             if seed is not None:
                 options["random_seed"] = seed
@@ -115,13 +119,17 @@ def _read_object(path: Path) -> dict[str, Any] | None:
 
 def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
     """The sampling defaults a chat model folder states (see the module's docstring)."""
+    genai = model_dir / GENAI_CONFIG
+    genai_data = (_read_object(genai) or {}) if genai.is_file() else {}
+    model = genai_data.get("model")
+    vocab = _number(model, "vocab_size", 1, 2**31 - 1) if isinstance(model, dict) else None
+    vocab_size = None if vocab is None else int(vocab)
     config = model_dir / GENERATION_CONFIG
     if config.is_file():
         data = _read_object(config)
         if data is not None:
-            return _from_values(data, GENERATION_CONFIG, said=set(data))
-    genai = model_dir / GENAI_CONFIG
-    search = (_read_object(genai) or {}).get("search") if genai.is_file() else None
+            return _from_values(data, GENERATION_CONFIG, said=set(data), vocab_size=vocab_size)
+    search = genai_data.get("search")
     if isinstance(search, dict):
         # The builder writes every key, with its own defaults for those the model
         # left out: only values other than those defaults are the model's.
@@ -132,12 +140,14 @@ def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
             said.add("repetition_penalty")
         if search.get("no_repeat_ngram_size"):
             said.add("no_repeat_ngram_size")
-        return _from_values(search, GENAI_CONFIG, said=said)
-    return GenerationDefaults()
+        return _from_values(search, GENAI_CONFIG, said=said, vocab_size=vocab_size)
+    return GenerationDefaults(vocab_size=vocab_size)
 
 
-def _from_values(data: dict[str, Any], source: str, *, said: set[str]) -> GenerationDefaults:
-    values: dict[str, Any] = {}
+def _from_values(
+    data: dict[str, Any], source: str, *, said: set[str], vocab_size: int | None
+) -> GenerationDefaults:
+    values: dict[str, Any] = {"vocab_size": vocab_size}
     if data.get("do_sample") is True and "do_sample" in said:
         temperature = _number(data, "temperature", 0.0, 100.0)
         values["temperature"] = _HF_TEMPERATURE if temperature is None else temperature

@@ -368,7 +368,12 @@ def _tool_choice_name(value: Any, tools: list[dict[str, Any]]) -> str | None:
     if not isinstance(name, str):
         raise invalid("A function choice needs 'function' with a string 'name'", "tool_choice")
     if name not in [tool["function"]["name"] for tool in tools]:
-        raise invalid(f"'tool_choice' names {name[:40]!r}, which is not in 'tools'", "tool_choice")
+        raise ApiError(
+            400,
+            f"'tool_choice' names {name[:40]!r}, which is not in 'tools'",
+            code="tool_not_offered",
+            param="tool_choice",
+        )
     return name
 
 

@@ -273,7 +273,7 @@ async def test_a_named_tool_not_offered_is_refused(
         http, worker, _body(tiny_chat_model, "hi", 0, tool_choice=choice)
     )
     assert status == 400
-    assert body["error"]["param"] == "tool_choice"
+    assert (body["error"]["param"], body["error"]["code"]) == ("tool_choice", "tool_not_offered")
 
 
 async def test_response_format_json_schema_gives_valid_json(

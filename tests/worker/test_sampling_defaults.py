@@ -104,6 +104,10 @@ def test_request_values_win_and_temperature_zero_is_greedy() -> None:
     assert (options["temperature"], options["top_p"], options["top_k"]) == (1.2, 0.5, 0)
     assert options["no_repeat_ngram_size"] == 4 and "random_seed" not in options
     assert GenerationDefaults().search_options()["do_sample"] is False
+    # A top_k of the vocabulary or more cuts nothing (onnxruntime-genai would refuse it).
+    small = GenerationDefaults(temperature=1.0, vocab_size=100)
+    assert small.search_options(top_k=100)["top_k"] == 0
+    assert small.search_options(top_k=99)["top_k"] == 99
 
 
 # --------------------------------------------------------------------------- #
@@ -191,6 +195,8 @@ async def test_repetition_penalty_default_and_request_value(
     )
     assert default == explicit
     await _answer(http, shared_worker, tiny_chat_model, repetition_penalty=1.0, top_k=5)
+    # Beyond the tiny model's vocabulary: no cut, not an error.
+    await _answer(http, shared_worker, tiny_chat_model, temperature=1.0, top_k=10**6)
     async with http.post(
         shared_worker.url + "/v1/chat/completions",
         json={
