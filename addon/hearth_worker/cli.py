@@ -20,6 +20,7 @@ from .auth import SUPERVISOR_TOKEN_NAME, AuthStore
 from .connections import BindError, ConnectionLimits, Listener, bind
 from .discovery import Advertiser
 from .manifest import ManifestError
+from .prompt_cache import DEFAULT_BUDGET_MB
 from .pull import default_models_dir
 from .server import Worker, WorkerOptions
 from .supervisor import announce, withdraw
@@ -70,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=socket.gethostname(), help="name shown in Home Assistant")
     serve.add_argument("--max-running", type=int, default=1, help="concurrent generations")
     serve.add_argument("--max-queued", type=int, default=8, help="requests waiting beyond those")
+    serve.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=DEFAULT_BUDGET_MB,
+        help="memory for the prompt cache (KV caches of recent prompts, reused by later "
+        f"turns and conversations; 0 turns it off; default {DEFAULT_BUDGET_MB})",
+    )
     serve.add_argument("--threads", type=int, default=None, help="threads per model (all cores)")
     serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
     serve.add_argument(
@@ -216,6 +224,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
         name=args.name,
         max_running=args.max_running,
         max_queued=args.max_queued,
+        prompt_cache_mb=args.prompt_cache_mb,
         threads=args.threads,
         warmup=not args.no_warmup,
         fingerprint=cert.fingerprint if cert else b"",

@@ -32,6 +32,7 @@ from .chat_template import ChatTemplateError
 from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
 from .guidance import Guide, GuidedAnswer
 from .manifest import Manifest
+from .prompt_cache import DEFAULT_BUDGET_MB, PromptCache
 from .pull_jobs import PullJob, PullJobs
 from .registry import ModelNotRemovable, ModelRegistry
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
@@ -69,6 +70,7 @@ class WorkerOptions:
     name: str = field(default_factory=socket.gethostname)
     max_running: int = 1
     max_queued: int = 8
+    prompt_cache_mb: int = DEFAULT_BUDGET_MB  # 0: no prompt cache
     threads: int | None = None
     warmup: bool = True
     # SHA-256 of the served TLS certificate; empty when serving plain HTTP.
@@ -141,7 +143,13 @@ class Worker:
         self.node_id = auth.node_id
         self.admission = Admission(options.max_running, options.max_queued)
         self.rates = RateTracker()
+        self.prompt_cache = (
+            PromptCache(options.prompt_cache_mb * 1024 * 1024)
+            if options.prompt_cache_mb > 0
+            else None
+        )
         self.registry = ModelRegistry(
+            prompt_cache=self.prompt_cache,
             fixed_dirs=options.model_dirs,
             models_dir=options.models_dir,
             rates=self.rates,
@@ -413,9 +421,21 @@ class Worker:
             "queued": self.admission.queued,
             "max_running": self.admission.max_running,
             "max_queued": self.admission.max_queued,
+            "prompt_cache": self._prompt_cache_snapshot(),
             "models": models,
             **system_snapshot(),
             "timestamp": time.time(),
+        }
+
+    def _prompt_cache_snapshot(self) -> dict[str, Any] | None:
+        """Budget, bytes and the warm prefixes (hashes of token ids, never text) per model."""
+        if self.prompt_cache is None:
+            return None
+        return {
+            **self.prompt_cache.snapshot(),
+            "warm_prefixes": {
+                name: model.warm_prefixes() for name, model in self.chat_models.items()
+            },
         }
 
     async def models(self, request: web.Request) -> web.Response:
@@ -794,11 +814,12 @@ def _completion_id() -> str:
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
-def _usage(result: GenerationResult) -> dict[str, int]:
+def _usage(result: GenerationResult) -> dict[str, Any]:
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 
