@@ -19,7 +19,8 @@ answer (timestamps, completion ids).
 Knobs for tests: `answer` (the canned text, streamed word by word), `hold_answers()`
 (a streamed answer stops after its first words until `release_answers()`),
 `answering` (set once a held answer has sent its first words), `requests` (every
-"METHOD /path" served, in order), `running` and `queued` (what capacity reports).
+"METHOD /path" served, in order), `running` and `queued` (what capacity reports),
+`pulls` (the pull jobs /v1/info reports).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class FakeWorker:
         self.running = 0
         self.queued = 0
         self.requests_served = 0
+        self.pulls: list[dict[str, Any]] = []  # /v1/info's pull jobs (set by tests)
         self.answering = asyncio.Event()
         self._release = asyncio.Event()
         self._release.set()
@@ -219,6 +221,7 @@ class FakeWorker:
             },
             "execution_providers": ["CPUExecutionProvider"],
             "models": [self.model_json()],
+            "pulls": [dict(job) for job in self.pulls],
         }
 
     def model_json(self) -> dict[str, Any]:

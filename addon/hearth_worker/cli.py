@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         help="serve every model folder in this folder; pulled models land here "
         "(default: <state-dir>/models)",
     )
+    serve.add_argument(
+        "--pull",
+        dest="pulls",
+        metavar="SOURCE",
+        action="append",
+        default=[],
+        help="pull this model (owner/name or owner/name:sub/folder) into --models-dir unless "
+        "it is there, while serving what is (repeat for several; progress in the log)",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     serve.add_argument("--name", default=socket.gethostname(), help="name shown in Home Assistant")
@@ -249,6 +258,7 @@ async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
         limits=limits,
     )
     listener.start()
+    worker.jobs.pull_missing(args.pulls)  # beside what it serves already
     port = listener.port  # the real port when --port 0 asked for any free one
     scheme = "https" if cert else "http"
     _LOGGER.info("Hearth worker %s listening on %s://%s:%d", __version__, scheme, args.host, port)

@@ -16,20 +16,21 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import pull
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from .registry import DuplicateModel, ModelRegistry
 
 _LOGGER = logging.getLogger(__name__)
 
 MAX_FINISHED_JOBS = 50  # finished jobs kept for GET, the oldest forgotten first
 PARALLEL_PULLS = 2  # more wait (phase "queued") for a free thread
+LOG_EVERY_S = 30.0  # a download's progress is logged every 10 % or this often
 
 
 @dataclass
@@ -45,7 +46,10 @@ class PullJob:
     error: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
+    clock: Callable[[], float] = time.monotonic  # progress log lines (tests inject one)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _logged_tenth: int = -1  # the last 10 % step logged while downloading
+    _logged_at: float = 0.0
 
     @property
     def running(self) -> bool:
@@ -57,6 +61,32 @@ class PullJob:
             self.phase = report.phase if report.phase != "done" else "loading"
             self.total_bytes = report.total_bytes
             self.done_bytes = report.done_bytes
+            if report.phase == "downloading" and report.total_bytes > 0:
+                self._log_download(report)
+
+    def _log_download(self, report: pull.PullProgress) -> None:
+        """A log line when the download starts, then every 10 % or LOG_EVERY_S seconds."""
+        now = self.clock()
+        tenth = min(10, report.done_bytes * 10 // report.total_bytes)
+        if self._logged_tenth < 0:
+            _LOGGER.info(
+                "Pulling %s: downloading %s (%s here already)",
+                self.source,
+                _size(report.total_bytes),
+                _size(report.done_bytes),
+            )
+        elif tenth > self._logged_tenth or now - self._logged_at >= LOG_EVERY_S:
+            _LOGGER.info(
+                "Pulling %s: %d %% (%s of %s)",
+                self.source,
+                report.done_bytes * 100 // report.total_bytes,
+                _size(report.done_bytes),
+                _size(report.total_bytes),
+            )
+        else:
+            return
+        self._logged_tenth = tenth
+        self._logged_at = now
 
     def loading(self) -> None:
         with self._lock:
@@ -84,6 +114,24 @@ class PullJob:
                 "total_bytes": self.total_bytes,
                 "model": describe(self.manifest) if self.manifest else None,
                 "error": dict(self.error) if self.error else None,
+            }
+
+    def summary(self, models_dir: Path | None) -> dict[str, Any]:
+        """The job as /v1/info tells it to any token: no id, no model, no local path."""
+        with self._lock:
+            error = None
+            if self.error:
+                message = self.error["message"]
+                if models_dir is not None:
+                    message = message.replace(str(models_dir), "the models folder")
+                error = {"code": self.error["code"], "message": message}
+            return {
+                "source": self.source,
+                "status": self.status,
+                "phase": self.phase,
+                "done_bytes": self.done_bytes,
+                "total_bytes": self.total_bytes,
+                "error": error,
             }
 
 
@@ -121,6 +169,31 @@ class PullJobs:
         task.add_done_callback(self._tasks.discard)
         _LOGGER.info("Pulling %s (job %s)", normalized, job.id)
         return job, True
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every job kept (running and finished, oldest first), as /v1/info shows them."""
+        return [job.summary(self.models_dir) for job in list(self._jobs.values())]
+
+    def pull_missing(self, sources: Iterable[str]) -> list[PullJob]:
+        """``serve --pull``: start a job for each source not installed in the models dir.
+
+        An installed source is just served; a malformed one is logged and skipped.
+        Call it once the worker serves, so the pulls run beside what it has."""
+        if self.models_dir is None:
+            raise RuntimeError("this worker has no models directory")
+        jobs: list[PullJob] = []
+        for source in sources:
+            try:
+                hub = pull.parse_source(source)
+            except ValueError as err:
+                _LOGGER.error("Not pulling %s: %s", source, err)
+                continue
+            if (self.models_dir / hub.folder_name / MANIFEST_NAME).is_file():
+                _LOGGER.info("%s is installed (%s): serving it", hub, hub.folder_name)
+                continue
+            job, _ = self.start(str(hub))
+            jobs.append(job)
+        return jobs
 
     def cancel(self, job_id: str) -> PullJob | None:
         """Ask a job to stop; a job already loading its model finishes."""
@@ -171,7 +244,7 @@ class PullJobs:
                 ),
             )
         except pull.PullError as err:
-            _LOGGER.warning("Pulling %s: %s (%s)", job.source, err.message, err.code)
+            _LOGGER.warning("Pulling %s failed: %s (%s)", job.source, err.message, err.code)
             job.fail(err.code, err.message)
             return
         except Exception as err:
@@ -208,7 +281,20 @@ class PullJobs:
                 )
                 return
         job.succeed(manifest)
-        _LOGGER.info("Pulled %s: serving %s (job %s)", job.source, manifest.name, job.id)
+        _LOGGER.info(
+            "Pulled %s (%s): serving %s (job %s)",
+            job.source,
+            _size(manifest.size_bytes or job.total_bytes),
+            manifest.name,
+            job.id,
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _first_line(err: BaseException) -> str:

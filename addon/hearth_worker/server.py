@@ -392,6 +392,7 @@ class Worker:
                 "hardware": self._hardware,
                 "execution_providers": self._providers,
                 "models": [self._model_info(m) for m in self.manifests.values()],
+                "pulls": self.jobs.summaries(),
             }
         )
 
