@@ -44,7 +44,7 @@ class ModelNotRemovable(Exception):
     """The model was given with ``--model``: it is not the API's to remove."""
 
 
-class DuplicateModel(ValueError):
+class DuplicateModel(ManifestError):
     """Another model with the same name is served already."""
 
 
@@ -123,16 +123,6 @@ class ModelRegistry:
             for model_id, served in self._served.items()
             if isinstance(served.engine, EmbeddingModel)
         }
-
-    def removable(self, model_id: str) -> bool:
-        served = self._served.get(model_id)
-        return served is not None and served.removable
-
-    def __contains__(self, model_id: object) -> bool:
-        return model_id in self._served
-
-    def __len__(self) -> int:
-        return len(self._served)
 
     def hold_chat(self, model_id: str) -> Held[ChatModel]:
         """The chat model of that id, to hold (``with``) while a request runs on it;

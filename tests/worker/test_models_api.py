@@ -174,6 +174,15 @@ async def test_every_model_folder_in_the_models_dir_is_served(
         assert await worker.astop() == 0, worker.log()
 
 
+def test_two_model_folders_of_one_name_stop_the_start(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        start_worker([tiny_chat_model, tiny_chat_model], tmp_path, extra=["--no-warmup"])
+    assert f"Two models are named {model_id(tiny_chat_model)!r}" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
+
+
 # -- pulling and removing through the API ---------------------------------------------
 
 
