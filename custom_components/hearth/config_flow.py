@@ -528,6 +528,7 @@ class HearthOptionsFlow(OptionsFlow):
             settings = {**cluster.settings, **user_input}
             for key in CLEARABLE_SETTINGS:
                 settings[key] = user_input.get(key) or None
+            settings[CONF_TEMPERATURE] = user_input.get(CONF_TEMPERATURE)  # None: the model's
             settings[CONF_LLM_HASS_API] = list(user_input.get(CONF_LLM_HASS_API) or [])
             await cluster.async_update_settings(settings)
             # This worker's own options stay as they are.
@@ -555,8 +556,11 @@ class HearthOptionsFlow(OptionsFlow):
                     ),
                     vol.Coerce(int),
                 ),
-                vol.Required(CONF_TEMPERATURE): sel.NumberSelector(
-                    sel.NumberSelectorConfig(min=0, max=2, step=0.05)
+                # Left empty: the model's own default (no temperature sent).
+                vol.Optional(CONF_TEMPERATURE): sel.NumberSelector(
+                    sel.NumberSelectorConfig(
+                        min=0, max=2, step=0.05, mode=sel.NumberSelectorMode.BOX
+                    )
                 ),
                 vol.Optional(CONF_CHAT_MODEL): sel.SelectSelector(
                     sel.SelectSelectorConfig(options=chat, custom_value=True)

@@ -23,9 +23,10 @@ import pytest
 from hearth_worker.chat_template import ChatTemplate
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
-from pytest_homeassistant_custom_component.common import MockUser
+from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import PromptLayout, SplitPrompt, split_system_prompt
@@ -33,6 +34,7 @@ from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_PREFER_LOCAL_INTENTS,
+    CONF_TEMPERATURE,
     DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
 )
@@ -54,9 +56,12 @@ def clock() -> Iterator[list[datetime]]:
         yield times
 
 
-async def household(hass: HomeAssistant, worker: WorkerProcess, *members: MockUser) -> None:
+async def household(
+    hass: HomeAssistant, worker: WorkerProcess, *members: MockUser
+) -> MockConfigEntry:
     """A worker, Assist's tools, two exposed lights, and a person per member."""
-    await setup_entry(hass, entry_for(worker))
+    entry = entry_for(worker)
+    await setup_entry(hass, entry)
     cluster = hass.data[DOMAIN]
     await cluster.async_update_settings(
         {
@@ -75,6 +80,7 @@ async def household(hass: HomeAssistant, worker: WorkerProcess, *members: MockUs
     ]
     assert await async_setup_component(hass, "person", {"person": persons})
     await hass.async_block_till_done()
+    return entry
 
 
 def record_requests(hass: HomeAssistant) -> list[dict[str, Any]]:
@@ -285,3 +291,45 @@ async def test_the_second_member_finds_the_household_prefix_cached(
     assert cached[0] == 0  # a fresh worker
     assert cached[1] >= prompt[0]  # Alice's second turn: all of her first turn's prompt
     assert cached[2] >= shared  # Bob's first turn: the household part came from the cache
+
+
+async def test_temperature_is_the_models_unless_the_household_sets_one(
+    hass: HomeAssistant, chat_worker: WorkerProcess, clock: list[datetime]
+) -> None:
+    """By default no temperature is sent (the worker uses the model's own default);
+    the household form offers that as an empty field, and keeps an explicit number."""
+    entry = await household(hass, chat_worker)
+    cluster = hass.data[DOMAIN]
+    assert cluster.settings[CONF_TEMPERATURE] is None
+    sent = record_requests(hass)
+    await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
+    await hass.services.async_call(
+        DOMAIN, "ask", {"prompt": "hi", "max_tokens": 2}, blocking=True, return_response=True
+    )
+    assert [("temperature" in body) for body in sent] == [False, False]
+
+    async def household_form(answers: dict[str, Any]) -> None:
+        menu = await hass.config_entries.options.async_init(entry.entry_id)
+        form = await hass.config_entries.options.async_configure(
+            menu["flow_id"], {"next_step_id": "household"}
+        )
+        assert form["type"] is FlowResultType.FORM
+        result = await hass.config_entries.options.async_configure(
+            form["flow_id"], {CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 4, **answers}
+        )
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+
+    await household_form({CONF_TEMPERATURE: 0})
+    assert cluster.settings[CONF_TEMPERATURE] == 0
+    sent.clear()
+    await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
+    await hass.services.async_call(
+        DOMAIN, "ask", {"prompt": "hi", "max_tokens": 2}, blocking=True, return_response=True
+    )
+    assert [body.get("temperature") for body in sent] == [0.0, 0.0]
+
+    await household_form({})  # emptied: the model's default again
+    assert cluster.settings[CONF_TEMPERATURE] is None
+    sent.clear()
+    await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
+    assert "temperature" not in sent[0]
