@@ -459,6 +459,10 @@ def valid_source(source: str) -> bool:
     return all(part.strip() and part not in (".", "..") for part in parts)
 
 
+def _no_percentage(fraction: float) -> None:
+    """Home Assistant 2025.4 shows no percentage while a step is in progress."""
+
+
 def _size(size_bytes: int) -> str:
     """A size a person reads at a glance: 2.3 GB, 640 MB."""
     if size_bytes >= 10**9:
@@ -687,11 +691,11 @@ class HearthOptionsFlow(OptionsFlow):
     async def _async_follow(self, client: HearthClient, job: PullJob) -> PullJob:
         """Poll the job until it ends; the percentage where Home Assistant shows one."""
         # Flows have async_update_progress from Home Assistant 2025.x on (not in 2025.4).
-        update: Callable[[float], None] | None = getattr(self, "async_update_progress", None)
+        update: Callable[[float], None] = getattr(self, "async_update_progress", _no_percentage)
         loop = asyncio.get_running_loop()
         answered = loop.time()
         while job.running:
-            if update is not None and (fraction := job.fraction) is not None:
+            if (fraction := job.fraction) is not None:
                 update(fraction)
             await asyncio.sleep(PULL_POLL_INTERVAL)
             try:
@@ -737,11 +741,7 @@ class HearthOptionsFlow(OptionsFlow):
 
     async def _async_models_changed(self) -> None:
         """Read the worker's models again (device, router, the household's choices)."""
-        try:
-            await self._runtime.coordinator.async_refresh_models()
-        except HearthError as err:
-            # The next poll that finds the worker reads them (the entry reloads then).
-            LOGGER.warning("Could not read the models of %s: %s", self.config_entry.title, err)
+        await self._runtime.coordinator.async_refresh_models()
 
     # --- remove a model --------------------------------------------------------
 
@@ -764,7 +764,7 @@ class HearthOptionsFlow(OptionsFlow):
             except HearthAdminRequiredError:
                 errors["base"] = "admin_required"
             except HearthRequestError as err:
-                if err.status != 404:  # already gone: what was asked for
+                if err.code != "model_not_found":  # else already gone: what was asked for
                     errors["base"] = REMOVE_ERRORS.get(err.code, "remove_refused")
                     details = str(err)
             except HearthError as err:

@@ -118,9 +118,12 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         """Read the worker's models again (one was added or removed), then poll it.
 
         The router and the household's choices read `info`; the device's sensors
-        read the poll. Raises HearthError when the worker does not answer.
+        read the poll (which also notices a worker that stopped answering).
         """
-        self.info = await self.client.info()
+        try:
+            self.info = await self.client.info()
+        except HearthError as err:
+            LOGGER.debug("Could not read the models of %s: %s", self.config_entry.title, err)
         await self.async_poll_now()
 
     async def _poll_while_asked(self) -> None:

@@ -4,11 +4,16 @@ real worker that pulls from a fake Hugging Face Hub (tests/fakehub.py) on 127.0.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_worker import FakeWorker
 from fakehub import FakeHub
 from hearth_worker.auth import AuthStore
 from hearth_worker.catalog import load_catalog
@@ -16,6 +21,7 @@ from homeassistant.config_entries import OptionsFlow
 from homeassistant.core import Event, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import entity_registry as er
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, start_worker
 
 from custom_components.hearth import config_flow
@@ -24,7 +30,7 @@ from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.router import RouteRequest
 
-from .conftest import entry_for, restart, setup_entry, worker_info
+from .conftest import entry_for, setup_entry, worker_info
 
 REPO = "acme/Tiny-chat-onnx"
 FOLDER = "cpu_and_mobile/cpu-fp32-rtn"
@@ -57,14 +63,36 @@ def model_worker(tiny_chat_model: Path, hub: FakeHub, tmp_path: Path) -> Iterato
     """A worker started with the tiny chat model (`--model`: not removable), pulling from
     the fake hub, holding the admin token pairing gives Home Assistant."""
     worker = start_worker(
-        [tiny_chat_model],
-        tmp_path / "worker",
-        extra=["--no-warmup"],
-        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")},
+        [tiny_chat_model], tmp_path / "worker", extra=["--no-warmup"], env=hub_env(hub, tmp_path)
     )
     worker.token, _ = AuthStore(worker.state_dir).create_token("Home Assistant", admin=True)
     yield worker
     worker.stop()
+
+
+def hub_env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
+    """The worker pulls from the fake hub, never from the internet."""
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+
+
+def restart(worker: WorkerProcess, env: dict[str, str], timeout: float = 60.0) -> None:
+    """Start a stopped worker again, on its port and state dir, with the hub's env."""
+    worker.stop()
+    args = list(worker.args)
+    args[args.index("--port") + 1] = str(worker.port)
+    with worker.log_path.open("ab") as log:
+        worker.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2, context=worker.ssl):
+                return
+        except OSError:
+            if time.monotonic() > deadline or worker.process.poll() is not None:
+                raise
+            time.sleep(0.1)
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +282,7 @@ async def test_closing_the_dialog_cancels_the_download(
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
     assert result["type"] is FlowResultType.SHOW_PROGRESS
-    job_id = await started_job(hass, hub)
+    job_id = await started_job(hass, hub, result["flow_id"])
     hass.config_entries.options.async_abort(result["flow_id"])
     await hass.async_block_till_done(wait_background_tasks=True)
     job = await client.pull_job(job_id)
@@ -269,39 +297,60 @@ async def test_closing_the_dialog_cancels_the_download(
 
 
 async def test_a_download_stopped_on_the_worker_says_so(
-    hass: HomeAssistant, model_worker: WorkerProcess, hub: FakeHub
+    hass: HomeAssistant,
+    model_worker: WorkerProcess,
+    hub: FakeHub,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A job cancelled by someone else, and one the worker forgot (it restarted), end
-    the progress step with their reason; the form is back for another try."""
+    """A job cancelled by someone else, one the worker forgot (it restarted), and a
+    worker gone for good end the progress step with their reason; the form is back
+    for another try."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
     client = hass.data[DOMAIN].workers[entry.entry_id].client
     hub.slow(0.5)
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
-    await client.cancel_pull(await started_job(hass, hub))
+    await client.cancel_pull(await started_job(hass, hub, form["flow_id"]))
     result = await finish_progress(hass, dict(result))
     assert result["errors"] == {"base": "cancelled"}
 
     downloads = hub.downloads(REPO, DATA)
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
-    await started_job(hass, hub, after=downloads)
-    await hass.async_add_executor_job(restart, model_worker)
+    await started_job(hass, hub, form["flow_id"], after=downloads)
+    await hass.async_add_executor_job(restart, model_worker, hub_env(hub, tmp_path))
     result = await finish_progress(hass, dict(result))
     assert result["errors"] == {"base": "pull_lost"}
     assert "restart" in result["description_placeholders"]["details"]
+
+    # Gone for good: given up after PULL_UNREACHABLE_FOR. A second dialog following the
+    # same download (the worker gives it the same job), closed meanwhile, cannot cancel
+    # it and says so in the log.
+    downloads = hub.downloads(REPO, DATA)
+    result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
+    job_id = await started_job(hass, hub, form["flow_id"], after=downloads)
+    other = await open_step(hass, entry.entry_id, "add_model")
+    await hass.config_entries.options.async_configure(other["flow_id"], {"source": SOURCE})
+    assert await started_job(hass, hub, other["flow_id"]) == job_id
+    await model_worker.astop()
+    hass.config_entries.options.async_abort(other["flow_id"])
+    monkeypatch.setattr(config_flow, "PULL_UNREACHABLE_FOR", 0.5)  # from now on
+    result = await finish_progress(hass, dict(result))
+    assert result["errors"] == {"base": "pull_lost"}
+    assert "cannot connect" in result["description_placeholders"]["details"]
+    assert f"Could not cancel pulling {SOURCE}" in caplog.text
     hass.config_entries.options.async_abort(result["flow_id"])
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 
 async def started_job(
-    hass: HomeAssistant, hub: FakeHub, *, after: int = 0, timeout: float = 60.0
+    hass: HomeAssistant, hub: FakeHub, flow_id: str, *, after: int = 0, timeout: float = 60.0
 ) -> str:
-    """The running pull job's id, once the worker reads the large file from the hub
-    (more than `after` times)."""
-    flows = hass.config_entries.options.async_progress()
-    assert len(flows) == 1
-    handler = hass.config_entries.options._progress[flows[0]["flow_id"]]
+    """The flow's running pull job's id, once the worker reads the large file from the
+    hub (more than `after` times)."""
+    handler = hass.config_entries.options._progress[flow_id]
     async with asyncio.timeout(timeout):
         while hub.downloads(REPO, DATA) <= after:
             await asyncio.sleep(0.05)
@@ -339,7 +388,67 @@ async def test_remove_a_model(hass: HomeAssistant, model_worker: WorkerProcess) 
     assert cluster.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
     assert loaded_models(hass, model_worker) == ["tiny-chat"]
     assert [c.model for c in cluster.candidates(RouteRequest(model=PULLED))] == ["tiny-chat"]
+
+    # Removed elsewhere while the form was open: what was asked for, so no error.
+    form = await open_step(hass, entry.entry_id, "add_model")
+    result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
+    assert (await finish_progress(hass, dict(result)))["reason"] == "model_added"
+    form = await open_step(hass, entry.entry_id, "remove_model")
+    await cluster.workers[entry.entry_id].client.remove_model(PULLED)
+    result = await hass.config_entries.options.async_configure(form["flow_id"], {"model": PULLED})
+    assert result["reason"] == "model_removed"
+    assert cluster.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
     assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_a_worker_without_the_model_routes(hass: HomeAssistant, tmp_path: Path) -> None:
+    """An older worker (the fake one: no catalog, pull or removal routes) and then no
+    worker at all: the forms say so and change nothing."""
+    async with FakeWorker(tmp_path / "fake") as worker:
+        entry = MockConfigEntry(
+            domain=DOMAIN, title="Old worker", unique_id=worker.node_id, data=worker.entry_data()
+        )
+        await setup_entry(hass, entry)
+        add = await open_step(hass, entry.entry_id, "add_model")
+        assert [str(key) for key in add["data_schema"].schema] == ["source"]  # no list
+        result = await hass.config_entries.options.async_configure(
+            add["flow_id"], {"source": SOURCE}
+        )
+        assert result["errors"] == {"base": "pull_refused"}
+        assert result["description_placeholders"]["details"]
+        remove = await open_step(hass, entry.entry_id, "remove_model")
+        result = await hass.config_entries.options.async_configure(
+            remove["flow_id"], {"model": "fake-chat"}
+        )
+        assert result["errors"] == {"base": "remove_refused"}
+        assert worker.count("DELETE /v1/models/fake-chat") == 1
+
+        await worker.stop()
+        result = await hass.config_entries.options.async_configure(
+            remove["flow_id"], {"model": "fake-chat"}
+        )
+        assert result["errors"] == {"base": "cannot_connect"}
+        result = await hass.config_entries.options.async_configure(
+            add["flow_id"], {"source": SOURCE}
+        )
+        assert result["errors"] == {"base": "cannot_connect"}
+        for flow_id in (add["flow_id"], remove["flow_id"]):
+            hass.config_entries.options.async_abort(flow_id)
+        assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_no_model_to_remove(hass: HomeAssistant, hub: FakeHub, tmp_path: Path) -> None:
+    """A worker serving nothing yet (the add-on's first start) has nothing to remove."""
+    worker = start_worker([], tmp_path / "empty", env=hub_env(hub, tmp_path))
+    try:
+        entry = entry_for(worker, "Empty worker")
+        await setup_entry(hass, entry)
+        result = await open_step(hass, entry.entry_id, "remove_model")
+        assert result["type"] is FlowResultType.ABORT
+        assert result["reason"] == "no_models"
+        assert await hass.config_entries.async_unload(entry.entry_id)
+    finally:
+        await worker.astop()
 
 
 async def test_a_token_without_admin_rights_may_not_change_models(
