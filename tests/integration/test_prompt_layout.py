@@ -24,6 +24,8 @@ from hearth_worker.chat_template import ChatTemplate
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.helpers import area_registry as ar
+from homeassistant.helpers import device_registry as dr
 from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUser
@@ -333,3 +335,39 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
     sent.clear()
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
     assert "temperature" not in sent[0]
+
+
+async def test_satellites_in_two_areas_share_the_household_prefix(
+    hass: HomeAssistant, chat_worker: WorkerProcess, clock: list[datetime]
+) -> None:
+    """The Assist prompt's line for the speaking device's area goes to the turn's note."""
+    entry = await household(hass, chat_worker)
+    areas = ar.async_get(hass)
+    devices = dr.async_get(hass)
+    satellites = []
+    for name in ("Kitchen", "Bedroom"):
+        device = devices.async_get_or_create(
+            config_entry_id=entry.entry_id, identifiers={(DOMAIN, f"satellite-{name}")}
+        )
+        area = areas.async_get_or_create(name)
+        devices.async_update_device(device.id, area_id=area.id)
+        satellites.append(device.id)
+    sent = record_requests(hass)
+    for device_id in satellites:
+        await conversation.async_converse(
+            hass,
+            "turn on the light",
+            None,
+            Context(),
+            language="en",
+            agent_id=AGENT,
+            device_id=device_id,
+        )
+    (kitchen_system, kitchen_note, _), (bedroom_system, bedroom_note, _) = (
+        body["messages"] for body in sent
+    )
+    assert kitchen_system == bedroom_system
+    assert "You are in area" not in kitchen_system["content"]
+    assert kitchen_note["content"].startswith("You are in area Kitchen ")
+    assert bedroom_note["content"].startswith("You are in area Bedroom ")
+    assert "Current time is 08:00:00" in kitchen_note["content"]
