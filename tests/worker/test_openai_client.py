@@ -68,7 +68,13 @@ async def test_models_chat_and_stream(client: openai.AsyncOpenAI, tiny_chat_mode
             if chunk.usage:
                 usage = chunk.usage
         assert text == whole.choices[0].message.content
-        assert usage == whole.usage
+        assert usage is not None and whole.usage.prompt_tokens_details is not None
+        assert usage.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(
+            exclude={"prompt_tokens_details"}
+        )
+        # The same prompt again: the first request's KV cache is reused (prompt cache).
+        assert usage.prompt_tokens_details is not None
+        assert 0 < (usage.prompt_tokens_details.cached_tokens or 0) < usage.prompt_tokens
         del stream, chunk
     await generators_closed()
 
