@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_BUDGET_MB = 512
+DEFAULT_BUDGET_MB = 1024  # room for a 3B model's 2k-token prompt (fp32 KV: ~230 KB a token)
 # Warm prefixes are announced by the hash of their first N tokens, for N in these.
 PREFIX_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # A common prefix shorter than this is not worth a generator sized for another prompt.
