@@ -392,11 +392,16 @@ class ChatModel:
         taken = Taken(None)
         if self.cache is not None and key is not None:
             taken = self.cache.take(self.cache_owner, key, prompt_ids, needed)
-        if taken.entry is not None:
+        if taken.entry is not None and self.cache is not None:
             entry = taken.entry
-            entry.generator.rewind_to(taken.reuse)
-            entry.tokens = list(prompt_ids[: taken.reuse])
-            return entry
+            try:
+                entry.generator.rewind_to(taken.reuse)
+            except Exception as err:  # a model type that cannot rewind: a new generator
+                _LOGGER.debug("Cached generator not rewound (%r); starting anew", err)
+                self.cache.discard(entry)
+            else:
+                entry.tokens = list(prompt_ids[: taken.reuse])
+                return entry
         max_length = self._cached_length(needed) if key is not None else needed
         generator = og.Generator(self._model, self._params(max_length, sampling))
         entry = CacheEntry(

@@ -268,3 +268,24 @@ async def test_worker_reports_cached_tokens_and_warm_prefixes(
     finally:
         assert await worker.astop() == 0, worker.log()
     await asyncio.sleep(0)
+
+
+class _CannotRewind:
+    """A generator of a model type onnxruntime-genai cannot rewind."""
+
+    def rewind_to(self, length: int) -> None:
+        raise RuntimeError("RewindTo is currently not supported for this model")
+
+
+def test_generator_that_cannot_rewind_is_replaced(manifest: Any) -> None:
+    cache = PromptCache()
+    model = ChatModel(manifest, threads=1, cache=cache)
+    prompt = model.prepare(conversation("turn on the kitchen light"), None)
+    run(model, prompt)
+    [entry] = cache.entries()
+    entry.generator = _CannotRewind()
+    result, _ = run(model, prompt)
+    assert result.cached_tokens == 0
+    assert result.completion_tokens > 0
+    assert cache.snapshot()["in_use_bytes"] == 0
+    assert [e.generator for e in cache.entries()] != [entry.generator]
