@@ -19,8 +19,8 @@ a noisy machine hits every figure alike (cold, warm and new are interleaved with
 each round, as bench_worker interleaves its paths).
 
 Then: the decode rate of one stream, the aggregate rate at 1, 2 and 4 concurrent
-streams (each its own conversation), the worker's peak RSS and the prompt cache's
-peak bytes. With --json the last line is one JSON object.
+streams (each a short prompt of its own: decode, not the household's prefill), the
+worker's peak RSS and the prompt cache's peak bytes. With --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -110,13 +110,12 @@ async def decode(
     }
 
 
-STORY = "Tell me a long story about the family in this house cooking dinner together."
+STORY = "Tell me a long story about a family cooking dinner together, number {}."
 
 
-def story(seed: int, member: int) -> list[dict[str, Any]]:
-    messages = voice_prompt.messages(seed, 1)
-    messages[-1] = {"role": "user", "content": f"{STORY} (member {member})"}
-    return messages
+def story(member: int) -> list[dict[str, Any]]:
+    """A short prompt of its own (decode rates: no household prefix to prefill or share)."""
+    return [{"role": "user", "content": STORY.format(member)}]
 
 
 # -- tool calls: helper "guidance" adds the measure of tool calls here --------------
@@ -156,15 +155,13 @@ async def measure(
                 f"(cached {new[-1]['cached_tokens']}/{new[-1]['prompt_tokens']})",
                 flush=True,
             )
-        # Decode: one stream, then 1, 2 and 4 concurrent (each its own conversation).
-        seed = rounds + 1
-        await decode(client, model, story(seed, 0), 4)  # the household's prefix, warm
-        singles = [await decode(client, model, story(seed, 0), new_tokens) for _ in range(2)]
+        # Decode: one stream, then 1, 2 and 4 concurrent (each its own short prompt).
+        singles = [await decode(client, model, story(0), new_tokens) for _ in range(2)]
         concurrent: dict[str, float] = {}
         for n in (1, 2, 4):
             started = time.perf_counter()
             results = await asyncio.gather(
-                *(decode(client, model, story(seed, m), new_tokens) for m in range(n))
+                *(decode(client, model, story(m + 10 * n), new_tokens) for m in range(n))
             )
             concurrent[str(n)] = sum(r["tokens"] for r in results) / (time.perf_counter() - started)
             print(f"{n} concurrent: {concurrent[str(n)]:.1f} tok/s in all", flush=True)
