@@ -25,7 +25,12 @@ from .const import (
     LOGGER,
     REVOKE_TIMEOUT,
 )
-from .coordinator import HearthCoordinator, auth_issue_id, unreachable_issue_id
+from .coordinator import (
+    HearthCoordinator,
+    async_delete_pull_issues,
+    auth_issue_id,
+    unreachable_issue_id,
+)
 from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
 
@@ -114,6 +119,7 @@ async def async_unload_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> b
     if not await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
         return False
     ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
+    async_delete_pull_issues(hass, entry.entry_id)
     # If this entry held the household's agent, the next loaded entry takes it over.
     get_cluster(hass).remove_worker(entry.entry_id)
     return True
@@ -123,6 +129,7 @@ async def async_remove_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> N
     """Revoke the removed worker's token on it, and forget its repair issues."""
     ir.async_delete_issue(hass, DOMAIN, auth_issue_id(entry.entry_id))
     ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
+    async_delete_pull_issues(hass, entry.entry_id)
     await _async_revoke_token(hass, entry)
 
 

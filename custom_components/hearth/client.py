@@ -191,6 +191,19 @@ class CatalogEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class PullInfo:
+    """One pull job in GET /v1/info (the add-on's start-up pulls and the API's)."""
+
+    source: str
+    status: str  # running | done | failed | cancelled
+    phase: str
+    done_bytes: int
+    total_bytes: int
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """GET /v1/info."""
 
@@ -201,6 +214,7 @@ class WorkerInfo:
     models: list[ModelInfo]
     hardware: dict[str, Any]
     execution_providers: list[str]
+    pulls: list[PullInfo] = field(default_factory=list)  # oldest first
 
     @property
     def chat_models(self) -> list[str]:
@@ -354,9 +368,24 @@ def parse_info(data: Mapping[str, Any]) -> WorkerInfo:
             models=[parse_model(m) for m in data.get("models") or []],
             hardware=dict(data.get("hardware") or {}),
             execution_providers=[str(p) for p in data.get("execution_providers") or []],
+            pulls=[parse_pull_info(p) for p in data.get("pulls") or []],
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise HearthConnectionError(f"Unexpected info answer: {err}") from err
+
+
+def parse_pull_info(data: Mapping[str, Any]) -> PullInfo:
+    """One entry of /v1/info's `pulls` (KeyError, TypeError, ValueError on a bad shape)."""
+    error = data.get("error") or {}
+    return PullInfo(
+        source=str(data["source"]),
+        status=str(data["status"]),
+        phase=str(data.get("phase") or ""),
+        done_bytes=int(data.get("done_bytes") or 0),
+        total_bytes=int(data.get("total_bytes") or 0),
+        error_code=str(error["code"]) if error.get("code") else None,
+        error_message=str(error["message"]) if error.get("message") else None,
+    )
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:

@@ -13,6 +13,8 @@ corrected by them, and the sensors follow it at once (`signal_in_flight`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from datetime import datetime
 
 from homeassistant.config_entries import ConfigEntry
@@ -29,6 +31,7 @@ from .client import (
     HearthCertificateError,
     HearthClient,
     HearthError,
+    PullInfo,
     WorkerInfo,
 )
 from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
@@ -40,6 +43,24 @@ def unreachable_issue_id(entry_id: str) -> str:
 
 def auth_issue_id(entry_id: str) -> str:
     return f"token_rejected_{entry_id}"
+
+
+def pull_issue_id(entry_id: str, source: str) -> str:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return f"pull_failed_{entry_id}_{digest}"
+
+
+@callback
+def async_delete_pull_issues(hass: HomeAssistant, entry_id: str) -> None:
+    """Forget every failed-pull repair of one worker (its entry unloads or goes)."""
+    prefix = f"pull_failed_{entry_id}_"
+    for domain, issue_id in list(ir.async_get(hass).issues):
+        if domain == DOMAIN and issue_id.startswith(prefix):
+            ir.async_delete_issue(hass, DOMAIN, issue_id)
+
+
+# pull.py's no_space message: "<source> needs 1.2 GB more disk space and <dir> has 0.4 GB free"
+_NO_SPACE = re.compile(r"needs (?P<needed>.+?) more disk space and .* has (?P<free>.+?) free")
 
 
 class HearthCoordinator(DataUpdateCoordinator[Capacity]):
@@ -75,6 +96,8 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         # when the last snapshot arrived (that snapshot counts them already).
         self.in_flight = 0
         self._in_flight_at_snapshot = 0
+        # Repairs raised for the worker's failed pulls: source -> issue id.
+        self._pull_issues: dict[str, str] = {}
 
     @property
     def signal_in_flight(self) -> str:
@@ -160,7 +183,79 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
             ) from err
         self._in_flight_at_snapshot = self.in_flight
         self._came_back()
+        await self._follow_pulls(capacity)
         return capacity
+
+    async def _follow_pulls(self, capacity: Capacity) -> None:
+        """Read /v1/info again while the worker pulls (the add-on's hub ids at start-up,
+        or the API's) or a repair for a failed pull is open, or when its models
+        changed; a failed pull raises a repair, removed once that source's pull is
+        done or gone."""
+        if (
+            self._pull_issues
+            or any(p.status == "running" for p in self.info.pulls)
+            or set(capacity.models) != {m.id for m in self.info.models}
+        ):
+            try:
+                self.info = await self.client.info()
+            except HearthError as err:
+                LOGGER.debug("Could not read the pulls of %s: %s", self.config_entry.title, err)
+                return
+        latest: dict[str, PullInfo] = {}
+        for pull in self.info.pulls:  # oldest first: the last job of a source wins
+            latest[pull.source] = pull
+        for pull in latest.values():
+            if pull.status == "failed":
+                self._raise_pull_issue(pull)
+        # A repair stays while that source is retried; it goes once the source is
+        # pulled, or its jobs are gone (the worker restarted).
+        for source in list(self._pull_issues):
+            if source not in latest or latest[source].status == "done":
+                ir.async_delete_issue(self.hass, DOMAIN, self._pull_issues.pop(source))
+
+    def _raise_pull_issue(self, pull: PullInfo) -> None:
+        issue_id = pull_issue_id(self.config_entry.entry_id, pull.source)
+        message = pull.error_message or pull.error_code or "unknown error"
+        space = _NO_SPACE.search(message) if pull.error_code == "no_space" else None
+        if pull.source not in self._pull_issues:
+            LOGGER.warning(
+                "Hearth worker %s could not pull %s: %s",
+                self.config_entry.title,
+                pull.source,
+                message,
+            )
+        self._pull_issues[pull.source] = issue_id
+        name = self.config_entry.title
+        if space is not None:
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                issue_id,
+                is_fixable=False,
+                severity=ir.IssueSeverity.ERROR,
+                translation_key="pull_no_space",
+                translation_placeholders={
+                    "name": name,
+                    "source": pull.source,
+                    "needed": space["needed"],
+                    "free": space["free"],
+                },
+            )
+            return
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            issue_id,
+            is_fixable=False,
+            severity=ir.IssueSeverity.WARNING,
+            translation_key="pull_failed",
+            translation_placeholders={
+                "name": name,
+                "source": pull.source,
+                "error": message,
+                "code": pull.error_code or "unknown",
+            },
+        )
 
     def _went_away(self) -> None:
         now = dt_util.utcnow()

@@ -1,0 +1,202 @@
+"""A worker's failed pull (the add-on's hub ids at start, or the API's) is a repair in
+Home Assistant, until that source's pull is done or gone.
+
+The worker's side (``serve --pull``, /v1/info's ``pulls`` with a real no_space failure) is
+tested with real processes in tests/worker/test_pull_at_start.py; here the fake worker
+(tests/fake_worker.py) reports the pulls, in the shape openapi.yaml gives them (checked),
+and the coordinator polls only when a test asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_worker import FakeWorker, check_schema
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.translation import async_get_translations
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+from worker_process import tls_closed
+
+from custom_components.hearth.const import DOMAIN
+from custom_components.hearth.coordinator import pull_issue_id
+
+SOURCE = "microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+OTHER = "BAAI/bge-small-en-v1.5:onnx"
+INFO = "GET /v1/info"
+
+
+@pytest.fixture(autouse=True)
+def polls_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("custom_components.hearth.coordinator.SCAN_INTERVAL", timedelta(hours=1))
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
+    async with FakeWorker(tmp_path / "fake") as worker:
+        yield worker
+    await tls_closed()
+
+
+def job(source: str, status: str, code: str | None = None, message: str = "") -> dict[str, Any]:
+    pulled = {"running": 1_000, "done": 4_000, "failed": 0}.get(status, 0)
+    return {
+        "source": source,
+        "status": status,
+        "phase": {"done": "done", "failed": "resolving"}.get(status, "downloading"),
+        "done_bytes": pulled,
+        "total_bytes": 4_000 if status != "failed" else 0,
+        "error": {"code": code, "message": message} if code else None,
+    }
+
+
+NO_SPACE = job(
+    SOURCE,
+    "failed",
+    "no_space",
+    f"{SOURCE} needs 4.9 GB more disk space and the models folder has 1.2 GB free",
+)
+
+
+async def setup(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="Kitchen worker", unique_id=fake.node_id, data=fake.entry_data()
+    )
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    return entry
+
+
+async def poll(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    await entry.runtime_data.coordinator.async_refresh()
+    await hass.async_block_till_done()
+
+
+def pull_issues(hass: HomeAssistant) -> dict[str, ir.IssueEntry]:
+    return {
+        issue_id: issue
+        for (domain, issue_id), issue in ir.async_get(hass).issues.items()
+        if domain == DOMAIN and issue_id.startswith("pull_failed_") and issue.active
+    }
+
+
+async def rendered(hass: HomeAssistant, issue: ir.IssueEntry) -> str:
+    """The issue's description as Home Assistant shows it in English."""
+    strings = await async_get_translations(hass, "en", "issues", [DOMAIN])
+    text = strings[f"component.{DOMAIN}.issues.{issue.translation_key}.description"]
+    assert issue.translation_placeholders is not None
+    return text.format(**issue.translation_placeholders)
+
+
+async def test_no_space_is_a_repair_until_the_pull_is_done(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    fake.pulls = [job(SOURCE, "running")]
+    entry = await setup(hass, fake)
+    assert pull_issues(hass) == {}
+
+    # The start-up pull fails for want of space: a repair naming the worker, the
+    # source and the sizes. Read while it ran, so this poll sees it.
+    fake.pulls = [NO_SPACE]
+    check_schema({**fake.info_json()}, "Info")
+    await poll(hass, entry)
+    issue_id = pull_issue_id(entry.entry_id, SOURCE)
+    assert list(pull_issues(hass)) == [issue_id]
+    issue = pull_issues(hass)[issue_id]
+    assert issue.translation_key == "pull_no_space"
+    assert issue.severity == ir.IssueSeverity.ERROR
+    assert not issue.is_fixable
+    assert issue.translation_placeholders == {
+        "name": "Kitchen worker",
+        "source": SOURCE,
+        "needed": "4.9 GB",
+        "free": "1.2 GB",
+    }
+    text = await rendered(hass, issue)
+    assert "Kitchen worker" in text and SOURCE in text
+    assert "needs 4.9 GB more disk space and has 1.2 GB free" in text
+
+    # Still failed at the next poll: one issue, the same.
+    await poll(hass, entry)
+    assert list(pull_issues(hass)) == [issue_id]
+
+    # Pulled again (space freed) and done: the source's latest job wins, the repair goes.
+    fake.pulls = [NO_SPACE, job(SOURCE, "running")]
+    await poll(hass, entry)
+    assert list(pull_issues(hass)) == [issue_id], "a retry still running keeps it"
+    fake.pulls = [NO_SPACE, job(SOURCE, "done")]
+    check_schema({**fake.info_json()}, "Info")
+    await poll(hass, entry)
+    assert pull_issues(hass) == {}
+
+
+async def test_other_failures_are_one_generic_repair_each_until_gone(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    fake.pulls = [
+        job(OTHER, "failed", "network", f"{OTHER}: the connection to the hub was lost"),
+        NO_SPACE,
+        job("acme/cancelled", "cancelled", "cancelled", "cancelled"),
+    ]
+    entry = await setup(hass, fake)
+    await poll(hass, entry)
+    issues = pull_issues(hass)
+    assert set(issues) == {
+        pull_issue_id(entry.entry_id, OTHER),
+        pull_issue_id(entry.entry_id, SOURCE),
+    }, "a cancelled pull is no repair"
+    generic = issues[pull_issue_id(entry.entry_id, OTHER)]
+    assert generic.translation_key == "pull_failed"
+    assert generic.severity == ir.IssueSeverity.WARNING
+    assert generic.translation_placeholders == {
+        "name": "Kitchen worker",
+        "source": OTHER,
+        "error": f"{OTHER}: the connection to the hub was lost",
+        "code": "network",
+    }
+    text = await rendered(hass, generic)
+    assert "the connection to the hub was lost (network)" in text
+
+    # The worker restarted: its jobs are gone, and so are the repairs.
+    fake.pulls = []
+    await poll(hass, entry)
+    assert pull_issues(hass) == {}
+
+    # Unloading the entry takes an open one with it.
+    fake.pulls = [NO_SPACE]
+    await hass.config_entries.async_reload(entry.entry_id)
+    await hass.async_block_till_done()
+    await poll(hass, entry)
+    assert list(pull_issues(hass)) == [pull_issue_id(entry.entry_id, SOURCE)]
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    await hass.async_block_till_done()
+    assert pull_issues(hass) == {}
+
+
+async def test_info_is_read_again_only_while_pulls_need_it(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    entry = await setup(hass, fake)
+    reads = fake.requests.count(INFO)
+    await poll(hass, entry)
+    await poll(hass, entry)
+    assert fake.requests.count(INFO) == reads, "nothing pulls: the capacity poll only"
+
+    # A pull through the API (or a model added): read until it is over.
+    fake.pulls = [job(OTHER, "running")]
+    await entry.runtime_data.coordinator.async_refresh_models()
+    await hass.async_block_till_done()
+    reads = fake.requests.count(INFO)
+    await poll(hass, entry)
+    assert fake.requests.count(INFO) == reads + 1
+    fake.pulls = [job(OTHER, "done")]
+    await poll(hass, entry)
+    reads = fake.requests.count(INFO)
+    await poll(hass, entry)
+    assert fake.requests.count(INFO) == reads
+    assert pull_issues(hass) == {}
