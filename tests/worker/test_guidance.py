@@ -572,3 +572,58 @@ def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
     )
     assert with_system.startswith("<system>Be brief.\n\n# Tools\n")
     assert "# Tools" not in template.render([{"role": "user", "content": "hi"}])
+
+
+# --------------------------------------------------------------------------- #
+# scripts/bench/voice_tools.py (bench_voice's tool-call figures)
+
+
+def _voice_tools() -> Any:
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+    sys.path.insert(0, str(bench))  # voice_tools imports voice_prompt beside it
+    spec = importlib.util.spec_from_file_location("hearth_voice_tools", bench / "voice_tools.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_voice_tools_bench_counts_valid_calls(
+    shared_worker: WorkerProcess, tiny_chat_model: Path
+) -> None:
+    import httpx
+    import openai
+
+    voice_tools = _voice_tools()
+    commands = voice_tools.commands()
+    offered = set(voice_tools._schemas())
+    assert len(commands) == 50 and {c.tool for c in commands} == offered
+    assert len({c.text for c in commands}) == 50
+
+    def call(name: str, arguments: str) -> Any:
+        function = type("F", (), {"name": name, "arguments": arguments})()
+        return type("C", (), {"function": function})()
+
+    schemas = voice_tools._schemas()
+    assert voice_tools.valid_call(call("HassTurnOn", '{"name": "Kitchen Light 1"}'), schemas)
+    assert not voice_tools.valid_call(call("HassTurnOn", '{"name": 1}'), schemas)
+    assert not voice_tools.valid_call(call("HassTurnOn", '{"name": '), schemas)
+    assert not voice_tools.valid_call(call("HassTurnOn", "[]"), schemas)
+    assert not voice_tools.valid_call(call("HassFly", "{}"), schemas)
+    assert not voice_tools.valid_call(call("HassStartTimer", '{"minutes": "5"}'), schemas)
+    async with openai.AsyncOpenAI(
+        base_url=shared_worker.url + "/v1",
+        api_key=shared_worker.token or "none",
+        http_client=httpx.AsyncClient(verify=False),
+        max_retries=0,
+    ) as client:
+        figures = await voice_tools.measure_tool_calls(
+            client, model_id(tiny_chat_model), limit=2, stride=25, verbose=False
+        )
+    assert figures["tool_call_commands"] == 2
+    assert figures["tool_call_valid_rate"] in (1.0, None), figures
+    assert 0 <= figures["tool_call_right_rate_required"] <= 1
