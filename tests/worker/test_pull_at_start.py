@@ -7,6 +7,7 @@ as the add-on starts them for hub ids in its ``models`` option.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from fakehub import FakeHub
-from hearth_worker.pull import installed_models
+from hearth_worker.pull import PullProgress, installed_models
+from hearth_worker.pull_jobs import PullJob
 from test_api import check_schema, model_id
 from test_models_api import FOLDER, REPO, SOURCE, get_json, served_ids
 from worker_process import WorkerProcess, start_worker
@@ -140,3 +142,37 @@ async def test_pull_at_start_without_space_leaves_the_worker_serving(
         rf"Pulling {re.escape(huge)} failed: .*needs [\d.]+ GB more disk space.*\(no_space\)", log
     ), log
     assert "Not pulling not a hub id: " in log, log
+
+
+def test_download_progress_is_logged_every_tenth_or_30_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A line when the download starts, then at each new 10 % step, or after 30 s
+    without one (a slow download); the clock is the test's."""
+    now = [1000.0]
+    job = PullJob(id="pull_test", source=SOURCE, name=None, clock=lambda: now[0])
+    total = 1_000_000_000
+
+    def report(done: int, phase: str = "downloading") -> None:
+        job.progress(PullProgress(SOURCE, phase, total, done, "model.onnx"))
+
+    caplog.set_level(logging.INFO, logger="hearth_worker.pull_jobs")
+    report(0, "resolving")
+    report(250_000_000)  # resumed: a quarter here already
+    report(260_000_000)
+    report(299_000_000)  # still the same 10 % step, within 30 s: no line
+    report(300_000_000)  # a new step
+    now[0] += 29.0
+    report(301_000_000)
+    now[0] += 1.0  # 30 s since the last line
+    report(302_000_000)
+    report(1_000_000_000)
+    report(1_000_000_000, "verifying")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"Pulling {SOURCE}: downloading 1.0 GB (250.0 MB here already)",
+        f"Pulling {SOURCE}: 30 % (300.0 MB of 1.0 GB)",
+        f"Pulling {SOURCE}: 30 % (302.0 MB of 1.0 GB)",
+        f"Pulling {SOURCE}: 100 % (1.0 GB of 1.0 GB)",
+    ]
+    assert (job.phase, job.done_bytes, job.total_bytes) == ("verifying", total, total)
