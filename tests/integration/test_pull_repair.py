@@ -4,26 +4,35 @@ Home Assistant, until that source's pull is done or gone.
 The worker's side (``serve --pull``, /v1/info's ``pulls`` with a real no_space failure) is
 tested with real processes in tests/worker/test_pull_at_start.py; here the fake worker
 (tests/fake_worker.py) reports the pulls, in the shape openapi.yaml gives them (checked),
-and the coordinator polls only when a test asks.
+and the coordinator polls only when a test asks. One test runs the whole way with a real
+worker started with ``--pull`` against the fake hub.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fake_worker import FakeWorker, check_schema
+from fakehub import FakeHub
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.translation import async_get_translations
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-from worker_process import tls_closed
+from worker_process import WorkerProcess, start_worker, tls_closed
 
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.coordinator import pull_issue_id
+
+from .conftest import entry_for, setup_entry
 
 SOURCE = "microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 OTHER = "BAAI/bge-small-en-v1.5:onnx"
@@ -200,3 +209,81 @@ async def test_info_is_read_again_only_while_pulls_need_it(
     await poll(hass, entry)
     assert fake.requests.count(INFO) == reads
     assert pull_issues(hass) == {}
+
+
+# -- the whole way: a real worker whose start-up pull finds too little disk space ------
+
+HUGE_REPO = "acme/Huge-chat-onnx"
+HUGE = f"{HUGE_REPO}:cpu_and_mobile/cpu-fp32-rtn"
+
+
+@pytest.fixture
+def hub(tiny_chat_model: Path) -> Iterator[FakeHub]:
+    """The tiny model as a repository whose biggest file the hub says is 1 PiB."""
+    with FakeHub() as fake:
+        repo = fake.add_repo(HUGE_REPO, {"cpu_and_mobile/cpu-fp32-rtn": tiny_chat_model})
+        max(repo.files.values(), key=lambda f: f.size).size = 1 << 50
+        yield fake
+
+
+def restart_without_pulls(worker: WorkerProcess, timeout: float = 60.0) -> None:
+    """Start the stopped worker again on its port and state dir, with no --pull."""
+    worker.stop()
+    args = list(worker.args)
+    args[args.index("--port") + 1] = str(worker.port)
+    while "--pull" in args:
+        del args[args.index("--pull") : args.index("--pull") + 2]
+    with worker.log_path.open("ab") as log:
+        worker.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2, context=worker.ssl):
+                return
+        except OSError:
+            if time.monotonic() > deadline or worker.process.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+async def test_a_real_workers_start_up_pull_without_space_is_a_repair(
+    hass: HomeAssistant, hub: FakeHub, tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    worker = start_worker(
+        [tiny_chat_model],
+        tmp_path / "worker",
+        extra=["--no-warmup", "--pull", HUGE],
+        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")},
+    )
+    try:
+        entry = entry_for(worker, "Attic worker")
+        await setup_entry(hass, entry)
+        issue_id = pull_issue_id(entry.entry_id, HUGE)
+        deadline = time.monotonic() + 60
+        while issue_id not in pull_issues(hass):  # the pull may still be resolving
+            assert time.monotonic() < deadline, worker.log()
+            await asyncio.sleep(0.1)
+            await poll(hass, entry)
+        issue = pull_issues(hass)[issue_id]
+        assert issue.translation_key == "pull_no_space"
+        placeholders = issue.translation_placeholders
+        assert placeholders is not None
+        assert placeholders["name"] == "Attic worker" and placeholders["source"] == HUGE
+        assert placeholders["needed"].endswith(" GB")
+        assert float(placeholders["needed"].removesuffix(" GB")) > 1e6
+        assert placeholders["free"].endswith(("GB", "MB", "kB", "bytes"))
+        assert str(worker.state_dir) not in await rendered(hass, issue)
+        # The worker serves what it has meanwhile.
+        assert entry.runtime_data.coordinator.info.chat_models != []
+
+        # Restarted without that pull (the add-on's option changed): the repair goes.
+        await hass.async_add_executor_job(restart_without_pulls, worker)
+        await poll(hass, entry)
+        assert pull_issues(hass) == {}
+        assert await hass.config_entries.async_unload(entry.entry_id)
+        await hass.async_block_till_done()
+    finally:
+        worker.stop()
+    await tls_closed()
