@@ -96,6 +96,7 @@ class WorkerProcess:
     process: subprocess.Popen[bytes]
     token: str | None = None
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # what the process was started with
 
     @property
     def headers(self) -> dict[str, str]:
@@ -166,6 +167,10 @@ def cli(state_dir: Path, *args: str) -> str:
     return done.stdout
 
 
+# Where a worker pulls from unless a test gives it a fake hub: a closed local port.
+NO_HUB = "http://127.0.0.1:9"
+
+
 def start_worker(
     models: list[Path],
     workdir: Path,
@@ -211,13 +216,10 @@ def start_worker(
         *[arg for model in models for arg in ("--model", str(model))],
         *(extra or []),
     ]
+    # A worker that pulls goes to a test's fake hub (env), never to huggingface.co.
+    process_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_ENDPOINT": NO_HUB, **(env or {})}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=process_env)
     deadline = time.monotonic() + timeout
     log_text = ""
     while not (ready := READY.search(log_text)):
@@ -236,4 +238,5 @@ def start_worker(
         process=process,
         token=issued,
         args=args,
+        env=process_env,
     )

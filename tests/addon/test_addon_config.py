@@ -332,12 +332,16 @@ def test_apparmor_profile(config: dict[str, Any]) -> None:
     assert not [r for r in worker if r.startswith("capability")], worker
     assert "file" not in worker
     assert "signal (receive) peer=*_hearth" in worker
-    # Its state in /data (files it owns); models and the share read-only.
+    # Its state in /data (files it owns); its own models in /data/models, which it pulls
+    # and removes (files it owns only); the share read-only.
     assert "owner /data/ rw" in worker
     assert "owner /data/{,.}* rwk" in worker
-    read_only = [r for r in worker if re.match(r"/(share|data/models)\b", r)]
-    assert read_only, "models must be readable"
-    for rule in read_only:
+    assert "owner /data/models/ rw" in worker
+    assert "owner /data/models/** rwkm" in worker
+    assert not [r for r in worker if r.startswith("/data/models")], "models: owner rules only"
+    share = [r for r in worker if r.startswith("/share")]
+    assert share, "the share's models must be readable"
+    for rule in share:
         assert set(rule.split()[-1]) <= {"r", "m"}, f"not read-only: {rule}"
     assert not [r for r in worker if r.startswith("/share") and "hearth" not in r]
     # The network it serves on.

@@ -157,13 +157,13 @@ class HomeAssistant:
         return dict(done["result"])
 
     async def set_options(self, entry_id: str, **options: Any) -> None:
-        form = await self.rest(
-            "POST", "/api/config/config_entries/options/flow", {"handler": entry_id}
-        )
+        """Hearth's household options: its options flow opens a menu, then the form."""
+        flow = "/api/config/config_entries/options/flow"
+        step = await self.rest("POST", flow, {"handler": entry_id})
+        assert step["type"] == "menu", step
+        form = await self.rest("POST", f"{flow}/{step['flow_id']}", {"next_step_id": "household"})
         assert form["type"] == "form", form
-        done = await self.rest(
-            "POST", f"/api/config/config_entries/options/flow/{form['flow_id']}", options
-        )
+        done = await self.rest("POST", f"{flow}/{form['flow_id']}", options)
         assert done["type"] == "create_entry", done
 
     async def use_conversation_agent(self, agent_id: str) -> dict[str, Any]:

@@ -49,18 +49,6 @@ async def test_demo_model_by_default_real_model_when_preferred(real_stack: devel
         assert entry["state"] == "loaded"
         options = {"prefer_local_intents": False, "max_tokens": 24, "temperature": 0}
 
-        async def set_options(**values: object) -> None:
-            """Hearth's household options (its options flow: a menu first, or the form)."""
-            flow = "/api/config/config_entries/options/flow"
-            form = await ha.rest("POST", flow, {"handler": entry["entry_id"]})
-            if form["type"] == "menu":
-                form = await ha.rest(
-                    "POST", f"{flow}/{form['flow_id']}", {"next_step_id": "household"}
-                )
-            assert form["type"] == "form", form
-            done = await ha.rest("POST", f"{flow}/{form['flow_id']}", values)
-            assert done["type"] == "create_entry", done
-
         async def ask(prompt: str) -> str:
             ran = await ha.rest(
                 "POST",
@@ -71,9 +59,9 @@ async def test_demo_model_by_default_real_model_when_preferred(real_stack: devel
             assert response["worker"] == develop.WORKER_NAME
             return str(response["answer"])
 
-        await set_options(**options)
+        await ha.set_options(entry["entry_id"], **options)
         assert await ask("hello") == "Hello from Hearth!"  # the demo model, by default
 
-        await set_options(**options, chat_model=develop.REAL_MODEL_NAME)
+        await ha.set_options(entry["entry_id"], **options, chat_model=develop.REAL_MODEL_NAME)
         answer = await ask("What is the capital of France?")
         assert "Paris" in answer, answer

@@ -61,12 +61,15 @@ def worker_info(worker: WorkerProcess) -> dict[str, Any]:
 
 
 def restart(worker: WorkerProcess, timeout: float = 60.0) -> None:
-    """Start a stopped worker again on the same port and state dir; wait until it answers."""
+    """Start a stopped worker again on the same port, state dir and environment (a fake
+    hub's address included); wait until it answers."""
     worker.stop()
     args = list(worker.args)
     args[args.index("--port") + 1] = str(worker.port)  # the port it picked the first time
     with worker.log_path.open("ab") as log:
-        worker.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        worker.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=worker.env or None
+        )
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -4,10 +4,6 @@ real worker that pulls from a fake Hugging Face Hub (tests/fakehub.py) on 127.0.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +26,7 @@ from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.router import RouteRequest
 
-from .conftest import entry_for, setup_entry, worker_info
+from .conftest import entry_for, restart, setup_entry, worker_info
 
 REPO = "acme/Tiny-chat-onnx"
 FOLDER = "cpu_and_mobile/cpu-fp32-rtn"
@@ -73,26 +69,6 @@ def model_worker(tiny_chat_model: Path, hub: FakeHub, tmp_path: Path) -> Iterato
 def hub_env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
     """The worker pulls from the fake hub, never from the internet."""
     return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
-
-
-def restart(worker: WorkerProcess, env: dict[str, str], timeout: float = 60.0) -> None:
-    """Start a stopped worker again, on its port and state dir, with the hub's env."""
-    worker.stop()
-    args = list(worker.args)
-    args[args.index("--port") + 1] = str(worker.port)
-    with worker.log_path.open("ab") as log:
-        worker.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
-        )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2, context=worker.ssl):
-                return
-        except OSError:
-            if time.monotonic() > deadline or worker.process.poll() is not None:
-                raise
-            time.sleep(0.1)
 
 
 @pytest.fixture(autouse=True)
@@ -320,7 +296,7 @@ async def test_a_download_stopped_on_the_worker_says_so(
     downloads = hub.downloads(REPO, DATA)
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
     await started_job(hass, hub, form["flow_id"], after=downloads)
-    await hass.async_add_executor_job(restart, model_worker, hub_env(hub, tmp_path))
+    await hass.async_add_executor_job(restart, model_worker)
     result = await finish_progress(hass, dict(result))
     assert result["errors"] == {"base": "pull_lost"}
     assert "restart" in result["description_placeholders"]["details"]
