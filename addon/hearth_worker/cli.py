@@ -343,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return pull.run_models_remove(models_dir, args.model_id)
     if args.command == "recommend":
         from .catalog import run_recommend  # noqa: PLC0415 (only this command needs it)
+        from .pull import default_models_dir  # noqa: PLC0415
 
-        models_dir = args.models_dir or args.state_dir / "models"
+        models_dir = args.models_dir or default_models_dir(args.state_dir)
         print(run_recommend(models_dir, as_json=args.json, explicit_dir=bool(args.models_dir)))
         return 0
     auth = AuthStore(args.state_dir)
