@@ -9,17 +9,18 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_socket
+from fake_worker import FakeWorker
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-from worker_process import WorkerProcess, cli, start_worker
+from worker_process import WorkerProcess, cli, start_worker, tls_closed
 
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
@@ -60,12 +61,14 @@ def worker_info(worker: WorkerProcess) -> dict[str, Any]:
         return dict(json.load(response))
 
 
-def restart(worker: WorkerProcess, timeout: float = 60.0) -> None:
+def restart(worker: WorkerProcess, timeout: float = 60.0, *, drop: str | None = None) -> None:
     """Start a stopped worker again on the same port, state dir and environment (a fake
-    hub's address included); wait until it answers."""
+    hub's address included), without the flag `drop` and its values; wait until it answers."""
     worker.stop()
     args = list(worker.args)
     args[args.index("--port") + 1] = str(worker.port)  # the port it picked the first time
+    while drop in args:
+        del args[args.index(drop) : args.index(drop) + 2]
     with worker.log_path.open("ab") as log:
         worker.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=worker.env or None
@@ -79,6 +82,14 @@ def restart(worker: WorkerProcess, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline or worker.process.poll() is not None:
                 raise
             time.sleep(0.1)
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
+    """A fake worker in the test's event loop, for the fast tests (tests/fake_worker.py)."""
+    async with FakeWorker(tmp_path / "fake") as worker:
+        yield worker
+    await tls_closed()
 
 
 @pytest.fixture(scope="session")

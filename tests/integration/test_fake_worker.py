@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from fake_worker import FakeWorker
 from worker_process import WorkerProcess, tls_closed
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
-    async with FakeWorker(tmp_path / "fake") as worker:
-        yield worker
-    await tls_closed()
 
 
 def shape(value: Any) -> Any:

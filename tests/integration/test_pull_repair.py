@@ -11,11 +11,9 @@ worker started with ``--pull`` against the fake hub.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
+import functools
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,12 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.translation import async_get_translations
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-from worker_process import WorkerProcess, start_worker, tls_closed
+from worker_process import start_worker, tls_closed
 
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.coordinator import pull_issue_id
 
-from .conftest import entry_for, setup_entry
+from .conftest import entry_for, restart, setup_entry
 
 SOURCE = "microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 OTHER = "BAAI/bge-small-en-v1.5:onnx"
@@ -42,13 +40,6 @@ INFO = "GET /v1/info"
 @pytest.fixture(autouse=True)
 def polls_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("custom_components.hearth.coordinator.SCAN_INTERVAL", timedelta(hours=1))
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
-    async with FakeWorker(tmp_path / "fake") as worker:
-        yield worker
-    await tls_closed()
 
 
 def job(source: str, status: str, code: str | None = None, message: str = "") -> dict[str, Any]:
@@ -226,28 +217,6 @@ def hub(tiny_chat_model: Path) -> Iterator[FakeHub]:
         yield fake
 
 
-def restart_without_pulls(worker: WorkerProcess, timeout: float = 60.0) -> None:
-    """Start the stopped worker again on its port and state dir, with no --pull."""
-    worker.stop()
-    args = list(worker.args)
-    args[args.index("--port") + 1] = str(worker.port)
-    while "--pull" in args:
-        del args[args.index("--pull") : args.index("--pull") + 2]
-    with worker.log_path.open("ab") as log:
-        worker.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
-        )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(worker.url + "/v1/health", timeout=2, context=worker.ssl):
-                return
-        except OSError:
-            if time.monotonic() > deadline or worker.process.poll() is not None:
-                raise
-            time.sleep(0.1)
-
-
 async def test_a_real_workers_start_up_pull_without_space_is_a_repair(
     hass: HomeAssistant, hub: FakeHub, tiny_chat_model: Path, tmp_path: Path
 ) -> None:
@@ -279,7 +248,7 @@ async def test_a_real_workers_start_up_pull_without_space_is_a_repair(
         assert entry.runtime_data.coordinator.info.chat_models != []
 
         # Restarted without that pull (the add-on's option changed): the repair goes.
-        await hass.async_add_executor_job(restart_without_pulls, worker)
+        await hass.async_add_executor_job(functools.partial(restart, worker, drop="--pull"))
         await poll(hass, entry)
         assert pull_issues(hass) == {}
         assert await hass.config_entries.async_unload(entry.entry_id)

@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from fake_worker import FakeWorker
@@ -21,7 +20,6 @@ from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import entity_registry as er
 from pytest_homeassistant_custom_component.common import MockConfigEntry
-from worker_process import tls_closed
 
 from custom_components.hearth.const import DOMAIN
 
@@ -33,13 +31,6 @@ def polls_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """No interval poll comes during a test, however slow the machine: only the polls a
     test makes (`async_refresh`) refresh the snapshot."""
     monkeypatch.setattr("custom_components.hearth.coordinator.SCAN_INTERVAL", timedelta(hours=1))
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
-    async with FakeWorker(tmp_path / "fake") as worker:
-        yield worker
-    await tls_closed()
 
 
 async def setup(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +32,6 @@ from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotEx
 from syrupy.assertion import SnapshotAssertion
 from syrupy.filters import props
 from syrupy.matchers import path_type
-from worker_process import tls_closed
 
 from custom_components.hearth.const import (
     CONF_CODE,
@@ -49,13 +46,6 @@ from custom_components.hearth.diagnostics import async_get_config_entry_diagnost
 def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
     """Home Assistant's snapshot extension (snapshots/ beside this file), as core's conftest."""
     return snapshot.use_extension(HomeAssistantSnapshotExtension)
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeWorker]:
-    async with FakeWorker(tmp_path / "fake") as worker:
-        yield worker
-    await tls_closed()
 
 
 def fake_entry(fake: FakeWorker, title: str = "Fake worker") -> MockConfigEntry:
