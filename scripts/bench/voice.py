@@ -32,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import voice_prompt  # noqa: E402
+import voice_tools  # noqa: E402
 from worker_process import WorkerProcess, start_worker  # noqa: E402
 
 # Targets from the issue (reported, not enforced here).
@@ -120,12 +120,6 @@ def story(member: int) -> list[dict[str, Any]]:
 
 # -- tool calls: helper "guidance" adds the measure of tool calls here --------------
 #
-# A function `(client, model) -> {"tool_call_valid_rate": float, "tool_call_right_rate":
-# float, ...}` over 50 varied commands; its figures are merged into the JSON.
-ToolCallMeasure = Callable[[openai.AsyncOpenAI, str], Awaitable[dict[str, Any]]]
-TOOL_CALL_MEASURES: list[ToolCallMeasure] = []
-
-
 async def measure(
     worker: WorkerProcess, model: str, rounds: int, new_tokens: int
 ) -> dict[str, Any]:
@@ -165,9 +159,9 @@ async def measure(
             )
             concurrent[str(n)] = sum(r["tokens"] for r in results) / (time.perf_counter() - started)
             print(f"{n} concurrent: {concurrent[str(n)]:.1f} tok/s in all", flush=True)
-        figures: dict[str, Any] = {}
-        for measure_calls in TOOL_CALL_MEASURES:
-            figures |= await measure_calls(client, model)
+        # Tool calls over 50 household commands (valid, right tool, commands answered
+        # without a call): scripts/bench/voice_tools.py.
+        figures = await voice_tools.measure_tool_calls(client, model)
     cold_ms = statistics.median(c["ms"] for c in cold)
     return {
         "prompt_tokens": cold[0]["prompt_tokens"],
