@@ -292,6 +292,10 @@ class ChatModel:
         """The prompt prefixes cached for this model, as hashes of token ids."""
         return [] if self.cache is None else self.cache.warm_prefixes(self.cache_owner)
 
+    def warm_keys(self) -> list[str]:
+        """The household prefix keys (X-Hearth-Prefix) this model's cache entries hold."""
+        return [] if self.cache is None else self.cache.warm_keys(self.cache_owner)
+
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tokenizer.encode(text)]
 
@@ -341,8 +345,13 @@ class ChatModel:
         sampling: Sampling,
         on_text: Callable[[str], None],
         cancelled: threading.Event,
+        prefix_key: str | None = None,
     ) -> GenerationResult:
-        """Generate in the calling thread, handing decoded text to `on_text`."""
+        """Generate in the calling thread, handing decoded text to `on_text`.
+
+        `prefix_key`: the client's key for the prompt's household prefix, kept
+        with the cache entry and listed in /v1/capacity (`warm_keys`).
+        """
         max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
         needed = len(prompt_ids) + max_new
         result = GenerationResult(prompt_tokens=len(prompt_ids))
@@ -356,7 +365,9 @@ class ChatModel:
                 generator, prompt_ids, max_new, sampling, on_text, cancelled, result
             )
             if self.cache is not None and entry.key is not None:
-                self.cache.put(entry, [int(t) for t in generator.get_sequence(0)])
+                self.cache.put(
+                    entry, [int(t) for t in generator.get_sequence(0)], prefix_key, len(prompt_ids)
+                )
                 kept = True
         finally:
             if not kept and self.cache is not None:
@@ -473,6 +484,7 @@ class ChatModel:
         prompt_ids: list[int],
         sampling: Sampling,
         cancelled: threading.Event,
+        prefix_key: str | None = None,
     ) -> AsyncGenerator[str | GenerationResult]:
         """Yield text pieces as they are generated, then the `GenerationResult`.
 
@@ -516,7 +528,7 @@ class ChatModel:
             _LOGGER.debug("Generation started: %d running", running)
             try:
                 result: GenerationResult | BaseException = self.generate(
-                    prompt_ids, sampling, hand_over, cancelled
+                    prompt_ids, sampling, hand_over, cancelled, prefix_key
                 )
             except BaseException as err:  # handed to the event loop and raised there
                 result = err

@@ -19,7 +19,14 @@ generators are never stopped for it: only they can exceed it). Everything is
 in memory: nothing reaches the disk, and a model's entries are dropped with it.
 
 `/v1/capacity` shows the warm prefixes as hashes (never text): the SHA-256 of
-the first N token ids, for N at a few block boundaries each entry covers.
+the first N token ids, for N at a few block boundaries each entry covers, and
+the household prefix keys (`warm_keys`) of the requests that left each entry: a
+client that cannot tokenize (Home Assistant) sends a key of its own with each
+request (the SHA-256 of the part every request of the household starts with)
+and routes to the worker that lists it. An entry keeps at most
+`MAX_KEYS_PER_ENTRY` keys, and forgets a key when a request rewinds it into the
+prompt that key came with (the household part it named may be gone: the
+worker cannot tell where in the prompt that part ended).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ DEFAULT_BUDGET_MB = 1024  # room for a 3B model's 2k-token prompt (fp32 KV: ~230
 PREFIX_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # A common prefix shorter than this is not worth a generator sized for another prompt.
 MIN_REUSE_TOKENS = 16
+# Household prefix keys remembered per entry (most recent last).
+MAX_KEYS_PER_ENTRY = 4
 
 
 def prefix_hash(token_ids: Sequence[int], length: int) -> str:
@@ -68,6 +77,9 @@ class CacheEntry:
     nbytes: int
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
+    # The prefix keys (X-Hearth-Prefix) of the requests whose prompts it holds,
+    # oldest first, with the length of the prompt each came with.
+    prefix_keys: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +136,8 @@ class PromptCache:
                 self.misses += 1
                 return Taken(None)
             self._idle.remove(best)
+            # Rewound into a key's prompt: the part that key named may be gone.
+            best.prefix_keys = {k: n for k, n in best.prefix_keys.items() if n - 1 <= best_len}
             self._busy_bytes += best.nbytes
             self.hits += 1
             self.cached_tokens += best_len
@@ -140,13 +154,27 @@ class PromptCache:
             self._evict()
             self._note_peak()
 
-    def put(self, entry: CacheEntry, tokens: list[int]) -> None:
-        """Give a generator back with the tokens it now holds; evict LRU over budget."""
+    def put(
+        self,
+        entry: CacheEntry,
+        tokens: list[int],
+        prefix_key: str | None = None,
+        prompt_tokens: int = 0,
+    ) -> None:
+        """Give a generator back with the tokens it now holds; evict LRU over budget.
+
+        `prefix_key`: the household prefix key of the request whose `prompt_tokens`
+        long prompt `tokens` start with; listed in `warm_keys`.
+        """
         with self._lock:
             self._busy_bytes = max(0, self._busy_bytes - entry.nbytes)
             if len(tokens) < 2 or entry.nbytes > self.budget_bytes:
                 return
             entry.tokens = tokens
+            if prefix_key:
+                keys = [(k, n) for k, n in entry.prefix_keys.items() if k != prefix_key]
+                keys.append((prefix_key, min(prompt_tokens, len(tokens)) or len(tokens)))
+                entry.prefix_keys = dict(keys[-MAX_KEYS_PER_ENTRY:])
             entry.last_used = next(self._clock)
             self._idle.append(entry)
             self._evict()
@@ -200,6 +228,13 @@ class PromptCache:
                 if item not in seen:
                     seen.add(item)
                     out.append({"tokens": block, "sha256": item[1]})
+        return out
+
+    def warm_keys(self, model_id: int) -> list[str]:
+        """The household prefix keys a model's entries hold, most recently used first."""
+        out: list[str] = []
+        for entry in sorted(self.entries(model_id), key=lambda e: -e.last_used):
+            out.extend(k for k in reversed(entry.prefix_keys) if k not in out)
         return out
 
     def snapshot(self) -> dict[str, Any]:

@@ -54,6 +54,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # POST /v1/pair needs no token: read no more than a pairing proof needs.
 MAX_PAIR_BODY_BYTES = 4 * 1024
 PARSE_ON_LOOP_BYTES = 64 * 1024
+# The client's key for a request's household prompt prefix (SHA-256, hex).
+PREFIX_HEADER = "X-Hearth-Prefix"
 # POST /v1/models/pull: a source and a name.
 MAX_PULL_BODY_BYTES = 4 * 1024
 
@@ -437,6 +439,7 @@ class Worker:
             "warm_prefixes": {
                 name: model.warm_prefixes() for name, model in self.chat_models.items()
             },
+            "warm_keys": {name: model.warm_keys() for name, model in self.chat_models.items()},
         }
 
     async def models(self, request: web.Request) -> web.Response:
@@ -597,9 +600,12 @@ class Worker:
         try:
             async with self.admission.slot():
                 _LOGGER.debug("Chat request: %d prompt tokens", len(prompt_ids))
+                key = prefix_key_header(request)
                 if req.stream:
-                    return await self._stream_chat(request, req, model, prompt_ids, sampling, guide)
-                return await self._complete_chat(req, model, prompt_ids, sampling, guide)
+                    return await self._stream_chat(
+                        request, req, model, prompt_ids, sampling, guide, key
+                    )
+                return await self._complete_chat(req, model, prompt_ids, sampling, guide, key)
         except Busy as err:
             raise _busy(err) from err
 
@@ -610,11 +616,12 @@ class Worker:
         prompt_ids: list[int],
         sampling: Sampling,
         guide: Guide | None,
+        prefix_key: str | None = None,
     ) -> web.Response:
         pieces: list[str] = []
         result = GenerationResult()
         async with contextlib.aclosing(
-            model.stream(prompt_ids, sampling, threading.Event())
+            model.stream(prompt_ids, sampling, threading.Event(), prefix_key)
         ) as items:
             async for item in items:
                 if isinstance(item, GenerationResult):
@@ -658,6 +665,7 @@ class Worker:
         prompt_ids: list[int],
         sampling: Sampling,
         guide: Guide | None,
+        prefix_key: str | None = None,
     ) -> web.StreamResponse:
         completion_id = _completion_id()
         head = json.dumps(
@@ -683,7 +691,9 @@ class Worker:
         try:
             # Closed on the way out, however it is left: the generation thread has
             # ended before the admission slot is given back.
-            async with contextlib.aclosing(model.stream(prompt_ids, sampling, cancelled)) as items:
+            async with contextlib.aclosing(
+                model.stream(prompt_ids, sampling, cancelled, prefix_key)
+            ) as items:
                 async for item in items:
                     if isinstance(item, GenerationResult):
                         result = item
@@ -799,6 +809,14 @@ def _too_large(limit: int) -> ApiError:
 
 def _error_response(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+def prefix_key_header(request: web.Request) -> str | None:
+    """The client's household prefix key (X-Hearth-Prefix): 64 hex digits, else none."""
+    value = request.headers.get(PREFIX_HEADER, "").strip().lower()
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
 
 
 def _busy(err: Busy) -> ApiError:
