@@ -40,6 +40,16 @@ On top of the estimate (`Router.rank`):
   the whole prompt is prefilled again, and 1.5x caps what a sticky turn can
   lose where there is no cache. It lapses after ``STICKY_TTL_S`` (5 minutes,
   when Home Assistant forgets the conversation too).
+* **Warm prefixes**: a request carries the key of its household part (the
+  system prompt and tools every member's request starts with,
+  ``RouteRequest.prefix_key``) and each worker lists the keys its prompt cache
+  holds (``WorkerState.warm_keys``, from /v1/capacity). On a worker holding
+  the key the estimate leaves out the prefill of that part
+  (``prefix_tokens`` at the worker's prefill rate), and the same rule as
+  stickiness applies: a request without a sticky worker goes to the best
+  warm worker unless another's estimate is more than ``sticky_factor`` lower.
+  One rule, one factor: the preferred worker is the conversation's, else the
+  warm one.
 * **Circuit breaker** per worker: a failure or timeout opens it (the worker is
   left out, or ranked last when nothing else is left) for a back-off that
   doubles with every failure in a row (``BREAKER_BASE_S`` up to
@@ -105,6 +115,8 @@ class WorkerState:
     on_battery: bool | None = None
     user_active: bool | None = None
     memory_free_mb: int | None = None
+    # Per chat model: the household prefix keys its prompt cache holds.
+    warm_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Household flags (options of the worker's config entry).
     only_when_idle: bool = False
     not_on_battery: bool = False
@@ -115,7 +127,8 @@ class RouteRequest:
     """The request to place. `model` None: any chat model will do.
 
     `conversation_id` makes later turns stick to the worker of the earlier
-    ones; `kind` groups requests whose answers have similar lengths ("voice",
+    ones; `prefix_key` prefers a worker whose prompt cache holds the prefix;
+    `kind` groups requests whose answers have similar lengths ("voice",
     "task", ...) for the learned answer length.
     """
 
@@ -124,6 +137,10 @@ class RouteRequest:
     max_new_tokens: int = 128
     conversation_id: str | None = None
     kind: str = "chat"
+    # The household prefix: its key (X-Hearth-Prefix) and its size in tokens
+    # (of `prompt_tokens`), roughly.
+    prefix_key: str | None = None
+    prefix_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +194,28 @@ def _rate(measured: float | None, default: float) -> float:
 
 
 def request_seconds(
-    rate: ModelRate, request: RouteRequest, new_tokens: float | None = None
+    rate: ModelRate,
+    request: RouteRequest,
+    new_tokens: float | None = None,
+    cached_tokens: int = 0,
 ) -> float:
     """Time one request takes on an otherwise idle worker.
 
-    `new_tokens`: the expected answer length (default: `request.max_new_tokens`).
+    `new_tokens`: the expected answer length (default: `request.max_new_tokens`);
+    `cached_tokens`: prompt tokens the worker's cache holds (not prefilled).
     """
     prefill = _rate(rate.prefill_tok_s, DEFAULT_PREFILL_TOK_S)
     decode = _rate(rate.decode_tok_s, DEFAULT_DECODE_TOK_S)
     tokens = request.max_new_tokens if new_tokens is None else new_tokens
-    return request.prompt_tokens / prefill + tokens / decode
+    prompt = max(0, request.prompt_tokens - max(0, cached_tokens))
+    return prompt / prefill + tokens / decode
+
+
+def holds_prefix(worker: WorkerState, model: str, request: RouteRequest) -> bool:
+    """Whether `worker`'s prompt cache holds the request's household prefix for `model`."""
+    return request.prefix_key is not None and request.prefix_key in worker.warm_keys.get(
+        model, frozenset()
+    )
 
 
 def finish_seconds(work: float, ahead: Sequence[float], slots: int) -> float:
@@ -478,7 +507,9 @@ class Router:
             return None
         rate = worker.chat_models[model]
         scale = self.scale(worker.worker_id)
-        work = request_seconds(rate, request, new_tokens) * scale
+        warm = holds_prefix(worker, model, request)
+        cached = min(request.prefix_tokens, request.prompt_tokens - 1) if warm else 0
+        work = request_seconds(rate, request, new_tokens, cached) * scale
         own = self._own_ahead(worker.worker_id, now)
         shown = max(0, self._own_at_snapshot.get(worker.worker_id, 0))
         others = max(0, worker.running + worker.queued - shown)
@@ -489,6 +520,8 @@ class Router:
         reasons = _reasons(worker)
         if own:
             reasons = (*reasons, "reserved")
+        if warm:
+            reasons = (*reasons, "warm")
         token_s = 1 / _rate(rate.decode_tok_s, DEFAULT_DECODE_TOK_S)
         return Candidate(
             worker.worker_id, model, seconds, reasons, work, work / scale, token_s, new_tokens
@@ -497,8 +530,10 @@ class Router:
     def rank(self, workers: Iterable[WorkerState], request: RouteRequest) -> list[Candidate]:
         """Every worker that can answer, best first, last resorts at the end.
 
-        Order: workers free to take it by estimated finish (a sticky worker
-        moved to the front when within `sticky_factor` of the best), then
+        Order: workers free to take it by estimated finish (the preferred
+        worker moved to the front when within `sticky_factor` of the best: the
+        conversation's sticky worker, else the best one holding the request's
+        household prefix), then
         workers the household flags keep out right now, then workers whose
         breaker is open or that are being probed.
         """
@@ -525,14 +560,18 @@ class Router:
         for tier_list in tiers:
             tier_list.sort(key=lambda c: (c.estimated_s, c.worker_id))
         first = tiers[0]
-        sticky = self.sticky_worker(request.conversation_id)
-        if sticky is not None and first:
-            index = next((i for i, c in enumerate(first) if c.worker_id == sticky), None)
+        preferred, why = self.sticky_worker(request.conversation_id), "sticky"
+        if preferred is None:
+            # The best worker holding the prefix (the list is sorted).
+            warm = next((c for c in first if "warm" in c.reasons), None)
+            preferred, why = (warm.worker_id if warm else None), "prefix"
+        if preferred is not None and first:
+            index = next((i for i, c in enumerate(first) if c.worker_id == preferred), None)
             if (
                 index is not None
                 and index > 0
                 and first[index].estimated_s <= self.sticky_factor * first[0].estimated_s
             ):
                 chosen = first.pop(index)
-                first.insert(0, _with_reasons(chosen, "sticky"))
+                first.insert(0, _with_reasons(chosen, why))
         return [*tiers[0], *tiers[1], *tiers[2]]

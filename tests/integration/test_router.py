@@ -468,3 +468,61 @@ def test_speed_correction_is_bounded(takes_s: float, scale: float) -> None:
         r.release(res, completion_tokens=100)
     assert r.scale("a") == pytest.approx(scale, rel=0.01)
     assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(1.2 * scale, rel=0.01)
+
+
+KEY = "ab" * 32
+VOICE = RouteRequest(prompt_tokens=1000, max_new_tokens=20, prefix_key=KEY, prefix_tokens=900)
+
+
+def test_warm_worker_skips_the_prefill_of_its_prefix() -> None:
+    rate = ModelRate(prefill_tok_s=200.0, decode_tok_s=50.0)
+    warm = idle("a", rate, warm_keys={"m": frozenset({KEY})})
+    cold = idle("b", rate)
+    other_model = idle("c", rate, warm_keys={"other": frozenset({KEY})})
+    ranked = rank([cold, other_model, warm], VOICE)
+    assert [c.worker_id for c in ranked] == ["a", "b", "c"]
+    assert "warm" in ranked[0].reasons and "warm" not in ranked[1].reasons
+    # 100 prompt tokens left to prefill at 200 tok/s, 20 to decode at 50 tok/s.
+    assert ranked[0].estimated_s == pytest.approx(100 / 200 + 20 / 50)
+    assert ranked[1].estimated_s == pytest.approx(1000 / 200 + 20 / 50)
+    assert ranked[2].estimated_s == ranked[1].estimated_s  # a key of another model
+    # Without a key, or with another one, nobody is warm.
+    for request in (
+        RouteRequest(prompt_tokens=1000, max_new_tokens=20, prefix_tokens=900),
+        RouteRequest(prompt_tokens=1000, max_new_tokens=20, prefix_key="cd" * 32),
+    ):
+        assert {c.estimated_s for c in rank([cold, warm], request)} == {ranked[1].estimated_s}
+
+
+def test_warm_worker_preferred_unless_a_cold_one_is_clearly_faster() -> None:
+    request = RouteRequest(prompt_tokens=200, max_new_tokens=100, prefix_key=KEY, prefix_tokens=100)
+    cold = idle("b", FAST)  # 0.2 s prefill + 1.0 s decode
+    keys = {"m": frozenset({KEY})}
+    # Warm but a bit slower (1.375 s against 1.2 s): within 1.5x, it is preferred.
+    warm = idle("a", ModelRate(800.0, 80.0), warm_keys=keys)
+    ranked = rank([cold, warm], request)
+    assert [c.worker_id for c in ranked] == ["a", "b"]
+    assert "prefix" in ranked[0].reasons and "warm" in ranked[0].reasons
+    assert ranked[0].estimated_s == pytest.approx(100 / 800 + 100 / 80)
+    # Warm and much slower (2.75 s against 1.2 s): the cold, faster one answers.
+    slow_warm = idle("a", ModelRate(400.0, 40.0), warm_keys=keys)
+    assert [c.worker_id for c in rank([cold, slow_warm], request)] == ["b", "a"]
+    # One rule: the factor is the stickiness factor.
+    strict = Router(Clock(), sticky_factor=1.1)
+    assert strict.rank([cold, warm], request)[0].worker_id == "b"
+
+
+def test_conversation_worker_comes_before_a_warm_one() -> None:
+    r = Router(Clock())
+    turn = RouteRequest(
+        prompt_tokens=200,
+        max_new_tokens=100,
+        conversation_id="c1",
+        prefix_key=KEY,
+        prefix_tokens=100,
+    )
+    r.release(place(r, [idle("b")], turn))
+    warm = idle("a", warm_keys={"m": frozenset({KEY})})  # 1.1 s; b: 1.2 s
+    ranked = r.rank([warm, idle("b")], turn)
+    assert [c.worker_id for c in ranked] == ["b", "a"]
+    assert "sticky" in ranked[0].reasons
