@@ -57,9 +57,17 @@ class HearthTaskEntity(ai_task.AITaskEntity):  # type: ignore[misc]
 
     async def _async_generate_data(self, task: Any, chat_log: conversation.ChatLog) -> Any:
         extra = None
+        response_format = None
         if task.structure:
-            schema = json.dumps(convert(task.structure))
-            extra = f"Answer with one JSON object only, matching this JSON schema: {schema}"
+            schema = _closed(convert(task.structure))
+            extra = (
+                f"Answer with one JSON object only, matching this JSON schema: {json.dumps(schema)}"
+            )
+            # Workers with guidance decode under this schema: the answer always parses.
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "task", "schema": schema},
+            }
         await async_run_chat_log(
             self.hass,
             self.cluster,
@@ -67,6 +75,7 @@ class HearthTaskEntity(ai_task.AITaskEntity):  # type: ignore[misc]
             self.entity_id,
             extra_instructions=extra,
             kind="task",
+            response_format=response_format,
         )
         last = chat_log.content[-1]
         text = (last.content if isinstance(last, conversation.AssistantContent) else None) or ""
@@ -76,3 +85,16 @@ class HearthTaskEntity(ai_task.AITaskEntity):  # type: ignore[misc]
         if data is None:
             raise HomeAssistantError(translation_domain=DOMAIN, translation_key="bad_structure")
         return ai_task.GenDataTaskResult(conversation_id=chat_log.conversation_id, data=data)
+
+
+def _closed(schema: Any) -> Any:
+    """The JSON schema of a voluptuous structure, with its objects closed to keys it does
+    not name (voluptuous refuses extra keys by default; JSON schema allows them)."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if closed.get("type") == "object" and "properties" in closed:
+        closed.setdefault("additionalProperties", False)
+    return closed

@@ -394,6 +394,7 @@ async def async_run_chat_log(
     extra_instructions: str | None = None,
     language: str | None = None,
     kind: str = "voice",
+    response_format: dict[str, Any] | None = None,
 ) -> str:
     """Let the household's workers answer the chat log, running tool calls in between.
 
@@ -424,6 +425,8 @@ async def async_run_chat_log(
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
         if (temperature := sampling_temperature(settings)) is not None:
             body["temperature"] = temperature
+        if response_format is not None:  # the worker holds the answer to it (a grammar)
+            body["response_format"] = response_format
         if tools:
             body["tools"] = tools
         cut_off: list[HomeAssistantError] = []
