@@ -45,6 +45,8 @@ from .const import (
 from .const import REQUEST_TIMEOUT as REQUEST_SECONDS
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_SECONDS, sock_connect=CONNECT_TIMEOUT)
+# The household prefix key of a chat request (worker: server.PREFIX_HEADER).
+PREFIX_HEADER = "X-Hearth-Prefix"
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +249,8 @@ class Capacity:
     battery_percent: float | None
     user_active: bool | None
     timestamp: float
+    # Per chat model: the household prefix keys (X-Hearth-Prefix) its prompt cache holds.
+    warm_keys: dict[str, frozenset[str]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -262,6 +266,18 @@ class ChatDelta:
 
 def _opt_float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+def _warm_keys(cache: Any) -> dict[str, frozenset[str]]:
+    """`prompt_cache.warm_keys` of a capacity snapshot (none from older workers)."""
+    keys = cache.get("warm_keys") if isinstance(cache, Mapping) else None
+    if not isinstance(keys, Mapping):
+        return {}
+    return {
+        str(model): frozenset(k for k in listed if isinstance(k, str))
+        for model, listed in keys.items()
+        if isinstance(listed, list)
+    }
 
 
 def parse_capacity(data: Mapping[str, Any]) -> Capacity:
@@ -291,6 +307,7 @@ def parse_capacity(data: Mapping[str, Any]) -> Capacity:
             battery_percent=_opt_float(data.get("battery_percent")),
             user_active=user_active if isinstance(user_active, bool) else None,
             timestamp=float(data.get("timestamp") or 0.0),
+            warm_keys=_warm_keys(data.get("prompt_cache")),
             raw=dict(data),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -817,7 +834,10 @@ class HearthClient:
         return parse_catalog(await self._request("GET", "/v1/catalog"))
 
     async def chat_stream(
-        self, body: Mapping[str, Any], timeouts: StreamTimeouts | None = None
+        self,
+        body: Mapping[str, Any],
+        timeouts: StreamTimeouts | None = None,
+        prefix_key: str | None = None,
     ) -> AsyncGenerator[ChatDelta]:
         """Open a streamed chat completion.
 
@@ -827,15 +847,19 @@ class HearthClient:
         the finish reason and the tool calls, assembled from their fragments. Every
         wait is bounded by `timeouts` (HearthTimeoutError); a stream that breaks
         off or ends before its end marker raises HearthConnectionError.
+        `prefix_key` goes along as X-Hearth-Prefix (the household prefix's key).
         """
         limits = timeouts or StreamTimeouts()
+        headers = self._headers()
+        if prefix_key:
+            headers[PREFIX_HEADER] = prefix_key
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout_at(started + min(limits.first_token, limits.total)):
                 response = await self._session.post(
                     await self._url("/v1/chat/completions"),
                     json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                    headers=self._headers(),
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect),
                     ssl=self._ssl(),
                 )

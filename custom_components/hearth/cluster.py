@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -174,6 +175,7 @@ class WorkerHandle:
             on_battery=capacity.on_battery,
             user_active=capacity.user_active,
             memory_free_mb=capacity.memory_free_mb,
+            warm_keys=capacity.warm_keys,
             only_when_idle=only_when_idle,
             not_on_battery=not_on_battery,
         )
@@ -182,6 +184,25 @@ class WorkerHandle:
 def prompt_chars(body: dict[str, Any]) -> int:
     """A chat request's prompt size in characters (messages and tools)."""
     return len(json.dumps([body.get("messages"), body.get("tools")], ensure_ascii=False))
+
+
+def household_prefix(body: dict[str, Any]) -> tuple[str, int] | None:
+    """The request's household prefix: its key and its size in tokens, roughly.
+
+    The part every member's request starts with (assistant.py lays it out so):
+    the first message when it is a system message, and the tools. The key is
+    the SHA-256 (hex) of both as canonical JSON; the worker cannot compute it
+    (it sees token ids), it keeps the key the request brings (X-Hearth-Prefix).
+    None: no system message first.
+    """
+    messages = body.get("messages") or []
+    first = messages[0] if messages else None
+    if not isinstance(first, dict) or first.get("role") != "system":
+        return None
+    part = [first.get("content"), body.get("tools") or []]
+    canonical = json.dumps(part, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    key = hashlib.sha256(canonical.encode()).hexdigest()
+    return key, max(1, len(json.dumps(part)) // 4)
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -358,12 +379,15 @@ class Cluster:
         """
         if (length := prompt_chars(body)) > (limit := self.prompt_char_limit()):
             raise MessageTooLongError(length, limit)
+        prefix = household_prefix(body)
         request = router.RouteRequest(
             model=self.settings.get(CONF_CHAT_MODEL) or None,
             prompt_tokens=prompt_tokens or estimate_prompt_tokens(body),
             max_new_tokens=int(body.get("max_tokens") or DEFAULT_MAX_TOKENS),
             conversation_id=conversation_id,
             kind=kind,
+            prefix_key=prefix[0] if prefix else None,
+            prefix_tokens=prefix[1] if prefix else 0,
         )
         refusals: list[tuple[str, HearthRequestError]] = []
         for candidate in await self.async_candidates(request):
@@ -374,7 +398,9 @@ class Cluster:
             reservation = self._reserve(candidate, request)
             try:
                 deltas = await worker.client.chat_stream(
-                    {**body, "model": candidate.model}, self.timeouts
+                    {**body, "model": candidate.model},
+                    self.timeouts,
+                    request.prefix_key,
                 )
                 first = await _first_delta(deltas)
             except HearthBusyError as err:

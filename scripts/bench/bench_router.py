@@ -24,9 +24,20 @@ Every policy honours the household flags the same way (a flagged worker only
 when no other one is left) and fails over the same way: connection errors and
 stalls are noticed after a 5 s timeout, a full worker answers 429 at once.
 Latency: arrival to last token, including failed attempts; "lost": requests
-no worker took within 60 s (every worker full or failing). Fixed seed. The
-worker has no prompt cache today, so none is modelled: stickiness shows here
-only as a cost.
+no worker took within 60 s (every worker full or failing). Fixed seed.
+
+The worker's prompt cache is modelled as it works (prompt_cache.py): it keeps
+the last `CACHE_ENTRIES` prompts (LRU; its budget); a request started there
+reuses the entry sharing the most with its prompt (taken out while it runs,
+put back with its prompt when done) and skips that prefill: the previous turn's
+prompt for the next turn of a conversation, the household prefix (system prompt
+and tools, `PREFIX_TOKENS`, the same for every voice request) for another
+conversation. A worker that leaves loses its cache. Capacity snapshots tell
+whether a worker holds the household prefix (`warm_keys`, polled, so up to a
+poll interval stale); hearth sends the prefix key (router.py: a warm worker is
+estimated without that prefill) and keeps conversations on their worker
+(stickiness); the oracle knows every cache; the other policies get the saving
+wherever they happen to land.
 """
 
 from __future__ import annotations
@@ -135,6 +146,15 @@ RATE_ALPHA = 0.3  # the worker's RateTracker
 LEAVE_AT, RETURN_AT = 0.40, 0.65  # shares of the run
 EXTERNAL_SHARE = 0.05  # another client's load on the desktop, share of its capacity
 VOICE_WORK_SHARE = 0.5
+# The household prefix every voice request starts with (system prompt, tools),
+# and how many prompts a worker's prompt cache keeps (LRU): the worker's default
+# budget (1024 MB) over one entry of the reference model (135M Llama shape: 30
+# layers x 2 x 3 KV heads x 64 x 4 bytes = 46 KB a token) sized for a voice
+# prompt (~1,400 tokens with chat_engine's headroom): ~64 MB, 16 entries. (A 3B
+# model's entries, ~0.5 GB, leave 2: run with CACHE_ENTRIES = 2 to see that.)
+PREFIX_TOKENS = 400
+CACHE_ENTRIES = 16
+PREFIX_KEY = "household"
 
 
 # --------------------------------------------------------------------------- workload
@@ -152,6 +172,7 @@ class Request:
     conversation: str | None = None
     external: bool = False
     target: str | None = None  # external requests go straight to this worker
+    prefix: bool = False  # starts with the household prefix (voice)
 
     @property
     def nominal(self) -> float:
@@ -178,6 +199,7 @@ def _voice_session(rng: random.Random, t0: float, sid: int) -> list[tuple[float,
                     "max_new": 64,
                     "new": rng.randint(8, 48),
                     "conversation": f"c{sid}",
+                    "prefix": True,
                 },
             )
         )
@@ -297,6 +319,8 @@ class Job:
     sent: float
     started: float | None = None
     token: Any = None  # the policy's bookkeeping (hearth: its reservation)
+    saved: float = 0.0  # reference seconds (no noise) the prompt cache saved it
+    cached_tokens: int = 0  # prompt tokens the prompt cache supplied
 
 
 @dataclass
@@ -308,6 +332,7 @@ class Snapshot:
     on_battery: bool = False
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
+    warm: bool = False  # its prompt cache holds the household prefix
 
 
 @dataclass
@@ -324,6 +349,30 @@ class SimWorker:
     rate_factor: float = 1.0  # measured speed / reference (the worker's RateTracker)
     snapshot: Snapshot = field(default_factory=Snapshot)  # what the integration last polled
     poll_interval: float = POLL_S
+    # The prompt cache, oldest first: (conversation, prompt tokens, has the prefix).
+    cache: list[tuple[str | None, int, bool]] = field(default_factory=list)
+
+    @property
+    def warm(self) -> bool:
+        return any(prefix for _, _, prefix in self.cache)
+
+    def reuse(self, request: Request) -> tuple[int, int]:
+        """(index of the cache entry sharing the most with `request`, tokens shared); -1: none."""
+        best, shared = -1, 0
+        for i, (conversation, tokens, prefix) in enumerate(self.cache):
+            if request.conversation is not None and conversation == request.conversation:
+                n = min(tokens, request.prompt - 1)
+            elif prefix and request.prefix:
+                n = min(PREFIX_TOKENS, request.prompt - 1)
+            else:
+                n = 0
+            if n > shared:
+                best, shared = i, n
+        return best, shared
+
+    def work_for(self, request: Request) -> float:
+        """True reference seconds `request` takes here if it started now."""
+        return request.work - self.reuse(request)[1] / REF_PREFILL_TOK_S * request.noise
 
     def __post_init__(self) -> None:
         self.warm_up()
@@ -354,7 +403,7 @@ class SimWorker:
 
     def record(self, job: Job, now: float) -> None:
         assert job.started is not None
-        sample = job.request.nominal / max(now - job.started, 1e-9)
+        sample = (job.request.nominal - job.saved) / max(now - job.started, 1e-9)
         self.rate_factor = RATE_ALPHA * sample + (1 - RATE_ALPHA) * self.rate_factor
 
     def poll(self) -> None:
@@ -366,6 +415,7 @@ class SimWorker:
             on_battery=self.on_battery,
             prefill_tok_s=REF_PREFILL_TOK_S * self.rate_factor,
             decode_tok_s=REF_DECODE_TOK_S * self.rate_factor,
+            warm=self.warm,
         )
 
     def true_finish(self, work: float) -> float:
@@ -498,7 +548,7 @@ class OraclePolicy(Policy):
                 w.device.not_on_battery and w.on_battery
             )
             w.advance(self.sim.now)
-            key = (int(flagged), w.true_finish(request.work), name)
+            key = (int(flagged), w.true_finish(w.work_for(request)), name)
             if best is None or key < best:
                 best = key
         return best[2] if best else None
@@ -527,6 +577,7 @@ class HearthPolicy(Policy):
             max_queued=MAX_QUEUED,
             on_battery=s.on_battery,
             user_active=s.user_active,
+            warm_keys={"tiny": frozenset({PREFIX_KEY})} if s.warm else {},
             only_when_idle=w.device.only_when_idle,
             not_on_battery=w.device.not_on_battery,
         )
@@ -538,6 +589,8 @@ class HearthPolicy(Policy):
             max_new_tokens=request.max_new,
             conversation_id=request.conversation,
             kind=request.kind,
+            prefix_key=PREFIX_KEY if request.prefix else None,
+            prefix_tokens=PREFIX_TOKENS if request.prefix else 0,
         )
         states = [self._state(n) for n in self.sim.workers if n not in excluded]
         ranked = self.router.rank(states, route)
@@ -555,7 +608,10 @@ class HearthPolicy(Policy):
         super().finished(job, outcome)
         if outcome == "done":
             self.router.report_success(job.worker)
-            self.router.release(job.token, completion_tokens=job.request.new)
+            # The worker's usage tells how many prompt tokens its cache supplied.
+            self.router.release(
+                job.token, completion_tokens=job.request.new, cached_tokens=job.cached_tokens
+            )
         else:
             if outcome == "failed":
                 self.router.report_failure(job.worker)
@@ -663,6 +719,12 @@ class Simulation:
         while w.queue and len(w.running) < w.device.slots:
             job = w.queue.popleft()
             job.started = self.now
+            index, shared = w.reuse(job.request)
+            if index >= 0:  # taken out of the cache while it runs
+                del w.cache[index]
+                job.cached_tokens = shared
+                job.saved = shared / REF_PREFILL_TOK_S
+                job.left -= job.saved * job.request.noise
             w.running.append(job)
             changed = True
         if changed:
@@ -682,6 +744,8 @@ class Simulation:
         job = min(w.running, key=lambda j: j.left)
         w.running.remove(job)
         w.record(job, self.now)
+        w.cache.append((job.request.conversation, job.request.prompt, job.request.prefix))
+        del w.cache[:-CACHE_ENTRIES]
         if not job.request.external:
             self.policy.finished(job, "done")
             self.latencies[job.request.kind].append(self.now - job.request.arrival)
@@ -715,6 +779,7 @@ class Simulation:
                         self.push(self.now + FAIL_DETECT_S, "fail", job)
                 w.running.clear()
                 w.queue.clear()
+                w.cache.clear()
             else:
                 w.rate_factor = w.device.speed * math.exp(w.rng.gauss(0.0, WARMUP_NOISE_SIGMA))
         else:

@@ -99,12 +99,12 @@ class Recorder:
             handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
 
     def _wrap(self, name: str, real: Any) -> Any:
-        async def chat_stream(body: Any, timeouts: Any = None) -> AsyncGenerator[ChatDelta]:
+        async def chat_stream(body: Any, *args: Any) -> AsyncGenerator[ChatDelta]:
             self.tried.append(name)
             self.bodies.append(body)
             if hook := self.before_call.get(name):
                 await hook(name)
-            return self._watch(await real(body, timeouts))
+            return self._watch(await real(body, *args))
 
         return chat_stream
 

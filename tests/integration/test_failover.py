@@ -64,10 +64,10 @@ class Tap:
             handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
 
     def _wrap(self, name: str, real: Any) -> Any:
-        async def chat_stream(body: Any, timeouts: Any = None) -> AsyncGenerator[ChatDelta]:
+        async def chat_stream(body: Any, *args: Any) -> AsyncGenerator[ChatDelta]:
             self.tried.append(name)
             self.tried_at.append(time.monotonic())
-            deltas = await real(body, timeouts)
+            deltas = await real(body, *args)
             if self.after_accept is not None:
                 await _call(self.after_accept, name)
             return self._watch(name, deltas)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from custom_components.hearth.router import (
@@ -494,22 +496,56 @@ def test_warm_worker_skips_the_prefill_of_its_prefix() -> None:
         assert {c.estimated_s for c in rank([cold, warm], request)} == {ranked[1].estimated_s}
 
 
-def test_warm_worker_preferred_unless_a_cold_one_is_clearly_faster() -> None:
+def test_warm_worker_wins_unless_a_cold_one_is_faster_even_so() -> None:
     request = RouteRequest(prompt_tokens=200, max_new_tokens=100, prefix_key=KEY, prefix_tokens=100)
     cold = idle("b", FAST)  # 0.2 s prefill + 1.0 s decode
     keys = {"m": frozenset({KEY})}
-    # Warm but a bit slower (1.375 s against 1.2 s): within 1.5x, it is preferred.
-    warm = idle("a", ModelRate(800.0, 80.0), warm_keys=keys)
+    # Slower rates (1.5 s cold) but warm: 0.125 s prefill + 1.0 s decode.
+    warm = idle("a", ModelRate(800.0, 100.0), warm_keys=keys)
     ranked = rank([cold, warm], request)
     assert [c.worker_id for c in ranked] == ["a", "b"]
-    assert "prefix" in ranked[0].reasons and "warm" in ranked[0].reasons
-    assert ranked[0].estimated_s == pytest.approx(100 / 800 + 100 / 80)
+    assert ranked[0].estimated_s == pytest.approx(100 / 800 + 100 / 100)
     # Warm and much slower (2.75 s against 1.2 s): the cold, faster one answers.
     slow_warm = idle("a", ModelRate(400.0, 40.0), warm_keys=keys)
     assert [c.worker_id for c in rank([cold, slow_warm], request)] == ["b", "a"]
-    # One rule: the factor is the stickiness factor.
-    strict = Router(Clock(), sticky_factor=1.1)
-    assert strict.rank([cold, warm], request)[0].worker_id == "b"
+    # No allowance on top of the known saving: warm at 1.25 s against 1.2 s loses.
+    close = idle("a", ModelRate(800.0, 1 / 0.01125), warm_keys=keys)
+    ranked = rank([cold, close], request)
+    assert [c.worker_id for c in ranked] == ["b", "a"]
+    assert ranked[1].estimated_s == pytest.approx(1.25)
+
+
+def test_worker_that_answered_the_key_is_warm_until_its_next_snapshot() -> None:
+    r = Router(Clock())
+    cold = {"a": idle("a"), "b": idle("b")}
+    first = r.rank(list(cold.values()), VOICE)[0]
+    r.release(r.reserve(first, VOICE), completion_tokens=20)
+    ranked = r.rank(list(cold.values()), VOICE)
+    assert ranked[0].worker_id == first.worker_id and "warm" in ranked[0].reasons
+    # Failed or cancelled (no answer): nothing learned.
+    other = next(w for w in cold if w != first.worker_id)
+    failed = r.reserve(replace(ranked[1]), VOICE)
+    r.release(failed)
+    assert "warm" not in r.rank([cold[other]], VOICE)[0].reasons
+    # Its next snapshot tells what its cache holds now (here: not the key).
+    r.observe_snapshot(first.worker_id)
+    assert all("warm" not in c.reasons for c in r.rank(list(cold.values()), VOICE))
+
+
+def test_speed_check_counts_the_prefill_the_cache_really_saved() -> None:
+    clock = Clock()
+    rate = ModelRate(prefill_tok_s=100.0, decode_tok_s=100.0)
+    keys = {"m": frozenset({KEY})}
+    r = Router(clock)
+    for _ in range(10):
+        # Planned warm (1 s: 100 tokens to prefill, 20 to decode at 0.2 s), but the
+        # worker's usage says its cache held nothing: it did 10.2 s of work, in 10.2 s.
+        candidate = r.rank([idle("a", rate, warm_keys=keys)], VOICE)[0]
+        assert candidate.estimated_s == pytest.approx((100 + 20) / 100 * r.scale("a"))
+        reservation = r.reserve(candidate, VOICE)
+        clock.now += 10.2
+        r.release(reservation, completion_tokens=20, cached_tokens=0)
+    assert r.scale("a") == pytest.approx(1.0)  # not taken for a 10x slower worker
 
 
 def test_conversation_worker_comes_before_a_warm_one() -> None:
