@@ -262,6 +262,7 @@ class ChatDelta:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int | None = None  # on the last delta, when the worker reports usage
+    cached_tokens: int | None = None  # prompt tokens its prompt cache supplied (same)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -916,6 +917,7 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
     calls: dict[int, dict[str, Any]] = {}
     finish: str | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
     done = False
     try:
         async for raw_line in response.content:
@@ -933,6 +935,9 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
             usage = event.get("usage") if isinstance(event, dict) else None
             if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                 completion_tokens = usage["completion_tokens"]
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                    cached_tokens = details["cached_tokens"]
             for choice in event.get("choices") or []:
                 delta = choice.get("delta") or {}
                 finish = choice.get("finish_reason") or finish
@@ -960,4 +965,5 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
         tool_calls=[calls[i] for i in sorted(calls)],
         finish_reason=finish,
         completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens,
     )

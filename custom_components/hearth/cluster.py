@@ -463,11 +463,14 @@ class Cluster:
         tells the router how long answers of its kind are.
         """
         completion_tokens: int | None = None
+        cached_tokens: int | None = None
         try:
             yield first
-            completion_tokens = first.completion_tokens
+            completion_tokens, cached_tokens = first.completion_tokens, first.cached_tokens
             async for delta in deltas:
                 completion_tokens = delta.completion_tokens or completion_tokens
+                if delta.cached_tokens is not None:
+                    cached_tokens = delta.cached_tokens
                 yield delta
         except HearthError as err:
             completion_tokens = None
@@ -476,7 +479,9 @@ class Cluster:
         else:
             self._worker_answered(worker)
         finally:
-            self._release(reservation, completion_tokens=completion_tokens)
+            self._release(
+                reservation, completion_tokens=completion_tokens, cached_tokens=cached_tokens
+            )
             await deltas.aclose()
 
     def _reserve(
@@ -488,10 +493,16 @@ class Cluster:
         return reservation
 
     def _release(
-        self, reservation: router.Reservation, *, completion_tokens: int | None = None
+        self,
+        reservation: router.Reservation,
+        *,
+        completion_tokens: int | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         """The request is over; idempotent (see router.Router.release)."""
-        self.routing.release(reservation, completion_tokens=completion_tokens)
+        self.routing.release(
+            reservation, completion_tokens=completion_tokens, cached_tokens=cached_tokens
+        )
         self._in_flight_changed(reservation.worker_id)
 
     @callback

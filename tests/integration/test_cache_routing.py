@@ -100,9 +100,20 @@ async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
         assert best.worker_id == alpha.entry_id and "warm" in best.reasons
 
     spy.before_rank = slow_down_alpha
+    released: list[int | None] = []
+    real_release = spy.release
+
+    def release(reservation: router.Reservation, **kwargs: int | None) -> None:
+        if kwargs.get("completion_tokens") is not None:
+            released.append(kwargs.get("cached_tokens"))
+        real_release(reservation, **kwargs)
+
+    spy.release = release  # type: ignore[method-assign]
     second = await converse(hass, "is the attic window open?")  # a new conversation
     assert second.conversation_id != first.conversation_id
     assert second.response.response_type is intent.IntentResponseType.ACTION_DONE
     assert cold_order == ["Beta", "Alpha"]
     assert recorder.tried == ["Alpha", "Alpha"]
     assert spy.requests[-1].prefix_key == key  # the same household part, the same key
+    # The router heard from Alpha's usage how much of the prompt its cache supplied.
+    assert len(released) == 1 and (released[0] or 0) > 0
