@@ -49,11 +49,11 @@ On top of the estimate (`Router.rank`):
   preference, a warm worker wins unless another is faster even so. Unlike a
   conversation's history, the saving is known, so no ``sticky_factor``
   allowance is added on top (that counts the cache twice: in the routing
-  benchmark, seeds 1-3 at 50% and 80% load, p95 averaged 1.155x the oracle's
-  with it and 1.137x without). A worker that has
-  just answered one of our requests with the key holds it (the worker caches
-  a prompt when its answer ends) though its last snapshot does not say so
-  yet: until its next snapshot, the router counts it warm too.
+  benchmark with 2 cache entries, seeds 1-3 at 50% and 80% load, p95 averaged
+  1.155x the oracle's with it and 1.137x without). A worker that has just
+  answered one of our requests with the key holds it (the worker caches a
+  prompt when its answer ends) though its last snapshot does not say so yet:
+  until its next snapshot, the router counts it warm too.
 * **Circuit breaker** per worker: a failure or timeout opens it (the worker is
   left out, or ranked last when nothing else is left) for a back-off that
   doubles with every failure in a row (``BREAKER_BASE_S`` up to
