@@ -312,6 +312,7 @@ async def _deltas_to_chat_log(
     cut_off: list[HomeAssistantError],
     note: Callable[[HomeAssistantError], Awaitable[str]] | None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    seen: list[ChatDelta] | None = None,
 ) -> AsyncGenerator[conversation.AssistantContentDeltaDict]:
     """Worker deltas as ChatLog deltas: the role once, then text and tool calls.
 
@@ -323,6 +324,8 @@ async def _deltas_to_chat_log(
     yield {"role": "assistant"}
     try:
         async for delta in deltas:
+            if seen is not None:
+                seen.append(delta)
             if delta.finish_reason == FINISH_LENGTH:
                 cut_off.append(AnswerLengthLimitError(max_tokens))
             if delta.content:
@@ -343,6 +346,39 @@ async def _deltas_to_chat_log(
         cut_off.append(err)
     if cut_off and note is not None:
         yield {"content": "\n\n" + await note(cut_off[-1])}
+
+
+def _trace_round(
+    chat_log: conversation.ChatLog,
+    worker_name: str,
+    deltas: list[ChatDelta],
+    *,
+    device_tools: bool,
+    earlier: int,
+) -> int:
+    """Put what one round with a worker came to in the conversation's trace (Settings ->
+    Voice assistants -> Debug): the worker, its tokens, its tool calls, and whether a
+    turn offered device tools but ended in words without any call (a device command
+    may have been answered without acting). Returns the round's tool calls."""
+    last = deltas[-1] if deltas else ChatDelta()
+    calls = sum(len(delta.tool_calls) for delta in deltas)
+    stats: dict[str, Any] = {}
+    if last.completion_tokens is not None:
+        stats["output_tokens"] = last.completion_tokens
+    if last.cached_tokens is not None:
+        stats["cached_input_tokens"] = last.cached_tokens
+    chat_log.async_trace(
+        {
+            "hearth": {
+                "worker": worker_name,
+                "finish_reason": last.finish_reason,
+                "tool_calls": calls,
+                "answered_without_tool_call": device_tools and calls == 0 and earlier == 0,
+            },
+            "stats": stats,
+        }
+    )
+    return calls
 
 
 async def _replay(deltas: list[ChatDelta]) -> AsyncGenerator[ChatDelta]:
@@ -417,6 +453,7 @@ async def async_run_chat_log(
         ]
     device_tools = any(t["function"]["name"] not in PREFERENCE_TOOLS for t in tools or [])
     worker_name = ""
+    turn_calls = 0  # tool calls the worker made in this turn so far (for the trace)
     for _ in range(MAX_TOOL_ITERATIONS):
         messages = request_messages(
             hass, chat_log, device_tools=device_tools, extra_instructions=extra_instructions
@@ -441,6 +478,9 @@ async def async_run_chat_log(
                 agent_id, _deltas_to_chat_log(_replay(done.deltas), cut_off, None, max_tokens)
             ):
                 pass
+            turn_calls += _trace_round(
+                chat_log, worker_name, done.deltas, device_tools=device_tools, earlier=turn_calls
+            )
             if cut_off:
                 LOGGER.info("The answer reached the length limit (%d tokens)", max_tokens)
                 break
@@ -457,10 +497,14 @@ async def async_run_chat_log(
         async def note(err: HomeAssistantError, language: str = language) -> str:
             return await async_error_text(hass, language, err)
 
+        seen: list[ChatDelta] = []
         async for _content in chat_log.async_add_delta_content_stream(
-            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note, max_tokens)
+            agent_id, _deltas_to_chat_log(stream.deltas, cut_off, note, max_tokens, seen)
         ):
             pass
+        turn_calls += _trace_round(
+            chat_log, worker_name, seen, device_tools=device_tools, earlier=turn_calls
+        )
         if cut_off:  # the answer so far and the note stay; no second answer after it
             break
         if not chat_log.unresponded_tool_results:

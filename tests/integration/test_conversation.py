@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from homeassistant.components import conversation
+from homeassistant.components.conversation import trace as conversation_trace
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import intent
@@ -219,6 +220,29 @@ async def test_tool_call_turns_on_the_light(
 
     hello = await converse(hass, "hello")
     assert hello.response.speech["plain"]["speech"] == "Hello from Hearth!"
+
+    # The trace (Settings -> Voice assistants -> Debug) tells what each round came to.
+    light, greeting = (hearth_details(t) for t in conversation_trace.async_get_traces()[-2:])
+    assert [d["tool_calls"] for d in light] == [1, 0]  # the call, then the answer in words
+    assert [d["answered_without_tool_call"] for d in light] == [False, False]
+    assert [d["answered_without_tool_call"] for d in greeting] == [True]
+    assert {d["worker"] for d in light + greeting} == {taught_worker_name(hass)}
+    assert all(d["finish_reason"] in ("stop", "tool_calls") for d in light + greeting)
+
+
+def hearth_details(trace: conversation_trace.ConversationTrace) -> list[dict[str, Any]]:
+    """Hearth's agent details in one conversation trace, a round each."""
+    return [
+        event["data"]["hearth"]
+        for event in trace.as_dict()["events"]
+        if event["event_type"] == conversation_trace.ConversationTraceEventType.AGENT_DETAIL
+        and "hearth" in event["data"]
+    ]
+
+
+def taught_worker_name(hass: HomeAssistant) -> str:
+    (handle,) = hass.data[DOMAIN].workers.values()
+    return str(handle.name)
 
 
 @pytest.mark.parametrize(
