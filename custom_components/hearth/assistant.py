@@ -363,6 +363,8 @@ def _trace_round(
     last = deltas[-1] if deltas else ChatDelta()
     calls = sum(len(delta.tool_calls) for delta in deltas)
     stats: dict[str, Any] = {}
+    if last.prompt_tokens is not None:
+        stats["input_tokens"] = last.prompt_tokens
     if last.completion_tokens is not None:
         stats["output_tokens"] = last.completion_tokens
     if last.cached_tokens is not None:

@@ -263,6 +263,7 @@ class ChatDelta:
     finish_reason: str | None = None
     completion_tokens: int | None = None  # on the last delta, when the worker reports usage
     cached_tokens: int | None = None  # prompt tokens its prompt cache supplied (same)
+    prompt_tokens: int | None = None  # (same)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -918,6 +919,7 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
     finish: str | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    prompt_tokens: int | None = None
     done = False
     try:
         async for raw_line in response.content:
@@ -935,6 +937,8 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
             usage = event.get("usage") if isinstance(event, dict) else None
             if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                 completion_tokens = usage["completion_tokens"]
+                if isinstance(usage.get("prompt_tokens"), int):
+                    prompt_tokens = usage["prompt_tokens"]
                 details = usage.get("prompt_tokens_details")
                 if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                     cached_tokens = details["cached_tokens"]
@@ -966,4 +970,5 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
         finish_reason=finish,
         completion_tokens=completion_tokens,
         cached_tokens=cached_tokens,
+        prompt_tokens=prompt_tokens,
     )

@@ -222,18 +222,23 @@ async def test_tool_call_turns_on_the_light(
     assert hello.response.speech["plain"]["speech"] == "Hello from Hearth!"
 
     # The trace (Settings -> Voice assistants -> Debug) tells what each round came to.
-    light, greeting = (hearth_details(t) for t in conversation_trace.async_get_traces()[-2:])
+    light, greeting = (
+        [r["hearth"] for r in hearth_rounds(t)] for t in conversation_trace.async_get_traces()[-2:]
+    )
     assert [d["tool_calls"] for d in light] == [1, 0]  # the call, then the answer in words
     assert [d["answered_without_tool_call"] for d in light] == [False, False]
     assert [d["answered_without_tool_call"] for d in greeting] == [True]
     assert {d["worker"] for d in light + greeting} == {taught_worker_name(hass)}
     assert all(d["finish_reason"] in ("stop", "tool_calls") for d in light + greeting)
+    (stats,) = (r["stats"] for r in hearth_rounds(conversation_trace.async_get_traces()[-1]))
+    assert stats["input_tokens"] > stats["cached_input_tokens"] >= 0
+    assert stats["output_tokens"] > 0
 
 
-def hearth_details(trace: conversation_trace.ConversationTrace) -> list[dict[str, Any]]:
-    """Hearth's agent details in one conversation trace, a round each."""
+def hearth_rounds(trace: conversation_trace.ConversationTrace) -> list[dict[str, Any]]:
+    """What Hearth traced for each round of one conversation turn (`hearth`, `stats`)."""
     return [
-        event["data"]["hearth"]
+        event["data"]
         for event in trace.as_dict()["events"]
         if event["event_type"] == conversation_trace.ConversationTraceEventType.AGENT_DETAIL
         and "hearth" in event["data"]
