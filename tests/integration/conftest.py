@@ -36,6 +36,16 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
 
 
 @pytest.fixture(autouse=True)
+async def tls_shutdowns_finish() -> AsyncIterator[None]:
+    """Connections Home Assistant closed (an entry reloaded or unloaded, Home Assistant
+    stopped) finish their TLS shutdown before the test plugin looks for lingering
+    timers: on a loaded machine the worker's answer to it can take a moment. Set up
+    before Home Assistant (defined before auto_setup_ha), so torn down after it."""
+    yield
+    await tls_closed()
+
+
+@pytest.fixture(autouse=True)
 async def auto_setup_ha(request: pytest.FixtureRequest) -> None:
     """Tests with a Home Assistant get the components Hearth's dependencies need first."""
     if "hass" in request.fixturenames:
