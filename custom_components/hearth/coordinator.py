@@ -225,36 +225,21 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
                 message,
             )
         self._pull_issues[pull.source] = issue_id
-        name = self.config_entry.title
+        placeholders = {"name": self.config_entry.title, "source": pull.source}
         if space is not None:
-            ir.async_create_issue(
-                self.hass,
-                DOMAIN,
-                issue_id,
-                is_fixable=False,
-                severity=ir.IssueSeverity.ERROR,
-                translation_key="pull_no_space",
-                translation_placeholders={
-                    "name": name,
-                    "source": pull.source,
-                    "needed": space["needed"],
-                    "free": space["free"],
-                },
-            )
-            return
+            severity, key = ir.IssueSeverity.ERROR, "pull_no_space"
+            placeholders |= {"needed": space["needed"], "free": space["free"]}
+        else:
+            severity, key = ir.IssueSeverity.WARNING, "pull_failed"
+            placeholders |= {"error": message, "code": pull.error_code or "unknown"}
         ir.async_create_issue(
             self.hass,
             DOMAIN,
             issue_id,
             is_fixable=False,
-            severity=ir.IssueSeverity.WARNING,
-            translation_key="pull_failed",
-            translation_placeholders={
-                "name": name,
-                "source": pull.source,
-                "error": message,
-                "code": pull.error_code or "unknown",
-            },
+            severity=severity,
+            translation_key=key,
+            translation_placeholders=placeholders,
         )
 
     def _went_away(self) -> None:
