@@ -225,21 +225,36 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
                 message,
             )
         self._pull_issues[pull.source] = issue_id
-        placeholders = {"name": self.config_entry.title, "source": pull.source}
+        name = self.config_entry.title
         if space is not None:
-            severity, key = ir.IssueSeverity.ERROR, "pull_no_space"
-            placeholders |= {"needed": space["needed"], "free": space["free"]}
-        else:
-            severity, key = ir.IssueSeverity.WARNING, "pull_failed"
-            placeholders |= {"error": message, "code": pull.error_code or "unknown"}
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                issue_id,
+                is_fixable=False,
+                severity=ir.IssueSeverity.ERROR,
+                translation_key="pull_no_space",
+                translation_placeholders={
+                    "name": name,
+                    "source": pull.source,
+                    "needed": space["needed"],
+                    "free": space["free"],
+                },
+            )
+            return
         ir.async_create_issue(
             self.hass,
             DOMAIN,
             issue_id,
             is_fixable=False,
-            severity=severity,
-            translation_key=key,
-            translation_placeholders=placeholders,
+            severity=ir.IssueSeverity.WARNING,
+            translation_key="pull_failed",
+            translation_placeholders={
+                "name": name,
+                "source": pull.source,
+                "error": message,
+                "code": pull.error_code or "unknown",
+            },
         )
 
     def _went_away(self) -> None:
