@@ -57,12 +57,6 @@ class HearthRuntimeData:
 type HearthConfigEntry = ConfigEntry[HearthRuntimeData]
 
 
-def get_cluster(hass: HomeAssistant) -> Cluster:
-    """The household cluster (created in async_setup)."""
-    cluster: Cluster = hass.data[DOMAIN]
-    return cluster
-
-
 def _client(hass: HomeAssistant, entry: HearthConfigEntry) -> HearthClient:
     return HearthClient(
         async_get_clientsession(hass),
@@ -78,7 +72,7 @@ def _client(hass: HomeAssistant, entry: HearthConfigEntry) -> HearthClient:
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Create the household cluster and register the actions."""
-    hass.data[DOMAIN] = await Cluster.async_create(hass)
+    await Cluster.async_create(hass)
     hass.data[DATA_PREFERENCES] = await Preferences.async_create(hass)
     async_setup_services(hass)
     return True
@@ -108,7 +102,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bo
     await coordinator.async_config_entry_first_refresh()
     entry.runtime_data = HearthRuntimeData(client, coordinator)
 
-    cluster = get_cluster(hass)
+    cluster = Cluster.get(hass)
     cluster.add_worker(WorkerHandle(entry.entry_id, entry.title, client, coordinator))
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     return True
@@ -121,7 +115,7 @@ async def async_unload_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> b
     ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
     async_delete_pull_issues(hass, entry.entry_id)
     # If this entry held the household's agent, the next loaded entry takes it over.
-    get_cluster(hass).remove_worker(entry.entry_id)
+    Cluster.get(hass).remove_worker(entry.entry_id)
     return True
 
 

@@ -18,11 +18,11 @@ from homeassistant.helpers.entity_platform import AddEntitiesCallback
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
 
 from .assistant import HOUSEHOLD_DEVICE, async_run_chat_log, parse_json_object
+from .cluster import Cluster
 from .const import AI_TASK_UNIQUE_ID, DOMAIN
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
-    from .cluster import Cluster
 
 ai_task: Any = importlib.import_module("homeassistant.components.ai_task")
 
@@ -35,9 +35,7 @@ async def async_setup_entry(
     async_add_entities: AddEntitiesCallback,
 ) -> None:
     """The household's primary entry holds the entity; another takes it over later."""
-    from . import get_cluster  # noqa: PLC0415 - the package imports this platform lazily
-
-    cluster = get_cluster(hass)
+    cluster = Cluster.get(hass)
     cluster.add_household_entities(
         entry.entry_id, lambda: async_add_entities([HearthTaskEntity(cluster)])
     )

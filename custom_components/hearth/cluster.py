@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers.storage import Store
+from homeassistant.util.hass_dict import HassKey
 
 from . import router
 from .client import (
@@ -255,7 +256,7 @@ class Completion:
 
 @dataclass
 class Cluster:
-    """Household state, kept in hass.data[DOMAIN]."""
+    """Household state: one per Home Assistant, made in `async_setup` (`Cluster.get`)."""
 
     hass: HomeAssistant
     store: Store[dict[str, Any]]
@@ -273,11 +274,18 @@ class Cluster:
 
     @classmethod
     async def async_create(cls, hass: HomeAssistant) -> Cluster:
+        """Load the household's settings and keep the cluster in `hass.data`."""
         store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, STORAGE_KEY)
         cluster = cls(hass, store)
         if stored := await store.async_load():
             cluster.settings.update(stored)
+        hass.data[DATA_CLUSTER] = cluster
         return cluster
+
+    @staticmethod
+    def get(hass: HomeAssistant) -> Cluster:
+        """The household cluster (made in the integration's `async_setup`)."""
+        return hass.data[DATA_CLUSTER]
 
     async def async_update_settings(self, settings: dict[str, Any]) -> None:
         """Change the household-wide assistant settings."""
@@ -575,3 +583,6 @@ class Cluster:
         """
         done = await self.async_complete(body, kind=kind)
         return AskResult(done.text.strip(), done.worker, done.cut_off)
+
+
+DATA_CLUSTER: HassKey[Cluster] = HassKey(DOMAIN)

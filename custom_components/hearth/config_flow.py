@@ -29,7 +29,7 @@ from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
-from . import HearthRuntimeData, get_cluster
+from . import HearthRuntimeData
 from .client import (
     PULL_DONE,
     CatalogEntry,
@@ -46,6 +46,7 @@ from .client import (
     PullJob,
     WorkerInfo,
 )
+from .cluster import Cluster
 from .const import (
     CLIENT_NAME,
     CONF_ALLOW_PUBLIC,
@@ -527,7 +528,7 @@ class HearthOptionsFlow(OptionsFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
         """Settings of the household's one assistant, whichever worker answers."""
-        cluster = get_cluster(self.hass)
+        cluster = Cluster.get(self.hass)
         if user_input is not None:
             settings = {**cluster.settings, **user_input}
             for key in CLEARABLE_SETTINGS:

@@ -18,12 +18,11 @@ from .assistant import (
     async_provide_llm_data,
     async_run_chat_log,
 )
-from .cluster import MessageTooLongError
+from .cluster import Cluster, MessageTooLongError
 from .const import CONF_LLM_HASS_API, CONF_PREFER_LOCAL_INTENTS, CONVERSATION_UNIQUE_ID, LOGGER
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
-    from .cluster import Cluster
 
 PARALLEL_UPDATES = 0
 
@@ -39,9 +38,7 @@ async def async_setup_entry(
     async_add_entities: AddEntitiesCallback,
 ) -> None:
     """The household's primary entry holds the agent; another takes it over later."""
-    from . import get_cluster  # noqa: PLC0415 - the package imports this platform lazily
-
-    cluster = get_cluster(hass)
+    cluster = Cluster.get(hass)
     cluster.add_household_entities(
         entry.entry_id, lambda: async_add_entities([HearthConversationEntity(cluster)])
     )

@@ -10,6 +10,7 @@ from homeassistant.components.diagnostics import async_redact_data
 from homeassistant.const import CONF_TOKEN
 from homeassistant.core import HomeAssistant
 
+from .cluster import Cluster
 from .const import CONF_PROMPT, CONF_TOKEN_ID
 from .preferences import DATA_PREFERENCES
 
@@ -22,10 +23,8 @@ TO_REDACT = {CONF_TOKEN, CONF_TOKEN_ID, CONF_PROMPT}
 async def async_get_config_entry_diagnostics(
     hass: HomeAssistant, entry: HearthConfigEntry
 ) -> dict[str, Any]:
-    from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
-
     coordinator = entry.runtime_data.coordinator
-    cluster = get_cluster(hass)
+    cluster = Cluster.get(hass)
     capacity = coordinator.data
     return {
         "entry": async_redact_data(dict(entry.data), TO_REDACT),

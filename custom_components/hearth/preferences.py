@@ -46,6 +46,7 @@ from homeassistant.util.json import JsonObjectType
 from homeassistant.util.ulid import ulid_now
 
 from .client import HearthClient, HearthError
+from .cluster import Cluster
 from .const import CONF_EMBEDDING_MODEL, DOMAIN, LOGGER
 
 STORAGE_KEY: Final = "hearth.preferences"
@@ -478,10 +479,10 @@ class Preferences:
     def _embedders(self) -> list[tuple[HearthClient, str]]:
         """(client, model) of loaded workers with an embedding model: those with the
         household's chosen one first (its options), then online ones first."""
-        cluster = self.hass.data.get(DOMAIN)
-        wanted = getattr(cluster, "settings", {}).get(CONF_EMBEDDING_MODEL)
+        cluster = Cluster.get(self.hass)
+        wanted = cluster.settings.get(CONF_EMBEDDING_MODEL)
         found: list[tuple[bool, bool, HearthClient, str]] = []
-        for worker in getattr(cluster, "workers", {}).values():
+        for worker in cluster.workers.values():
             models = [m.id for m in worker.coordinator.info.models if m.kind == "embedding"]
             if models:
                 model = str(wanted) if wanted in models else models[0]

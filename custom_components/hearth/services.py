@@ -16,7 +16,13 @@ from homeassistant.exceptions import HomeAssistantError, ServiceValidationError,
 from homeassistant.helpers import config_validation as cv
 from homeassistant.util import dt as dt_util
 
-from .cluster import MessageTooLongError
+from .assistant import (
+    FINISH_LENGTH,
+    AnswerLengthLimitError,
+    async_error_text,
+    sampling_temperature,
+)
+from .cluster import Cluster, MessageTooLongError
 from .const import CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
 from .preferences import (
     CATEGORIES,
@@ -60,9 +66,7 @@ def async_setup_services(hass: HomeAssistant) -> None:
     """Register hearth.ask."""
 
     async def async_ask(call: ServiceCall) -> ServiceResponse:
-        from . import get_cluster  # noqa: PLC0415 - avoids an import cycle
-
-        cluster = get_cluster(hass)
+        cluster = Cluster.get(hass)
         prompt: str = call.data[ATTR_PROMPT]
         if not prompt.strip():
             raise ServiceValidationError(translation_domain=DOMAIN, translation_key="empty_prompt")
@@ -79,13 +83,6 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if instructions := "\n".join(part for part in system if part):
             messages.append({"role": "system", "content": instructions})
         messages.append({"role": "user", "content": prompt})
-        from .assistant import (  # noqa: PLC0415 - needs conversation
-            FINISH_LENGTH,
-            AnswerLengthLimitError,
-            async_error_text,
-            sampling_temperature,
-        )
-
         max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or int(
             cluster.settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS
         )

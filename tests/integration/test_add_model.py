@@ -22,6 +22,7 @@ from worker_process import WorkerProcess, start_worker
 
 from custom_components.hearth import config_flow
 from custom_components.hearth.client import parse_catalog
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.router import RouteRequest
@@ -113,7 +114,7 @@ async def test_add_a_model_by_hub_id(
     worker's device, in the household's choices and in the router, with no restart."""
     entry = entry_for(model_worker, "Kitchen laptop")
     await setup_entry(hass, entry)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     handle = cluster.workers[entry.entry_id]
     assert loaded_models(hass, model_worker) == ["tiny-chat"]
     progress: list[float] = []
@@ -164,7 +165,7 @@ async def test_add_a_model_from_the_catalog(
     first; picking an entry pulls its source."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = hass.data[DOMAIN].workers[entry.entry_id].client
+    client = Cluster.get(hass).workers[entry.entry_id].client
     form = await open_step(hass, entry.entry_id, "add_model")
     shown = form["data_schema"].schema["model"].config["options"]
     catalog = await client.catalog()
@@ -253,7 +254,7 @@ async def test_closing_the_dialog_cancels_the_download(
     installed, and the hub stops being read."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = hass.data[DOMAIN].workers[entry.entry_id].client
+    client = Cluster.get(hass).workers[entry.entry_id].client
     hub.slow(0.5)  # about 25 s for the large file: it is still running when closed
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
@@ -285,7 +286,7 @@ async def test_a_download_stopped_on_the_worker_says_so(
     for another try."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = hass.data[DOMAIN].workers[entry.entry_id].client
+    client = Cluster.get(hass).workers[entry.entry_id].client
     hub.slow(0.5)
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
@@ -341,7 +342,7 @@ async def test_remove_a_model(hass: HomeAssistant, model_worker: WorkerProcess) 
     was started with is refused, with the reason."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
     assert (await finish_progress(hass, dict(result)))["reason"] == "model_added"

@@ -153,7 +153,7 @@ async def household(
     """The workers as config entries; the household's router on an injected clock."""
     for name, worker in workers.items():
         await setup_entry(hass, entry_for(worker, name))
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,

@@ -21,6 +21,7 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, free_port, start_worker
 
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
@@ -587,7 +588,7 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    settings = hass.data[DOMAIN].settings
+    settings = Cluster.get(hass).settings
     assert settings[CONF_MAX_TOKENS] == 64
     assert settings[CONF_PREFER_LOCAL_INTENTS] is False
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
@@ -615,7 +616,7 @@ async def test_options_worker_routing_flags(
     entry.add_to_hass(hass)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    handle = hass.data[DOMAIN].workers[entry.entry_id]
+    handle = Cluster.get(hass).workers[entry.entry_id]
     assert handle.state().only_when_idle is False
     assert handle.state().not_on_battery is False
     assert handle.state().memory_free_mb is not None
@@ -626,7 +627,7 @@ async def test_options_worker_routing_flags(
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert entry.options == {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
-    assert CONF_ONLY_WHEN_IDLE not in hass.data[DOMAIN].settings
+    assert CONF_ONLY_WHEN_IDLE not in Cluster.get(hass).settings
     state = handle.state()
     assert state.only_when_idle is True
     assert state.not_on_battery is True

@@ -39,6 +39,7 @@ from custom_components.hearth.client import (
     HearthConnectionError,
     describe,
 )
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
@@ -239,7 +240,7 @@ async def lose_worker(hass: HomeAssistant, worker: WorkerProcess, online: str) -
 
 
 async def quiet_household(hass: HomeAssistant) -> None:
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {CONF_LLM_HASS_API: [], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 4}
     )

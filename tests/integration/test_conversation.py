@@ -14,6 +14,7 @@ from homeassistant.setup import async_setup_component
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import parse_tool_arguments
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -29,7 +30,7 @@ NO_WORKER = "None of the household's Hearth workers can answer right now."
 
 
 async def use_settings(hass: HomeAssistant, **settings: object) -> None:
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings({**cluster.settings, **settings})
 
 
@@ -58,7 +59,7 @@ def record_requests(hass: HomeAssistant) -> list[tuple[str, dict[str, Any]]]:
 
         return chat_stream
 
-    for handle in hass.data[DOMAIN].workers.values():
+    for handle in Cluster.get(hass).workers.values():
         handle.client.chat_stream = wrap(handle.name, handle.client.chat_stream)
     return sent
 
@@ -138,7 +139,7 @@ async def test_fails_over_to_the_next_worker(
     await setup_entry(hass, entry_for(own_worker, "Stopped"))
     await setup_entry(hass, entry_for(chat_worker, "Running"))
     await plain_settings(hass)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     running = next(h for h in cluster.workers.values() if h.name == "Running")
     # Another of our requests (100 s) is open on Running: the router ranks Stopped first.
     busy = cluster.routing.reserve(
@@ -246,7 +247,7 @@ def hearth_rounds(trace: conversation_trace.ConversationTrace) -> list[dict[str,
 
 
 def taught_worker_name(hass: HomeAssistant) -> str:
-    (handle,) = hass.data[DOMAIN].workers.values()
+    (handle,) = Cluster.get(hass).workers.values()
     return str(handle.name)
 
 

@@ -97,7 +97,7 @@ async def _call(action: Action, name: str) -> None:
 async def household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Cluster:
     for name, worker in workers.items():
         await setup_entry(hass, entry_for(worker, name))
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,

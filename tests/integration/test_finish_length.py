@@ -13,6 +13,7 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 from worker_process import WorkerProcess
 
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -28,7 +29,7 @@ HELLO = "Hello from Hearth!"
 
 async def household(hass: HomeAssistant, worker: WorkerProcess, max_tokens: int) -> None:
     await setup_entry(hass, entry_for(worker))
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,
@@ -85,7 +86,7 @@ async def test_assist_answer_cut_by_the_limit_ends_with_a_note(
     assert note == "The answer was cut off here: it reached the longest answer allowed (2 tokens)."
 
     # A limit the answer fits in: no note.
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings({**cluster.settings, CONF_MAX_TOKENS: 64})
     result = await conversation.async_converse(
         hass, "hello", None, Context(), language="en", agent_id=AGENT

@@ -98,7 +98,7 @@ async def test_long_message_skips_sentence_matching(
     Home Assistant's sentence matcher first, a long text never does (the matcher's
     time grows with the square of the length, holding the event loop)."""
     await setup_entry(hass, entry_for(chat_worker))
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     assert cluster.settings[CONF_PREFER_LOCAL_INTENTS] is True
     await cluster.async_update_settings(
         {**cluster.settings, CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 8}
@@ -133,7 +133,7 @@ async def test_huge_message_is_refused_at_once_and_home_assistant_stays_responsi
     conversation goes on without the message."""
     assert await async_setup_component(hass, "api", {})
     await setup_entry(hass, entry_for(chat_worker))
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {**cluster.settings, CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 8}
     )
@@ -254,7 +254,7 @@ async def test_blank_prompt_is_refused(
     hass: HomeAssistant, chat_worker: WorkerProcess, prompt: str
 ) -> None:
     await setup_entry(hass, entry_for(chat_worker))
-    tap = Tap(hass.data[DOMAIN])
+    tap = Tap(Cluster.get(hass))
     with pytest.raises(ServiceValidationError) as err:
         await hass.services.async_call(
             DOMAIN, "ask", {"prompt": prompt}, blocking=True, return_response=True
@@ -341,7 +341,7 @@ async def test_ask_with_another_members_person_needs_an_administrator(
         {"person": "person.bob", "category": "diet", "value": "no peanuts"},
         blocking=True,
     )
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     await cluster.async_update_settings({**cluster.settings, CONF_MAX_TOKENS: 4})
     tap = Tap(cluster)
 

@@ -238,7 +238,7 @@ async def test_three_hosts_one_killed_one_cut_off(
         30,
     )
 
-    cluster: Cluster = hass.data[DOMAIN]
+    cluster: Cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,

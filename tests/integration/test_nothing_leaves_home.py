@@ -23,6 +23,7 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import intent
 from worker_process import start_worker
 
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_CODE,
     CONF_LLM_HASS_API,
@@ -74,7 +75,7 @@ async def test_full_conversation_stays_home(
             assert entry.state is config_entries.ConfigEntryState.LOADED
 
             # A chat turn through the household's conversation agent.
-            cluster = hass.data[DOMAIN]
+            cluster = Cluster.get(hass)
             await cluster.async_update_settings(
                 {
                     **cluster.settings,

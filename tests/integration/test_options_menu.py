@@ -16,6 +16,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, free_port, start_worker
 
 from custom_components.hearth.client import parse_catalog
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices, catalog_label, valid_source
 from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
@@ -124,7 +125,7 @@ async def test_household_step_leaves_the_workers_own_settings(
         await setup_entry(hass, entry)
     hass.config_entries.async_update_entry(alpha, options={CONF_ONLY_WHEN_IDLE: True})
     hass.config_entries.async_update_entry(beta, options={CONF_NOT_ON_BATTERY: True})
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {**cluster.settings, CONF_PROMPT: "Be brief.", "kept_elsewhere": 7}
     )
@@ -182,7 +183,7 @@ async def test_worker_step_changes_this_worker_only(
     beta = entry_for(workers["Beta"], "Beta")
     for entry in (alpha, beta):
         await setup_entry(hass, entry)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {**cluster.settings, CONF_MAX_TOKENS: 99, CONF_CHAT_MODEL: "tiny-chat"}
     )
@@ -291,9 +292,9 @@ async def test_household_embedding_model_is_the_one_used(
     try:
         entry = entry_for(worker)
         await setup_entry(hass, entry)
-        served = [m.id for m in hass.data[DOMAIN].workers[entry.entry_id].coordinator.info.models]
+        served = [m.id for m in Cluster.get(hass).workers[entry.entry_id].coordinator.info.models]
         assert served == [manifest["name"], "second-embed"]
-        client = hass.data[DOMAIN].workers[entry.entry_id].client
+        client = Cluster.get(hass).workers[entry.entry_id].client
         asked: list[str] = []
         real = client.embeddings
 

@@ -28,6 +28,7 @@ from pytest_homeassistant_custom_component.common import MockUser
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import async_provide_llm_data
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -314,7 +315,7 @@ async def test_tools_through_the_agent(
     real request to a worker carries the speaking person's preferences."""
     await setup_entry(hass, entry_for(taught_worker))
     prefs = hass.data[DATA_PREFERENCES]
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,
@@ -652,7 +653,7 @@ async def test_a_long_request_is_cut_before_it_is_embedded(
     assert member is not None
     await fill(prefs, member)
     prefs.max_in_prompt = 3
-    client = next(iter(hass.data[DOMAIN].workers.values())).client
+    client = next(iter(Cluster.get(hass).workers.values())).client
     sent: list[list[str]] = []
     real = client.embeddings
 
@@ -691,7 +692,7 @@ async def test_ask_with_a_person_uses_their_preferences(
     await setup_entry(hass, entry_for(chat_worker))
     alice = await add_person(hass, None)
     await call(hass, "preferences_set", {"person": alice, "category": "units", "value": "grams"})
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     bodies: list[dict[str, Any]] = []
     real_open = cluster.async_open_chat
 

@@ -32,6 +32,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUs
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import PromptLayout, SplitPrompt, split_system_prompt
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -64,7 +65,7 @@ async def household(
     """A worker, Assist's tools, two exposed lights, and a person per member."""
     entry = entry_for(worker)
     await setup_entry(hass, entry)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,
@@ -88,7 +89,7 @@ async def household(
 def record_requests(hass: HomeAssistant) -> list[dict[str, Any]]:
     """Every chat request body the household sends from now on, as a worker gets it."""
     sent: list[dict[str, Any]] = []
-    for handle in hass.data[DOMAIN].workers.values():
+    for handle in Cluster.get(hass).workers.values():
         real = handle.client.chat_stream
 
         async def chat_stream(body: dict[str, Any], *args: Any, real: Any = real) -> Any:
@@ -202,7 +203,7 @@ async def test_no_device_tools_no_device_line(
     hass: HomeAssistant, chat_worker: WorkerProcess, clock: list[datetime]
 ) -> None:
     await household(hass, chat_worker)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings({**cluster.settings, CONF_LLM_HASS_API: []})
     sent = record_requests(hass)
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
@@ -301,7 +302,7 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
     """By default no temperature is sent (the worker uses the model's own default);
     the household form offers that as an empty field, and keeps an explicit number."""
     entry = await household(hass, chat_worker)
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     assert cluster.settings[CONF_TEMPERATURE] is None
     sent = record_requests(hass)
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)

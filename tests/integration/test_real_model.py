@@ -20,12 +20,12 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 from worker_process import WorkerProcess, start_worker
 
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
-    DOMAIN,
 )
 
 from .conftest import entry_for, setup_entry
@@ -47,7 +47,7 @@ async def test_agent_answers_with_real_model(
     hass: HomeAssistant, real_worker: WorkerProcess
 ) -> None:
     await setup_entry(hass, entry_for(real_worker, "Living room PC"))
-    cluster = hass.data[DOMAIN]
+    cluster = Cluster.get(hass)
     await cluster.async_update_settings(
         {
             **cluster.settings,
