@@ -34,7 +34,8 @@ from .const import (
     MAX_REMEMBERED_CONVERSATIONS,
     MAX_TOOL_ITERATIONS,
 )
-from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER, async_prepare_chat_log
+from .preference_tools import async_prepare_chat_log
+from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 
 HOUSEHOLD_DEVICE = DeviceInfo(
     identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},

@@ -35,6 +35,7 @@ from custom_components.hearth.const import (
     CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
+from custom_components.hearth.preference_tools import preference_tools
 from custom_components.hearth.preferences import (
     DATA_PREFERENCES,
     ISSUE_CORRUPT,
@@ -247,7 +248,7 @@ async def test_corrupt_store_fixed_by_hand(
 
 
 def tool(prefs: Preferences, turn: Turn, name: str) -> llm.Tool:
-    return next(t for t in prefs.tools(turn) if t.name == name)
+    return next(t for t in preference_tools(prefs, turn) if t.name == name)
 
 
 async def run_tool(prefs: Preferences, turn: Turn, name: str, **args: Any) -> Any:
