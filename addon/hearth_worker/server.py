@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -132,8 +132,19 @@ class _QuietBadHttp(logging.Filter):
 _QUIET_BAD_HTTP = _QuietBadHttp()
 
 
-def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(event: Mapping[str, Any]) -> bytes:
+    """One server-sent event: ``event`` as JSON (``json.dumps``'s default separators)."""
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def chunk_event(
+    head: Mapping[str, Any], delta: Mapping[str, Any], finish: str | None = None
+) -> bytes:
+    """A ``chat.completion.chunk`` event: ``head`` (id, object, created, model), one choice."""
+    return sse_event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
 
 class Worker:
@@ -667,20 +678,17 @@ class Worker:
         guide: Guide | None,
         prefix_key: str | None = None,
     ) -> web.StreamResponse:
-        completion_id = _completion_id()
-        head = json.dumps(
-            {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time())}
-        )[:-1]
-        prefix = f'{head}, "model": {json.dumps(model.id)}, "choices": [{{"index": 0, "delta": '
-
-        def chunk(delta: str, finish: str | None = None) -> bytes:
-            return _sse(f'{prefix}{delta}, "finish_reason": {json.dumps(finish)}}}]}}')
-
+        head = {
+            "id": _completion_id(),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model.id,
+        }
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        await response.write(chunk('{"role": "assistant", "content": ""}'))
+        await response.write(chunk_event(head, {"role": "assistant", "content": ""}))
         filt: GuidedAnswer | ToolCallStreamFilter | None = None
         if guide is not None and guide.calls:
             filt = guide.reader()
@@ -700,28 +708,26 @@ class Worker:
                         break
                     text = filt.feed(item) if filt else item
                     if text:
-                        await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
+                        await response.write(chunk_event(head, {"content": text}))
             finish = result.finish_reason
             if filt:
                 text, calls = filt.finish(cut=finish == "length")
                 if text:
-                    await response.write(chunk(f'{{"content": {json.dumps(text)}}}'))
+                    await response.write(chunk_event(head, {"content": text}))
                 if calls:
                     deltas = [{"index": i, **_tool_call_json(call)} for i, call in enumerate(calls)]
-                    await response.write(chunk(json.dumps({"tool_calls": deltas})))
+                    await response.write(chunk_event(head, {"tool_calls": deltas}))
                     finish = "length" if finish == "length" else "tool_calls"
-            await response.write(chunk("{}", finish))
+            await response.write(chunk_event(head, {}, finish))
             if req.include_usage:
                 usage = {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
+                    **head,
                     "created": int(time.time()),
-                    "model": model.id,
                     "choices": [],
                     "usage": _usage(result),
                 }
-                await response.write(_sse(json.dumps(usage)))
-            await response.write(b"data: [DONE]\n\n")
+                await response.write(sse_event(usage))
+            await response.write(SSE_DONE)
             await response.write_eof()
         except ConnectionResetError:
             cancelled.set()

@@ -159,6 +159,31 @@ async def test_streaming_matches_non_streaming(
     assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
+async def test_stream_events_are_whole_json_lines(
+    http: aiohttp.ClientSession, shared_worker: WorkerProcess, tiny_chat_model: Path
+) -> None:
+    """Each event is one line of JSON as json.dumps writes it, keys in the usual order."""
+    body = {
+        "model": model_id(tiny_chat_model),
+        "messages": HELLO,
+        "max_tokens": 24,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(shared_worker.url + CHAT, json=body, headers=shared_worker.headers) as r:
+        assert r.status == 200
+        raw = await r.read()
+    events = raw.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    for event in events[:-2]:
+        assert event.startswith(b"data: {") and b"\n" not in event, event
+        payload = event[len(b"data: ") :].decode()
+        parsed = json.loads(payload)
+        assert json.dumps(parsed) == payload  # the bytes clients have always read
+        assert list(parsed)[:4] == ["id", "object", "created", "model"]
+    assert len({json.loads(e[6:])["id"] for e in events[:-2]}) == 1
+
+
 async def test_max_tokens_and_stop(
     http: aiohttp.ClientSession, shared_worker: WorkerProcess, tiny_chat_model: Path
 ) -> None:
