@@ -26,6 +26,7 @@ from .client import (
 )
 from .const import (
     CONF_CHAT_MODEL,
+    CONF_EMBEDDING_MODEL,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_NOT_ON_BATTERY,
@@ -142,8 +143,16 @@ class WorkerHandle:
     client: HearthClient
     coordinator: HearthCoordinator
 
-    def state(self) -> router.WorkerState:
-        """This worker as plain routing data."""
+    def embedding_models(self) -> list[str]:
+        """The embedding models this worker serves, in the order it lists them."""
+        return [m.id for m in self.coordinator.info.models if m.kind == "embedding"]
+
+    def state(self, model_ids: Collection[str] | None = None) -> router.WorkerState:
+        """This worker as plain routing data.
+
+        `model_ids`: the models a request may use (default: its chat models; an
+        embedding request passes its embedding models, which the router ranks alike).
+        """
         info = self.coordinator.info
         capacity = self.coordinator.data if self.coordinator.last_update_success else None
         rates = capacity.models if capacity else {}
@@ -152,7 +161,7 @@ class WorkerHandle:
                 rates[name].prefill_tok_s if name in rates else None,
                 rates[name].decode_tok_s if name in rates else None,
             )
-            for name in info.chat_models
+            for name in (info.chat_models if model_ids is None else model_ids)
         }
         options = self.coordinator.config_entry.options
         only_when_idle = bool(options.get(CONF_ONLY_WHEN_IDLE, False))
@@ -209,6 +218,11 @@ def household_prefix(body: dict[str, Any]) -> tuple[str, int] | None:
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """A chat request's prompt size in tokens, roughly (4 characters a token), for routing."""
     return max(1, len(json.dumps([body.get("messages"), body.get("tools")])) // 4)
+
+
+def _embedding_request(prompt_tokens: int) -> router.RouteRequest:
+    """An embedding request as routing sees it: a prompt and no answer to wait for."""
+    return router.RouteRequest(prompt_tokens=prompt_tokens, max_new_tokens=0, kind="embedding")
 
 
 async def _first_delta(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
@@ -436,6 +450,78 @@ class Cluster:
             return ChatStream(
                 worker, candidate.model, self._relay(worker, first, deltas, reservation)
             )
+        if refusals:
+            raise refusal_error(refusals)
+        raise NoWorkerError
+
+    def embedding_candidates(self, prompt_tokens: int = 1) -> list[router.Candidate]:
+        """Online workers with an embedding model, best first (see router.Router.rank).
+
+        Those serving the household's chosen embedding model (CONF_EMBEDDING_MODEL)
+        come first, with that model; then the others, each with the first embedding
+        model it lists. Reservations, household flags and circuit breakers count as
+        for chat (an embedding reservation also counts against the worker's chat).
+        """
+        states = [
+            w.state(models) for w in self.workers.values() if (models := w.embedding_models())
+        ]
+        request = _embedding_request(prompt_tokens)
+        ranked: list[router.Candidate] = []
+        if wanted := self.settings.get(CONF_EMBEDDING_MODEL):
+            ranked = self.routing.rank(states, replace(request, model=str(wanted)))
+        chosen = {candidate.worker_id for candidate in ranked}
+        return ranked + [c for c in self.routing.rank(states, request) if c.worker_id not in chosen]
+
+    def embedding_model(self) -> str | None:
+        """The model `async_embed` would use first now; None: no online worker has one."""
+        ranked = self.embedding_candidates()
+        return ranked[0].model if ranked else None
+
+    async def async_embed(
+        self, texts: list[str], *, per_try_s: float | None = None
+    ) -> tuple[str, list[list[float]]]:
+        """Embeddings of `texts` from the best worker with an embedding model, failing over.
+
+        Routed like chat (`embedding_candidates`): each try is reserved against its
+        worker until it ends. A busy worker (429) or one that refuses the request
+        (4xx) is passed over; one that fails (connection, 5xx, a malformed answer)
+        opens its circuit breaker and is polled; an answer closes it. A try that
+        outlives `per_try_s` (seconds; None: the client's own bound) is passed over
+        without opening the breaker: that deadline is the caller's (a prompt waits
+        little for relevance), not a sign the worker is gone. Offline workers are
+        neither asked nor polled, for the same reason.
+
+        Returns the model that answered and one vector per text. Raises
+        NoWorkerError when no worker answered, RequestNotServableError when every
+        worker that answered refused the request.
+        """
+        request = _embedding_request(max(1, sum(len(text) for text in texts) // 4))
+        refusals: list[tuple[str, HearthRequestError]] = []
+        for candidate in self.embedding_candidates(request.prompt_tokens):
+            worker = self.workers.get(candidate.worker_id)
+            if worker is None:
+                continue
+            reservation = self._reserve(candidate, replace(request, model=candidate.model))
+            try:
+                async with asyncio.timeout(per_try_s):
+                    vectors = await worker.client.embeddings(candidate.model, texts)
+            except HearthBusyError as err:
+                LOGGER.debug("Worker %s is busy, trying the next: %s", worker.name, err)
+                continue
+            except HearthRequestError as err:
+                LOGGER.info("Worker %s refused the embedding request: %s", worker.name, err)
+                refusals.append((worker.name, err))
+                continue
+            except HearthError as err:
+                self._worker_failed(worker, err, answering=False)
+                continue
+            except TimeoutError:
+                LOGGER.debug("No embeddings from %s within %s s", worker.name, per_try_s)
+                continue
+            finally:
+                self._release(reservation)
+            self._worker_answered(worker)
+            return candidate.model, vectors
         if refusals:
             raise refusal_error(refusals)
         raise NoWorkerError

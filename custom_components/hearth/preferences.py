@@ -41,9 +41,8 @@ from homeassistant.util import dt as dt_util
 from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.ulid import ulid_now
 
-from .client import HearthClient, HearthError
-from .cluster import Cluster
-from .const import CONF_EMBEDDING_MODEL, DOMAIN, LOGGER
+from .cluster import Cluster, NoWorkerError, RequestNotServableError
+from .const import DOMAIN, LOGGER
 
 STORAGE_KEY: Final = "hearth.preferences"
 STORAGE_VERSION: Final = 1
@@ -466,40 +465,23 @@ class Preferences:
 
     # --- relevance ---------------------------------------------------------
 
-    def _embedders(self) -> list[tuple[HearthClient, str]]:
-        """(client, model) of loaded workers with an embedding model: those with the
-        household's chosen one first (its options), then online ones first."""
-        cluster = Cluster.get(self.hass)
-        wanted = cluster.settings.get(CONF_EMBEDDING_MODEL)
-        found: list[tuple[bool, bool, HearthClient, str]] = []
-        for worker in cluster.workers.values():
-            models = [m.id for m in worker.coordinator.info.models if m.kind == "embedding"]
-            if models:
-                model = str(wanted) if wanted in models else models[0]
-                online = bool(worker.coordinator.last_update_success)
-                found.append((model == wanted, online, worker.client, model))
-        found.sort(key=lambda entry: (not entry[0], not entry[1]))
-        return [(client, model) for _, _, client, model in found]
-
     async def _async_embed(self, texts: list[str]) -> tuple[str, list[list[float]]] | None:
-        """Embeddings of the texts from the first worker that answers, or None."""
-        for client, model in self._embedders():
-            try:
-                async with asyncio.timeout(EMBEDDING_TIMEOUT):
-                    return model, await client.embeddings(model, texts)
-            except (HearthError, TimeoutError) as err:
-                LOGGER.debug("No embeddings from %s: %s", client.base_url, err)
-        return None
+        """Embeddings of the texts, routed by the cluster (the household's chosen
+        embedding model first); None when no worker gave them in time."""
+        try:
+            return await Cluster.get(self.hass).async_embed(texts, per_try_s=EMBEDDING_TIMEOUT)
+        except (NoWorkerError, RequestNotServableError) as err:
+            LOGGER.debug("No embeddings: %s", err)
+            return None
 
     async def async_similarities(
         self, query: str, items: list[dict[str, Any]]
     ) -> list[float] | None:
         """Cosine similarity of each item to the query; None without an embedding worker."""
         texts = [embedding_text(item) for item in items]
-        embedders = self._embedders()
-        if not embedders:
+        model = Cluster.get(self.hass).embedding_model()
+        if model is None:
             return None
-        model = embedders[0][1]
         missing = [t for t in dict.fromkeys(texts) if (model, t) not in self._embeddings]
         result = await self._async_embed([query, *missing])
         if result is None:
