@@ -39,7 +39,7 @@ from .const import (
     DOMAIN,
     LOGGER,
     REPOLL_TIMEOUT,
-    STORAGE_KEY,
+    SETTINGS_STORAGE_KEY,
     STORAGE_VERSION,
 )
 
@@ -289,7 +289,7 @@ class Cluster:
     @classmethod
     async def async_create(cls, hass: HomeAssistant) -> Cluster:
         """Load the household's settings and keep the cluster in `hass.data`."""
-        store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, STORAGE_KEY)
+        store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, SETTINGS_STORAGE_KEY)
         cluster = cls(hass, store)
         if stored := await store.async_load():
             cluster.settings.update(stored)

@@ -62,7 +62,8 @@ REVOKE_TIMEOUT: Final = CONNECT_TIMEOUT
 MAX_SCAN_INTERVAL: Final = timedelta(seconds=60)
 UNREACHABLE_ISSUE_AFTER: Final = timedelta(minutes=5)
 
-STORAGE_KEY: Final = "hearth.settings"
+# The household settings' file under .storage (never rename: households' settings are there).
+SETTINGS_STORAGE_KEY: Final = "hearth.settings"
 STORAGE_VERSION: Final = 1
 
 CONVERSATION_UNIQUE_ID: Final = "household_conversation"

@@ -19,8 +19,8 @@ from homeassistant.helpers import llm
 from homeassistant.util.json import JsonObjectType
 
 from .const import DOMAIN
+from .preference_store import CATEGORIES, PreferencesCorruptError
 from .preferences import (
-    CATEGORIES,
     DATA_PREFERENCES,
     LABELS,
     TOOL_FORGET,
@@ -28,7 +28,6 @@ from .preferences import (
     TOOL_REMEMBER,
     Pending,
     Preferences,
-    PreferencesCorruptError,
     Turn,
     async_member_for_user,
     clean_value,

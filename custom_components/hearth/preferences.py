@@ -1,65 +1,40 @@
-"""Household members' preferences: stored only in Home Assistant, used in every answer.
+"""Members' preferences: who is speaking, reading and writing, the prompt, asking first.
 
-* Storage: one `Store` (`.storage/hearth.preferences`, versioned, written with
-  `atomic_writes=True`: a temporary file in the same folder, fsynced, renamed over
-  the old one). A file that is not valid JSON or not the expected shape is never
-  loaded, emptied or overwritten: a repair issue says so and writes are refused
-  until the file is fixed by hand (checked again on every write) or wiped with
-  `hearth.preferences_wipe` (which keeps the damaged file beside it).
+* Members: the person whose `user_id` is the speaking user, else that user.
+* Reads and writes go through the store (`preference_store.py`: one file,
+  refused, never emptied, when damaged).
 * Prompt: each request of a known person gets their preferences in a system
   message after the household's prompt and tools, as data they stated inside a
   delimited block (never as instructions that could override anything); beyond
-  `MAX_IN_PROMPT` only the most relevant,
-  by cosine similarity of embeddings computed by a worker with an embedding
-  model (cached in memory), else the most recently changed.
-* Tools: Hearth's agent appends `remember_preference`, `forget_preference` and
-  `list_preferences` to the chat log's LLM API. Remembering and forgetting take two
-  calls in two turns: the first only records a proposal and returns the question
-  to ask; a call with `confirmed=true` in a *later* turn of the same conversation
-  carries out the proposal the user heard (not whatever arguments a small model
-  repeats).
+  `MAX_IN_PROMPT` only the most relevant (`preference_relevance.py`: cosine
+  similarity of worker embeddings), else the most recently changed.
+* Ask first: the preference tools (`preference_tools.py`) change nothing on
+  their first call; they record a proposal here (`propose`), and a call with
+  `confirmed=true` in a *later* turn of the same conversation carries out the
+  proposal the user heard (`take_confirmed`), not whatever arguments a small
+  model repeats.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
-import os
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
-from homeassistant.helpers import issue_registry as ir
-from homeassistant.helpers.storage import Store
+from homeassistant.exceptions import ServiceValidationError
 from homeassistant.util import dt as dt_util
 from homeassistant.util.hass_dict import HassKey
 from homeassistant.util.ulid import ulid_now
 
-from .cluster import Cluster, NoWorkerError, RequestNotServableError
-from .const import DOMAIN, LOGGER
+from .const import DOMAIN
+from .preference_relevance import Relevance
+from .preference_store import CATEGORIES, PreferenceStore
 
-STORAGE_KEY: Final = "hearth.preferences"
-STORAGE_VERSION: Final = 1
-STORAGE_MINOR_VERSION: Final = 1
-ISSUE_CORRUPT: Final = "preferences_corrupt"
 DATA_PREFERENCES: HassKey[Preferences] = HassKey("hearth_preferences")
 
-CATEGORIES: Final = (
-    "units",
-    "diet",
-    "recipe_sites",
-    "sources_cite",
-    "sources_avoid",
-    "language",
-    "tone",
-    "other",
-)
 LABELS: Final = {
     "units": "Units",
     "diet": "Diet",
@@ -76,8 +51,6 @@ MAX_IN_PROMPT: Final = 8
 MAX_ITEMS_PER_MEMBER: Final = 200
 MAX_VALUE_LENGTH: Final = 300
 PENDING_TTL: Final = 600.0  # seconds a proposal waits for the user's yes
-EMBEDDING_TIMEOUT: Final = 3.0  # the prompt must not wait long for relevance
-EMBEDDING_CACHE_SIZE: Final = 4096
 # Relevance needs the gist of a request, not all of it: a long message is cut here
 # before it is embedded.
 MAX_QUERY_CHARS: Final = 2000
@@ -86,21 +59,6 @@ PROMPT_BLOCK: Final = "stated_preferences"
 TOOL_REMEMBER: Final = "remember_preference"
 TOOL_FORGET: Final = "forget_preference"
 TOOL_LIST: Final = "list_preferences"
-
-
-class DamagedStoreError(Exception):
-    """What is wrong with a preference store file."""
-
-
-class PreferencesCorruptError(HomeAssistantError):
-    """The preference store could not be read; writes are refused."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(
-            translation_domain=DOMAIN,
-            translation_key="preferences_corrupt",
-            translation_placeholders={"path": path},
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,18 +92,6 @@ class Turn:
     member: Member
 
 
-class PreferenceStore(Store[dict[str, Any]]):
-    """The Store, with its migration hook."""
-
-    async def _async_migrate_func(
-        self, old_major_version: int, old_minor_version: int, old_data: dict[str, Any]
-    ) -> dict[str, Any]:
-        if old_major_version > STORAGE_VERSION:
-            raise NotImplementedError("written by a newer version of Hearth")
-        # Version 1.1 is the first; later versions migrate from old_data here.
-        return old_data
-
-
 def normalize_category(raw: Any) -> str:
     """A category from a model or a user, tolerantly: "Recipe sites" -> recipe_sites."""
     text = re.sub(r"[^a-z]+", "_", str(raw or "").lower()).strip("_")
@@ -174,54 +120,6 @@ def embedding_text(item: dict[str, Any]) -> str:
 def _as_data(text: str) -> str:
     """Text for the prompt's preference block: one line, no markup that could end the block."""
     return " ".join(text.split()).replace("<", "\u2039").replace(">", "\u203a")
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b, strict=False))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
-
-
-def validated(data: Any) -> dict[str, dict[str, Any]]:
-    """The stored members, checked; raises DamagedStoreError naming what is wrong."""
-    if not isinstance(data, dict) or not isinstance(data.get("members"), dict):
-        raise DamagedStoreError("expected an object with 'members'")
-    members: dict[str, dict[str, Any]] = {}
-    # Members are named by position (never by key or name): the reason is shown in
-    # a repair issue and in diagnostics.
-    for number, (key, member) in enumerate(data["members"].items(), 1):
-        if not isinstance(member, dict) or not isinstance(member.get("items"), list):
-            raise DamagedStoreError(f"member number {number} has no 'items' list")
-        for item in member["items"]:
-            if (
-                not isinstance(item, dict)
-                or not all(
-                    isinstance(item.get(k), str)
-                    for k in ("id", "category", "value", "created_at", "updated_at")
-                )
-                or item["category"] not in CATEGORIES
-            ):
-                raise DamagedStoreError(f"member number {number} has a malformed item")
-        members[str(key)] = {"name": str(member.get("name") or key), "items": member["items"]}
-    return members
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-
-
-def check_envelope(text: str) -> None:
-    """A storage file's outer shape; raises DamagedStoreError (or ValueError: bad JSON)."""
-    envelope = json.loads(text)
-    if not isinstance(envelope, dict) or not isinstance(envelope.get("version"), int):
-        raise DamagedStoreError("not a Home Assistant storage file")
-    if "data" not in envelope:
-        raise DamagedStoreError("no 'data'")
-    if envelope["version"] > STORAGE_VERSION:
-        raise DamagedStoreError("written by a newer version of Hearth")
 
 
 async def async_member_for_user(hass: HomeAssistant, user_id: str | None) -> Member | None:
@@ -260,18 +158,10 @@ class Preferences:
 
     def __init__(self, hass: HomeAssistant) -> None:
         self.hass = hass
-        self.store = PreferenceStore(
-            hass,
-            STORAGE_VERSION,
-            STORAGE_KEY,
-            minor_version=STORAGE_MINOR_VERSION,
-            atomic_writes=True,
-        )
-        self.members: dict[str, dict[str, Any]] = {}
-        self.corrupt: str | None = None  # why the store could not be read
+        self.store = PreferenceStore(hass)
+        self.relevance = Relevance(hass)
         self.max_in_prompt = MAX_IN_PROMPT
         self._pending: dict[tuple[str, str], list[Pending]] = {}
-        self._embeddings: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -280,65 +170,21 @@ class Preferences:
         await prefs.async_load()
         return prefs
 
-    # --- storage ---------------------------------------------------------
+    # --- storage (preference_store.py) -----------------------------------------
+
+    @property
+    def members(self) -> dict[str, dict[str, Any]]:
+        """member key -> {"name", "items"}, as stored."""
+        return self.store.members
+
+    @property
+    def corrupt(self) -> str | None:
+        """Why the store cannot be read (None: it can); writes are refused meanwhile."""
+        return self.store.corrupt
 
     async def async_load(self) -> None:
-        """Read the store; on a damaged file, raise the repair issue and keep it as it is.
-
-        The file is checked before `Store` reads it: `Store` would move a file
-        with invalid JSON aside and start empty, which is what must not happen.
-        """
-        try:
-            text = await self.hass.async_add_executor_job(_read_text, self.store.path)
-            if text is not None:
-                check_envelope(text)
-            stored = await self.store.async_load()
-            members = validated(stored) if stored is not None else {}
-        except (
-            DamagedStoreError,
-            ValueError,
-            TypeError,
-            KeyError,
-            NotImplementedError,
-            HomeAssistantError,
-        ) as err:
-            self._set_corrupt(str(err) or type(err).__name__)
-            return
-        self.members = members
-        if self.corrupt is not None:
-            LOGGER.info("The preference store can be read again")
-        self.corrupt = None
-        ir.async_delete_issue(self.hass, DOMAIN, ISSUE_CORRUPT)
-
-    def _set_corrupt(self, reason: str) -> None:
-        LOGGER.error(
-            "The preference store %s cannot be read (%s); preferences are not used "
-            "and not written until it is fixed or wiped",
-            self.store.path,
-            reason,
-        )
-        self.corrupt = reason
-        self.members = {}
-        ir.async_create_issue(
-            self.hass,
-            DOMAIN,
-            ISSUE_CORRUPT,
-            is_fixable=False,
-            is_persistent=False,
-            severity=ir.IssueSeverity.ERROR,
-            translation_key=ISSUE_CORRUPT,
-            translation_placeholders={"path": self.store.path, "reason": reason},
-        )
-
-    async def _async_writable(self) -> None:
-        """Refuse writes while the store is damaged (unless it was fixed meanwhile)."""
-        if self.corrupt is not None:
-            await self.async_load()
-        if self.corrupt is not None:
-            raise PreferencesCorruptError(self.store.path)
-
-    async def _async_save(self) -> None:
-        await self.store.async_save({"members": self.members})
+        """Read the store again (see PreferenceStore.async_load)."""
+        await self.store.async_load()
 
     # --- reading -----------------------------------------------------------
 
@@ -371,7 +217,7 @@ class Preferences:
                 translation_domain=DOMAIN, translation_key="preferences_empty_value"
             )
         async with self._lock:
-            await self._async_writable()
+            await self.store.async_writable()
             record = self.members.setdefault(member.key, {"name": member.name, "items": []})
             record["name"] = member.name
             items: list[dict[str, Any]] = record["items"]
@@ -381,7 +227,7 @@ class Preferences:
                     category in SINGLE_VALUED or _same(item["value"], value)
                 ):
                     item.update(value=value, updated_at=now)
-                    await self._async_save()
+                    await self.store.async_save()
                     return dict(item)
             if len(items) >= MAX_ITEMS_PER_MEMBER:
                 raise ServiceValidationError(
@@ -397,7 +243,7 @@ class Preferences:
                 "updated_at": now,
             }
             items.append(item)
-            await self._async_save()
+            await self.store.async_save()
             return dict(item)
 
     def find(
@@ -423,7 +269,7 @@ class Preferences:
     async def async_delete(self, member_key: str, item_ids: list[str]) -> list[dict[str, Any]]:
         """Forget items by id; returns those forgotten."""
         async with self._lock:
-            await self._async_writable()
+            await self.store.async_writable()
             record = self.members.get(member_key)
             if record is None:
                 return []
@@ -432,7 +278,7 @@ class Preferences:
                 record["items"] = [i for i in record["items"] if i["id"] not in item_ids]
                 if not record["items"]:
                     del self.members[member_key]
-                await self._async_save()
+                await self.store.async_save()
             return removed
 
     async def async_wipe(self, member_key: str | None = None) -> int:
@@ -443,65 +289,29 @@ class Preferences:
         """
         async with self._lock:
             if self.corrupt is not None and member_key is None:
-                kept = f"{self.store.path}.corrupt.{dt_util.utcnow().strftime('%Y%m%dT%H%M%S')}"
-                await self.hass.async_add_executor_job(os.replace, self.store.path, kept)
-                LOGGER.warning("The damaged preference store was kept as %s", kept)
-                self.corrupt = None
-                self.members = {}
-                ir.async_delete_issue(self.hass, DOMAIN, ISSUE_CORRUPT)
-                await self._async_save()
+                await self.store.async_set_aside()
                 return 0
-            await self._async_writable()
+            await self.store.async_writable()
             if member_key is None:
                 count = sum(self.counts().values())
-                self.members = {}
+                self.store.members = {}
             else:
                 count = len(self.members.pop(member_key, {}).get("items", []))
             self._pending = {
                 k: v for k, v in self._pending.items() if member_key not in (None, k[1])
             }
-            await self._async_save()
+            await self.store.async_save()
             return count
 
-    # --- relevance ---------------------------------------------------------
-
-    async def _async_embed(self, texts: list[str]) -> tuple[str, list[list[float]]] | None:
-        """Embeddings of the texts, routed by the cluster (the household's chosen
-        embedding model first); None when no worker gave them in time."""
-        try:
-            return await Cluster.get(self.hass).async_embed(texts, per_try_s=EMBEDDING_TIMEOUT)
-        except (NoWorkerError, RequestNotServableError) as err:
-            LOGGER.debug("No embeddings: %s", err)
-            return None
+    # --- relevance (preference_relevance.py) ------------------------------------
 
     async def async_similarities(
         self, query: str, items: list[dict[str, Any]]
     ) -> list[float] | None:
-        """Cosine similarity of each item to the query; None without an embedding worker."""
-        texts = [embedding_text(item) for item in items]
-        model = Cluster.get(self.hass).embedding_model()
-        if model is None:
-            return None
-        missing = [t for t in dict.fromkeys(texts) if (model, t) not in self._embeddings]
-        result = await self._async_embed([query, *missing])
-        if result is None:
-            return None
-        used_model, vectors = result
-        if used_model != model:  # another worker answered: its vectors for everything
-            missing = list(dict.fromkeys(texts))
-            result = await self._async_embed([query, *missing])
-            if result is None or result[0] != used_model:
-                return None
-            vectors = result[1]
-            model = used_model
-        query_vector = vectors[0]
-        for text, vector in zip(missing, vectors[1:], strict=True):
-            self._embeddings[(model, text)] = vector
-        for text in texts:
-            self._embeddings.move_to_end((model, text))
-        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
-        return [cosine(query_vector, self._embeddings[(model, text)]) for text in texts]
+        """Cosine similarity of each item to the query; None without embeddings."""
+        return await self.relevance.async_similarities(
+            query, [embedding_text(item) for item in items]
+        )
 
     async def async_select(self, member_key: str, query: str) -> tuple[list[dict[str, Any]], bool]:
         """The preferences for a request: all of them, or the most relevant few.

@@ -24,11 +24,10 @@ from .assistant import (
 )
 from .cluster import Cluster, MessageTooLongError
 from .const import CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
+from .preference_store import CATEGORIES, STORAGE_VERSION
 from .preferences import (
-    CATEGORIES,
     DATA_PREFERENCES,
     MAX_VALUE_LENGTH,
-    STORAGE_VERSION,
     Member,
     Preferences,
     async_member_for_user,

@@ -34,12 +34,12 @@ from custom_components.hearth.const import (
     CONF_MAX_TOKENS,
     CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
+    SETTINGS_STORAGE_KEY,
 )
+from custom_components.hearth.preference_store import ISSUE_CORRUPT, PREFERENCES_STORAGE_KEY
 from custom_components.hearth.preference_tools import preference_tools
 from custom_components.hearth.preferences import (
     DATA_PREFERENCES,
-    ISSUE_CORRUPT,
-    STORAGE_KEY,
     TOOL_FORGET,
     TOOL_LIST,
     TOOL_REMEMBER,
@@ -66,7 +66,7 @@ def real_storage(hass: HomeAssistant, config_dir: Path) -> Iterator[Path]:
         patch.object(Store, "_async_load", REAL_LOAD),
         patch.object(Store, "_async_write_data", REAL_WRITE),
     ):
-        yield config_dir / ".storage" / STORAGE_KEY
+        yield config_dir / ".storage" / PREFERENCES_STORAGE_KEY
 
 
 async def setup_hearth(hass: HomeAssistant) -> Preferences:
@@ -121,7 +121,7 @@ async def test_round_trip_and_person_mapping(
     await prefs.async_set(member, "diet", "vegetarian")
     await prefs.async_set(member, "Diet", "  no   peanuts ")  # tolerant category, spaces
     await prefs.async_set(member, "diet", "Vegetarian")  # the same again: not duplicated
-    stored = hass_storage[STORAGE_KEY]
+    stored = hass_storage[PREFERENCES_STORAGE_KEY]
     assert stored["version"] == 1
     items = stored["data"]["members"]["person:alice"]["items"]
     assert [(i["category"], i["value"]) for i in items] == [
@@ -142,10 +142,21 @@ async def test_round_trip_and_person_mapping(
     assert await async_member_for_user(hass, "no-such-user") is None
 
 
+def test_storage_files_keep_their_names() -> None:
+    """Households' data is in these files: renaming the constants never renames them."""
+    assert PREFERENCES_STORAGE_KEY == "hearth.preferences"
+    assert SETTINGS_STORAGE_KEY == "hearth.settings"
+
+
 async def test_newer_store_version_is_reported_not_loaded(
     hass: HomeAssistant, hass_storage: dict[str, Any]
 ) -> None:
-    hass_storage[STORAGE_KEY] = {"version": 2, "minor_version": 1, "key": STORAGE_KEY, "data": {}}
+    hass_storage[PREFERENCES_STORAGE_KEY] = {
+        "version": 2,
+        "minor_version": 1,
+        "key": PREFERENCES_STORAGE_KEY,
+        "data": {},
+    }
     prefs = await setup_hearth(hass)
     assert prefs.corrupt
     assert issue(hass) is not None
@@ -166,7 +177,7 @@ async def test_writes_are_atomic(
         )
         await prefs.async_set(member, "diet", "vegetarian")
         assert path.stat().st_ino != first  # a new file took the old one's place
-        assert sorted(p.name for p in path.parent.iterdir()) == [STORAGE_KEY]
+        assert sorted(p.name for p in path.parent.iterdir()) == [PREFERENCES_STORAGE_KEY]
 
         # A write that fails before its rename leaves the old file whole.
         before = path.read_text()
@@ -177,15 +188,21 @@ async def test_writes_are_atomic(
         with patch.object(atomicwrites, "_replace_atomic", broken_rename):
             await prefs.async_set(member, "tone", "brief")
         assert path.read_text() == before
-        assert sorted(p.name for p in path.parent.iterdir()) == [STORAGE_KEY]
+        assert sorted(p.name for p in path.parent.iterdir()) == [PREFERENCES_STORAGE_KEY]
 
 
 @pytest.mark.parametrize(
     "content",
     [
         "{not json",
-        json.dumps({"version": 1, "key": STORAGE_KEY, "data": {"members": []}}),
-        json.dumps({"version": 1, "key": STORAGE_KEY, "data": {"members": {"x": {"items": [1]}}}}),
+        json.dumps({"version": 1, "key": PREFERENCES_STORAGE_KEY, "data": {"members": []}}),
+        json.dumps(
+            {
+                "version": 1,
+                "key": PREFERENCES_STORAGE_KEY,
+                "data": {"members": {"x": {"items": [1]}}},
+            }
+        ),
         json.dumps([1, 2, 3]),
     ],
     ids=["invalid-json", "members-not-a-dict", "bad-item", "not-a-storage-file"],
@@ -213,7 +230,7 @@ async def test_corrupt_store_is_reported_and_kept(
         with pytest.raises(HomeAssistantError):
             await call(hass, "preferences_wipe", {}, hass_admin_user)  # one person: refused too
         assert path.read_text() == content
-        assert sorted(p.name for p in path.parent.iterdir()) == [STORAGE_KEY]
+        assert sorted(p.name for p in path.parent.iterdir()) == [PREFERENCES_STORAGE_KEY]
         listed = await call(hass, "preferences_list", {}, hass_admin_user)
         assert listed["preferences"] == []
 
@@ -222,7 +239,11 @@ async def test_corrupt_store_is_reported_and_kept(
             "wiped": 0
         }
         assert issue(hass) is None
-        kept = [p for p in path.parent.iterdir() if p.name.startswith(f"{STORAGE_KEY}.corrupt.")]
+        kept = [
+            p
+            for p in path.parent.iterdir()
+            if p.name.startswith(f"{PREFERENCES_STORAGE_KEY}.corrupt.")
+        ]
         assert len(kept) == 1
         assert kept[0].read_text() == content
         await call(hass, "preferences_set", {"category": "units", "value": "cups"}, hass_admin_user)
@@ -236,7 +257,12 @@ async def test_corrupt_store_fixed_by_hand(
         path.write_text('{"version": 1, "data": {"members": {"user:x": ')  # cut off
         await setup_hearth(hass)
         assert issue(hass) is not None
-        good = {"version": 1, "minor_version": 1, "key": STORAGE_KEY, "data": {"members": {}}}
+        good = {
+            "version": 1,
+            "minor_version": 1,
+            "key": PREFERENCES_STORAGE_KEY,
+            "data": {"members": {}},
+        }
         path.write_text(json.dumps(good))
         # The next change reads the file again: it works and the issue goes away.
         await call(hass, "preferences_set", {"category": "diet", "value": "vegan"}, hass_admin_user)
@@ -467,7 +493,7 @@ async def test_actions(
         "wiped": 2,
     }
     assert await call(hass, "preferences_wipe", {"everyone": True}, hass_admin_user) == {"wiped": 1}
-    assert hass_storage[STORAGE_KEY]["data"] == {"members": {}}
+    assert hass_storage[PREFERENCES_STORAGE_KEY]["data"] == {"members": {}}
 
 
 async def test_diagnostics_show_counts_and_categories_only(
@@ -623,12 +649,12 @@ async def test_relevant_preferences_chosen_by_real_embeddings(
     assert values[0] == "friendly"
     assert values[1] == "vegetarian, no meat or fish"
     assert len(values) == 3
-    cached = len(prefs._embeddings)
+    cached = len(prefs.relevance.vectors)
     assert cached == len(UNRELATED) + 1  # every preference but the always-included tone
 
     chosen, _ = await prefs.async_select(member.key, "Which football match is on tonight?")
     assert "My favourite football team is Arsenal" in [i["value"] for i in chosen[1:2]]
-    assert len(prefs._embeddings) == cached  # preference vectors came from the cache
+    assert len(prefs.relevance.vectors) == cached  # preference vectors came from the cache
 
     prompt = await prefs.async_prompt(member, "Suggest a recipe with lentils")
     assert prompt is not None
@@ -642,12 +668,12 @@ async def test_a_long_request_is_cut_before_it_is_embedded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Relevance needs the gist: a long message costs the embedding worker no more."""
-    from custom_components.hearth import preferences
+    from custom_components.hearth import preference_relevance
     from custom_components.hearth.preferences import MAX_QUERY_CHARS
 
     # A full 2,000-character query on a busy 2-core machine may take longer than the
     # prompt's 3 s: this test is about what is sent, not about that bound.
-    monkeypatch.setattr(preferences, "EMBEDDING_TIMEOUT", 120.0)
+    monkeypatch.setattr(preference_relevance, "EMBEDDING_TIMEOUT", 120.0)
     await setup_entry(hass, entry_for(shared_worker))
     prefs = hass.data[DATA_PREFERENCES]
     member = await async_member_for_user(hass, hass_admin_user.id)
