@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import voluptuous as vol
@@ -22,7 +22,7 @@ from homeassistant.config_entries import (
     OptionsFlow,
 )
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
-from homeassistant.core import callback
+from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers import llm
 from homeassistant.helpers import selector as sel
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
@@ -68,6 +68,7 @@ from .const import (
     DOMAIN,
     LOGGER,
 )
+from .coordinator import CONF_ADDON, addon_url
 
 PAIRING_ERRORS = {
     "wrong_code": "wrong_code",
@@ -121,6 +122,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         self._port = DEFAULT_PORT
         self._name: str | None = None
         self._hassio: dict[str, Any] | None = None
+        self._slug = ""  # the add-on's, from the Supervisor's discovery
         self._plain_http = False
         self._allow_public = False
 
@@ -170,6 +172,13 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
             CONF_PLAIN_HTTP: self._plain_http,
             CONF_ALLOW_PUBLIC: self._allow_public,
         }
+
+    async def _async_revoke(self, paired: PairResult) -> None:
+        """Give back a token pairing just made and the flow does not keep."""
+        try:
+            await self._client(paired.token, paired.fingerprint).revoke_token()
+        except HearthError as err:
+            LOGGER.debug("Could not revoke the token of %s: %s", paired.node_id, err)
 
     async def _async_title(self, paired: PairResult, fallback: str) -> str:
         try:
@@ -303,6 +312,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         except (KeyError, TypeError, ValueError):
             return self.async_abort(reason="not_hearth")
         self._name = discovery_info.name
+        self._slug = discovery_info.slug
         await self.async_set_unique_id(self._hassio["node_id"])
         self._abort_if_unique_id_configured(
             updates={
@@ -311,9 +321,12 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 CONF_TOKEN: self._hassio["token"],
                 CONF_FINGERPRINT: fingerprint,
                 CONF_PLAIN_HTTP: self._plain_http,
+                CONF_ADDON: self._slug,
             }
         )
         self.context["title_placeholders"] = {"name": self._name}
+        # The discovery card links the add-on's page, as core's wyoming does.
+        self.context["configuration_url"] = addon_url(self._slug)
         return await self.async_step_hassio_confirm()
 
     async def async_step_hassio_confirm(
@@ -330,6 +343,18 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
             return self.async_abort(reason="invalid_auth")
         except HearthError:
             return self.async_abort(reason="cannot_connect")
+        if info.node_id != self._hassio["node_id"]:
+            # The add-on announced one worker and another answers at its address.
+            return self.async_abort(
+                reason="wrong_worker",
+                description_placeholders={
+                    "name": str(self._name),
+                    "expected_id": self._hassio["node_id"],
+                    "answered": info.name,
+                    "answered_id": info.node_id,
+                    "url": self._client().base_url,
+                },
+            )
         return self.async_create_entry(
             title=info.name,
             data={
@@ -340,6 +365,7 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 CONF_NODE_ID: info.node_id,
                 CONF_FINGERPRINT: self._hassio["fingerprint"],
                 CONF_PLAIN_HTTP: self._plain_http,
+                CONF_ADDON: self._slug,
             },
         )
 
@@ -360,9 +386,21 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
         retry = ""
         if user_input is not None:
             paired, errors, retry = await self._async_pair(user_input[CONF_CODE])
+            if paired is not None and paired.node_id != entry.unique_id:
+                # Another worker took the code: say which; its new token is not kept.
+                answered = await self._async_title(paired, paired.node_id)
+                await self._async_revoke(paired)
+                return self.async_abort(
+                    reason="wrong_worker",
+                    description_placeholders={
+                        "name": entry.title,
+                        "expected_id": str(entry.unique_id),
+                        "answered": answered,
+                        "answered_id": paired.node_id,
+                        "url": self._client().base_url,
+                    },
+                )
             if paired is not None:
-                await self.async_set_unique_id(paired.node_id)
-                self._abort_if_unique_id_mismatch(reason="wrong_worker")
                 return self.async_update_reload_and_abort(
                     entry, data_updates=self._entry_data(paired)
                 )
@@ -401,9 +439,18 @@ class HearthConfigFlow(ConfigFlow, domain=DOMAIN):
                 errors["base"] = "address_not_allowed"
             except HearthError:
                 errors["base"] = "cannot_connect"
+            if info is not None and info.node_id != entry.unique_id:
+                return self.async_abort(
+                    reason="wrong_worker",
+                    description_placeholders={
+                        "name": entry.title,
+                        "expected_id": str(entry.unique_id),
+                        "answered": info.name,
+                        "answered_id": info.node_id,
+                        "url": self._client().base_url,
+                    },
+                )
             if info is not None:
-                await self.async_set_unique_id(info.node_id)
-                self._abort_if_unique_id_mismatch(reason="wrong_worker")
                 return self.async_update_reload_and_abort(
                     entry, data_updates={CONF_HOST: self._host, CONF_PORT: self._port}
                 )
@@ -458,6 +505,15 @@ def valid_source(source: str) -> bool:
         return match["sub"] is None
     parts = sub.split("/")
     return all(part.strip() and part not in (".", "..") for part in parts)
+
+
+def filter_invalid_llm_apis(hass: HomeAssistant, selected: Iterable[str] | None) -> list[str]:
+    """The chosen LLM API ids that Home Assistant still has, in their order (as core's
+    ollama config flow: an API whose integration was removed is neither shown nor kept)."""
+    if isinstance(selected, str):  # one id, as older settings may hold it
+        selected = [selected]
+    valid = {api.id for api in llm.async_get_apis(hass)}
+    return [api for api in selected or () if api in valid]
 
 
 def _no_percentage(fraction: float) -> None:
@@ -534,7 +590,9 @@ class HearthOptionsFlow(OptionsFlow):
             for key in CLEARABLE_SETTINGS:
                 settings[key] = user_input.get(key) or None
             settings[CONF_TEMPERATURE] = user_input.get(CONF_TEMPERATURE)  # None: the model's
-            settings[CONF_LLM_HASS_API] = list(user_input.get(CONF_LLM_HASS_API) or [])
+            settings[CONF_LLM_HASS_API] = filter_invalid_llm_apis(
+                self.hass, user_input.get(CONF_LLM_HASS_API)
+            )
             await cluster.async_update_settings(settings)
             # This worker's own options stay as they are.
             return self.async_create_entry(data=dict(self.config_entry.options))
@@ -576,6 +634,10 @@ class HearthOptionsFlow(OptionsFlow):
             }
         )
         suggested = {k: v for k, v in cluster.settings.items() if v is not None}
+        # Not offered back: an API that is gone (its integration removed).
+        suggested[CONF_LLM_HASS_API] = filter_invalid_llm_apis(
+            self.hass, cluster.settings.get(CONF_LLM_HASS_API)
+        )
         return self.async_show_form(
             step_id="household",
             data_schema=self.add_suggested_values_to_schema(schema, suggested),

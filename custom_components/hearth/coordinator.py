@@ -36,6 +36,15 @@ from .client import (
 )
 from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
 
+# Entry data of a worker the Hearth add-on runs: the add-on's slug, as the Supervisor
+# names it in its discovery (config_flow.py).
+CONF_ADDON = "addon"
+
+
+def addon_url(slug: str) -> str:
+    """The add-on's page in Home Assistant (the frontend opens it in place)."""
+    return f"homeassistant://hassio/addon/{slug}/info"
+
 
 def unreachable_issue_id(entry_id: str) -> str:
     return f"unreachable_{entry_id}"
@@ -98,6 +107,13 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         self._in_flight_at_snapshot = 0
         # Repairs raised for the worker's failed pulls: source -> issue id.
         self._pull_issues: dict[str, str] = {}
+
+    @property
+    def configuration_url(self) -> str | None:
+        """Where a person reads and changes the worker's settings: the add-on's page
+        for the add-on; none otherwise (a worker serves an API, no page to read)."""
+        slug = self.config_entry.data.get(CONF_ADDON)
+        return addon_url(str(slug)) if slug else None
 
     @property
     def signal_in_flight(self) -> str:

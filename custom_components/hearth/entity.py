@@ -25,5 +25,5 @@ class HearthWorkerEntity(CoordinatorEntity[HearthCoordinator]):
             manufacturer="Hearth",
             model="Hearth worker",
             sw_version=info.version,
-            configuration_url=f"{coordinator.client.base_url}/v1/openapi.yaml",
+            configuration_url=coordinator.configuration_url,
         )

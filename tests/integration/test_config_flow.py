@@ -507,6 +507,10 @@ async def test_reauth_wrong_worker(hass: HomeAssistant, fresh_worker: WorkerProc
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "wrong_worker"
+    # Which worker was expected and which answered (test_flow_links.py has the rest).
+    placeholders = result["description_placeholders"]
+    assert placeholders["expected_id"] == "another-node"
+    assert placeholders["answered_id"] == node_id_of(fresh_worker)
 
 
 async def test_reconfigure(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
@@ -560,6 +564,9 @@ async def test_reconfigure_rejected_token_and_wrong_worker(
     result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input)
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "wrong_worker"
+    placeholders = result["description_placeholders"]
+    assert placeholders["expected_id"] == "another-node"
+    assert placeholders["answered_id"] == worker_info(chat_worker)["node_id"]
 
 
 async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
