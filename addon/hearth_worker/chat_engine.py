@@ -25,6 +25,8 @@ cache, so every new conversation prefills the household prompt anew (1,500
 tokens: seconds, against tens of milliseconds from the prompt cache), and it
 prefills a prompt in one uninterruptible `run()`. For voice, the prompt cache
 wins; generations run side by side (`max_running`), each its own generator.
+A batch of our own (plain onnxruntime, slots seeded from cached generators) was
+measured too: docs/ARCHITECTURE.md, "Batched decoding", scripts/bench/batch_step.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
@@ -12,28 +14,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import ClientSession, web
 
 from . import API_VERSION, __version__
+from . import settings as settings_module
 from .auth import SUPERVISOR_TOKEN_NAME, AuthStore
-from .connections import BindError, ConnectionLimits, Listener, bind
+from .connections import BindError, Listener, bind
 from .discovery import Advertiser
 from .manifest import ManifestError
-from .prompt_cache import DEFAULT_BUDGET_MB
-from .pull import default_models_dir
-from .server import Worker, WorkerOptions
+from .server import Worker
+from .settings import WorkerSettings
 from .supervisor import announce, withdraw
 from .tls import Certificate, ensure_certificate
 
 _LOGGER = logging.getLogger("hearth_worker")
-
-
-def default_state_dir() -> Path:
-    if env := os.environ.get("HEARTH_STATE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "hearth-worker"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,105 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="hearth-worker", description="Serve ONNX models to Hearth in Home Assistant."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=default_state_dir(),
-        help="where the node id, pairing code and token hashes live (default: %(default)s)",
-    )
+    settings_module.add_arguments(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve models")
-    serve.add_argument(
-        "--model",
-        dest="models",
-        type=Path,
-        action="append",
-        default=[],
-        help="also serve this model folder (made by scripts/export_model; repeat for several); "
-        "it cannot be removed through the API",
-    )
-    serve.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="serve every model folder in this folder; pulled models land here "
-        "(default: <state-dir>/models)",
-    )
-    serve.add_argument(
-        "--pull",
-        dest="pulls",
-        metavar="SOURCE",
-        action="append",
-        default=[],
-        help="pull this model (owner/name or owner/name:sub/folder) into --models-dir unless "
-        "it is there, while serving what is (repeat for several; progress in the log)",
-    )
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
-    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    serve.add_argument("--name", default=socket.gethostname(), help="name shown in Home Assistant")
-    serve.add_argument("--max-running", type=int, default=1, help="concurrent generations")
-    serve.add_argument("--max-queued", type=int, default=8, help="requests waiting beyond those")
-    serve.add_argument(
-        "--prompt-cache-mb",
-        type=int,
-        default=DEFAULT_BUDGET_MB,
-        help="memory for the prompt cache (KV caches of recent prompts, reused by later "
-        f"turns and conversations; 0 turns it off; default {DEFAULT_BUDGET_MB})",
-    )
-    serve.add_argument("--threads", type=int, default=None, help="threads per model (all cores)")
-    serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
-    serve.add_argument(
-        "--no-advertise", action="store_true", help="do not advertise over mDNS (zeroconf)"
-    )
-    serve.add_argument(
-        "--advertise-address",
-        action="append",
-        default=None,
-        help="address to advertise (default: the host's addresses)",
-    )
-    serve.add_argument(
-        "--supervisor-discovery",
-        action="store_true",
-        help="inside the Home Assistant add-on: announce this worker through the Supervisor",
-    )
-    serve.add_argument(
-        "--discovery-host",
-        default=socket.gethostname(),
-        help="host name Home Assistant uses to reach the add-on (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--plain-http",
-        action="store_true",
-        help="serve plain, unencrypted HTTP instead of HTTPS (only on a network you trust)",
-    )
-    limits = ConnectionLimits()
-    serve.add_argument(
-        "--header-timeout",
-        type=float,
-        default=limits.header_timeout_s,
-        help="seconds a new connection has for its TLS handshake and first request's headers "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--keepalive-timeout",
-        type=float,
-        default=limits.keepalive_timeout_s,
-        help="seconds an idle connection is kept open (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=limits.max_connections,
-        help="connections held at once, in total (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-connections-per-client",
-        type=int,
-        default=limits.max_per_client,
-        help="connections held at once from one address (default: %(default)s)",
-    )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    settings_module.add_arguments(serve)
 
     sub.add_parser("pair", help="show a new pairing code (valid 15 minutes)")
     sub.add_parser(
@@ -208,126 +110,137 @@ def _certificate(auth: AuthStore) -> Certificate:
     return ensure_certificate(auth.state_dir, auth.node_id, names)
 
 
-def _limits(args: argparse.Namespace) -> ConnectionLimits:
+async def _serve(
+    settings: WorkerSettings, auth: AuthStore, stop: asyncio.Event | None = None
+) -> None:
+    """Start the worker, serve until SIGINT or SIGTERM (or until ``stop`` is set), stop it.
+
+    Each start is paired with its stop on one exit stack, right where it starts: leaving
+    stops what started, in reverse order, and a start that fails stops what started
+    before it.
+    """
     try:
-        return ConnectionLimits(
-            header_timeout_s=args.header_timeout,
-            keepalive_timeout_s=args.keepalive_timeout,
-            max_connections=args.max_connections,
-            max_per_client=args.max_connections_per_client,
-        )
+        limits = settings.connection_limits()
     except ValueError as err:
         raise BindError(f"bad connection limits: {err}") from err
-
-
-async def _serve(args: argparse.Namespace, auth: AuthStore) -> None:
-    limits = _limits(args)
-    # Bound (not yet listening) before anything slow: a taken port is reported at once.
-    sock = bind(args.host, args.port)
-    cert = None if args.plain_http else _certificate(auth)
-    models_dir = args.models_dir or default_models_dir(args.state_dir)
-    options = WorkerOptions(
-        model_dirs=args.models,
-        state_dir=args.state_dir,
-        models_dir=models_dir,
-        name=args.name,
-        max_running=args.max_running,
-        max_queued=args.max_queued,
-        prompt_cache_mb=args.prompt_cache_mb,
-        threads=args.threads,
-        warmup=not args.no_warmup,
-        fingerprint=cert.fingerprint if cert else b"",
-    )
-    worker = Worker(options, auth)
-    await asyncio.get_running_loop().run_in_executor(None, worker.load_models)
-    runner = web.AppRunner(
-        worker.build_app(),
-        handler_cancellation=True,
-        access_log=None,
-        keepalive_timeout=limits.keepalive_timeout_s,
-    )
-    await runner.setup()
-    if not args.supervisor_discovery and not auth.paired:
-        _show_code(auth)  # before listening: a client that sees us can pair at once
-        print("Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True)
-    assert runner.server is not None
-    listener = Listener(
-        sock,
-        runner.server,
-        ssl_context=cert.server_context() if cert else None,
-        limits=limits,
-    )
-    listener.start()
-    worker.jobs.pull_missing(args.pulls)  # beside what it serves already
-    port = listener.port  # the real port when --port 0 asked for any free one
-    scheme = "https" if cert else "http"
-    _LOGGER.info("Hearth worker %s listening on %s://%s:%d", __version__, scheme, args.host, port)
-    if cert:
+    settings = settings.with_default_models_dir()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        # Last out: a second Ctrl-C while stopping does not cut the stopping short.
+        signals: list[signal.Signals] = []
+        stack.callback(_remove_signal_handlers, loop, signals)
+        # Bound (not yet listening) before anything slow: a taken port is reported at once.
+        sock = stack.enter_context(bind(settings.host, settings.port))
+        cert = None if settings.plain_http else _certificate(auth)
+        worker = Worker(settings, auth, fingerprint=cert.fingerprint if cert else b"")
+        await loop.run_in_executor(None, worker.models.load)
+        runner = web.AppRunner(
+            worker.build_app(),
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=limits.keepalive_timeout_s,
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        if not settings.supervisor_discovery and not auth.paired:
+            _show_code(auth)  # before listening: a client that sees us can pair at once
+            print(
+                "Enter it in Home Assistant when it offers to add this Hearth worker.", flush=True
+            )
+        assert runner.server is not None
+        listener = Listener(
+            sock,
+            runner.server,
+            ssl_context=cert.server_context() if cert else None,
+            limits=limits,
+        )
+        listener.start()
+        stack.push_async_callback(listener.close)
+        worker.models.jobs.pull_missing(settings.pulls)  # beside what it serves already
+        port = listener.port  # the real port when --port 0 asked for any free one
+        scheme = "https" if cert else "http"
         _LOGGER.info(
-            "TLS certificate %s, SHA-256 fingerprint %s", cert.cert_path, cert.fingerprint_display
+            "Hearth worker %s listening on %s://%s:%d", __version__, scheme, settings.host, port
         )
-    else:
-        _LOGGER.warning("Serving plain HTTP (--plain-http): tokens and requests are not encrypted")
+        if cert:
+            _LOGGER.info(
+                "TLS certificate %s, SHA-256 fingerprint %s",
+                cert.cert_path,
+                cert.fingerprint_display,
+            )
+        else:
+            _LOGGER.warning(
+                "Serving plain HTTP (--plain-http): tokens and requests are not encrypted"
+            )
 
-    advertiser: Advertiser | None = None
-    if not args.no_advertise:
-        advertiser = Advertiser(
-            node_id=worker.node_id,
-            name=args.name,
-            port=port,
-            version=__version__,
-            api_version=API_VERSION,
-            paired=auth.paired,
-            addresses=args.advertise_address,
-            scheme=scheme,
-        )
-        await advertiser.start()
-        worker.on_paired.append(lambda: advertiser.update(paired=True))
+        if settings.advertise:
+            advertiser = Advertiser(
+                node_id=worker.node_id,
+                name=settings.name,
+                port=port,
+                version=__version__,
+                api_version=API_VERSION,
+                paired=auth.paired,
+                addresses=settings.advertise_addresses,
+                scheme=scheme,
+            )
+            await advertiser.start()
+            stack.push_async_callback(advertiser.stop)
+            worker.on_paired.append(lambda: advertiser.update(paired=True))
 
-    session: ClientSession | None = None
-    discovery_uuid: str | None = None
-    supervisor_url = os.environ.get("SUPERVISOR_URL", "http://supervisor")
-    if args.supervisor_discovery:
-        session = ClientSession()
-        for token_info in auth.list_tokens():
-            if token_info.name == SUPERVISOR_TOKEN_NAME:
-                auth.revoke(token_info.token_id)
-        token, _ = auth.create_token(SUPERVISOR_TOKEN_NAME, admin=True)
-        discovery_uuid = await announce(
-            session,
-            config={
-                "host": args.discovery_host,
+        if settings.supervisor_discovery:
+            config = {
+                "host": settings.discovery_host,
                 "port": port,
-                "token": token,
                 "node_id": worker.node_id,
                 # The Supervisor channel is trusted: Home Assistant pins this fingerprint.
                 "scheme": scheme,
                 **({"fingerprint": cert.fingerprint_hex} if cert else {}),
-            },
-            supervisor_url=supervisor_url,
-            supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
-        )
-        _LOGGER.info("Announced to Home Assistant through the Supervisor")
+            }
+            await _announce(stack, auth, config)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    _LOGGER.info("Stopping")
-    if advertiser:
-        await advertiser.stop()
-    if session:
-        if discovery_uuid:
-            await withdraw(
-                session,
-                uuid=discovery_uuid,
-                supervisor_url=supervisor_url,
-                supervisor_token=os.environ.get("SUPERVISOR_TOKEN", ""),
-            )
-        await session.close()
-    await listener.close()
-    await runner.cleanup()
+        if stop is None:
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+                signals.append(sig)
+        await stop.wait()
+        _LOGGER.info("Stopping")
+
+
+async def _announce(
+    stack: contextlib.AsyncExitStack, auth: AuthStore, config: dict[str, Any]
+) -> None:
+    """Announce this worker through the Supervisor (the add-on), with a fresh admin token
+    in ``config``; the announcement is withdrawn when ``stack`` closes."""
+    session = await stack.enter_async_context(ClientSession())
+    for token_info in auth.list_tokens():
+        if token_info.name == SUPERVISOR_TOKEN_NAME:
+            auth.revoke(token_info.token_id)
+    token, _ = auth.create_token(SUPERVISOR_TOKEN_NAME, admin=True)
+    supervisor_url = os.environ.get("SUPERVISOR_URL", "http://supervisor")
+    supervisor_token = os.environ.get("SUPERVISOR_TOKEN", "")
+    uuid = await announce(
+        session,
+        config={**config, "token": token},
+        supervisor_url=supervisor_url,
+        supervisor_token=supervisor_token,
+    )
+    stack.push_async_callback(
+        functools.partial(
+            withdraw,
+            session,
+            uuid=uuid,
+            supervisor_url=supervisor_url,
+            supervisor_token=supervisor_token,
+        )
+    )
+    _LOGGER.info("Announced to Home Assistant through the Supervisor")
+
+
+def _remove_signal_handlers(loop: asyncio.AbstractEventLoop, signals: list[signal.Signals]) -> None:
+    for sig in signals:
+        loop.remove_signal_handler(sig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,11 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         print(f"No token {args.token_id}", file=sys.stderr)
         return 1
+    settings = WorkerSettings.from_args(args)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(_serve(args, auth))
+        asyncio.run(_serve(settings, auth))
     except ManifestError as err:
         print(f"hearth-worker: {err}", file=sys.stderr)
         return 2

@@ -10,31 +10,27 @@ import json
 import logging
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import API_VERSION, __version__, catalog, pairing, pull
-from .admission import Admission, Busy, run_to_end
+from .admission import Busy, run_to_end
 from .auth import AuthStore, PairingError, TokenInfo
-from .capacity import RateTracker, hardware_info, system_snapshot
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
 from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
 from .guidance import Guide, GuidedAnswer
 from .manifest import Manifest
-from .prompt_cache import DEFAULT_BUDGET_MB, PromptCache
-from .pull_jobs import PullJob, PullJobs
-from .registry import ModelNotRemovable, ModelRegistry
+from .model import ModelHost
+from .pull_jobs import PullJob
+from .registry import ModelNotRemovable
+from .settings import WorkerSettings
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
 from .validation import (
     ApiError,
@@ -61,22 +57,6 @@ MAX_PULL_BODY_BYTES = 4 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HEX = re.compile("(?:[0-9a-fA-F]{2})*")
-
-
-@dataclass
-class WorkerOptions:
-    model_dirs: list[Path]  # --model folders: served, never removed through the API
-    state_dir: Path
-    # Every model folder in it is served, pulls land there; None: no pulls.
-    models_dir: Path | None = None
-    name: str = field(default_factory=socket.gethostname)
-    max_running: int = 1
-    max_queued: int = 8
-    prompt_cache_mb: int = DEFAULT_BUDGET_MB  # 0: no prompt cache
-    threads: int | None = None
-    warmup: bool = True
-    # SHA-256 of the served TLS certificate; empty when serving plain HTTP.
-    fingerprint: bytes = b""
 
 
 def _hex_field(data: dict[str, Any], name: str, low: int, high: int) -> bytes:
@@ -148,62 +128,26 @@ def chunk_event(
 
 
 class Worker:
-    """Loaded models plus the state the API reports; `app` serves it."""
+    """The HTTP API of a worker: routes, middleware, pairing and streaming over ``models``."""
 
-    def __init__(self, options: WorkerOptions, auth: AuthStore) -> None:
-        self.options = options
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        auth: AuthStore,
+        *,
+        fingerprint: bytes = b"",
+        models: ModelHost | None = None,
+    ) -> None:
+        self.settings = settings
         self.auth = auth
         self.node_id = auth.node_id
-        self.admission = Admission(options.max_running, options.max_queued)
-        self.rates = RateTracker()
-        self.prompt_cache = (
-            PromptCache(options.prompt_cache_mb * 1024 * 1024)
-            if options.prompt_cache_mb > 0
-            else None
-        )
-        self.registry = ModelRegistry(
-            prompt_cache=self.prompt_cache,
-            fixed_dirs=options.model_dirs,
-            models_dir=options.models_dir,
-            rates=self.rates,
-            threads=options.threads,
-            warmup=options.warmup,
-            remove_folder=pull.remove_model,
-        )
-        self.jobs = PullJobs(self.registry)
+        # SHA-256 of the served TLS certificate; empty when serving plain HTTP.
+        self.fingerprint = fingerprint
+        self.models = models if models is not None else ModelHost(settings, auth.node_id)
         self.on_paired: list[Callable[[], Awaitable[None]]] = []
         self._pairing = asyncio.Lock()
         # Prompts rendered and tokenized at once (each in an executor thread).
-        self._preparing = asyncio.Semaphore(max(2, options.max_running))
-        self._hardware = hardware_info()
-        self._providers = list(ort.get_available_providers())
-
-    # -- models ---------------------------------------------------------------
-
-    def load_models(self) -> None:
-        """Load every model to serve (blocking): see ``ModelRegistry.load_all``."""
-        self.registry.load_all()
-
-    @property
-    def chat_models(self) -> dict[str, ChatModel]:
-        return self.registry.chat_models
-
-    @property
-    def embedding_models(self) -> dict[str, EmbeddingModel]:
-        return self.registry.embedding_models
-
-    @property
-    def manifests(self) -> dict[str, Manifest]:
-        return self.registry.manifests
-
-    def _record(self, model_id: str, result: GenerationResult) -> None:
-        self.rates.record(
-            model_id,
-            prompt_tokens=result.prompt_tokens,
-            prefill_s=result.prefill_s,
-            completion_tokens=max(0, result.completion_tokens - 1),
-            decode_s=result.decode_s,
-        )
+        self._preparing = asyncio.Semaphore(max(2, settings.max_running))
 
     # -- application ----------------------------------------------------------
 
@@ -219,7 +163,7 @@ class Worker:
                 web.post("/v1/pair", self.pair),
                 web.get("/v1/info", self.info),
                 web.get("/v1/capacity", self.capacity),
-                web.get("/v1/models", self.models),
+                web.get("/v1/models", self.list_models),
                 web.delete("/v1/models/{model_id}", self.delete_model),
                 web.post("/v1/models/pull", self.pull_model),
                 web.get("/v1/models/pull/{job_id}", self.pull_status),
@@ -237,7 +181,7 @@ class Worker:
     async def _pull_jobs(self, app: web.Application) -> AsyncIterator[None]:
         """Running pulls are cancelled when the app stops (their downloads are kept)."""
         yield
-        await self.jobs.close()
+        await self.models.jobs.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -335,7 +279,7 @@ class Worker:
                     "r": pairing.SCRYPT_R,
                     "p": pairing.SCRYPT_P,
                 },
-                "tls": bool(self.options.fingerprint),
+                "tls": bool(self.fingerprint),
             }
         )
 
@@ -366,7 +310,7 @@ class Worker:
                         salt=salt.hex(),
                         client_nonce=nonce,
                         proof=proof,
-                        fingerprint=self.options.fingerprint,
+                        fingerprint=self.fingerprint,
                         client_id=request.remote or "unknown",
                         client_name=name,
                     ),
@@ -399,62 +343,21 @@ class Worker:
         return web.json_response(
             {
                 "node_id": self.node_id,
-                "name": self.options.name,
+                "name": self.settings.name,
                 "version": __version__,
                 "api_version": API_VERSION,
-                "hardware": self._hardware,
-                "execution_providers": self._providers,
-                "models": [self._model_info(m) for m in self.manifests.values()],
-                "pulls": self.jobs.summaries(),
+                "hardware": self.models.hardware,
+                "execution_providers": self.models.providers,
+                "models": [self.models.model_info(m) for m in self.models.manifests.values()],
+                "pulls": self.models.jobs.summaries(),
             }
         )
 
-    def _model_info(self, manifest: Manifest) -> dict[str, Any]:
-        """A model in /v1/info; a chat model also tells its guidance and sampling defaults."""
-        info = manifest.public()
-        chat = self.chat_models.get(manifest.name)
-        if chat is not None:
-            info |= chat.guidance.public()
-            info["sampling_defaults"] = manifest.generation.public()
-        return info
-
     async def capacity(self, request: web.Request) -> web.Response:
-        return web.json_response(self.capacity_snapshot())
+        return web.json_response(self.models.capacity_snapshot())
 
-    def capacity_snapshot(self) -> dict[str, Any]:
-        rates = self.rates.snapshot()
-        models = {
-            name: rates.get(
-                name, {"prefill_tok_s": None, "decode_tok_s": None, "requests_served": 0}
-            )
-            for name in self.manifests
-        }
-        return {
-            "node_id": self.node_id,
-            "running": self.admission.running,
-            "queued": self.admission.queued,
-            "max_running": self.admission.max_running,
-            "max_queued": self.admission.max_queued,
-            "prompt_cache": self._prompt_cache_snapshot(),
-            "models": models,
-            **system_snapshot(),
-            "timestamp": time.time(),
-        }
-
-    def _prompt_cache_snapshot(self) -> dict[str, Any] | None:
-        """Budget, bytes and the warm prefixes (hashes of token ids, never text) per model."""
-        if self.prompt_cache is None:
-            return None
-        return {
-            **self.prompt_cache.snapshot(),
-            "warm_prefixes": {
-                name: model.warm_prefixes() for name, model in self.chat_models.items()
-            },
-            "warm_keys": {name: model.warm_keys() for name, model in self.chat_models.items()},
-        }
-
-    async def models(self, request: web.Request) -> web.Response:
-        data = [_model_json(m) for m in self.manifests.values()]
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [_model_json(m) for m in self.models.manifests.values()]
         return web.json_response({"object": "list", "data": data})
 
     # -- changing what is served (admin) -------------------------------------------
@@ -464,9 +367,9 @@ class Worker:
         _require_admin(request)
         model_id = request.match_info["model_id"]
         try:
-            await self.registry.remove_model(model_id)
+            await self.models.registry.remove_model(model_id)
         except KeyError as err:
-            served = sorted(self.manifests)
+            served = sorted(self.models.manifests)
             raise ApiError(
                 404,
                 f"No model {model_id!r} is served here (served: {served})",
@@ -485,10 +388,10 @@ class Worker:
         """Start pulling a model from the hub; the job says how it goes."""
         _require_admin(request)
         req = parse_pull_request(await self._json(request, MAX_PULL_BODY_BYTES))
-        if self.registry.models_dir is None:
+        if self.models.registry.models_dir is None:
             raise ApiError(409, "This worker has no models directory", code="no_models_dir")
         try:
-            job, new = self.jobs.start(req.source, req.name)
+            job, new = self.models.jobs.start(req.source, req.name)
         except ValueError as err:
             raise ApiError(400, str(err), param="source") from err
         return web.json_response(self._job_json(job), status=202 if new else 200)
@@ -500,13 +403,13 @@ class Worker:
     async def pull_cancel(self, request: web.Request) -> web.Response:
         """Cancel a pull (what was downloaded stays for a retry); the job as it is now."""
         _require_admin(request)
-        job = self.jobs.cancel(self._job(request).id)
+        job = self.models.jobs.cancel(self._job(request).id)
         assert job is not None
         return web.json_response(self._job_json(job))
 
     def _job(self, request: web.Request) -> PullJob:
         job_id = request.match_info["job_id"]
-        job = self.jobs.get(job_id)
+        job = self.models.jobs.get(job_id)
         if job is None:
             raise ApiError(
                 404,
@@ -521,14 +424,16 @@ class Worker:
 
     async def catalog(self, request: web.Request) -> web.Response:
         """The model catalog, with what fits this machine and what is installed."""
-        models_dir = self.registry.models_dir or self.options.state_dir
+        models_dir = self.models.registry.models_dir or self.settings.state_dir
         machine = await asyncio.get_running_loop().run_in_executor(
             None, catalog.probe_machine, models_dir
         )
         recommendations = catalog.recommend(
             machine.available_memory_bytes, machine.cores, machine.free_disk_bytes
         )
-        installed = {m.path.name for m in self.manifests.values() if m.path.parent == models_dir}
+        installed = {
+            m.path.name for m in self.models.manifests.values() if m.path.parent == models_dir
+        }
         data = [
             {
                 **rec.to_json(),
@@ -550,7 +455,7 @@ class Worker:
         )
 
     def _model_not_found(self, name: str, kind: str) -> ApiError:
-        served = sorted(self.chat_models if kind == "chat" else self.embedding_models)
+        served = sorted(self.models.chat_models if kind == "chat" else self.models.embedding_models)
         return ApiError(
             404,
             f"Model {name!r} is not a {kind} model served here (served: {served})",
@@ -562,7 +467,7 @@ class Worker:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_chat_request(await self._json(request))
         try:
-            held = self.registry.hold_chat(req.model)
+            held = self.models.registry.hold_chat(req.model)
         except KeyError as err:
             raise self._model_not_found(req.model, "chat") from err
         with held as model:  # a removal of the model waits for this request
@@ -609,7 +514,7 @@ class Worker:
             guidance=guide.guidance if guide is not None else None,
         )
         try:
-            async with self.admission.slot():
+            async with self.models.admission.slot():
                 _LOGGER.debug("Chat request: %d prompt tokens", len(prompt_ids))
                 key = prefix_key_header(request)
                 if req.stream:
@@ -639,7 +544,7 @@ class Worker:
                     result = item
                 else:
                     pieces.append(item)
-        self._record(model.id, result)
+        self.models.record(model.id, result)
         content: str | None = "".join(pieces)
         calls: list[ParsedToolCall] = []
         cut = result.finish_reason == "length"
@@ -733,13 +638,13 @@ class Worker:
             cancelled.set()
             _LOGGER.debug("Client went away; generation cancelled")
         finally:
-            self._record(model.id, result)
+            self.models.record(model.id, result)
         return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_embedding_request(await self._json(request))
         try:
-            held = self.registry.hold_embedding(req.model)
+            held = self.models.registry.hold_embedding(req.model)
         except KeyError as err:
             raise self._model_not_found(req.model, "embedding") from err
         with held as model:  # a removal of the model waits for this request
@@ -752,7 +657,7 @@ class Worker:
         except EmbeddingTooLarge as err:
             raise ApiError(400, str(err), code="too_many_tokens", param="input") from err
         try:
-            async with self.admission.slot():
+            async with self.models.admission.slot():
                 vectors, tokens = await run_to_end(
                     loop.run_in_executor(None, model.embed_tokens, encodings)
                 )

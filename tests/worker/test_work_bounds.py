@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from hearth_worker.auth import AuthStore
 from hearth_worker.embedding_engine import EmbeddingModel, micro_batches
 from hearth_worker.manifest import load_manifest
-from hearth_worker.server import Worker, WorkerOptions
+from hearth_worker.server import Worker
+from hearth_worker.settings import WorkerSettings
 from test_api import CHAT, model_id
 from tokenizers import Tokenizer
 from worker_process import WorkerProcess, start_worker
@@ -48,9 +49,9 @@ async def in_process(
     auth = AuthStore(tmp_path / "state")
     token, _ = auth.create_token("tests")
     worker = Worker(
-        WorkerOptions(model_dirs=[tiny_chat_model], state_dir=tmp_path, warmup=False), auth
+        WorkerSettings(model_dirs=[tiny_chat_model], state_dir=tmp_path, warmup=False), auth
     )
-    worker.load_models()
+    worker.models.load()
     async with TestClient(TestServer(worker.build_app())) as client:
         yield client, worker, {"Authorization": f"Bearer {token}"}
 
@@ -69,7 +70,7 @@ async def test_prompt_beyond_context_refused_before_rendering(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client, worker, headers = in_process
-    model = worker.chat_models[model_id(tiny_chat_model)]
+    model = worker.models.chat_models[model_id(tiny_chat_model)]
     renders: list[int] = []
     monkeypatch.setattr(model, "render", spy(renders, model.render))
     huge = "x" * (4 * 1024 * 1024 - 1024)  # just under the body limit
@@ -92,7 +93,7 @@ async def test_prompt_rendered_and_tokenized_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client, worker, headers = in_process
-    model = worker.chat_models[model_id(tiny_chat_model)]
+    model = worker.models.chat_models[model_id(tiny_chat_model)]
     renders: list[int] = []
     encodes: list[int] = []
     monkeypatch.setattr(model, "render", spy(renders, model.render))
