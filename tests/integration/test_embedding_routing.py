@@ -285,3 +285,19 @@ async def test_the_households_embedding_model_comes_first(
         for entry in hass.config_entries.async_entries(DOMAIN):
             assert await hass.config_entries.async_unload(entry.entry_id)
     await tls_closed()
+
+
+async def test_the_callers_deadline_passes_over_without_opening_the_breaker(
+    hass: HomeAssistant, fakes: tuple[EmbeddingFake, EmbeddingFake]
+) -> None:
+    """A worker slower than the caller's per-try deadline (a prompt waits 3 s for
+    relevance) is passed over, but it has not failed: its breaker stays closed."""
+    one, two = fakes
+    cluster, entry_one, entry_two = await household(hass, fakes)
+    await busy(cluster, entry_two, two, 1)  # "One" is asked first
+    one.hold_embeddings()  # it never answers in time
+    assert await cluster.async_embed(["pie"], per_try_s=3.0) == ("fake-embed", [[3.0, 0.0, 1.0]])
+    assert (one.count(EMBED), two.count(EMBED)) == (1, 1)
+    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.CLOSED
+    assert cluster.routing.in_flight(entry_one) == cluster.routing.in_flight(entry_two) == 0
+    one.release_embeddings()
