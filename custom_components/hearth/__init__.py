@@ -15,7 +15,7 @@ from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.typing import ConfigType
 
-from .client import HearthAuthError, HearthCertificateError, HearthClient, HearthError
+from .client import HearthClient
 from .cluster import Cluster, WorkerHandle
 from .const import (
     CONF_ALLOW_PUBLIC,
@@ -33,6 +33,7 @@ from .coordinator import (
 )
 from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
+from .worker_api import HearthAuthError, HearthCertificateError, HearthError
 
 CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 

@@ -19,7 +19,6 @@ from homeassistant.helpers.translation import async_get_translations
 from homeassistant.util.hass_dict import HassKey
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
 
-from .client import ChatDelta
 from .cluster import AnswerCutOffError, Cluster
 from .const import (
     CONF_LLM_HASS_API,
@@ -36,6 +35,7 @@ from .const import (
 )
 from .preference_tools import async_prepare_chat_log
 from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
+from .worker_api import ChatDelta
 
 HOUSEHOLD_DEVICE = DeviceInfo(
     identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},

@@ -1,13 +1,14 @@
-"""A small typed client for the Hearth worker API (addon/hearth_worker/openapi.yaml).
+"""The HTTP and SSE client for one worker: requests, certificate pinning, streamed chats.
 
-It knows nothing about Home Assistant: it is given an aiohttp session (Home
-Assistant's shared one) and raises typed exceptions.
+It knows nothing about Home Assistant (no Home Assistant imports:
+tests/integration/test_pure_modules.py): it is given an aiohttp session (Home
+Assistant's shared one), returns and raises the types of `worker_api`.
 
 Transport (PRIVACY.md): HTTPS with the worker's certificate pinned by its SHA-256
 fingerprint (`aiohttp.Fingerprint` on every request; a changed certificate raises
 HearthCertificateError), plain HTTP only for an entry set up that way. The host is
-resolved here and the request goes to the checked IP address: by default only
-private, link-local and loopback addresses (`address_allowed`).
+resolved (`addresses.async_resolve`) and the request goes to the checked IP
+address: by default only private, link-local and loopback addresses.
 
 Connections are kept alive and reused: one pin object per certificate (`_pin`), so
 the session's pool (keyed by it) hands the next request the TLS connection that was
@@ -24,18 +25,17 @@ import asyncio
 import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
-import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from .addresses import async_resolve
 from .const import (
     BETWEEN_TOKENS_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -43,6 +43,27 @@ from .const import (
     STREAM_TOTAL_TIMEOUT,
 )
 from .const import REQUEST_TIMEOUT as REQUEST_SECONDS
+from .pairing import PAIR_PROTOCOL, client_proof, pairing_key, worker_proof
+from .worker_api import (
+    Capacity,
+    CatalogEntry,
+    ChatDelta,
+    HearthAdminRequiredError,
+    HearthAuthError,
+    HearthBusyError,
+    HearthCertificateError,
+    HearthConnectionError,
+    HearthPairingError,
+    HearthRequestError,
+    HearthTimeoutError,
+    PairResult,
+    PullJob,
+    WorkerInfo,
+    parse_capacity,
+    parse_catalog,
+    parse_info,
+    parse_pull_job,
+)
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_SECONDS, sock_connect=CONNECT_TIMEOUT)
 # The household prefix key of a chat request (worker: server.PREFIX_HEADER).
@@ -64,349 +85,6 @@ class StreamTimeouts:
     total: float = STREAM_TOTAL_TIMEOUT
 
 
-class HearthError(Exception):
-    """Base class of every error the client raises."""
-
-
-class HearthConnectionError(HearthError):
-    """The worker could not be reached or answered garbage."""
-
-
-class HearthTimeoutError(HearthConnectionError):
-    """The worker did not answer in time (connect, first token, between tokens or total)."""
-
-
-class HearthAuthError(HearthError):
-    """The worker rejected the token (401)."""
-
-
-class HearthCertificateError(HearthAuthError):
-    """The worker's certificate is not the pinned one (or none is pinned): pair again."""
-
-
-class HearthAddressError(HearthError):
-    """The worker's address is outside the home network and not explicitly allowed."""
-
-
-class HearthBusyError(HearthError):
-    """The worker is busy (429); retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class HearthRequestError(HearthError):
-    """The worker refused the request (4xx other than 401/429)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class HearthAdminRequiredError(HearthRequestError):
-    """The token may not change the worker's models (403 `admin_required`): tokens from
-    pairing may; one made with `hearth-worker tokens create` only with `--admin`."""
-
-
-class HearthPairingError(HearthError):
-    """Pairing refused: `reason` is wrong_code, expired, no_code or rate_limited."""
-
-    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True, slots=True)
-class PairResult:
-    """What pairing returns: the token is shown only this once."""
-
-    token: str
-    token_id: str
-    node_id: str
-    fingerprint: str | None = None  # hex SHA-256 of the certificate; None for plain HTTP
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """A model the worker serves."""
-
-    id: str
-    kind: str
-    quantization: str = ""
-    context_length: int = 0
-    size_bytes: int = 0
-
-
-# A pull job's `status` while the worker downloads, and once it ended.
-PULL_RUNNING = "running"
-PULL_DONE = "done"
-PULL_FAILED = "failed"
-PULL_CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class PullJob:
-    """A model download on the worker (POST /v1/models/pull); jobs live in its memory."""
-
-    id: str
-    source: str
-    status: str  # PULL_RUNNING, PULL_DONE, PULL_FAILED or PULL_CANCELLED
-    phase: str  # resolving, downloading, verifying, installing, done
-    done_bytes: int
-    total_bytes: int
-    model: ModelInfo | None  # the installed model, once done
-    error_code: str | None = None  # unknown_repo, unknown_subfolder, not_a_model, no_space, ...
-    error_message: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.status == PULL_RUNNING
-
-    @property
-    def fraction(self) -> float | None:
-        """How much of the download is done, 0 to 1; None while the size is unknown."""
-        if self.total_bytes <= 0:
-            return None
-        return min(1.0, max(0.0, self.done_bytes / self.total_bytes))
-
-
-@dataclass(frozen=True, slots=True)
-class CatalogEntry:
-    """A model of the worker's catalog (GET /v1/catalog), judged for that machine."""
-
-    id: str
-    name: str
-    source: str  # owner/name:subfolder
-    kind: str  # chat or embedding
-    parameters_b: float
-    disk_bytes: int
-    memory_bytes: int
-    context_length: int
-    license: str
-    tool_calling: bool
-    fits: bool
-    recommended: bool
-    installed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PullInfo:
-    """One pull job in GET /v1/info (the add-on's start-up pulls and the API's)."""
-
-    source: str
-    status: str  # running | done | failed | cancelled
-    phase: str
-    done_bytes: int
-    total_bytes: int
-    error_code: str | None
-    error_message: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """GET /v1/info."""
-
-    node_id: str
-    name: str
-    version: str
-    api_version: int
-    models: list[ModelInfo]
-    hardware: dict[str, Any]
-    execution_providers: list[str]
-    pulls: list[PullInfo] = field(default_factory=list)  # oldest first
-
-    @property
-    def chat_models(self) -> list[str]:
-        return [m.id for m in self.models if m.kind == "chat"]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRates:
-    """Measured rates of one loaded model."""
-
-    prefill_tok_s: float | None
-    decode_tok_s: float | None
-    requests_served: int
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """GET /v1/capacity."""
-
-    node_id: str
-    running: int
-    queued: int
-    max_running: int
-    max_queued: int
-    models: dict[str, ModelRates]
-    memory_free_mb: int
-    memory_total_mb: int
-    cpu_percent: float
-    on_battery: bool | None
-    battery_percent: float | None
-    user_active: bool | None
-    timestamp: float
-    # Per chat model: the household prefix keys (X-Hearth-Prefix) its prompt cache holds.
-    warm_keys: dict[str, frozenset[str]] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-
-@dataclass(slots=True)
-class ChatDelta:
-    """One piece of a streamed answer: text, or the finished tool calls."""
-
-    content: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int | None = None  # on the last delta, when the worker reports usage
-    cached_tokens: int | None = None  # prompt tokens its prompt cache supplied (same)
-    prompt_tokens: int | None = None  # (same)
-
-
-def _opt_float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _warm_keys(cache: Any) -> dict[str, frozenset[str]]:
-    """`prompt_cache.warm_keys` of a capacity snapshot (none from older workers)."""
-    keys = cache.get("warm_keys") if isinstance(cache, Mapping) else None
-    if not isinstance(keys, Mapping):
-        return {}
-    return {
-        str(model): frozenset(k for k in listed if isinstance(k, str))
-        for model, listed in keys.items()
-        if isinstance(listed, list)
-    }
-
-
-def parse_capacity(data: Mapping[str, Any]) -> Capacity:
-    """Parse a capacity snapshot; raises HearthConnectionError on a bad shape."""
-    try:
-        models = {
-            str(name): ModelRates(
-                prefill_tok_s=_opt_float(rates.get("prefill_tok_s")),
-                decode_tok_s=_opt_float(rates.get("decode_tok_s")),
-                requests_served=int(rates.get("requests_served") or 0),
-            )
-            for name, rates in dict(data.get("models") or {}).items()
-        }
-        on_battery = data.get("on_battery")
-        user_active = data.get("user_active")
-        return Capacity(
-            node_id=str(data["node_id"]),
-            running=int(data["running"]),
-            queued=int(data["queued"]),
-            max_running=int(data["max_running"]),
-            max_queued=int(data["max_queued"]),
-            models=models,
-            memory_free_mb=int(data["memory_free_mb"]),
-            memory_total_mb=int(data["memory_total_mb"]),
-            cpu_percent=float(data.get("cpu_percent") or 0.0),
-            on_battery=on_battery if isinstance(on_battery, bool) else None,
-            battery_percent=_opt_float(data.get("battery_percent")),
-            user_active=user_active if isinstance(user_active, bool) else None,
-            timestamp=float(data.get("timestamp") or 0.0),
-            warm_keys=_warm_keys(data.get("prompt_cache")),
-            raw=dict(data),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise HearthConnectionError(f"Unexpected capacity answer: {err}") from err
-
-
-def parse_model(data: Mapping[str, Any]) -> ModelInfo:
-    """A model as /v1/info lists it, or as /v1/models does (details under `hearth`)."""
-    details = data.get("hearth")
-    if isinstance(details, Mapping):
-        data = {**details, "id": details.get("id") or data["id"]}
-    return ModelInfo(
-        id=str(data["id"]),
-        kind=str(data.get("kind") or "chat"),
-        quantization=str(data.get("quantization") or ""),
-        context_length=int(data.get("context_length") or 0),
-        size_bytes=int(data.get("size_bytes") or 0),
-    )
-
-
-def parse_pull_job(data: Mapping[str, Any]) -> PullJob:
-    """Parse a pull job; raises HearthConnectionError on a bad shape."""
-    try:
-        model = data.get("model")
-        error = data.get("error")
-        error = error if isinstance(error, Mapping) else {}
-        return PullJob(
-            id=str(data["id"]),
-            source=str(data.get("source") or ""),
-            status=str(data["status"]),
-            phase=str(data.get("phase") or ""),
-            done_bytes=int(data.get("done_bytes") or 0),
-            total_bytes=int(data.get("total_bytes") or 0),
-            model=parse_model(model) if isinstance(model, Mapping) else None,
-            error_code=str(error.get("code") or "") or None,
-            error_message=str(error.get("message") or "") or None,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise HearthConnectionError(f"Unexpected pull job answer: {err}") from err
-
-
-def parse_catalog(data: Mapping[str, Any]) -> list[CatalogEntry]:
-    """Parse GET /v1/catalog; raises HearthConnectionError on a bad shape."""
-    try:
-        return [
-            CatalogEntry(
-                id=str(row["id"]),
-                name=str(row.get("name") or row["id"]),
-                source=str(row["source"]),
-                kind=str(row.get("kind") or "chat"),
-                parameters_b=float(row.get("parameters_b") or 0.0),
-                disk_bytes=int(row.get("disk_bytes") or 0),
-                memory_bytes=int(row.get("memory_bytes") or 0),
-                context_length=int(row.get("context_length") or 0),
-                license=str(row.get("license") or ""),
-                tool_calling=bool(row.get("tool_calling")),
-                fits=bool(row.get("fits")),
-                recommended=bool(row.get("recommended")),
-                installed=bool(row.get("installed")),
-            )
-            for row in data["data"]
-        ]
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise HearthConnectionError(f"Unexpected catalog answer: {err}") from err
-
-
-def parse_info(data: Mapping[str, Any]) -> WorkerInfo:
-    """Parse GET /v1/info; raises HearthConnectionError on a bad shape."""
-    try:
-        return WorkerInfo(
-            node_id=str(data["node_id"]),
-            name=str(data.get("name") or data["node_id"]),
-            version=str(data.get("version") or ""),
-            api_version=int(data.get("api_version") or 1),
-            models=[parse_model(m) for m in data.get("models") or []],
-            hardware=dict(data.get("hardware") or {}),
-            execution_providers=[str(p) for p in data.get("execution_providers") or []],
-            pulls=[parse_pull_info(p) for p in data.get("pulls") or []],
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise HearthConnectionError(f"Unexpected info answer: {err}") from err
-
-
-def parse_pull_info(data: Mapping[str, Any]) -> PullInfo:
-    """One entry of /v1/info's `pulls` (KeyError, TypeError, ValueError on a bad shape)."""
-    error = data.get("error") or {}
-    return PullInfo(
-        source=str(data["source"]),
-        status=str(data["status"]),
-        phase=str(data.get("phase") or ""),
-        done_bytes=int(data.get("done_bytes") or 0),
-        total_bytes=int(data.get("total_bytes") or 0),
-        error_code=str(error["code"]) if error.get("code") else None,
-        error_message=str(error["message"]) if error.get("message") else None,
-    )
-
-
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
     try:
         return float(response.headers.get("Retry-After", ""))
@@ -422,74 +100,6 @@ async def _error_body(response: aiohttp.ClientResponse) -> tuple[str, str]:
         return str(error.get("code") or ""), str(error.get("message") or "")
     except (ValueError, KeyError, TypeError, AttributeError, aiohttp.ClientError):
         return "", response.reason or f"HTTP {response.status}"
-
-
-# Where a worker may be by default: the home network. CGNAT (100.64.0.0/10) is
-# not in it: it may be the ISP's network (Tailscale users allow it explicitly).
-HOME_NETWORKS = tuple(
-    ipaddress.ip_network(net)
-    for net in (
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "::1/128",
-        "fc00::/7",
-        "fe80::/10",
-    )
-)
-
-
-def address_allowed(address: str, allow_public: bool = False) -> bool:
-    """Whether the integration may talk to this IP address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_unspecified or ip.is_multicast:
-        return False
-    return allow_public or any(ip in net for net in HOME_NETWORKS)
-
-
-# The pairing proof, protocol hearth-pair-v1 (addon/hearth_worker/pairing.py has the
-# worker's side and the reasoning): the code never crosses the wire.
-PAIR_PROTOCOL = "hearth-pair-v1"
-_SCRYPT = {"n": 2**15, "r": 8, "p": 1, "maxmem": 64 * 1024 * 1024, "dklen": 32}
-
-
-def _fields(*parts: bytes) -> bytes:
-    return b"".join(len(part).to_bytes(2, "big") + part for part in parts)
-
-
-def normalize_code(code: str) -> str:
-    """As the worker does: upper case, no dashes or blanks, O->0, I/L->1."""
-    cleaned = "".join(ch for ch in code if ch not in "- \t")
-    return cleaned.upper().translate(str.maketrans("OIL", "011"))
-
-
-def pairing_key(code: str, salt: bytes, fingerprint: bytes, nonce: bytes) -> bytes:
-    """The session key both sides derive (two scrypt runs: slow on purpose)."""
-    verifier = hashlib.scrypt(
-        normalize_code(code).encode("utf-8"),
-        salt=_fields(f"{PAIR_PROTOCOL} code".encode(), salt),
-        **_SCRYPT,
-    )
-    return hashlib.scrypt(
-        verifier, salt=_fields(f"{PAIR_PROTOCOL} session".encode(), fingerprint, nonce), **_SCRYPT
-    )
-
-
-def client_proof(key: bytes, fingerprint: bytes, nonce: bytes) -> bytes:
-    return hmac.digest(key, _fields(b"client", fingerprint, nonce), "sha256")
-
-
-def worker_proof(key: bytes, fingerprint: bytes, nonce: bytes, token: str, node_id: str) -> bytes:
-    token_hash = hashlib.sha256(token.encode("utf-8")).digest()
-    message = _fields(b"worker", fingerprint, nonce, token_hash, node_id.encode("utf-8"))
-    return hmac.digest(key, message, "sha256")
 
 
 def _segment(value: str) -> str:
@@ -585,23 +195,7 @@ class HearthClient:
 
     async def _address(self) -> str:
         """The worker's IP address, checked against the address policy."""
-        try:
-            found = [str(ipaddress.ip_address(self.host.split("%", 1)[0]))]
-        except ValueError:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    self.host, self.port, type=socket.SOCK_STREAM
-                )
-            except OSError as err:
-                raise HearthConnectionError(f"Cannot resolve {self.host}: {err}") from err
-            found = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        for address in found:
-            if address_allowed(address, self.allow_public):
-                return address
-        raise HearthAddressError(
-            f"{self.host} ({', '.join(found)}) is not a private, link-local or loopback"
-            " address: allow other addresses explicitly to use it"
-        )
+        return await async_resolve(self.host, self.port, self.allow_public)
 
     async def _url(self, path: str) -> str:
         address = await self._address()
@@ -784,10 +378,6 @@ class HearthClient:
     async def capacity(self) -> Capacity:
         """GET /v1/capacity."""
         return parse_capacity(await self._request("GET", "/v1/capacity"))
-
-    async def chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Non-streaming chat completion (OpenAI shape)."""
-        return await self._request("POST", "/v1/chat/completions", {**body, "stream": False})
 
     async def embeddings(self, model: str, inputs: list[str]) -> list[list[float]]:
         """POST /v1/embeddings: one vector per input, in input order."""

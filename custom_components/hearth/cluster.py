@@ -15,15 +15,7 @@ from homeassistant.helpers.storage import Store
 from homeassistant.util.hass_dict import HassKey
 
 from . import router
-from .client import (
-    ChatDelta,
-    HearthBusyError,
-    HearthClient,
-    HearthConnectionError,
-    HearthError,
-    HearthRequestError,
-    StreamTimeouts,
-)
+from .client import HearthClient, StreamTimeouts
 from .const import (
     CONF_CHAT_MODEL,
     CONF_EMBEDDING_MODEL,
@@ -41,6 +33,13 @@ from .const import (
     REPOLL_TIMEOUT,
     SETTINGS_STORAGE_KEY,
     STORAGE_VERSION,
+)
+from .worker_api import (
+    ChatDelta,
+    HearthBusyError,
+    HearthConnectionError,
+    HearthError,
+    HearthRequestError,
 )
 
 if TYPE_CHECKING:
@@ -376,7 +375,6 @@ class Cluster:
         self,
         body: dict[str, Any],
         *,
-        prompt_tokens: int | None = None,
         conversation_id: str | None = None,
         kind: str = "chat",
         exclude: Collection[str] = (),
@@ -404,7 +402,7 @@ class Cluster:
         prefix = household_prefix(body)
         request = router.RouteRequest(
             model=self.settings.get(CONF_CHAT_MODEL) or None,
-            prompt_tokens=prompt_tokens or estimate_prompt_tokens(body),
+            prompt_tokens=estimate_prompt_tokens(body),
             max_new_tokens=int(body.get("max_tokens") or DEFAULT_MAX_TOKENS),
             conversation_id=conversation_id,
             kind=kind,

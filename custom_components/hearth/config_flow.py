@@ -30,22 +30,7 @@ from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from . import HearthRuntimeData
-from .client import (
-    PULL_DONE,
-    CatalogEntry,
-    HearthAddressError,
-    HearthAdminRequiredError,
-    HearthAuthError,
-    HearthCertificateError,
-    HearthClient,
-    HearthConnectionError,
-    HearthError,
-    HearthPairingError,
-    HearthRequestError,
-    PairResult,
-    PullJob,
-    WorkerInfo,
-)
+from .client import HearthClient
 from .cluster import Cluster
 from .const import (
     CLIENT_NAME,
@@ -69,6 +54,21 @@ from .const import (
     LOGGER,
 )
 from .coordinator import CONF_ADDON, addon_url
+from .worker_api import (
+    PULL_DONE,
+    CatalogEntry,
+    HearthAddressError,
+    HearthAdminRequiredError,
+    HearthAuthError,
+    HearthCertificateError,
+    HearthConnectionError,
+    HearthError,
+    HearthPairingError,
+    HearthRequestError,
+    PairResult,
+    PullJob,
+    WorkerInfo,
+)
 
 PAIRING_ERRORS = {
     "wrong_code": "wrong_code",

@@ -25,16 +25,16 @@ from homeassistant.helpers.dispatcher import async_dispatcher_send
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 from homeassistant.util import dt as dt_util
 
-from .client import (
+from .client import HearthClient
+from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
+from .worker_api import (
     Capacity,
     HearthAuthError,
     HearthCertificateError,
-    HearthClient,
     HearthError,
     PullInfo,
     WorkerInfo,
 )
-from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
 
 # Entry data of a worker the Hearth add-on runs: the add-on's slug, as the Supervisor
 # names it in its discovery (config_flow.py).

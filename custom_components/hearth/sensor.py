@@ -22,9 +22,9 @@ from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers.dispatcher import async_dispatcher_connect
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
-from .client import Capacity
 from .coordinator import HearthCoordinator
 from .entity import HearthWorkerEntity
+from .worker_api import Capacity
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry

@@ -21,11 +21,11 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, start_worker
 
 from custom_components.hearth import config_flow
-from custom_components.hearth.client import parse_catalog
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.router import RouteRequest
+from custom_components.hearth.worker_api import parse_catalog
 
 from .conftest import entry_for, restart, setup_entry, worker_info
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from worker_process import WorkerProcess, free_port, start_worker
 
-from custom_components.hearth.client import (
+from custom_components.hearth.client import HearthClient
+from custom_components.hearth.worker_api import (
     ChatDelta,
     HearthAuthError,
     HearthBusyError,
-    HearthClient,
     HearthConnectionError,
     HearthRequestError,
 )
@@ -34,6 +34,12 @@ HELLO = [{"role": "user", "content": "hello"}]
 # Enough tokens that a stream holds the worker's one slot for seconds (the tiny
 # model decodes at thousands of tokens/s; see tests/worker/test_api.py).
 HOLD_TOKENS = 8000
+
+
+async def complete(client: HearthClient, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A non-streamed chat completion through the client's request path and error
+    mapping (the integration itself only streams; the worker serves both)."""
+    return await client._request("POST", "/v1/chat/completions", {**body, "stream": False})
 
 
 @pytest.fixture
@@ -105,11 +111,11 @@ async def test_unknown_model_is_a_request_error(
     assert streamed.value.code == "model_not_found"
     assert "no-such-model" in str(streamed.value)
     with pytest.raises(HearthRequestError) as plain:
-        await client.chat(body)
+        await complete(client, body)
     assert (plain.value.status, plain.value.code) == (404, "model_not_found")
     # A bad parameter names itself too.
     with pytest.raises(HearthRequestError) as bad:
-        await client.chat({"messages": HELLO, "max_tokens": 0})
+        await complete(client, {"messages": HELLO, "max_tokens": 0})
     assert bad.value.status == 400
 
 
@@ -127,7 +133,7 @@ async def test_busy_worker_says_when_to_retry(
         holder = await client.chat_stream(body)  # holds the slot while it is not read
         first = await anext(holder)
         assert first.content or first.finish_reason
-        queued = asyncio.create_task(client.chat({**body, "max_tokens": 4}))
+        queued = asyncio.create_task(complete(client, {**body, "max_tokens": 4}))
         for _ in range(200):
             if (await client.capacity()).queued == 1:
                 break
@@ -139,7 +145,7 @@ async def test_busy_worker_says_when_to_retry(
         assert streamed.value.retry_after is not None
         assert streamed.value.retry_after >= 1
         with pytest.raises(HearthBusyError) as plain:
-            await client.chat(body)
+            await complete(client, body)
         assert plain.value.retry_after is not None and plain.value.retry_after >= 1
         await holder.aclose()  # the client goes away; the slot frees, the queued one runs
         answer = await asyncio.wait_for(queued, 60)

@@ -31,7 +31,6 @@ from homeassistant.helpers import intent
 from worker_process import WorkerProcess, start_worker, tls_closed
 
 from custom_components.hearth import router
-from custom_components.hearth.client import ChatDelta
 from custom_components.hearth.cluster import Cluster, WorkerHandle
 from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
@@ -41,6 +40,7 @@ from custom_components.hearth.const import (
     CONF_TEMPERATURE,
     DOMAIN,
 )
+from custom_components.hearth.worker_api import ChatDelta
 
 from .conftest import entry_for, setup_entry
 

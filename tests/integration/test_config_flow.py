@@ -37,6 +37,7 @@ from custom_components.hearth.const import (
     CONF_TEMPERATURE,
     DOMAIN,
 )
+from custom_components.hearth.worker_api import HearthError
 
 from .conftest import entry_for, pairing_code, worker_info
 
@@ -177,7 +178,7 @@ async def test_title_falls_back_when_info_fails(
     flow_id = await start_manual(hass, fresh_worker.port)
     with patch(
         "custom_components.hearth.config_flow.HearthClient.info",
-        side_effect=__import__("custom_components.hearth.client").hearth.client.HearthError,
+        side_effect=HearthError,
     ):
         result = await hass.config_entries.flow.async_configure(
             flow_id, {CONF_CODE: pairing_code(fresh_worker)}

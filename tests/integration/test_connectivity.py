@@ -33,12 +33,7 @@ from relay import CountingRelay
 from worker_process import WorkerProcess, tls_closed
 
 from custom_components.hearth import coordinator as coordinator_module
-from custom_components.hearth.client import (
-    HearthCertificateError,
-    HearthClient,
-    HearthConnectionError,
-    describe,
-)
+from custom_components.hearth.client import HearthClient, describe
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
@@ -47,6 +42,7 @@ from custom_components.hearth.const import (
     CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
+from custom_components.hearth.worker_api import HearthCertificateError, HearthConnectionError
 
 from .conftest import entry_for, restart, setup_entry, worker_info
 
@@ -93,7 +89,7 @@ async def test_requests_share_one_connection(
             await coordinator.async_refresh()
             assert coordinator.last_update_success
         await client.info()
-        await client.chat(CHAT)
+        assert [delta async for delta in await client.chat_stream(CHAT)]
         deltas = await client.chat_stream(CHAT)
         assert [delta async for delta in deltas]
         await coordinator.async_refresh()

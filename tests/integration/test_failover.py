@@ -24,7 +24,7 @@ from homeassistant.helpers import intent
 from worker_process import WorkerProcess
 
 from custom_components.hearth import router
-from custom_components.hearth.client import ChatDelta, StreamTimeouts
+from custom_components.hearth.client import StreamTimeouts
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
@@ -35,6 +35,7 @@ from custom_components.hearth.const import (
     DOMAIN,
     FIRST_TOKEN_TIMEOUT,
 )
+from custom_components.hearth.worker_api import ChatDelta
 
 from .conftest import entry_for, setup_entry
 

@@ -15,7 +15,6 @@ from homeassistant.data_entry_flow import FlowResultType
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, free_port, start_worker
 
-from custom_components.hearth.client import parse_catalog
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices, catalog_label, valid_source
 from custom_components.hearth.const import (
@@ -31,6 +30,7 @@ from custom_components.hearth.const import (
     DOMAIN,
 )
 from custom_components.hearth.preferences import DATA_PREFERENCES
+from custom_components.hearth.worker_api import parse_catalog
 
 from .conftest import entry_for, setup_entry
 

@@ -18,7 +18,8 @@ from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, cli, insecure_ssl
 
-from custom_components.hearth.client import address_allowed
+from custom_components.hearth import pairing
+from custom_components.hearth.addresses import address_allowed
 from custom_components.hearth.const import CONF_CODE, CONF_FINGERPRINT, DOMAIN
 
 from .conftest import entry_for, pairing_code, restart, setup_entry
@@ -203,18 +204,18 @@ def test_address_policy(address: str, home: bool) -> None:
         assert address_allowed(address, allow_public=True)
 
 
-def test_reference_and_integration_pairing_agree() -> None:
-    """The worker's protocol module and the integration's copy derive the same proofs."""
-    from hearth_worker import pairing
-
-    from custom_components.hearth import client
-
-    salt, fingerprint, nonce = b"s" * 16, b"f" * 32, b"n" * 16
-    key = pairing.session_key(pairing.code_verifier("ABCD1234", salt), fingerprint, nonce)
-    assert client.pairing_key("abcd-1234", salt, fingerprint, nonce) == key
-    assert client.client_proof(key, fingerprint, nonce) == pairing.client_proof(
-        key, fingerprint, nonce
-    )
-    assert client.worker_proof(key, fingerprint, nonce, "t", "n") == pairing.worker_proof(
-        key, fingerprint, nonce, "t", "n"
-    )
+def test_pairing_proof_matches_the_shared_vectors() -> None:
+    """The integration's side of the pairing proof derives what the vectors say (the
+    worker's side is checked against the same file in tests/worker/test_pairing.py)."""
+    vectors = json.loads((Path(__file__).parents[1] / "pairing_vectors.json").read_text())
+    assert vectors["vectors"]
+    for vector in vectors["vectors"]:
+        given, expected = vector["input"], vector["output"]
+        salt, fingerprint, nonce = (
+            bytes.fromhex(given[name]) for name in ("salt", "fingerprint", "nonce")
+        )
+        key = pairing.pairing_key(given["code"], salt, fingerprint, nonce)
+        assert key.hex() == expected["key"], given
+        assert pairing.client_proof(key, fingerprint, nonce).hex() == expected["client_proof"]
+        proof = pairing.worker_proof(key, fingerprint, nonce, given["token"], given["node_id"])
+        assert proof.hex() == expected["worker_proof"]
