@@ -10,11 +10,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, cast
 
+import voluptuous as vol
 from homeassistant.components import conversation
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import llm, template
-from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.translation import async_get_translations
 from homeassistant.util.hass_dict import HassKey
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
@@ -28,7 +28,6 @@ from .const import (
     DEFAULT_MAX_TOKENS,
     DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
-    HOUSEHOLD_DEVICE_ID,
     LOGGER,
     MAX_REMEMBERED_CONVERSATIONS,
     MAX_TOOL_ITERATIONS,
@@ -37,24 +36,33 @@ from .preference_tools import async_prepare_chat_log
 from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 from .worker_api import ChatDelta
 
-HOUSEHOLD_DEVICE = DeviceInfo(
-    identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},
-    name="Hearth",
-    manufacturer="Hearth",
-    model="Household assistant",
-    entry_type=DeviceEntryType.SERVICE,
-)
+
+def json_schema(
+    schema: vol.Schema, custom_serializer: Callable[[Any], Any] | None = None
+) -> dict[str, Any]:
+    """The JSON schema of a voluptuous schema: a tool's parameters, an AI task's structure.
+
+    The only place that converts schemas (a new schema library in Home Assistant
+    changes this function only).
+    """
+    converted: dict[str, Any] = convert(schema, custom_serializer=custom_serializer)
+    return converted
 
 
 def format_tool(tool: llm.Tool, custom_serializer: Callable[[Any], Any] | None) -> dict[str, Any]:
-    """One HA LLM tool as an OpenAI tool. The only place that reads tool schemas."""
+    """One HA LLM tool as an OpenAI tool. The only place that reads a tool's name and schema."""
     function: dict[str, Any] = {
         "name": tool.name,
-        "parameters": convert(tool.parameters, custom_serializer=custom_serializer),
+        "parameters": json_schema(tool.parameters, custom_serializer),
     }
     if tool.description:
         function["description"] = tool.description
     return {"type": "function", "function": function}
+
+
+def tool_result_text(content: conversation.ToolResultContent) -> str:
+    """A tool's result as the text a worker reads. The only place that reads tool results."""
+    return json.dumps(content.tool_result)
 
 
 def _repair_value(value: Any) -> Any:
@@ -104,7 +112,7 @@ def _content_to_message(content: conversation.Content) -> dict[str, Any]:
             "role": "tool",
             "tool_call_id": content.tool_call_id,
             "name": content.tool_name,
-            "content": json.dumps(content.tool_result),
+            "content": tool_result_text(content),
         }
     if isinstance(content, conversation.AssistantContent):
         message: dict[str, Any] = {"role": "assistant", "content": content.content or ""}
@@ -429,17 +437,15 @@ async def async_run_chat_log(
     chat_log: conversation.ChatLog,
     agent_id: str,
     *,
-    tools_allowed: bool = True,
     extra_instructions: str | None = None,
     language: str | None = None,
     kind: str = "voice",
     response_format: dict[str, Any] | None = None,
-) -> str:
+) -> None:
     """Let the household's workers answer the chat log, running tool calls in between.
 
-    Returns the worker name that produced the last answer. Raises NoWorkerError
-    when no worker can answer, RequestNotServableError when the request itself
-    cannot be served (too long, refused).
+    Raises NoWorkerError when no worker can answer, RequestNotServableError when
+    the request itself cannot be served (too long, refused).
 
     With `language`, the answer streams to a person as it comes: when a worker
     breaks off mid-answer, the chat log keeps what it produced and a translated
@@ -450,12 +456,11 @@ async def async_run_chat_log(
     """
     settings = cluster.settings
     tools: list[dict[str, Any]] | None = None
-    if tools_allowed and chat_log.llm_api:
+    if chat_log.llm_api:
         tools = [
             format_tool(tool, chat_log.llm_api.custom_serializer) for tool in chat_log.llm_api.tools
         ]
     device_tools = any(t["function"]["name"] not in PREFERENCE_TOOLS for t in tools or [])
-    worker_name = ""
     turn_calls = 0  # tool calls the worker made in this turn so far (for the trace)
     for _ in range(MAX_TOOL_ITERATIONS):
         messages = request_messages(
@@ -476,13 +481,16 @@ async def async_run_chat_log(
             )
             if done.cut_off is not None:
                 raise done.cut_off
-            worker_name = done.worker.name
             async for _content in chat_log.async_add_delta_content_stream(
                 agent_id, _deltas_to_chat_log(_replay(done.deltas), cut_off, None, max_tokens)
             ):
                 pass
             turn_calls += _trace_round(
-                chat_log, worker_name, done.deltas, device_tools=device_tools, earlier=turn_calls
+                chat_log,
+                done.worker.name,
+                done.deltas,
+                device_tools=device_tools,
+                earlier=turn_calls,
             )
             if cut_off:
                 LOGGER.info("The answer reached the length limit (%d tokens)", max_tokens)
@@ -495,7 +503,6 @@ async def async_run_chat_log(
             conversation_id=chat_log.conversation_id,
             kind=kind,
         )
-        worker_name = stream.worker.name
 
         async def note(err: HomeAssistantError, language: str = language) -> str:
             return await async_error_text(hass, language, err)
@@ -506,13 +513,12 @@ async def async_run_chat_log(
         ):
             pass
         turn_calls += _trace_round(
-            chat_log, worker_name, seen, device_tools=device_tools, earlier=turn_calls
+            chat_log, stream.worker.name, seen, device_tools=device_tools, earlier=turn_calls
         )
         if cut_off:  # the answer so far and the note stay; no second answer after it
             break
         if not chat_log.unresponded_tool_results:
             break
-    return worker_name
 
 
 async def async_error_text(hass: HomeAssistant, language: str, err: HomeAssistantError) -> str:

@@ -23,13 +23,13 @@ from .const import (
     CONF_MAX_TOKENS,
     CONF_NOT_ON_BATTERY,
     CONF_ONLY_WHEN_IDLE,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_PROMPT,
     CONF_TEMPERATURE,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DOMAIN,
     LOGGER,
+    REMOVED_SETTINGS,
     REPOLL_TIMEOUT,
     SETTINGS_STORAGE_KEY,
     STORAGE_VERSION,
@@ -48,11 +48,15 @@ if TYPE_CHECKING:
 DEFAULT_SETTINGS: dict[str, Any] = {
     CONF_PROMPT: None,
     CONF_LLM_HASS_API: ["assist"],
-    CONF_PREFER_LOCAL_INTENTS: True,
     CONF_MAX_TOKENS: DEFAULT_MAX_TOKENS,
     CONF_TEMPERATURE: DEFAULT_TEMPERATURE,
     CONF_CHAT_MODEL: None,
 }
+
+
+def _known(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings without those Hearth no longer has (a stored old key changes nothing)."""
+    return {key: value for key, value in settings.items() if key not in REMOVED_SETTINGS}
 
 
 class NoWorkerError(HomeAssistantError):
@@ -291,7 +295,7 @@ class Cluster:
         store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, SETTINGS_STORAGE_KEY)
         cluster = cls(hass, store)
         if stored := await store.async_load():
-            cluster.settings.update(stored)
+            cluster.settings.update(_known(stored))
         hass.data[DATA_CLUSTER] = cluster
         return cluster
 
@@ -302,7 +306,7 @@ class Cluster:
 
     async def async_update_settings(self, settings: dict[str, Any]) -> None:
         """Change the household-wide assistant settings."""
-        self.settings = {**DEFAULT_SETTINGS, **settings}
+        self.settings = {**DEFAULT_SETTINGS, **_known(settings)}
         await self.store.async_save(self.settings)
 
     @callback

@@ -45,7 +45,6 @@ from .const import (
     CONF_NOT_ON_BATTERY,
     CONF_ONLY_WHEN_IDLE,
     CONF_PLAIN_HTTP,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_PROMPT,
     CONF_TEMPERATURE,
     CONF_TOKEN_ID,
@@ -612,7 +611,6 @@ class HearthOptionsFlow(OptionsFlow):
                 vol.Optional(CONF_LLM_HASS_API): sel.SelectSelector(
                     sel.SelectSelectorConfig(options=apis, multiple=True)
                 ),
-                vol.Required(CONF_PREFER_LOCAL_INTENTS): sel.BooleanSelector(),
                 vol.Required(CONF_MAX_TOKENS): vol.All(
                     sel.NumberSelector(
                         sel.NumberSelectorConfig(min=1, max=8192, mode=sel.NumberSelectorMode.BOX)

@@ -23,11 +23,13 @@ CONF_ALLOW_PUBLIC: Final = "allow_public_address"
 # Household-wide assistant settings (stored in a Store, not in entry options).
 CONF_PROMPT: Final = "prompt"
 CONF_LLM_HASS_API: Final = "llm_hass_api"
-CONF_PREFER_LOCAL_INTENTS: Final = "prefer_local_intents"
 CONF_MAX_TOKENS: Final = "max_tokens"
 CONF_TEMPERATURE: Final = "temperature"
 CONF_CHAT_MODEL: Final = "chat_model"
 CONF_EMBEDDING_MODEL: Final = "embedding_model"
+# Settings Hearth no longer has, dropped where stored ones are read. "Prefer handling
+# commands locally" is Home Assistant's own pipeline setting (off by default).
+REMOVED_SETTINGS: Final = frozenset({"prefer_local_intents"})
 
 # Per-worker routing flags (options of that worker's config entry).
 CONF_ONLY_WHEN_IDLE: Final = "only_when_idle"

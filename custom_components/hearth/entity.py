@@ -1,12 +1,28 @@
-"""Base entity: one device per worker."""
+"""Base entities: one device per worker; the household's LLM entities (conversation, ai_task)."""
 
 from __future__ import annotations
 
-from homeassistant.helpers.device_registry import DeviceInfo
+import json
+from typing import Any
+
+import voluptuous as vol
+from homeassistant.components import conversation
+from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
+from homeassistant.helpers.entity import Entity
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
-from .const import DOMAIN
+from .assistant import async_run_chat_log, json_schema
+from .cluster import Cluster
+from .const import DOMAIN, HOUSEHOLD_DEVICE_ID
 from .coordinator import HearthCoordinator
+
+HOUSEHOLD_DEVICE = DeviceInfo(
+    identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},
+    name="Hearth",
+    manufacturer="Hearth",
+    model="Household assistant",
+    entry_type=DeviceEntryType.SERVICE,
+)
 
 
 class HearthWorkerEntity(CoordinatorEntity[HearthCoordinator]):
@@ -27,3 +43,63 @@ class HearthWorkerEntity(CoordinatorEntity[HearthCoordinator]):
             sw_version=info.version,
             configuration_url=coordinator.configuration_url,
         )
+
+
+class HearthBaseLLMEntity(Entity):
+    """An entity of the household's device answered by whichever worker the router picks."""
+
+    _attr_has_entity_name = True
+    _attr_name = None
+    _attr_device_info = HOUSEHOLD_DEVICE
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def _async_handle_chat_log(
+        self,
+        chat_log: conversation.ChatLog,
+        *,
+        kind: str,
+        language: str | None = None,
+        structure: vol.Schema | None = None,
+    ) -> None:
+        """Let the household's workers answer the chat log (see async_run_chat_log).
+
+        `language`: a person reads the answer as it streams. `structure`: the answer
+        is one JSON object of that shape; workers with guidance decode under its
+        schema, so it always parses.
+        """
+        extra: str | None = None
+        response_format: dict[str, Any] | None = None
+        if structure is not None:
+            schema = _closed(json_schema(structure))
+            extra = (
+                f"Answer with one JSON object only, matching this JSON schema: {json.dumps(schema)}"
+            )
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "task", "schema": schema},
+            }
+        await async_run_chat_log(
+            self.hass,
+            self.cluster,
+            chat_log,
+            self.entity_id,
+            extra_instructions=extra,
+            language=language,
+            kind=kind,
+            response_format=response_format,
+        )
+
+
+def _closed(schema: Any) -> Any:
+    """The JSON schema of a voluptuous structure, with its objects closed to keys it does
+    not name (voluptuous refuses extra keys by default; JSON schema allows them)."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if closed.get("type") == "object" and "properties" in closed:
+        closed.setdefault("additionalProperties", False)
+    return closed

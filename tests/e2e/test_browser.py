@@ -197,7 +197,6 @@ async def test_ui_screenshots(
         await ha.set_options(
             entry["entry_id"],
             llm_hass_api=["assist"],
-            prefer_local_intents=False,
             max_tokens=64,
             temperature=0,
         )

@@ -69,7 +69,6 @@ async def test_develop_end_to_end(stack: develop.Stack, http: aiohttp.ClientSess
         await ha.set_options(
             entry["entry_id"],
             llm_hass_api=["assist"],
-            prefer_local_intents=False,
             max_tokens=64,
             temperature=0,
         )

@@ -47,7 +47,7 @@ async def test_demo_model_by_default_real_model_when_preferred(real_stack: devel
             flow = await ha.discovered_flow("hearth", real_stack.node_id)
             entry = await ha.pair(flow["flow_id"], real_stack.pairing_code)
         assert entry["state"] == "loaded"
-        options = {"prefer_local_intents": False, "max_tokens": 24, "temperature": 0}
+        options = {"max_tokens": 24, "temperature": 0}
 
         async def ask(prompt: str) -> str:
             ran = await ha.rest(

@@ -36,7 +36,6 @@ from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
     DOMAIN,
 )
@@ -158,7 +157,6 @@ async def household(
         {
             **cluster.settings,
             CONF_LLM_HASS_API: [],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 8,
             CONF_TEMPERATURE: 0.0,
             **settings,

@@ -33,7 +33,6 @@ from custom_components.hearth.const import (
     CONF_NOT_ON_BATTERY,
     CONF_ONLY_WHEN_IDLE,
     CONF_PLAIN_HTTP,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
     DOMAIN,
 )
@@ -589,7 +588,6 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
         result["flow_id"],
         {
             CONF_LLM_HASS_API: ["assist"],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 64,
             CONF_TEMPERATURE: 0.5,
             CONF_CHAT_MODEL: "tiny-chat",
@@ -598,7 +596,7 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
     assert result["type"] is FlowResultType.CREATE_ENTRY
     settings = Cluster.get(hass).settings
     assert settings[CONF_MAX_TOKENS] == 64
-    assert settings[CONF_PREFER_LOCAL_INTENTS] is False
+    assert "prefer_local_intents" not in settings  # Home Assistant's pipeline has it
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
     assert settings["prompt"] is None
     assert await hass.config_entries.async_unload(entry.entry_id)

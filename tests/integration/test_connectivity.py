@@ -39,7 +39,6 @@ from custom_components.hearth.const import (
     CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
 from custom_components.hearth.worker_api import HearthCertificateError, HearthConnectionError
@@ -237,9 +236,7 @@ async def lose_worker(hass: HomeAssistant, worker: WorkerProcess, online: str) -
 
 async def quiet_household(hass: HomeAssistant) -> None:
     cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {CONF_LLM_HASS_API: [], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 4}
-    )
+    await cluster.async_update_settings({CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 4})
 
 
 async def test_announced_worker_is_back_at_once(

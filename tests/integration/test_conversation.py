@@ -11,6 +11,7 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import intent
 from homeassistant.setup import async_setup_component
+from pytest_homeassistant_custom_component.typing import WebSocketGenerator
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import parse_tool_arguments
@@ -18,8 +19,9 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
+    SETTINGS_STORAGE_KEY,
+    STORAGE_VERSION,
 )
 from custom_components.hearth.router import Candidate, RouteRequest
 
@@ -38,7 +40,7 @@ async def plain_settings(hass: HomeAssistant) -> None:
     """No tools, no local intents, short answers: fast with the random tiny model."""
     await use_settings(
         hass,
-        **{CONF_LLM_HASS_API: [], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 16},
+        **{CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 16},
     )
 
 
@@ -192,15 +194,81 @@ async def setup_kitchen_light(hass: HomeAssistant) -> None:
     assert hass.states.get("light.kitchen_light").state == "off"
 
 
-async def test_local_intents_first(hass: HomeAssistant, own_worker: WorkerProcess) -> None:
+async def run_pipeline(
+    hass: HomeAssistant, hass_ws_client: WebSocketGenerator, text: str, *, prefer_local: bool
+) -> dict[str, Any]:
+    """Home Assistant's Assist pipeline (text in, the agent's answer out) with Hearth as its
+    agent and its own "Prefer handling commands locally" set: the intent-end event's data."""
+    # Its text-to-speech part needs mutagen, which the 2026.2.3 environment lacks.
+    assist_pipeline = pytest.importorskip("homeassistant.components.assist_pipeline")
+    assert await async_setup_component(hass, "assist_pipeline", {})
+    pipeline = assist_pipeline.async_get_pipeline(hass)
+    await assist_pipeline.pipeline.async_update_pipeline(
+        hass, pipeline, conversation_engine=AGENT, prefer_local_intents=prefer_local
+    )
+    client = await hass_ws_client(hass)
+    await client.send_json_auto_id(
+        {
+            "type": "assist_pipeline/run",
+            "start_stage": "intent",
+            "end_stage": "intent",
+            "input": {"text": text},
+            "pipeline": pipeline.id,
+        }
+    )
+    assert (await client.receive_json())["success"]
+    while (event := (await client.receive_json())["event"])["type"] != "run-end":
+        assert event["type"] != "error", event
+        if event["type"] == "intent-end":
+            ended: dict[str, Any] = event["data"]
+    return ended
+
+
+async def test_local_intents_first_is_home_assistants_pipeline_setting(
+    hass: HomeAssistant, hass_ws_client: WebSocketGenerator, own_worker: WorkerProcess
+) -> None:
+    """Home Assistant's "Prefer handling commands locally" (the pipeline's) lets its own
+    sentences handle a plain command before Hearth: no worker needed. Off (its default),
+    the command goes to Hearth."""
     await setup_kitchen_light(hass)
     await setup_entry(hass, entry_for(own_worker))
-    await use_settings(hass, **{CONF_PREFER_LOCAL_INTENTS: True})
     own_worker.stop()  # Home Assistant's own intents need no worker
-    result = await converse(hass, "turn on the kitchen light")
-    assert result.response.response_type is intent.IntentResponseType.ACTION_DONE
+    ended = await run_pipeline(hass, hass_ws_client, "turn on the kitchen light", prefer_local=True)
+    assert ended["processed_locally"] is True
     await hass.async_block_till_done()
     assert hass.states.get("light.kitchen_light").state == "on"
+
+    ended = await run_pipeline(
+        hass, hass_ws_client, "turn off the kitchen light", prefer_local=False
+    )
+    assert ended["processed_locally"] is False
+    assert ended["intent_output"]["response"]["speech"]["plain"]["speech"].startswith(NO_WORKER)
+    await hass.async_block_till_done()
+    assert hass.states.get("light.kitchen_light").state == "on"
+
+
+async def test_hearth_has_no_local_intents_switch_of_its_own(
+    hass: HomeAssistant, hass_storage: dict[str, Any], own_worker: WorkerProcess
+) -> None:
+    """Hearth's own "prefer local" switch is gone (one switch: the pipeline's); one stored
+    by an older version is dropped and changes nothing: a command goes to a worker."""
+    await setup_kitchen_light(hass)
+    hass_storage[SETTINGS_STORAGE_KEY] = {
+        "version": STORAGE_VERSION,
+        "key": SETTINGS_STORAGE_KEY,
+        "data": {CONF_LLM_HASS_API: ["assist"], "prefer_local_intents": True},
+    }
+    await setup_entry(hass, entry_for(own_worker))
+    cluster = Cluster.get(hass)
+    assert cluster.settings[CONF_LLM_HASS_API] == ["assist"]  # the stored settings were read
+    assert "prefer_local_intents" not in cluster.settings
+    await cluster.async_update_settings(cluster.settings)
+    assert "prefer_local_intents" not in hass_storage[SETTINGS_STORAGE_KEY]["data"]
+    own_worker.stop()
+    result = await converse(hass, "turn on the kitchen light")
+    assert result.response.speech["plain"]["speech"].startswith(NO_WORKER)
+    await hass.async_block_till_done()
+    assert hass.states.get("light.kitchen_light").state == "off"
 
 
 async def test_tool_call_turns_on_the_light(
@@ -211,7 +279,7 @@ async def test_tool_call_turns_on_the_light(
     await setup_entry(hass, entry_for(taught_worker))
     await use_settings(
         hass,
-        **{CONF_LLM_HASS_API: ["assist"], CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 64},
+        **{CONF_LLM_HASS_API: ["assist"], CONF_MAX_TOKENS: 64},
     )
     result = await converse(hass, "turn on the kitchen light")
     await hass.async_block_till_done()

@@ -29,7 +29,6 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
     CONNECT_TIMEOUT,
     DOMAIN,
@@ -103,7 +102,6 @@ async def household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> C
         {
             **cluster.settings,
             CONF_LLM_HASS_API: [],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 4000,
             CONF_TEMPERATURE: 0.0,
         }

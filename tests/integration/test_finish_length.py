@@ -17,7 +17,6 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
 
@@ -34,7 +33,6 @@ async def household(hass: HomeAssistant, worker: WorkerProcess, max_tokens: int)
         {
             **cluster.settings,
             CONF_LLM_HASS_API: [],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: max_tokens,
             "temperature": 0.0,  # greedy: the taught answer
         }

@@ -50,7 +50,6 @@ from custom_components.hearth.const import (
     CONF_CODE,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
 
@@ -243,7 +242,6 @@ async def test_three_hosts_one_killed_one_cut_off(
         {
             **cluster.settings,
             CONF_LLM_HASS_API: [],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 4000,
         }
     )

@@ -28,7 +28,6 @@ from custom_components.hearth.const import (
     CONF_CODE,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
 )
 
@@ -80,7 +79,6 @@ async def test_full_conversation_stays_home(
                 {
                     **cluster.settings,
                     CONF_LLM_HASS_API: [],
-                    CONF_PREFER_LOCAL_INTENTS: False,
                     CONF_MAX_TOKENS: 16,
                 }
             )

@@ -24,7 +24,6 @@ from custom_components.hearth.const import (
     CONF_MAX_TOKENS,
     CONF_NOT_ON_BATTERY,
     CONF_ONLY_WHEN_IDLE,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_PROMPT,
     CONF_TEMPERATURE,
     DOMAIN,
@@ -134,7 +133,6 @@ async def test_household_step_leaves_the_workers_own_settings(
     assert fields(form) == {
         CONF_PROMPT,
         CONF_LLM_HASS_API,
-        CONF_PREFER_LOCAL_INTENTS,
         CONF_MAX_TOKENS,
         CONF_TEMPERATURE,
         CONF_CHAT_MODEL,
@@ -145,7 +143,6 @@ async def test_household_step_leaves_the_workers_own_settings(
         form["flow_id"],
         {
             CONF_LLM_HASS_API: ["assist"],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 64,
             CONF_TEMPERATURE: 0.5,
             CONF_CHAT_MODEL: "tiny-chat",
@@ -155,7 +152,7 @@ async def test_household_step_leaves_the_workers_own_settings(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     settings = cluster.settings
     assert settings[CONF_MAX_TOKENS] == 64
-    assert settings[CONF_PREFER_LOCAL_INTENTS] is False
+    assert "prefer_local_intents" not in settings  # Home Assistant's pipeline has it
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
     assert settings[CONF_EMBEDDING_MODEL] == "tiny-embed"
     assert settings[CONF_PROMPT] is None  # left empty: cleared
@@ -314,7 +311,6 @@ async def test_household_embedding_model_is_the_one_used(
         result = await hass.config_entries.options.async_configure(
             form["flow_id"],
             {
-                CONF_PREFER_LOCAL_INTENTS: True,
                 CONF_MAX_TOKENS: 64,
                 CONF_TEMPERATURE: 0.0,
                 CONF_EMBEDDING_MODEL: "second-embed",

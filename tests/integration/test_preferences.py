@@ -32,7 +32,6 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     DOMAIN,
     SETTINGS_STORAGE_KEY,
 )
@@ -347,7 +346,6 @@ async def test_tools_through_the_agent(
         {
             **cluster.settings,
             CONF_LLM_HASS_API: ["assist"],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 32,
         }
     )

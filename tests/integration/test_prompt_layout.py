@@ -36,7 +36,6 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
     DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
@@ -70,7 +69,6 @@ async def household(
         {
             **cluster.settings,
             CONF_LLM_HASS_API: ["assist"],
-            CONF_PREFER_LOCAL_INTENTS: False,
             CONF_MAX_TOKENS: 4,
         }
     )
@@ -318,7 +316,7 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
         )
         assert form["type"] is FlowResultType.FORM
         result = await hass.config_entries.options.async_configure(
-            form["flow_id"], {CONF_PREFER_LOCAL_INTENTS: False, CONF_MAX_TOKENS: 4, **answers}
+            form["flow_id"], {CONF_MAX_TOKENS: 4, **answers}
         )
         assert result["type"] is FlowResultType.CREATE_ENTRY
 

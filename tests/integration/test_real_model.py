@@ -24,7 +24,6 @@ from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
-    CONF_PREFER_LOCAL_INTENTS,
     CONF_TEMPERATURE,
 )
 
@@ -52,7 +51,6 @@ async def test_agent_answers_with_real_model(
         {
             **cluster.settings,
             CONF_LLM_HASS_API: [],
-            CONF_PREFER_LOCAL_INTENTS: True,
             CONF_TEMPERATURE: 0.0,
             CONF_MAX_TOKENS: 48,
         }
