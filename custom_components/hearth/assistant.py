@@ -431,6 +431,34 @@ def sampling_temperature(settings: dict[str, Any]) -> float | None:
     return float(value)
 
 
+def request_body(
+    settings: dict[str, Any],
+    messages: list[dict[str, Any]],
+    *,
+    max_tokens: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    response_format: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A chat request's body with the household's settings. The only place that builds one
+    (the agent, the AI task and hearth.ask)."""
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens or answer_max_tokens(settings),
+    }
+    if (temperature := sampling_temperature(settings)) is not None:
+        body["temperature"] = temperature
+    if response_format is not None:  # the worker holds the answer to it (a grammar)
+        body["response_format"] = response_format
+    if tools:
+        body["tools"] = tools
+    return body
+
+
+def answer_max_tokens(settings: dict[str, Any]) -> int:
+    """The household's longest answer (tokens)."""
+    return int(settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
+
+
 async def async_run_chat_log(
     hass: HomeAssistant,
     cluster: Cluster,
@@ -466,14 +494,8 @@ async def async_run_chat_log(
         messages = request_messages(
             hass, chat_log, device_tools=device_tools, extra_instructions=extra_instructions
         )
-        max_tokens = int(settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
-        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
-        if (temperature := sampling_temperature(settings)) is not None:
-            body["temperature"] = temperature
-        if response_format is not None:  # the worker holds the answer to it (a grammar)
-            body["response_format"] = response_format
-        if tools:
-            body["tools"] = tools
+        max_tokens = answer_max_tokens(settings)
+        body = request_body(settings, messages, tools=tools, response_format=response_format)
         cut_off: list[HomeAssistantError] = []
         if language is None:  # nobody waits on the stream: a whole answer, or an error
             done = await cluster.async_complete(

@@ -19,11 +19,12 @@ from homeassistant.util import dt as dt_util
 from .assistant import (
     FINISH_LENGTH,
     AnswerLengthLimitError,
+    answer_max_tokens,
     async_error_text,
-    sampling_temperature,
+    request_body,
 )
 from .cluster import Cluster, MessageTooLongError
-from .const import CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS, DOMAIN, SERVICE_ASK
+from .const import DOMAIN, SERVICE_ASK
 from .preference_store import CATEGORIES, STORAGE_VERSION
 from .preferences import (
     DATA_PREFERENCES,
@@ -82,12 +83,8 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if instructions := "\n".join(part for part in system if part):
             messages.append({"role": "system", "content": instructions})
         messages.append({"role": "user", "content": prompt})
-        max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or int(
-            cluster.settings.get(CONF_MAX_TOKENS) or DEFAULT_MAX_TOKENS
-        )
-        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
-        if (temperature := sampling_temperature(cluster.settings)) is not None:
-            body["temperature"] = temperature
+        max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or answer_max_tokens(cluster.settings)
+        body = request_body(cluster.settings, messages, max_tokens=max_tokens)
         done = await cluster.async_complete(body, kind="task")
         finish_reason = next(
             (d.finish_reason for d in reversed(done.deltas) if d.finish_reason), None
