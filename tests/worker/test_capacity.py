@@ -27,8 +27,18 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
+def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema a ``$ref`` to ``#/components/schemas/...`` names; others as they are."""
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    return _resolved(_schemas()[ref.removeprefix("#/components/schemas/")])
+
+
 def _validate(instance: Any, schema: dict[str, Any]) -> None:
-    jsonschema.Draft202012Validator(schema).validate(instance)
+    """Validate against ``schema``, its ``$ref``s (``#/components/schemas/...``) resolved."""
+    root = {**schema, "components": {"schemas": _schemas()}}
+    jsonschema.Draft202012Validator(root).validate(instance)
 
 
 # ------------------------------------------------------------------ RateTracker
@@ -141,7 +151,7 @@ def test_capacity_matches_the_openapi_schema() -> None:
     tracker.seed("embed", prefill_tok_s=None, decode_tok_s=None)
     tracker.record("chat", prompt_tokens=64, prefill_s=0.2, completion_tokens=32, decode_s=1.6)
     schema = _schemas()["Capacity"]
-    models_schema = schema["properties"]["models"]["additionalProperties"]
+    models_schema = _resolved(schema["properties"]["models"]["additionalProperties"])
     for rates in tracker.snapshot().values():
         assert set(rates) == set(models_schema["properties"])
     system = system_snapshot()
@@ -184,7 +194,7 @@ def test_system_snapshot_types() -> None:
 
 def test_hardware_info_matches_the_openapi_schema() -> None:
     info = hardware_info()
-    schema = _schemas()["Info"]["properties"]["hardware"]
+    schema = _resolved(_schemas()["Info"]["properties"]["hardware"])
     assert set(info) == set(schema["properties"])
     _validate(info, schema)
     assert info["cpu_count"] >= 1
