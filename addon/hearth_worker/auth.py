@@ -38,9 +38,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import pairing
+from .pairing import PairingError
 
 if sys.platform != "win32":  # serialises read-modify-write across processes
     import fcntl
@@ -55,10 +56,10 @@ LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 
 # Crockford base32: no I, L, O or U, so a code read aloud or off a screen is
-# hard to get wrong; the look-alikes are mapped back when a code is entered.
+# hard to get wrong; the look-alikes are mapped back when a code is entered
+# (pairing.normalize_code).
 CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_LENGTH = 8
-_CODE_LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
 
 # Wrong-code rate limiting. Each client (peer address) gets a few free tries,
 # then every further wrong code doubles its lock-out. All clients together get
@@ -74,15 +75,6 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 MAX_CODE_FAILURES = 20
 _MAX_TRACKED_CLIENTS = 1024
-
-PairingErrorReason = Literal["no_code", "expired", "wrong_code", "rate_limited"]
-
-_PAIRING_MESSAGES: dict[str, str] = {
-    "no_code": "No pairing code is active; create one on the worker",
-    "expired": "The pairing code has expired; create a new one on the worker",
-    "wrong_code": "Wrong pairing code",
-    "rate_limited": "Too many wrong pairing codes; try again later",
-}
 
 
 @dataclass(frozen=True)
@@ -117,19 +109,6 @@ def _legacy_admin(name: str) -> bool:
     return name in _PAIRED_NAMES or name.startswith(_PAIRED_PREFIX)
 
 
-class PairingError(Exception):
-    """A pairing attempt was refused.
-
-    ``reason`` is one of ``no_code``, ``expired``, ``wrong_code`` and
-    ``rate_limited``; ``retry_after`` (seconds) is set for ``rate_limited``.
-    """
-
-    def __init__(self, reason: PairingErrorReason, retry_after: float | None = None) -> None:
-        super().__init__(_PAIRING_MESSAGES[reason])
-        self.reason: PairingErrorReason = reason
-        self.retry_after: float | None = retry_after
-
-
 @dataclass
 class _Backoff:
     failures: int = 0
@@ -141,12 +120,6 @@ def _backoff_delay(failures: int, free: int) -> float:
     if failures < free:
         return 0.0
     return float(min(BACKOFF_BASE_S * 2 ** (failures - free), BACKOFF_MAX_S))
-
-
-def normalize_code(code: str) -> str:
-    """Upper-case, drop dashes and blanks, map Crockford look-alikes."""
-    cleaned = "".join(ch for ch in code if ch not in "- \t")
-    return cleaned.upper().translate(_CODE_LOOKALIKES)
 
 
 def format_code(raw: str) -> str:
@@ -280,24 +253,6 @@ class AuthStore:
         if self._clock() >= record["expires_at"]:
             raise PairingError("expired")
         return str(record["salt"])
-
-    def pair(
-        self, code: str, *, client_id: str, client_name: str | None = None
-    ) -> tuple[str, TokenInfo]:
-        """Exchange the pairing code itself for a new token; the code is used up.
-
-        For local use (tests): over the network only the proof of ``pair_with_proof``
-        is accepted. Raises PairingError. ``client_id`` (the peer address) keys the
-        per-client rate limit; ``client_name`` names the token.
-        """
-        normalized = normalize_code(code)
-
-        def check(record: dict[str, Any]) -> bytes | None:
-            given = pairing.code_verifier(normalized, bytes.fromhex(record["salt"]))
-            return b"" if hmac.compare_digest(given.hex(), record["verifier"]) else None
-
-        token, info, _ = self._attempt(check, client_id=client_id, client_name=client_name)
-        return token, info
 
     def pair_with_proof(
         self,

@@ -1,4 +1,4 @@
-"""The pairing proof (protocol ``hearth-pair-v1``): the code never crosses the wire.
+"""The pairing proof ``hearth-pair-v1``, the worker's side: the code never crosses the wire.
 
 The person types the code the worker shows into the client. Both sides then prove
 they know it, bound to the TLS certificate fingerprint the *client* sees, before the
@@ -31,6 +31,12 @@ costs two scrypt runs (one of which depends on the client's fresh nonce, so noth
 can be computed ahead), over 32^8 = 2^40 codes, and the code dies after 15 minutes.
 At 75 ms per run that is about 2.6 thousand core-years per code, or ~10^8 cores to
 finish within the code's life.
+
+Here too: how a typed code is read (``normalize_code``), the error a refused or
+unproven pairing raises (``PairingError``) and a reference client (``pair_remote``,
+for scripts and tests; the integration has its own in
+custom_components/hearth/client.py). Both sides' tests check their proofs against
+tests/pairing_vectors.json.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 PROTOCOL = "hearth-pair-v1"
 SCRYPT_N = 2**15
@@ -59,6 +65,44 @@ NONCE_BYTES = 16
 MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
 FINGERPRINT_BYTES = 32
+
+# Codes are Crockford base32 (auth.CODE_ALPHABET): the look-alikes a person may
+# type for its digits are mapped back.
+_CODE_LOOKALIKES = str.maketrans({"O": "0", "I": "1", "L": "1"})
+
+# Why the worker refuses a pairing attempt (its error ``code`` on the wire).
+PairingRefusal = Literal["no_code", "expired", "wrong_code", "rate_limited"]
+_MESSAGES: dict[str, str] = {
+    "no_code": "No pairing code is active; create one on the worker",
+    "expired": "The pairing code has expired; create a new one on the worker",
+    "wrong_code": "Wrong pairing code",
+    "rate_limited": "Too many wrong pairing codes; try again later",
+}
+
+
+class PairingError(Exception):
+    """A pairing attempt was refused, or not proven.
+
+    ``reason``: why, as on the wire. The worker refuses with a ``PairingRefusal``
+    (``retry_after``, in seconds, is set for ``rate_limited``). The reference
+    client also raises ``not_proven`` (the worker did not prove it knows the code,
+    or its certificate changed while pairing; the integration's
+    ``HearthPairingError`` says the same), ``protocol`` (an unknown pairing
+    protocol) and ``no_certificate``, or the worker's error code.
+    """
+
+    def __init__(
+        self, reason: str, message: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message or _MESSAGES.get(reason, "Pairing refused"))
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def normalize_code(code: str) -> str:
+    """Upper-case, drop dashes and blanks, map Crockford look-alikes."""
+    cleaned = "".join(ch for ch in code if ch not in "- \t")
+    return cleaned.upper().translate(_CODE_LOOKALIKES)
 
 
 def _fields(*parts: bytes) -> bytes:
@@ -101,34 +145,33 @@ def worker_proof(
 # -- a reference client (tests, scripts): the integration has its own in client.py ---------
 
 
-class PairingFailed(Exception):
-    """Pairing was refused (``reason``: the worker's error code) or not proven."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
-class Paired:
+class PairResult:
+    """What pairing returns: the token is shown only this once."""
+
     token: str
     token_id: str
     node_id: str
-    fingerprint: bytes  # empty for a plain-HTTP worker
+    fingerprint: bytes  # SHA-256 of the pinned certificate; empty for a plain-HTTP worker
+
+
+def _unverified_context() -> ssl.SSLContext:
+    """Reads a certificate before it is pinned: no CA, no host name (the pin is the check)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def peer_fingerprint(host: str, port: int, timeout: float = 10.0) -> bytes:
     """SHA-256 of the certificate a TLS server presents (not verified: it gets pinned)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
     with (
         socket.create_connection((host, port), timeout=timeout) as raw,
-        context.wrap_socket(raw) as tls,
+        _unverified_context().wrap_socket(raw) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     if not der:
-        raise PairingFailed("no_certificate", "The server presented no certificate")
+        raise PairingError("no_certificate", "The server presented no certificate")
     return hashlib.sha256(der).digest()
 
 
@@ -139,18 +182,15 @@ def _pinned_open(
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     headers = {"Content-Type": "application/json"} if data is not None else {}
     if parts.scheme == "https":
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, timeout=timeout, context=context
+            host, port, timeout=timeout, context=_unverified_context()
         )
         conn.connect()
         assert isinstance(conn.sock, ssl.SSLSocket)
         der = conn.sock.getpeercert(binary_form=True) or b""
         if not hmac.compare_digest(hashlib.sha256(der).digest(), fingerprint):
             conn.close()
-            raise PairingFailed("fingerprint_changed", "The worker's certificate changed")
+            raise PairingError("not_proven", "The worker's certificate changed while pairing")
     else:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -164,19 +204,17 @@ def _pinned_open(
 
 def pair_remote(
     base_url: str, code: str, client_name: str = "hearth client", timeout: float = 10.0
-) -> Paired:
+) -> PairResult:
     """Pair with the worker at ``base_url`` (``https://host:port``) by its code."""
-    from .auth import normalize_code  # noqa: PLC0415 - avoids an import cycle
-
     parts = urllib.parse.urlsplit(base_url)
     plain = parts.scheme == "http"
     fingerprint = b"" if plain else peer_fingerprint(parts.hostname or "", parts.port or 443)
     status, challenge = _pinned_open(base_url + "/v1/pair", fingerprint, None, timeout)
     if status != 200:
         error = challenge.get("error") or {}
-        raise PairingFailed(str(error.get("code") or status), str(error.get("message") or ""))
+        raise PairingError(str(error.get("code") or status), str(error.get("message") or ""))
     if challenge.get("protocol") != PROTOCOL:
-        raise PairingFailed("protocol", f"Unknown pairing protocol {challenge.get('protocol')!r}")
+        raise PairingError("protocol", f"Unknown pairing protocol {challenge.get('protocol')!r}")
     salt = bytes.fromhex(str(challenge["salt"]))
     nonce = secrets.token_bytes(NONCE_BYTES)
     key = session_key(code_verifier(normalize_code(code), salt), fingerprint, nonce)
@@ -191,9 +229,9 @@ def pair_remote(
     status, answer = _pinned_open(base_url + "/v1/pair", fingerprint, body, timeout)
     if status != 200:
         error = answer.get("error") or {}
-        raise PairingFailed(str(error.get("code") or status), str(error.get("message") or ""))
+        raise PairingError(str(error.get("code") or status), str(error.get("message") or ""))
     token, node_id = str(answer["token"]), str(answer["node_id"])
     expected = worker_proof(key, fingerprint, nonce, token, node_id)
     if not hmac.compare_digest(bytes.fromhex(str(answer.get("proof") or "")), expected):
-        raise PairingFailed("not_proven", "The worker did not prove it knows the code")
-    return Paired(token, str(answer["token_id"]), node_id, fingerprint)
+        raise PairingError("not_proven", "The worker did not prove it knows the code")
+    return PairResult(token, str(answer["token_id"]), node_id, fingerprint)

@@ -21,13 +21,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import API_VERSION, __version__, catalog, pairing, pull
 from .admission import Busy, run_to_end
-from .auth import AuthStore, PairingError, TokenInfo
+from .auth import AuthStore, TokenInfo
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
 from .chat_template import ChatTemplateError
 from .embedding_engine import EmbeddingModel, EmbeddingTooLarge
 from .guidance import Guide, GuidedAnswer
 from .manifest import Manifest
 from .model import ModelHost
+from .pairing import PairingError
 from .pull_jobs import PullJob
 from .registry import ModelNotRemovable
 from .settings import WorkerSettings

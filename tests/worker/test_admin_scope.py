@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from hearth_worker.auth import SUPERVISOR_TOKEN_NAME, AuthStore
 from hearth_worker.pairing import pair_remote
+from local_pairing import pair_locally
 from test_api import check_schema, model_id
 from worker_process import WorkerProcess, cli, free_port, start_worker
 
@@ -57,7 +58,7 @@ async def call(
 
 def test_paired_tokens_are_admin_created_ones_only_when_asked(tmp_path: Path) -> None:
     store = AuthStore(tmp_path)
-    paired, paired_info = store.pair(store.new_pairing_code(), client_id="192.0.2.1")
+    paired, paired_info = pair_locally(store, store.new_pairing_code(), client_id="192.0.2.1")
     plain, plain_info = store.create_token("my script")
     admin, admin_info = store.create_token("ops", admin=True)
     assert paired_info.admin and admin_info.admin and not plain_info.admin

@@ -20,10 +20,10 @@ from hearth_worker.auth import (
     GLOBAL_FREE_FAILURES,
     MAX_CODE_FAILURES,
     AuthStore,
-    PairingError,
     TokenInfo,
-    normalize_code,
 )
+from hearth_worker.pairing import PairingError, normalize_code
+from local_pairing import pair_locally
 
 CODE_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}$")
 
@@ -67,7 +67,7 @@ def is_paired(store: AuthStore) -> bool:
 
 def pairing_error(store: AuthStore, code: str, client_id: str = "192.0.2.1") -> PairingError:
     with pytest.raises(PairingError) as excinfo:
-        store.pair(code, client_id=client_id)
+        pair_locally(store, code, client_id=client_id)
     return excinfo.value
 
 
@@ -86,7 +86,7 @@ def test_pairing_code_shape(store: AuthStore, clock: FakeClock) -> None:
 def test_pair_success(store: AuthStore, clock: FakeClock) -> None:
     assert not is_paired(store)
     code = store.new_pairing_code()
-    token, info = store.pair(code, client_id="192.0.2.1", client_name="Home Assistant")
+    token, info = pair_locally(store, code, client_id="192.0.2.1", client_name="Home Assistant")
     assert token.startswith("hearth_")
     assert len(token) > len("hearth_") + 40
     assert isinstance(info, TokenInfo)
@@ -98,13 +98,13 @@ def test_pair_success(store: AuthStore, clock: FakeClock) -> None:
 
 
 def test_pair_without_name_names_token_by_client(store: AuthStore) -> None:
-    _, info = store.pair(store.new_pairing_code(), client_id="192.0.2.7")
+    _, info = pair_locally(store, store.new_pairing_code(), client_id="192.0.2.7")
     assert "192.0.2.7" in info.name
 
 
 def test_code_consumed(store: AuthStore) -> None:
     code = store.new_pairing_code()
-    store.pair(code, client_id="192.0.2.1")
+    pair_locally(store, code, client_id="192.0.2.1")
     assert pairing_error(store, code).reason == "no_code"
     assert store.pairing_code_expires_at() is None
 
@@ -130,7 +130,7 @@ def test_new_code_replaces_previous(store: AuthStore) -> None:
     if old == new:  # pragma: no cover - 1 in 2**40
         pytest.skip("the same code twice")
     assert pairing_error(store, old).reason == "wrong_code"
-    store.pair(new, client_id="192.0.2.1")
+    pair_locally(store, new, client_id="192.0.2.1")
 
 
 def test_wrong_code(store: AuthStore) -> None:
@@ -139,7 +139,7 @@ def test_wrong_code(store: AuthStore) -> None:
     assert err.reason == "wrong_code"
     assert err.retry_after is None
     # One wrong try does not spoil the code.
-    token, _ = store.pair(code, client_id="192.0.2.1")
+    token, _ = pair_locally(store, code, client_id="192.0.2.1")
     assert store.verify(token) is not None
 
 
@@ -154,7 +154,7 @@ def test_wrong_code(store: AuthStore) -> None:
 )
 def test_code_case_and_dash_tolerant(store: AuthStore, transform: Callable[[str], str]) -> None:
     code = store.new_pairing_code()
-    token, _ = store.pair(transform(code), client_id="192.0.2.1")
+    token, _ = pair_locally(store, transform(code), client_id="192.0.2.1")
     assert store.verify(token) is not None
 
 
@@ -191,7 +191,7 @@ def test_rate_limit_per_client(store: AuthStore, clock: FakeClock) -> None:
 
     # Once the wait is over the right code still works.
     clock.advance(4 * BACKOFF_BASE_S)
-    token, _ = store.pair(code, client_id="192.0.2.1")
+    token, _ = pair_locally(store, code, client_id="192.0.2.1")
     assert store.verify(token) is not None
 
 
@@ -221,7 +221,7 @@ def test_rate_limit_global_and_code_invalidated(state_dir: Path, clock: FakeCloc
     assert pairing_error(store, code, "203.0.113.99").reason == "no_code"
     assert store.pairing_code_expires_at() is None
     # A fresh code starts over.
-    token, _ = store.pair(store.new_pairing_code(), client_id="203.0.113.99")
+    token, _ = pair_locally(store, store.new_pairing_code(), client_id="203.0.113.99")
     assert store.verify(token) is not None
 
 
@@ -241,7 +241,7 @@ def test_one_address_cannot_lock_out_everyone(state_dir: Path, clock: FakeClock)
     # Still locked out itself, even with the right code...
     assert pairing_error(store, code, "198.51.100.7").reason == "rate_limited"
     # ...while the person with the code, on another address, pairs at once.
-    token, _ = store.pair(code, client_id="192.0.2.10")
+    token, _ = pair_locally(store, code, client_id="192.0.2.10")
     assert store.verify(token) is not None
 
 
@@ -263,7 +263,7 @@ def test_code_made_by_another_instance(state_dir: Path, clock: FakeClock) -> Non
     cli = AuthStore(state_dir, clock=clock)
     code = cli.new_pairing_code()
     assert server.pairing_code_expires_at() == clock.now + 900.0
-    token, _ = server.pair(code, client_id="192.0.2.1")
+    token, _ = pair_locally(server, code, client_id="192.0.2.1")
     assert cli.verify(token) is not None
 
 
@@ -301,7 +301,7 @@ def test_several_tokens(store: AuthStore) -> None:
 
 def test_revoke_seen_by_second_instance(state_dir: Path, clock: FakeClock) -> None:
     server = AuthStore(state_dir, clock=clock)
-    token, info = server.pair(server.new_pairing_code(), client_id="192.0.2.1")
+    token, info = pair_locally(server, server.new_pairing_code(), client_id="192.0.2.1")
     assert server.verify(token) == info  # now cached
 
     cli = AuthStore(state_dir, clock=clock)
@@ -336,7 +336,7 @@ def test_secrets_not_on_disk(store: AuthStore, state_dir: Path) -> None:
     assert code not in on_disk
     assert raw_code not in on_disk
 
-    token, _ = store.pair(code, client_id="192.0.2.1")
+    token, _ = pair_locally(store, code, client_id="192.0.2.1")
     token2, _ = store.create_token("Supervisor")
     store.new_pairing_code()
     files = [p for p in state_dir.iterdir() if p.is_file()]
@@ -357,7 +357,7 @@ def test_secrets_not_logged(store: AuthStore, caplog: pytest.LogCaptureFixture) 
     caplog.set_level(logging.DEBUG, logger="hearth_worker")
     code = store.new_pairing_code()
     pairing_error(store, wrong_code_for(code))
-    token, _ = store.pair(code.lower(), client_id="192.0.2.1", client_name="HA")
+    token, _ = pair_locally(store, code.lower(), client_id="192.0.2.1", client_name="HA")
     store.verify(token)
     token2, info2 = store.create_token("x")
     store.revoke(info2.token_id)
@@ -393,4 +393,4 @@ def test_corrupt_pairing_file_means_no_code(store: AuthStore, state_dir: Path) -
     (state_dir / "pairing.json").write_text("[]")
     assert pairing_error(store, code).reason == "no_code"
     # A new code overwrites it.
-    store.pair(store.new_pairing_code(), client_id="192.0.2.1")
+    pair_locally(store, store.new_pairing_code(), client_id="192.0.2.1")

@@ -15,11 +15,28 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from hearth_worker import pairing
-from hearth_worker.auth import normalize_code
-from hearth_worker.pairing import pair_remote
+from hearth_worker.pairing import normalize_code, pair_remote
 from worker_process import WorkerProcess, cli, start_worker
 
 CODE = re.compile(r"Pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})")
+
+
+def test_pairing_proof_matches_the_shared_vectors() -> None:
+    """The worker's side of the pairing proof derives what the vectors say (the
+    integration's side is checked against the same file in tests/integration/test_transport.py)."""
+    vectors = json.loads((Path(__file__).parents[1] / "pairing_vectors.json").read_text())
+    assert vectors["vectors"]
+    for vector in vectors["vectors"]:
+        given, expected = vector["input"], vector["output"]
+        salt, fingerprint, nonce = (
+            bytes.fromhex(given[name]) for name in ("salt", "fingerprint", "nonce")
+        )
+        verifier = pairing.code_verifier(normalize_code(given["code"]), salt)
+        key = pairing.session_key(verifier, fingerprint, nonce)
+        assert key.hex() == expected["key"], given
+        assert pairing.client_proof(key, fingerprint, nonce).hex() == expected["client_proof"]
+        proof = pairing.worker_proof(key, fingerprint, nonce, given["token"], given["node_id"])
+        assert proof.hex() == expected["worker_proof"]
 
 
 async def proof_body(
