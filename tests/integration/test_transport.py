@@ -7,6 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pairing_vectors
 import pytest
 from aiohttp import web
 from hearth_worker.tls import ensure_certificate
@@ -207,15 +208,10 @@ def test_address_policy(address: str, home: bool) -> None:
 def test_pairing_proof_matches_the_shared_vectors() -> None:
     """The integration's side of the pairing proof derives what the vectors say (the
     worker's side is checked against the same file in tests/worker/test_pairing.py)."""
-    vectors = json.loads((Path(__file__).parents[1] / "pairing_vectors.json").read_text())
-    assert vectors["vectors"]
-    for vector in vectors["vectors"]:
-        given, expected = vector["input"], vector["output"]
-        salt, fingerprint, nonce = (
-            bytes.fromhex(given[name]) for name in ("salt", "fingerprint", "nonce")
+    for v in pairing_vectors.load():
+        key = pairing.pairing_key(v.code, v.salt, v.fingerprint, v.nonce)
+        assert key == v.key, v
+        assert pairing.client_proof(key, v.fingerprint, v.nonce) == v.client_proof
+        assert pairing.worker_proof(key, v.fingerprint, v.nonce, v.token, v.node_id) == (
+            v.worker_proof
         )
-        key = pairing.pairing_key(given["code"], salt, fingerprint, nonce)
-        assert key.hex() == expected["key"], given
-        assert pairing.client_proof(key, fingerprint, nonce).hex() == expected["client_proof"]
-        proof = pairing.worker_proof(key, fingerprint, nonce, given["token"], given["node_id"])
-        assert proof.hex() == expected["worker_proof"]

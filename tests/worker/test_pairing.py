@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pairing_vectors
 from aiohttp import web
 from hearth_worker import pairing
 from hearth_worker.pairing import normalize_code, pair_remote
@@ -24,19 +25,13 @@ CODE = re.compile(r"Pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})")
 def test_pairing_proof_matches_the_shared_vectors() -> None:
     """The worker's side of the pairing proof derives what the vectors say (the
     integration's side is checked against the same file in tests/integration/test_transport.py)."""
-    vectors = json.loads((Path(__file__).parents[1] / "pairing_vectors.json").read_text())
-    assert vectors["vectors"]
-    for vector in vectors["vectors"]:
-        given, expected = vector["input"], vector["output"]
-        salt, fingerprint, nonce = (
-            bytes.fromhex(given[name]) for name in ("salt", "fingerprint", "nonce")
-        )
-        verifier = pairing.code_verifier(normalize_code(given["code"]), salt)
-        key = pairing.session_key(verifier, fingerprint, nonce)
-        assert key.hex() == expected["key"], given
-        assert pairing.client_proof(key, fingerprint, nonce).hex() == expected["client_proof"]
-        proof = pairing.worker_proof(key, fingerprint, nonce, given["token"], given["node_id"])
-        assert proof.hex() == expected["worker_proof"]
+    for v in pairing_vectors.load():
+        verifier = pairing.code_verifier(normalize_code(v.code), v.salt)
+        key = pairing.session_key(verifier, v.fingerprint, v.nonce)
+        assert key == v.key, v
+        assert pairing.client_proof(key, v.fingerprint, v.nonce) == v.client_proof
+        proof = pairing.worker_proof(key, v.fingerprint, v.nonce, v.token, v.node_id)
+        assert proof == v.worker_proof
 
 
 async def proof_body(
