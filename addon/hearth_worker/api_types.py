@@ -24,6 +24,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic's choice before Python 3.12
 
+from .pairing import MAX_NONCE_BYTES, MIN_NONCE_BYTES, SALT_BYTES
+
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 256
 # One tool's function definition, and all of a request's tools, as compact JSON.
@@ -360,8 +362,13 @@ class PairRequest(_Model):
 
     model_config = ConfigDict(json_schema_extra=_no_code)
 
-    salt: Annotated[str, Field(pattern="^[0-9a-fA-F]{32}$", description="From GET /v1/pair")]
-    client_nonce: Annotated[str, Field(pattern="^([0-9a-fA-F]{2}){16,64}$")]
+    salt: Annotated[
+        str,
+        Field(pattern=f"^[0-9a-fA-F]{{{2 * SALT_BYTES}}}$", description="From GET /v1/pair"),
+    ]
+    client_nonce: Annotated[
+        str, Field(pattern=f"^([0-9a-fA-F]{{2}}){{{MIN_NONCE_BYTES},{MAX_NONCE_BYTES}}}$")
+    ]
     proof: Annotated[str, Field(pattern="^[0-9a-fA-F]{64}$")]
     client_name: Annotated[
         str | None, Field(max_length=100, description="Shown when tokens are listed")

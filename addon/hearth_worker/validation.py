@@ -19,19 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from . import api_types as types
-from .api_types import (  # noqa: F401 - the limits, where the server and tests read them
-    MAX_EMBEDDING_INPUTS,
-    MAX_MODEL_NAME_CHARS,
-    MAX_SOURCE_CHARS,
-    MAX_STOP_SEQUENCES,
-    MAX_TOKENS_LIMIT,
-    MAX_TOOL_BYTES,
-    MAX_TOOLS_BYTES,
-    MODEL_NAME_PATTERN,
-    SEED_MAX,
-    SEED_MIN,
-    SOURCE_PATTERN,
-)
+from .api_types import MAX_EMBEDDING_INPUTS, MAX_TOOL_BYTES  # noqa: F401 - tests read them
 
 # Containers (objects and arrays) nested in any request body, the body itself included.
 MAX_JSON_DEPTH = 64
@@ -68,10 +56,6 @@ class ApiError(Exception):
                 "param": self.param,
             }
         }
-
-
-def invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
 
 
 @dataclass(frozen=True)
