@@ -8,7 +8,8 @@ languages, speaker and sample rate.
 Piper is GPL-3.0-or-later (it bundles espeak-ng); the worker is Apache-2.0. So the
 worker never imports it: each voice is spoken by a child process
 (``piper_child.py``, started with this Python, talking through its stdin and
-stdout only, no socket), loaded at the first request and kept warm.
+stdout only, no socket), started in the background when the worker starts (a
+voice added later: at its first request) and kept warm.
 
 A request's text is cut into sentences; each is synthesized, resampled to the rate
 asked for (numpy: a windowed-sinc low-pass when going down, then linear
@@ -258,7 +259,7 @@ async def stream_speech(
     src_rate: int,
     dst_rate: int,
     response_format: str,
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[bytes]:
     """The answer's bytes: (a WAV header, then) each sentence's PCM as soon as it is
     ready, the next sentence being synthesized while this one is sent."""
     if response_format == "wav":
@@ -464,6 +465,7 @@ class SpeechHost:
         self.models_dir = models_dir
         self.folders = list(folders)
         self._processes: dict[str, PiperProcess] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def voices(self) -> dict[str, Voice]:
@@ -474,15 +476,40 @@ class SpeechHost:
         return [voice.model_json() for voice in self.voices.values()]
 
     def process(self, voice: Voice) -> PiperProcess:
+        """The voice's process (not started yet when new)."""
         process = self._processes.get(voice.name)
         if process is None or process.voice != voice:
+            if process is not None:  # the folder changed: the old one ends when idle
+                self._retire(process)
             process = self._processes[voice.name] = PiperProcess(voice)
         return process
+
+    def prune(self, voices: dict[str, Voice]) -> None:
+        """End the processes of voices no longer in the models directory."""
+        for name in [name for name in self._processes if name not in voices]:
+            self._retire(self._processes.pop(name))
+
+    def _retire(self, process: PiperProcess) -> None:
+        task = asyncio.get_running_loop().create_task(process.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def warm_up(self) -> None:
+        """Start every voice's process (at the worker's start: the first answer is fast)."""
+        loop = asyncio.get_running_loop()
+        voices = await loop.run_in_executor(None, lambda: self.voices)
+        for voice in voices.values():
+            try:
+                await self.process(voice).start()
+            except SpeechError as err:
+                _LOGGER.warning("%s", err)
 
     async def close(self) -> None:
         for process in list(self._processes.values()):
             await process.close()
         self._processes.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/speech``."""
@@ -495,6 +522,7 @@ class SpeechHost:
         req = parse_speech_request(data)
         loop = asyncio.get_running_loop()
         voices = await loop.run_in_executor(None, lambda: self.voices)
+        self.prune(voices)
         voice = voices.get(req.model)
         if voice is None:
             raise ApiError(
@@ -563,13 +591,18 @@ SPEECH_HOST = web.AppKey("hearth_speech", SpeechHost)
 
 def install(app: web.Application, models_dir: Path | None) -> SpeechHost:
     """Serve ``POST /v1/audio/speech`` in ``app`` (behind its auth middleware), with
-    the voices in ``models_dir``; their processes end with the app."""
+    the voices in ``models_dir``: their processes start with the app (in the
+    background) and end with it."""
     host = SpeechHost(models_dir)
     app[SPEECH_HOST] = host
     app.router.add_post("/v1/audio/speech", host.handle)
 
     async def _close(app: web.Application) -> AsyncIterator[None]:
+        warming = asyncio.get_running_loop().create_task(host.warm_up())
         yield
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
         with contextlib.suppress(Exception):
             await host.close()
 

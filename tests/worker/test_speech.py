@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -275,6 +276,47 @@ async def test_the_voice_process_comes_back_after_it_dies(piper: speech.PiperPro
     await process.wait()
     assert len(await piper.synthesize(COMMAND)) > piper.sample_rate  # over 0.5 s of audio
     assert piper._process is not None and piper._process.pid != process.pid
+
+
+async def test_voices_are_warm_at_start_and_end_with_the_worker(
+    speech_worker: WorkerProcess,
+) -> None:
+    """The worker starts its voices' processes itself, before any request."""
+    fresh = start_worker(
+        [],
+        speech_worker.state_dir.parent.parent / "warm-start",
+        extra=["--models-dir", str(speech_worker.state_dir.parent / "models")],
+    )
+    try:
+        for _ in range(1200):  # the voice loads in a few seconds; 60 s on a loaded machine
+            ready = re.search(
+                r"Voice en_US-joe-medium ready .*\(Piper process (\d+)\)", fresh.log()
+            )
+            if ready:
+                break
+            await asyncio.sleep(0.05)
+        assert ready, fresh.log()
+    finally:
+        assert await fresh.astop() == 0, fresh.log()
+    child = Path(f"/proc/{ready.group(1)}")
+    for _ in range(200):  # the worker waits for its child as it stops
+        if not child.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not child.exists()
+
+
+async def test_a_voice_removed_from_the_folder_ends_its_process(piper_voice: Path) -> None:
+    host = speech.SpeechHost(None, [piper_voice])
+    voice = host.voices["en_US-joe-medium"]
+    process = host.process(voice)
+    await process.start()
+    child = process._process
+    assert child is not None and child.returncode is None
+    host.prune({})  # the folder is gone: its process ends without waiting for close()
+    await asyncio.wait_for(child.wait(), 30)
+    assert host._processes == {}
+    await host.close()
 
 
 def test_the_worker_never_imports_piper() -> None:
