@@ -614,3 +614,29 @@ def models_json(app: web.Application) -> list[dict[str, Any]]:
     """The voices as /v1/models lists them (none when speech is not installed)."""
     host = app.get(SPEECH_HOST)
     return host.models_json() if host is not None else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hearth_worker.speech VOICE.onnx MODELS_DIR/NAME``: import a Piper voice."""
+    import argparse  # noqa: PLC0415 - only for this command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hearth_worker.speech",
+        description="Put a Piper voice (.onnx with its .onnx.json) into a model folder and "
+        "write its hearth-model.json; a folder in the worker's --models-dir is served.",
+    )
+    parser.add_argument("voice", type=Path, help="the voice's .onnx, or a folder with one")
+    parser.add_argument("out", type=Path, help="the model folder to make")
+    parser.add_argument("--name", help="the model id (default: the file's name)")
+    args = parser.parse_args(argv)
+    try:
+        out = import_piper_voice(args.voice, args.out, args.name)
+    except (OSError, ValueError, KeyError) as err:
+        parser.error(str(err))
+    voice = read_voice(out)
+    assert voice is not None
+    print(f"{voice.name}: {voice.speaker}, {voice.languages}, {voice.sample_rate} Hz -> {out}")
+
+
+if __name__ == "__main__":
+    main()

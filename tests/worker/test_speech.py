@@ -347,6 +347,27 @@ def test_import_writes_a_voice_manifest(piper_voice: Path, tmp_path: Path) -> No
     assert speech.read_voice(tmp_path) is None  # not a voice folder
 
 
+def test_import_command(piper_voice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "joe"
+    done = subprocess.run(
+        [sys.executable, "-m", "hearth_worker.speech", str(piper_voice), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "en_US-joe-medium: joe, ['en_US'], 22050 Hz" in done.stdout
+    assert speech.scan_voices(tmp_path / "models").keys() == {"en_US-joe-medium"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "hearth_worker.speech", str(tmp_path / "nothing.onnx"), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "is a .onnx file with its .onnx.json" in bad.stderr
+
+
 def test_sentences() -> None:
     assert speech.split_sentences(ANSWER) == [
         "The kitchen light is on.",
