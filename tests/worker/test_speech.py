@@ -53,7 +53,15 @@ def speech_worker(
     models = workdir / "models"
     models.mkdir()
     (models / piper_voice.name).symlink_to(piper_voice, target_is_directory=True)
-    worker = start_worker([], workdir, extra=["--models-dir", str(models)])
+    home, scratch = workdir / "home", workdir / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    worker = start_worker(
+        [],
+        workdir,
+        extra=["--models-dir", str(models)],
+        env={"HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache")},
+    )
     yield worker
     assert worker.stop() == 0, worker.log()
 
@@ -212,6 +220,8 @@ async def test_the_worker_keeps_no_text_or_audio(
     assert after == before
     assert sorted(p.name for p in model_fixtures.piper_voice().iterdir()) == voice_files
     assert "Beatrix" not in speech_worker.log() and "garden" not in speech_worker.log()
+    workdir = speech_worker.state_dir.parent
+    assert list((workdir / "home").rglob("*")) == [] and list((workdir / "tmp").rglob("*")) == []
 
 
 # -- hearth_worker.speech itself -----------------------------------------------------------
