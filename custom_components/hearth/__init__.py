@@ -31,6 +31,7 @@ from .coordinator import (
     auth_issue_id,
     unreachable_issue_id,
 )
+from .preference_tools import async_register_household_api
 from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
 from .worker_api import HearthAuthError, HearthCertificateError, HearthError
@@ -75,6 +76,7 @@ async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Create the household cluster and register the actions."""
     await Cluster.async_create(hass)
     hass.data[DATA_PREFERENCES] = await Preferences.async_create(hass)
+    async_register_household_api(hass)
     async_setup_services(hass)
     return True
 

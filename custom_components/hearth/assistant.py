@@ -28,11 +28,12 @@ from .const import (
     DEFAULT_MAX_TOKENS,
     DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
+    HOUSEHOLD_API_ID,
     LOGGER,
     MAX_REMEMBERED_CONVERSATIONS,
     MAX_TOOL_ITERATIONS,
 )
-from .preference_tools import async_prepare_chat_log
+from .preference_tools import agent_turn, async_member_tools
 from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 from .worker_api import ChatDelta
 
@@ -402,23 +403,32 @@ async def async_provide_llm_data(
     user_input: conversation.ConversationInput,
     settings: dict[str, Any],
 ) -> None:
-    """Set the system prompt and LLM API on the chat log, on old and new Home Assistant."""
+    """Let Home Assistant set the chat log's system prompt and LLM API, on old and new versions.
+
+    The API is the household's configured APIs, plus the speaking member's preference
+    tools when Home Assistant knows who speaks (preference_tools.HouseholdAPI); their
+    preferences go after the household's prompt and tools (request_messages).
+    """
     apis: list[str] = list(settings.get(CONF_LLM_HASS_API) or [])
     prompt: str | None = settings.get(CONF_PROMPT)
-    if hasattr(chat_log, "async_provide_llm_data"):  # Home Assistant 2025.7 and later
-        await chat_log.async_provide_llm_data(
-            cast(Any, user_input).as_llm_context(DOMAIN),
-            apis or None,
-            prompt,
-            user_input.extra_system_prompt,
-        )
-    else:
-        if len(apis) > 1:
-            LOGGER.warning("This Home Assistant uses one LLM API at a time; using %s", apis[0])
-        await chat_log.async_update_llm_data(DOMAIN, user_input, apis[0] if apis else None, prompt)
-    # The speaking member's preference tools; their preferences go after the
-    # household's prompt and tools (request_messages).
-    section = await async_prepare_chat_log(chat_log, user_input)
+    new_api = hasattr(chat_log, "async_provide_llm_data")  # Home Assistant 2025.7 and later
+    if len(apis) > 1 and not new_api:
+        LOGGER.warning("This Home Assistant uses one LLM API at a time; using %s", apis[0])
+        apis = apis[:1]
+    tools, section = await async_member_tools(chat_log, user_input)
+    api: list[str] | None = [HOUSEHOLD_API_ID] if tools else apis or None
+    with agent_turn(apis, tools):
+        if hasattr(chat_log, "async_provide_llm_data"):  # (as new_api, for the type check)
+            await chat_log.async_provide_llm_data(
+                cast(Any, user_input).as_llm_context(DOMAIN),
+                api,
+                prompt,
+                user_input.extra_system_prompt,
+            )
+        else:
+            await chat_log.async_update_llm_data(
+                DOMAIN, user_input, api[0] if api else None, prompt
+            )
     turn = sum(isinstance(c, conversation.UserContent) for c in chat_log.content)
     _prompt_layout(chat_log.hass).set_section(chat_log.conversation_id, turn, section)
 

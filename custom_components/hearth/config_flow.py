@@ -50,6 +50,7 @@ from .const import (
     CONF_TOKEN_ID,
     DEFAULT_PORT,
     DOMAIN,
+    HOUSEHOLD_API_ID,
     LOGGER,
 )
 from .coordinator import CONF_ADDON, addon_url
@@ -511,7 +512,7 @@ def filter_invalid_llm_apis(hass: HomeAssistant, selected: Iterable[str] | None)
     ollama config flow: an API whose integration was removed is neither shown nor kept)."""
     if isinstance(selected, str):  # one id, as older settings may hold it
         selected = [selected]
-    valid = {api.id for api in llm.async_get_apis(hass)}
+    valid = {api.id for api in llm.async_get_apis(hass) if api.id != HOUSEHOLD_API_ID}
     return [api for api in selected or () if api in valid]
 
 
@@ -599,6 +600,7 @@ class HearthOptionsFlow(OptionsFlow):
         apis = [
             sel.SelectOptionDict(value=api.id, label=api.name)
             for api in llm.async_get_apis(self.hass)
+            if api.id != HOUSEHOLD_API_ID  # Hearth's agent's own (its tools and these)
         ]
         served = [
             model for worker in cluster.workers.values() for model in worker.coordinator.info.models

@@ -71,5 +71,7 @@ STORAGE_VERSION: Final = 1
 CONVERSATION_UNIQUE_ID: Final = "household_conversation"
 AI_TASK_UNIQUE_ID: Final = "household_ai_task"
 HOUSEHOLD_DEVICE_ID: Final = "household"
+# The LLM API of Hearth's agent (preference_tools.HouseholdAPI); not offered as a choice.
+HOUSEHOLD_API_ID: Final = f"{DOMAIN}_household"
 
 SERVICE_ASK: Final = "ask"

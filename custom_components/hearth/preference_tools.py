@@ -1,24 +1,29 @@
-"""Hearth's preference tools for the LLM: remember, forget and list a member's preferences.
+"""Hearth's preference tools for the LLM (remember, forget, list) and its household LLM API.
 
-Hearth's agent appends `remember_preference`, `forget_preference` and
-`list_preferences` to the chat log's LLM API. Remembering and forgetting take two
-calls in two turns: the first only records a proposal and returns the question to
-ask; a call with `confirmed=true` in a *later* turn of the same conversation carries
-out the proposal the user heard (not whatever arguments a small model repeats).
+`HouseholdAPI`, a registered `llm.API`, gives Hearth's agent the household's LLM
+APIs plus the speaking member's `remember_preference`, `forget_preference` and
+`list_preferences`; Home Assistant sets it on the chat log. Remembering and
+forgetting take two calls in two turns: the first only records a proposal and
+returns the question to ask; a call with `confirmed=true` in a *later* turn of the
+same conversation carries out the proposal the user heard (not whatever arguments
+a small model repeats).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-from typing import Any, Final
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, Self
 
 import voluptuous as vol
 from homeassistant.components import conversation
-from homeassistant.core import HomeAssistant
+from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers import llm
 from homeassistant.util.json import JsonObjectType
 
-from .const import DOMAIN
+from .const import DOMAIN, HOUSEHOLD_API_ID
 from .preference_store import CATEGORIES, PreferencesCorruptError
 from .preferences import (
     DATA_PREFERENCES,
@@ -58,6 +63,11 @@ class _PreferenceTool(llm.Tool):
     def __init__(self, prefs: Preferences, turn: Turn) -> None:
         self.prefs = prefs
         self.turn = turn
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        """Itself: a conversation's trace copies the tools it lists, and this one holds the
+        preferences (and so Home Assistant), which cannot be copied."""
+        return self
 
     def _ask_first(self, pending: Pending, question: str, nothing_yet: str) -> JsonObjectType:
         """Record the proposal (valid PENDING_TTL) and tell the model to ask the user."""
@@ -194,56 +204,78 @@ class ListTool(_PreferenceTool):
         }
 
 
-class _PreferencesAPI(llm.API):
-    """Holds Hearth's own tools when no Home Assistant LLM API is selected."""
+@dataclass(frozen=True, slots=True)
+class _AgentTurn:
+    """What the household API gives Hearth's agent in this turn."""
+
+    api_ids: list[str]  # the household's configured LLM APIs
+    tools: list[llm.Tool]  # the speaking member's preference tools
+
+
+_AGENT_TURN: ContextVar[_AgentTurn | None] = ContextVar(f"{DOMAIN}_agent_turn", default=None)
+
+
+class HouseholdAPI(llm.API):
+    """Hearth's agent's tools: the household's LLM APIs and the member's preference tools.
+
+    Registered with Home Assistant (`llm.async_register_api`), so that the chat log
+    gets its API, tools and prompt from Home Assistant itself (`async_provide_llm_data`)
+    with the tools under their own names (Home Assistant's merging of several APIs
+    renames them). Only a request of Hearth's agent fills it (`agent_turn`); for
+    anyone else it is empty. The API prompt is the household APIs' own.
+    """
 
     async def async_get_api_instance(self, llm_context: llm.LLMContext) -> llm.APIInstance:
-        return llm.APIInstance(api=self, api_prompt="", llm_context=llm_context, tools=[])
+        turn = _AGENT_TURN.get()
+        inner: llm.APIInstance | None = None
+        if turn is not None and turn.api_ids:
+            ids: Any = turn.api_ids[0] if len(turn.api_ids) == 1 else turn.api_ids
+            inner = await llm.async_get_api(self.hass, ids, llm_context)
+        return llm.APIInstance(
+            api=self,
+            api_prompt=inner.api_prompt if inner else "",
+            llm_context=llm_context,
+            tools=[*(inner.tools if inner else []), *(turn.tools if turn else [])],
+            custom_serializer=inner.custom_serializer if inner else None,
+        )
 
 
-def _llm_context(user_input: conversation.ConversationInput) -> llm.LLMContext:
-    """An LLMContext on old and new Home Assistant (its fields changed)."""
-    values: dict[str, Any] = {
-        "platform": DOMAIN,
-        "context": user_input.context,
-        "user_prompt": user_input.text,
-        "language": user_input.language,
-        "assistant": conversation.DOMAIN,
-        "device_id": user_input.device_id,
-    }
-    names = {f.name for f in fields(llm.LLMContext)}
-    return llm.LLMContext(**{k: v for k, v in values.items() if k in names})
+@callback
+def async_register_household_api(hass: HomeAssistant) -> None:
+    """Offer the household API to Hearth's agent (once, when the integration sets up)."""
+    llm.async_register_api(hass, HouseholdAPI(hass=hass, id=HOUSEHOLD_API_ID, name="Hearth"))
 
 
-async def async_prepare_chat_log(
+@contextmanager
+def agent_turn(api_ids: list[str], tools: list[llm.Tool]) -> Iterator[None]:
+    """While the chat log gets its LLM data: what the household API gives this turn."""
+    token = _AGENT_TURN.set(_AgentTurn(api_ids, tools))
+    try:
+        yield
+    finally:
+        _AGENT_TURN.reset(token)
+
+
+async def async_member_tools(
     chat_log: conversation.ChatLog, user_input: conversation.ConversationInput
-) -> str | None:
-    """Add the preference tools for the speaking member; return their prompt section.
+) -> tuple[list[llm.Tool], str | None]:
+    """The speaking member's preference tools and their preferences' prompt section.
 
-    Called after the chat log got its prompt and LLM API for this turn. The
-    section (None if there is none) is not written into the household's system
-    prompt: the request puts it after that prompt and its tools, which are the
-    same for every member (assistant.PromptLayout). Nothing happens, and None is
-    returned, when Home Assistant does not know who is speaking.
+    The section (None if there is none) is not written into the household's system
+    prompt: the request puts it after that prompt and its tools, which are the same
+    for every member (assistant.PromptLayout). No tools and no section when Home
+    Assistant does not know who is speaking.
     """
     hass = chat_log.hass
     prefs = hass.data.get(DATA_PREFERENCES)
     context = user_input.context
     member = await async_member_for_user(hass, context.user_id if context else None)
     if prefs is None or member is None:
-        return None
+        return [], None
     section = await prefs.async_prompt(member, user_input.text)
     turn = Turn(
         chat_log.conversation_id,
         sum(isinstance(c, conversation.UserContent) for c in chat_log.content),
         member,
     )
-    tools = preference_tools(prefs, turn)
-    if chat_log.llm_api is None:
-        api = _PreferencesAPI(hass=hass, id=f"{DOMAIN}_preferences", name="Hearth preferences")
-        chat_log.llm_api = llm.APIInstance(
-            api=api, api_prompt="", llm_context=_llm_context(user_input), tools=tools
-        )
-    else:
-        chat_log.llm_api = replace(chat_log.llm_api, tools=[*chat_log.llm_api.tools, *tools])
-    return section
+    return preference_tools(prefs, turn), section
