@@ -270,7 +270,7 @@ async def stream_speech(
     pending: asyncio.Future[bytes] = asyncio.ensure_future(synthesize(sentences[0]))
     try:
         for index in range(len(sentences)):
-            pcm = await pending
+            pcm = await asyncio.shield(pending)  # a listener gone: the child ends it
             if index + 1 < len(sentences):
                 pending = asyncio.ensure_future(synthesize(sentences[index + 1]))
             yield await loop.run_in_executor(None, resample, pcm, src_rate, dst_rate)

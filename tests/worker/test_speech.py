@@ -172,6 +172,27 @@ async def test_other_formats_are_a_400_naming_the_parameter(
         assert (await resp.json())["error"]["param"] == "model"
 
 
+async def test_a_listener_going_away_leaves_the_voice_warm(
+    speech_worker: WorkerProcess, voice_id: str, http: aiohttp.ClientSession
+) -> None:
+    """Hanging up mid-answer: the sentence under way ends in Piper, whose process stays."""
+    body = {"model": voice_id, "input": " ".join([ANSWER] * 5), "response_format": "pcm"}
+    async with http.post(
+        speech_worker.url + "/v1/audio/speech", json=body, headers=speech_worker.headers
+    ) as resp:
+        assert resp.status == 200
+        assert await resp.content.readany()
+        resp.close()  # hang up after the first audio
+    async with http.post(
+        speech_worker.url + "/v1/audio/speech",
+        json={**body, "input": COMMAND},
+        headers=speech_worker.headers,
+    ) as resp:
+        assert resp.status == 200
+        _plausible_speech(np.frombuffer(await resp.read(), dtype="<i2"), 22050, words=5)
+    assert speech_worker.log().count("Voice en_US-joe-medium ready") == 1, speech_worker.log()
+
+
 async def test_no_token_is_a_401(
     speech_worker: WorkerProcess, voice_id: str, http: aiohttp.ClientSession
 ) -> None:
