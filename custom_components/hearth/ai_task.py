@@ -15,9 +15,8 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
 from .assistant import parse_json_object
-from .cluster import Cluster
 from .const import AI_TASK_UNIQUE_ID, DOMAIN
-from .entity import HearthBaseLLMEntity
+from .entity import HearthBaseLLMEntity, async_add_household_entity
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -31,10 +30,7 @@ async def async_setup_entry(
     async_add_entities: AddEntitiesCallback,
 ) -> None:
     """The household's primary entry holds the entity; another takes it over later."""
-    cluster = Cluster.get(hass)
-    cluster.add_household_entities(
-        entry.entry_id, lambda: async_add_entities([HearthTaskEntity(cluster)])
-    )
+    async_add_household_entity(hass, entry, async_add_entities, HearthTaskEntity)
 
 
 class HearthTaskEntity(ai_task.AITaskEntity, HearthBaseLLMEntity):

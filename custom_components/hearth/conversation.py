@@ -12,9 +12,9 @@ from homeassistant.helpers import intent
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
 from .assistant import async_error_text, async_provide_llm_data
-from .cluster import Cluster, MessageTooLongError
+from .cluster import MessageTooLongError
 from .const import CONF_LLM_HASS_API, CONVERSATION_UNIQUE_ID, LOGGER
-from .entity import HearthBaseLLMEntity
+from .entity import HearthBaseLLMEntity, async_add_household_entity
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -28,10 +28,7 @@ async def async_setup_entry(
     async_add_entities: AddEntitiesCallback,
 ) -> None:
     """The household's primary entry holds the agent; another takes it over later."""
-    cluster = Cluster.get(hass)
-    cluster.add_household_entities(
-        entry.entry_id, lambda: async_add_entities([HearthConversationEntity(cluster)])
-    )
+    async_add_household_entity(hass, entry, async_add_entities, HearthConversationEntity)
 
 
 class HearthConversationEntity(conversation.ConversationEntity, HearthBaseLLMEntity):

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import voluptuous as vol
 from homeassistant.components import conversation
+from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.entity import Entity
+from homeassistant.helpers.entity_platform import AddEntitiesCallback
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
 from .assistant import async_run_chat_log, json_schema
 from .cluster import Cluster
 from .const import DOMAIN, HOUSEHOLD_DEVICE_ID
 from .coordinator import HearthCoordinator
+
+if TYPE_CHECKING:
+    from . import HearthConfigEntry
 
 HOUSEHOLD_DEVICE = DeviceInfo(
     identifiers={(DOMAIN, HOUSEHOLD_DEVICE_ID)},
@@ -43,6 +49,20 @@ class HearthWorkerEntity(CoordinatorEntity[HearthCoordinator]):
             sw_version=info.version,
             configuration_url=coordinator.configuration_url,
         )
+
+
+@callback
+def async_add_household_entity(
+    hass: HomeAssistant,
+    entry: HearthConfigEntry,
+    async_add_entities: AddEntitiesCallback,
+    entity_class: Callable[[Cluster], HearthBaseLLMEntity],
+) -> None:
+    """The household's primary entry holds the entity; another takes it over later."""
+    cluster = Cluster.get(hass)
+    cluster.add_household_entities(
+        entry.entry_id, lambda: async_add_entities([entity_class(cluster)])
+    )
 
 
 class HearthBaseLLMEntity(Entity):

@@ -82,10 +82,40 @@ class _PreferenceTool(llm.Tool):
         }
 
 
-class RememberTool(_PreferenceTool):
+class _AskFirstTool(_PreferenceTool):
+    """A change in two calls: propose (and ask), then carry out after the user's yes."""
+
+    kind: str  # the proposal's kind: "remember" or "forget"
+
+    async def async_call(
+        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
+    ) -> JsonObjectType:
+        args = tool_input.tool_args
+        category = normalize_category(args["category"]) if args.get("category") else ""
+        value = clean_value(args.get("value"))
+        if _truthy(args.get("confirmed")) and (
+            pending := self.prefs.take_confirmed(self.turn, self.kind, category, value)
+        ):
+            try:
+                return await self._async_carry_out(pending)
+            except PreferencesCorruptError:
+                return dict(_UNAVAILABLE)
+        return self._propose(category, value)
+
+    async def _async_carry_out(self, pending: Pending) -> JsonObjectType:
+        """Do what the user said yes to."""
+        raise NotImplementedError
+
+    def _propose(self, category: str, value: str) -> JsonObjectType:
+        """Record a proposal and return the question to ask (or why there is none)."""
+        raise NotImplementedError
+
+
+class RememberTool(_AskFirstTool):
     """remember_preference: propose, then store after the user's yes."""
 
     name = TOOL_REMEMBER
+    kind = "remember"
     description = (
         "Remember a lasting preference of the person you are talking to (units, diet, "
         "recipe sites, sources to cite or avoid, language, tone, or other). The first call "
@@ -100,25 +130,16 @@ class RememberTool(_PreferenceTool):
         }
     )
 
-    async def async_call(
-        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
-    ) -> JsonObjectType:
-        args = tool_input.tool_args
-        category = normalize_category(args["category"]) if args.get("category") else ""
-        value = clean_value(args.get("value"))
-        if _truthy(args.get("confirmed")) and (
-            pending := self.prefs.take_confirmed(self.turn, "remember", category, value)
-        ):
-            try:
-                item = await self.prefs.async_set(self.turn.member, pending.category, pending.value)
-            except PreferencesCorruptError:
-                return dict(_UNAVAILABLE)
-            return {
-                "status": "stored",
-                "category": item["category"],
-                "value": item["value"],
-                "say": "Tell the user it is remembered.",
-            }
+    async def _async_carry_out(self, pending: Pending) -> JsonObjectType:
+        item = await self.prefs.async_set(self.turn.member, pending.category, pending.value)
+        return {
+            "status": "stored",
+            "category": item["category"],
+            "value": item["value"],
+            "say": "Tell the user it is remembered.",
+        }
+
+    def _propose(self, category: str, value: str) -> JsonObjectType:
         if not value:
             return {"error": "value_missing", "message": "Say what to remember in 'value'."}
         if self.prefs.corrupt is not None:
@@ -131,10 +152,11 @@ class RememberTool(_PreferenceTool):
         )
 
 
-class ForgetTool(_PreferenceTool):
+class ForgetTool(_AskFirstTool):
     """forget_preference: propose which ones, then forget after the user's yes."""
 
     name = TOOL_FORGET
+    kind = "forget"
     description = (
         "Forget preferences of the person you are talking to, chosen by category and/or a "
         "word of their text. The first call forgets nothing: it returns a question; ask the "
@@ -149,24 +171,15 @@ class ForgetTool(_PreferenceTool):
         }
     )
 
-    async def async_call(
-        self, hass: HomeAssistant, tool_input: llm.ToolInput, llm_context: llm.LLMContext
-    ) -> JsonObjectType:
-        args = tool_input.tool_args
-        category = normalize_category(args["category"]) if args.get("category") else ""
-        value = clean_value(args.get("value"))
-        if _truthy(args.get("confirmed")) and (
-            pending := self.prefs.take_confirmed(self.turn, "forget", category, value)
-        ):
-            try:
-                removed = await self.prefs.async_delete(self.turn.member.key, pending.item_ids)
-            except PreferencesCorruptError:
-                return dict(_UNAVAILABLE)
-            return {
-                "status": "forgotten",
-                "forgotten": [embedding_text(i) for i in removed],
-                "say": "Tell the user these are forgotten.",
-            }
+    async def _async_carry_out(self, pending: Pending) -> JsonObjectType:
+        removed = await self.prefs.async_delete(self.turn.member.key, pending.item_ids)
+        return {
+            "status": "forgotten",
+            "forgotten": [embedding_text(i) for i in removed],
+            "say": "Tell the user these are forgotten.",
+        }
+
+    def _propose(self, category: str, value: str) -> JsonObjectType:
         if self.prefs.corrupt is not None:
             return dict(_UNAVAILABLE)
         found = self.prefs.find(self.turn.member.key, category=category, value=value)
