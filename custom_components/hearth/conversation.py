@@ -56,7 +56,7 @@ class HearthConversationEntity(conversation.ConversationEntity, HearthBaseLLMEnt
         message = user_input.text
         if len(message) > (limit := self.cluster.prompt_char_limit()):
             # Longer than any household model could read: refused before anything
-            # (sentence matching, preference relevance, a worker) spends time on it.
+            # (preference relevance, a worker) spends time on it.
             return await self._async_error(
                 user_input, chat_log, MessageTooLongError(len(message), limit)
             )
