@@ -238,12 +238,12 @@ class PromptLayout:
         conv = self._get(conversation_id)
         known = conv.notes.get(turn)
         if known is None or known[0] != text:
-            shared = "\n".join(p for p in (prompt.extra, conv.sections.pop(turn, None)) if p)
+            shared = system_prompt(prompt.extra, conv.sections.pop(turn, None))
             parts = [prompt.live]
             if shared and shared != conv.shared:
                 parts.insert(0, shared)
             conv.shared = shared or None
-            conv.notes[turn] = (text, "\n".join(p for p in parts if p))
+            conv.notes[turn] = (text, system_prompt(*parts))
         return conv.notes
 
 
@@ -255,6 +255,13 @@ def _prompt_layout(hass: HomeAssistant) -> PromptLayout:
     if (layout := hass.data.get(DATA_PROMPT_LAYOUT)) is None:
         layout = hass.data[DATA_PROMPT_LAYOUT] = PromptLayout()
     return layout
+
+
+def system_prompt(*parts: str | None) -> str:
+    """A system message from its parts, in order, empty ones left out: the one place a
+    system prompt is extended (Hearth's line after the household's prompt, an AI task's
+    instructions; hearth.ask's instructions and the person's preferences)."""
+    return "\n".join(part for part in parts if part)
 
 
 def request_messages(
@@ -279,19 +286,19 @@ def request_messages(
         # model answers "what time is it" without a tool call and its second
         # generation, and the note's place at the end costs no cached prefix.
         now = template.Template(_DATE_TIME_TEMPLATE, hass).async_render(parse_result=False)
-        prompt = replace(prompt, live="\n".join(p for p in (prompt.live, now.strip()) if p))
-    household = [prompt.household]
-    if device_tools:
-        household.append(DEVICES_ONLY_THROUGH_TOOLS_PROMPT)
-    if extra_instructions:
-        household.append(extra_instructions)
+        prompt = replace(prompt, live=system_prompt(prompt.live, now.strip()))
     users = [c for c in contents if isinstance(c, conversation.UserContent)]
     notes: dict[int, tuple[str, str]] = {}
     if users:
         notes = _prompt_layout(hass).notes(
             chat_log.conversation_id, len(users), users[-1].content, prompt
         )
-    messages = [{"role": "system", "content": "\n".join(p for p in household if p)}]
+    household = system_prompt(
+        prompt.household,
+        DEVICES_ONLY_THROUGH_TOOLS_PROMPT if device_tools else None,
+        extra_instructions,
+    )
+    messages = [{"role": "system", "content": household}]
     turn = 0
     for content in contents[1:]:
         if isinstance(content, conversation.UserContent):

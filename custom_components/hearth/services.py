@@ -22,6 +22,7 @@ from .assistant import (
     answer_max_tokens,
     async_error_text,
     request_body,
+    system_prompt,
 )
 from .cluster import Cluster, MessageTooLongError
 from .const import DOMAIN, SERVICE_ASK
@@ -73,14 +74,14 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if len(prompt) > (limit := cluster.prompt_char_limit()):
             raise MessageTooLongError(len(prompt), limit)
         messages: list[dict[str, Any]] = []
-        system = [call.data.get(ATTR_INSTRUCTIONS) or ""]
+        preferences: str | None = None
         if person := call.data.get(ATTR_PERSON):  # that person's preferences, as in Assist
             member = member_for_person(hass, person)
             # As the preference actions: a user who is not an administrator may
             # only bring their own preferences into an answer.
             await _async_check_allowed(hass, call, member)
-            system.append(await hass.data[DATA_PREFERENCES].async_prompt(member, prompt) or "")
-        if instructions := "\n".join(part for part in system if part):
+            preferences = await hass.data[DATA_PREFERENCES].async_prompt(member, prompt)
+        if instructions := system_prompt(call.data.get(ATTR_INSTRUCTIONS), preferences):
             messages.append({"role": "system", "content": instructions})
         messages.append({"role": "user", "content": prompt})
         max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or answer_max_tokens(cluster.settings)
