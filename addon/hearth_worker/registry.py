@@ -8,6 +8,9 @@ Two sources of model folders:
   warning; hidden folders (``.partial``, where pulls download) are ignored.
 * ``serve --model FOLDER``: extra folders, served as given and never removed.
 
+Piper voices (``hearth-model.json`` of kind ``tts``) are not this registry's:
+``speech.py`` serves them, from both sources; the registry passes them by quietly.
+
 The HTTP app (``server.py``) asks the registry for a model per request and holds
 it while the request runs (``use``): a model being removed is gone for new
 requests at once, and unloaded only when the requests running on it have ended.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from . import speech
 from .capacity import RateTracker
 from .chat_engine import ChatModel, Sampling
 from .embedding_engine import EmbeddingModel
@@ -149,13 +153,17 @@ class ModelRegistry:
         """
         fixed = {path.resolve() for path in self.fixed_dirs}
         for model_dir in self.fixed_dirs:
+            if speech.is_voice_folder(model_dir):
+                if speech.read_voice(model_dir) is None:
+                    raise ManifestError(f"{model_dir}: not a usable Piper voice (see above)")
+                continue  # a voice: speech.py serves it
             manifest = load_manifest(model_dir)
             if manifest.name in self._served:
                 raise DuplicateModel(f"Two models are named {manifest.name!r}")
             self._publish(manifest, self._load(manifest), removable=False)
         for model_dir in self.scan():
-            if model_dir.resolve() in fixed:
-                continue
+            if model_dir.resolve() in fixed or speech.is_voice_folder(model_dir):
+                continue  # a voice (speech.py serves it, or warns when it is broken)
             try:
                 manifest = load_manifest(model_dir)
             except ManifestError as err:

@@ -177,7 +177,8 @@ class Worker:
             ]
         )
         app.cleanup_ctx.append(self._pull_jobs)
-        speech.install(app, self.models.registry.models_dir)  # POST /v1/audio/speech
+        registry = self.models.registry  # POST /v1/audio/speech, voices from both sources
+        speech.install(app, registry.models_dir, registry.fixed_dirs)
         return app
 
     async def _pull_jobs(self, app: web.Application) -> AsyncIterator[None]:

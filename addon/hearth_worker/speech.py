@@ -1,9 +1,9 @@
 """Text to speech on the worker: ``POST /v1/audio/speech`` with Piper voices.
 
-A Piper voice is a folder in the models directory (``--models-dir``) holding the
-voice's ``*.onnx`` and ``*.onnx.json`` and a ``hearth-model.json`` of kind ``tts``
-(``import_piper_voice`` writes it). ``/v1/models`` lists each voice with its
-languages, speaker and sample rate.
+A Piper voice is a folder in the models directory (``--models-dir``), or given
+with ``--model``, holding the voice's ``*.onnx`` and ``*.onnx.json`` and a
+``hearth-model.json`` of kind ``tts`` (``import_piper_voice`` writes it).
+``/v1/models`` lists each voice with its languages, speaker and sample rate.
 
 Piper is GPL-3.0-or-later (it bundles espeak-ng); the worker is Apache-2.0. So the
 worker never imports it: each voice is spoken by a child process
@@ -163,6 +163,16 @@ def import_piper_voice(source: Path, out_dir: Path, name: str | None = None) -> 
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def is_voice_folder(folder: Path) -> bool:
+    """Whether ``folder``'s ``hearth-model.json`` says it holds a Piper voice (kind
+    ``tts``), usable or not; the chat and embedding models' registry passes these by."""
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == KIND
 
 
 def read_voice(folder: Path) -> Voice | None:
@@ -589,11 +599,16 @@ class SpeechHost:
 SPEECH_HOST = web.AppKey("hearth_speech", SpeechHost)
 
 
-def install(app: web.Application, models_dir: Path | None) -> SpeechHost:
+def install(
+    app: web.Application,
+    models_dir: Path | None,
+    folders: list[Path] = [],  # noqa: B006
+) -> SpeechHost:
     """Serve ``POST /v1/audio/speech`` in ``app`` (behind its auth middleware), with
-    the voices in ``models_dir``: their processes start with the app (in the
+    the voices in ``models_dir`` and those among ``folders`` (``--model``; other
+    folders are the registry's): their processes start with the app (in the
     background) and end with it."""
-    host = SpeechHost(models_dir)
+    host = SpeechHost(models_dir, folders)
     app[SPEECH_HOST] = host
     app.router.add_post("/v1/audio/speech", host.handle)
 
@@ -623,7 +638,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m hearth_worker.speech",
         description="Put a Piper voice (.onnx with its .onnx.json) into a model folder and "
-        "write its hearth-model.json; a folder in the worker's --models-dir is served.",
+        "write its hearth-model.json; a folder in the worker's --models-dir (or given with "
+        "--model) is served.",
     )
     parser.add_argument("voice", type=Path, help="the voice's .onnx, or a folder with one")
     parser.add_argument("out", type=Path, help="the model folder to make")

@@ -337,6 +337,35 @@ async def test_voices_are_warm_at_start_and_end_with_the_worker(
     assert not child.exists()
 
 
+async def test_a_voice_given_with_model_is_served(
+    piper_voice: Path, voice_id: str, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The add-on passes every folder of /share/hearth/models with --model: a voice
+    among them is served as a voice (it used to stop the worker from starting)."""
+    worker = start_worker([piper_voice], tmp_path / "fixed-voice")
+    try:
+        async with http.get(worker.url + "/v1/models", headers=worker.headers) as resp:
+            assert resp.status == 200
+            listed = {m["id"]: m for m in (await resp.json())["data"]}
+        assert listed[voice_id]["hearth"]["kind"] == "tts"
+        async with http.post(
+            worker.url + "/v1/audio/speech",
+            json={"model": voice_id, "input": COMMAND, "response_format": "pcm"},
+            headers=worker.headers,
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            samples = np.frombuffer(await resp.read(), dtype="<i2")
+        _plausible_speech(samples, int(resp.headers["X-Hearth-Sample-Rate"]), words=5)
+        assert "unknown kind" not in worker.log(), worker.log()
+    finally:
+        assert await worker.astop() == 0, worker.log()
+
+
+def test_voices_in_the_models_directory_start_no_warning(speech_worker: WorkerProcess) -> None:
+    assert "unknown kind" not in speech_worker.log(), speech_worker.log()
+    assert "Skipping" not in speech_worker.log(), speech_worker.log()
+
+
 async def test_a_voice_removed_from_the_folder_ends_its_process(piper_voice: Path) -> None:
     host = speech.SpeechHost(None, [piper_voice])
     voice = host.voices["en_US-joe-medium"]
