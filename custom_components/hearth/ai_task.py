@@ -14,7 +14,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
-from .assistant import parse_json_object
+from .assistant import json_object_from_model
 from .const import AI_TASK_UNIQUE_ID, DOMAIN
 from .entity import HearthBaseLLMEntity, async_add_household_entity
 
@@ -47,7 +47,7 @@ class HearthTaskEntity(ai_task.AITaskEntity, HearthBaseLLMEntity):
         text = (last.content if isinstance(last, conversation.AssistantContent) else None) or ""
         if not task.structure:
             return ai_task.GenDataTaskResult(conversation_id=chat_log.conversation_id, data=text)
-        data = parse_json_object(text)
+        data = json_object_from_model(text)
         if data is None:
             raise HomeAssistantError(translation_domain=DOMAIN, translation_key="bad_structure")
         return ai_task.GenDataTaskResult(conversation_id=chat_log.conversation_id, data=data)

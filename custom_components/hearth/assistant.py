@@ -76,7 +76,7 @@ def _repair_value(value: Any) -> Any:
     return value
 
 
-def parse_json_object(arguments: Any) -> dict[str, Any] | None:
+def json_object_from_model(arguments: Any) -> dict[str, Any] | None:
     """A JSON object from a small model, read tolerantly; None if there is none.
 
     Accepts a dict, a JSON string, JSON with code fences or text around it,
@@ -103,7 +103,7 @@ def parse_json_object(arguments: Any) -> dict[str, Any] | None:
 
 def parse_tool_arguments(arguments: Any) -> dict[str, Any]:
     """Tool-call arguments, read tolerantly; empty values dropped (they fail intent matching)."""
-    parsed = parse_json_object(arguments) or {}
+    parsed = json_object_from_model(arguments) or {}
     return {str(k): _repair_value(v) for k, v in parsed.items() if v not in (None, "", [], {})}
 
 
