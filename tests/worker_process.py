@@ -25,9 +25,14 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 READY = re.compile(r"listening on (https?://[^\s:]+:(\d+))")
 AUDIT_LAUNCHER = Path(__file__).with_name("connection_audit.py")
@@ -83,6 +88,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def fake_supervisor(
+    discovery: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A Supervisor on 127.0.0.1 whose `/discovery` (POST, DELETE) `discovery` answers; its URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/discovery", discovery)
+    app.router.add_delete("/discovery/{uuid}", discovery)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass

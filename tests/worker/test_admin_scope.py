@@ -19,7 +19,7 @@ from hearth_worker.auth import SUPERVISOR_TOKEN_NAME, AuthStore
 from hearth_worker.pairing import pair_remote
 from local_pairing import pair_locally
 from test_api import check_schema, model_id
-from worker_process import WorkerProcess, cli, free_port, start_worker
+from worker_process import WorkerProcess, cli, fake_supervisor, free_port, start_worker
 
 CODE = re.compile(r"Pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})")
 
@@ -190,19 +190,12 @@ async def test_the_token_announced_to_home_assistant_through_the_supervisor_is_a
             announced.append(await request.json())
         return web.json_response({"result": "ok", "data": {"uuid": "uuid1"}})
 
-    app = web.Application()
-    app.router.add_post("/discovery", discovery)
-    app.router.add_delete("/discovery/{uuid}", discovery)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    env = {
-        **no_hub(),
-        "SUPERVISOR_URL": f"http://127.0.0.1:{runner.addresses[0][1]}",
-        "SUPERVISOR_TOKEN": "supervisor-secret",
-    }
-    try:
+    async with fake_supervisor(discovery) as supervisor_url:
+        env = {
+            **no_hub(),
+            "SUPERVISOR_URL": supervisor_url,
+            "SUPERVISOR_TOKEN": "supervisor-secret",
+        }
         worker = start_worker(
             [], tmp_path, token=False, extra=["--no-warmup", "--supervisor-discovery"], env=env
         )
@@ -220,5 +213,3 @@ async def test_the_token_announced_to_home_assistant_through_the_supervisor_is_a
             assert f"\tadmin\t{SUPERVISOR_TOKEN_NAME}" in listing, listing
         finally:
             assert await worker.astop() == 0, worker.log()
-    finally:
-        await runner.cleanup()

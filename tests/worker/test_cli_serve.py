@@ -23,6 +23,7 @@ from hearth_worker.connections import BindError, ConnectionLimits, Listener
 from hearth_worker.server import Worker
 from hearth_worker.settings import WorkerSettings
 from hearth_worker.supervisor import SupervisorError
+from worker_process import fake_supervisor
 
 # Every flag of `serve`, as the worker has always had them (the docs and the add-on use them).
 SERVE_FLAGS = {
@@ -211,17 +212,10 @@ async def supervisor(
             return web.json_response({"result": "error", "message": "no"}, status=500)
         return web.json_response({"result": "ok", "data": {"uuid": "uuid1"}})
 
-    app = web.Application()
-    app.router.add_post("/discovery", discovery)
-    app.router.add_delete("/discovery/{uuid}", discovery)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    monkeypatch.setenv("SUPERVISOR_URL", f"http://127.0.0.1:{runner.addresses[0][1]}")
-    monkeypatch.setenv("SUPERVISOR_TOKEN", "supervisor-secret")
-    yield calls, answer
-    await runner.cleanup()
+    async with fake_supervisor(discovery) as supervisor_url:
+        monkeypatch.setenv("SUPERVISOR_URL", supervisor_url)
+        monkeypatch.setenv("SUPERVISOR_TOKEN", "supervisor-secret")
+        yield calls, answer
 
 
 def settings_for(model: Path, state_dir: Path) -> WorkerSettings:

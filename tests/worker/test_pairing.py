@@ -17,7 +17,7 @@ import pairing_vectors
 from aiohttp import web
 from hearth_worker import pairing
 from hearth_worker.pairing import normalize_code, pair_remote
-from worker_process import WorkerProcess, cli, start_worker
+from worker_process import WorkerProcess, cli, fake_supervisor, start_worker
 
 CODE = re.compile(r"Pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})")
 
@@ -255,15 +255,6 @@ async def test_supervisor_discovery(
     def posts() -> list[tuple[str, str, str, Any]]:
         return [r for r in received if r[0] == "POST"]
 
-    app = web.Application()
-    app.router.add_post("/discovery", discovery)
-    app.router.add_delete("/discovery/{uuid}", discovery)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    supervisor_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-
     def start() -> WorkerProcess:
         return start_worker(
             [tiny_chat_model],
@@ -279,7 +270,7 @@ async def test_supervisor_discovery(
             return resp.status
 
     tokens: list[str] = []
-    try:
+    async with fake_supervisor(discovery) as supervisor_url:
         for run in (1, 2):
             worker = start()
             try:
@@ -310,7 +301,5 @@ async def test_supervisor_discovery(
             announced = f"/discovery/uuid{received.index(posts()[-1]) + 1}"
             assert received[-1][:3] == ("DELETE", announced, "Bearer supervisor-secret")
         assert [r[0] for r in received] == ["POST", "DELETE", "POST", "DELETE"]
-    finally:
-        await runner.cleanup()
     listing = cli(tmp_path / "state", "tokens", "list")
     assert listing.count("Supervisor") == 1
