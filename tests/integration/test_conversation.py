@@ -199,7 +199,6 @@ async def run_pipeline(
 ) -> dict[str, Any]:
     """Home Assistant's Assist pipeline (text in, the agent's answer out) with Hearth as its
     agent and its own "Prefer handling commands locally" set: the intent-end event's data."""
-    # Its text-to-speech part needs mutagen, which the 2026.2.3 environment lacks.
     assist_pipeline = pytest.importorskip("homeassistant.components.assist_pipeline")
     assert await async_setup_component(hass, "assist_pipeline", {})
     pipeline = assist_pipeline.async_get_pipeline(hass)
