@@ -37,6 +37,17 @@ SEED_MAX = 2**63 - 1
 # max_tokens / max_completion_tokens: at most a 32-bit count (a context is far smaller).
 MAX_TOKENS_LIMIT = 2**31 - 1
 MAX_SOURCE_CHARS = 300
+# Speech (POST /v1/audio/speech): OpenAI's input limit; the sample rates the worker
+# resamples to; OpenAI's speeds.
+MAX_SPEECH_INPUT_CHARS = 4096
+SPEECH_FORMATS = ("wav", "pcm")
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+# Text to speak has a character that is not white space (Python's `re`, as the
+# validator below and the fuzzer's checks of the spec both read it).
+_SPOKEN = re.compile(r"\S")
 MAX_MODEL_NAME_CHARS = 100
 # A pull's source: owner/name, then optionally ":" and a folder path of plain
 # segments (never "." or "..").
@@ -57,6 +68,7 @@ ERROR_STATUS = {
     "tools_too_large": 400,
     "schema_too_large": 400,
     "too_many_inputs": 413,
+    "unsupported_response_format": 400,
 }
 INVALID = "invalid_request"
 
@@ -440,11 +452,119 @@ class PullRequest(_Model):
         return name
 
 
+# -- speech (POST /v1/audio/speech) ---------------------------------------------------
+
+
+class SpeechRequest(_Model):
+    """OpenAI's `audio.speech.create` body, with Hearth's `sample_rate`."""
+
+    model: Annotated[str, Field(min_length=1, description="A speech model (a voice) served here")]
+    input: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_SPEECH_INPUT_CHARS,
+            description="The text to speak (not only white space)",
+            json_schema_extra={"pattern": _SPOKEN.pattern},
+        ),
+    ]
+    voice: Annotated[
+        str | None,
+        Field(description="The model's speaker (its `hearth.voices`) or the model's id"),
+    ] = None
+    response_format: Annotated[
+        Literal["wav", "pcm"] | None,
+        Field(
+            description="`wav` (default): a WAV header of unknown (streaming) length, then "
+            "16-bit mono PCM; `pcm`: the PCM only. Others: 400 `unsupported_response_format`"
+        ),
+    ] = None
+    speed: Annotated[float | None, Field(ge=MIN_SPEED, le=MAX_SPEED)] = None
+    sample_rate: Annotated[
+        int | None,
+        Field(
+            ge=MIN_SAMPLE_RATE,
+            le=MAX_SAMPLE_RATE,
+            description="Hz (default: the voice's own rate); the worker resamples",
+        ),
+    ] = None
+    stream_format: Annotated[
+        Literal["audio"] | None, Field(description="The audio is always streamed")
+    ] = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise _invalid("'model' must name a speech model served here")
+        return value
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not _SPOKEN.search(value):
+            raise _invalid("'input' must be the text to speak")
+        if len(value) > MAX_SPEECH_INPUT_CHARS:
+            raise _invalid(f"'input' is too long (at most {MAX_SPEECH_INPUT_CHARS} characters)")
+        return value
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise _invalid("'voice' must be a string")
+        return value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is not None and value not in SPEECH_FORMATS:
+            raise PydanticCustomError(
+                "unsupported_response_format",
+                "'response_format' {value} is not supported here: use 'wav' or 'pcm' (16-bit mono)",
+                {"value": repr(value)},
+            )
+        return value
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed(cls, value: Any) -> Any:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not MIN_SPEED <= value <= MAX_SPEED
+        ):
+            raise _invalid(f"'speed' must be from {MIN_SPEED} to {MAX_SPEED}")
+        return value
+
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not MIN_SAMPLE_RATE <= value <= MAX_SAMPLE_RATE
+        ):
+            raise _invalid(
+                f"'sample_rate' must be a whole number of Hz from {MIN_SAMPLE_RATE} to "
+                f"{MAX_SAMPLE_RATE}"
+            )
+        return value
+
+    @field_validator("stream_format", mode="before")
+    @classmethod
+    def _stream(cls, value: Any) -> Any:
+        if value not in (None, "audio"):
+            raise _invalid("'stream_format' must be 'audio' (the audio is always streamed)")
+        return value
+
+
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     EmbeddingRequest,
     PairRequest,
     PullRequest,
+    SpeechRequest,
 )
 
 
@@ -543,6 +663,24 @@ class ModelInfo(TypedDict):
         ]
     ]
     sampling_defaults: NotRequired[SamplingDefaults]
+
+
+class VoiceInfo(TypedDict):
+    """A speech model (a Piper voice) in /v1/models, for POST /v1/audio/speech."""
+
+    id: str
+    kind: Literal["tts"]
+    runtime: Literal["piper"]
+    languages: list[str]
+    voice: Annotated[str, Field(description="The speaker")]
+    voices: list[str]
+    quality: str | None
+    sample_rate: Annotated[int, Field(description="The voice's own rate, Hz")]
+    sample_rates: Annotated[
+        list[int], Field(description="The lowest and highest rate it can answer at, Hz")
+    ]
+    response_formats: list[Literal["wav", "pcm"]]
+    size_bytes: int
 
 
 class Hardware(TypedDict):
@@ -675,7 +813,7 @@ class Model(TypedDict):
     object: Literal["model"]
     created: int
     owned_by: str
-    hearth: NotRequired[ModelInfo]
+    hearth: NotRequired[ModelInfo | VoiceInfo]
 
 
 class ModelList(TypedDict):

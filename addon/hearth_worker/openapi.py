@@ -77,6 +77,7 @@ def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
         "413": "TooLarge",
         "415": "BadRequest",
         "429": "TooManyRequests",
+        "503": "Unavailable",
     }
     answers = dict(ok)
     for status in ("400", *errors):
@@ -285,6 +286,46 @@ PATHS: dict[str, Any] = {
             "responses": _responses(_ok("Embeddings", "EmbeddingList"), "401", "404", "413", "429"),
         }
     },
+    "/v1/audio/speech": {
+        "post": {
+            "operationId": "createSpeech",
+            "summary": "Text to speech (OpenAI shape) with the worker's Piper voices; streamed "
+            "sentence by sentence",
+            "description": (
+                "`model` names a voice /v1/models lists with `hearth.kind` `tts`; any other\n"
+                "name is a 404 `model_not_found`. The answer is 16-bit mono audio at\n"
+                "`sample_rate` (default: the voice's own), sent as each sentence is\n"
+                "synthesized (chunked): with `wav` a header of unknown (streaming) length\n"
+                "first. The worker keeps no text or audio.\n"
+            ),
+            "requestBody": _body("SpeechRequest"),
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "The speech, as it is synthesized",
+                        "headers": {
+                            "X-Hearth-Sample-Rate": {
+                                "description": "The audio's sample rate, Hz",
+                                "schema": {
+                                    "type": "integer",
+                                    "minimum": api_types.MIN_SAMPLE_RATE,
+                                    "maximum": api_types.MAX_SAMPLE_RATE,
+                                },
+                            }
+                        },
+                        "content": {
+                            "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                            "audio/pcm": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    }
+                },
+                "401",
+                "404",
+                "413",
+                "503",
+            ),
+        }
+    },
     "/v1/tokens/self": {
         "delete": {
             "operationId": "revokeOwnToken",
@@ -339,6 +380,9 @@ RESPONSES: dict[str, Any] = {
     "TooLarge": _error(
         "Request body or prompt too large (or, code `too_many_inputs`, too many\n"
         "embedding inputs)\n"
+    ),
+    "Unavailable": _error(
+        "The voice's process could not be started or ended (code `voice_unavailable`)"
     ),
     "TooManyRequests": _error(
         "Busy (queue full) or too many wrong pairing codes; see Retry-After",

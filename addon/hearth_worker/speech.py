@@ -40,17 +40,18 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 
-from .validation import ApiError
+from . import api_types as types
+from .validation import ApiError, _validate, parse_json_object
 
 _LOGGER = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hearth-model.json"
 KIND = "tts"
 RUNTIME = "piper"
-FORMATS = ("wav", "pcm")
-MIN_SAMPLE_RATE = 8000
-MAX_SAMPLE_RATE = 48000
-MAX_INPUT_CHARS = 4096  # OpenAI's limit for `input`
+FORMATS = types.SPEECH_FORMATS
+MIN_SAMPLE_RATE = types.MIN_SAMPLE_RATE
+MAX_SAMPLE_RATE = types.MAX_SAMPLE_RATE
+MAX_INPUT_CHARS = types.MAX_SPEECH_INPUT_CHARS  # OpenAI's limit for `input`
 CHILD = Path(__file__).with_name("piper_child.py")
 START_TIMEOUT_S = 120.0
 # A sentence ends at . ! ? (or a line break) followed by space; decimals stay whole.
@@ -418,54 +419,18 @@ class SpeechRequest:
 
 
 def parse_speech_request(data: dict[str, Any]) -> SpeechRequest:
-    """OpenAI's ``audio.speech.create`` body, with Hearth's ``sample_rate``; a 400
-    naming the parameter for anything this worker cannot do."""
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' must name a speech model served here", param="model")
-    text = data.get("input")
-    if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, "'input' must be the text to speak", param="input")
-    if len(text) > MAX_INPUT_CHARS:
-        raise ApiError(
-            400, f"'input' is too long (at most {MAX_INPUT_CHARS} characters)", param="input"
-        )
-    voice = data.get("voice")
-    if voice is not None and not isinstance(voice, str):
-        raise ApiError(400, "'voice' must be a string", param="voice")
-    fmt = data.get("response_format")
-    fmt = "wav" if fmt is None else fmt
-    if fmt not in FORMATS:
-        raise ApiError(
-            400,
-            f"'response_format' {fmt!r} is not supported here: use 'wav' or 'pcm' (16-bit mono)",
-            code="unsupported_response_format",
-            param="response_format",
-        )
-    rate = data.get("sample_rate")
-    if rate is not None and (
-        isinstance(rate, bool)
-        or not isinstance(rate, int)
-        or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE
-    ):
-        raise ApiError(
-            400,
-            f"'sample_rate' must be a whole number of Hz from {MIN_SAMPLE_RATE} to "
-            f"{MAX_SAMPLE_RATE}",
-            param="sample_rate",
-        )
-    speed = data.get("speed", 1.0)
-    speed = 1.0 if speed is None else speed
-    if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4:
-        raise ApiError(400, "'speed' must be from 0.25 to 4.0", param="speed")
-    stream_format = data.get("stream_format")
-    if stream_format not in (None, "audio"):
-        raise ApiError(
-            400,
-            "'stream_format' must be 'audio' (the audio is always streamed)",
-            param="stream_format",
-        )
-    return SpeechRequest(model, text, voice, fmt, rate, float(speed))
+    """OpenAI's ``audio.speech.create`` body, with Hearth's ``sample_rate``
+    (``api_types.SpeechRequest``, which openapi.yaml declares); a 400 naming the
+    parameter for anything this worker cannot do."""
+    req = _validate(types.SpeechRequest, data)
+    return SpeechRequest(
+        model=req.model,
+        input=req.input,
+        voice=req.voice,
+        response_format=req.response_format or "wav",
+        sample_rate=req.sample_rate,
+        speed=1.0 if req.speed is None else float(req.speed),
+    )
 
 
 class SpeechHost:
@@ -523,13 +488,8 @@ class SpeechHost:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/speech``."""
-        try:
-            data = await request.json()
-        except ValueError as err:
-            raise ApiError(400, "The body must be a JSON object") from err
-        if not isinstance(data, dict):
-            raise ApiError(400, "The body must be a JSON object")
-        req = parse_speech_request(data)
+        # The body's limits are the other endpoints' (depth, numbers, Unicode text).
+        req = parse_speech_request(parse_json_object(await request.read()))
         loop = asyncio.get_running_loop()
         voices = await loop.run_in_executor(None, lambda: self.voices)
         self.prune(voices)

@@ -295,11 +295,23 @@ def valid_bodies(models: tuple[str, str]) -> dict[str, list[dict[str, Any]]]:
             {"salt": "00" * 16, "client_nonce": "11" * 16, "proof": "22" * 32},
             {"salt": "ab" * 16, "client_nonce": "cd" * 20, "proof": "ef" * 32, "client_name": "x"},
         ],
+        # No voice here: a valid body gets a 404, hostile JSON the others' 400 first.
+        "/v1/audio/speech": [
+            {"model": "a-voice", "input": "Turn on the light.", "response_format": "pcm"},
+            {
+                "model": "a-voice",
+                "input": "Hi.",
+                "voice": "joe",
+                "speed": 1.5,
+                "sample_rate": 16000,
+            },
+        ],
     }
     names = {
         "/v1/chat/completions": "ChatCompletionRequest",
         "/v1/embeddings": "EmbeddingRequest",
         "/v1/pair": "PairRequest",
+        "/v1/audio/speech": "SpeechRequest",
     }
     for path, examples in bodies.items():
         for body in examples:
@@ -308,7 +320,9 @@ def valid_bodies(models: tuple[str, str]) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/chat/completions", "/v1/embeddings", "/v1/pair"], ids=lambda p: p[4:]
+    "path",
+    ["/v1/chat/completions", "/v1/embeddings", "/v1/pair", "/v1/audio/speech"],
+    ids=lambda p: p[4:],
 )
 @pytest.mark.parametrize("token", [True, False], ids=["token", "no-token"])
 def test_hostile_json_is_refused(

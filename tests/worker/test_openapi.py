@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from hearth_worker import openapi
+from hearth_worker import openapi, speech
 from hearth_worker.validation import (
     MAX_EMBEDDING_INPUTS,
     MAX_TOOL_BYTES,
@@ -30,6 +30,7 @@ PARSERS = {
     "ChatCompletionRequest": parse_chat_request,
     "EmbeddingRequest": parse_embedding_request,
     "PullRequest": parse_pull_request,
+    "SpeechRequest": speech.parse_speech_request,
 }
 
 
@@ -109,6 +110,34 @@ AGREEMENT = [
     ("PullRequest", {"source": "owner/name:../up"}, False),
     ("PullRequest", {"source": "owner/name", "name": " padded"}, False),
     ("PullRequest", {"source": "owner/name", "name": "a/b"}, False),
+    # Speech: one declaration for the spec and speech.py (OpenAI's shape, Hearth's rate).
+    ("SpeechRequest", {"model": "v", "input": "Hello."}, True),
+    (
+        "SpeechRequest",
+        {
+            "model": "v",
+            "input": "Hi.",
+            "voice": "joe",
+            "response_format": "pcm",
+            "speed": 2,
+            "sample_rate": 16000,
+            "stream_format": "audio",
+        },
+        True,
+    ),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "response_format": None}, True),
+    ("SpeechRequest", {"model": "", "input": "Hi."}, False),
+    ("SpeechRequest", {"model": "v", "input": ""}, False),
+    ("SpeechRequest", {"model": "v", "input": " \n\x1c"}, False),
+    ("SpeechRequest", {"model": "v", "input": "x" * 4097}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "voice": 3}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "response_format": "mp3"}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "speed": 0.2}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "speed": True}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "sample_rate": 7999}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "sample_rate": 48001}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "sample_rate": "16000"}, False),
+    ("SpeechRequest", {"model": "v", "input": "Hi.", "stream_format": "sse"}, False),
 ]
 
 

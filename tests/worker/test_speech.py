@@ -28,6 +28,7 @@ import openai
 import pytest
 from hearth_worker import speech
 from hearth_worker.validation import ApiError
+from test_api import check_schema
 from worker_process import WorkerProcess, start_worker
 
 COMMAND = "Turn on the kitchen light."
@@ -218,6 +219,15 @@ async def test_voices_are_listed_as_speech_models(
     assert hearth["voice"] == "joe"
     assert hearth["sample_rate"] == 22050
     assert set(hearth["response_formats"]) == {"wav", "pcm"}
+
+
+async def test_the_voices_listing_matches_the_spec(
+    speech_worker: WorkerProcess, voice_id: str, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(speech_worker.url + "/v1/models", headers=speech_worker.headers) as resp:
+        listing = await resp.json()
+    assert voice_id in {m["id"] for m in listing["data"]}
+    check_schema(listing, "ModelList")
 
 
 async def test_the_worker_keeps_no_text_or_audio(
