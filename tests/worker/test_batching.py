@@ -19,8 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from test_api import CHAT, model_id
-from test_cancel import WAIT_S, context_of, idle
-from tokenizers import Tokenizer
+from test_cancel import WAIT_S, hello_prompt, idle
 from worker_process import WorkerProcess, start_worker
 
 ENDED = re.compile(
@@ -43,14 +42,9 @@ async def ended(worker: WorkerProcess, count: int) -> list[tuple[str, int, int, 
 
 
 def long_body(model: Path, *, stream: bool) -> dict[str, object]:
-    context = context_of(model)
-    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    words = context
-    while len(tokenizer.encode(" hello" * words).ids) > context - 300:
-        words -= 100
     return {
         "model": model_id(model),
-        "messages": [{"role": "user", "content": " hello" * words}],
+        "messages": [{"role": "user", "content": hello_prompt(model, 300)}],
         "max_tokens": 200,
         "stream": stream,
     }

@@ -31,6 +31,16 @@ def context_of(model: Path) -> int:
     return int(json.loads((model / "hearth-model.json").read_text())["context_length"])
 
 
+def hello_prompt(model: Path, room: int) -> str:
+    """ " hello" as often as fits in `model`'s context with `room` tokens to spare."""
+    context = context_of(model)
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    words = context
+    while len(tokenizer.encode(" hello" * words).ids) > context - room:
+        words -= 100
+    return " hello" * words
+
+
 async def ended(worker: WorkerProcess, count: int) -> list[tuple[str, int]]:
     """Wait until `count` generations have ended; their (finish reason, tokens)."""
     loop = asyncio.get_running_loop()
@@ -101,14 +111,9 @@ async def test_dropped_requests_never_run_beyond_max_running(
     )
     try:
         # A prompt that fills most of the context: a long prefill.
-        context = context_of(tiny_chat_model)
-        tokenizer = Tokenizer.from_file(str(tiny_chat_model / "tokenizer.json"))
-        words = context
-        while len(tokenizer.encode(" hello" * words).ids) > context - 300:
-            words -= 100
         long_body = {
             "model": model_id(tiny_chat_model),
-            "messages": [{"role": "user", "content": " hello" * words}],
+            "messages": [{"role": "user", "content": hello_prompt(tiny_chat_model, 300)}],
             "max_tokens": 200,
             "stream": True,
         }

@@ -175,6 +175,25 @@ TOOL_CONVERSATION: list[dict[str, Any]] = [
     {"role": "tool", "tool_call_id": "call_1", "content": '{"success": true}'},
 ]
 
+# TOOL_CONVERSATION with TURN_ON offered, as Qwen 2.5's template (Hermes style) renders it.
+TOOL_PROMPT = (
+    "<|im_start|>system\nYou control the house.\n\n# Tools\n\n"
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "HassTurnOn", "description": '
+    '"Turns on a device", "parameters": {"type": "object", "properties": '
+    '{"name": {"type": "string"}, "area": {"type": "string"}}}}}\n'
+    "</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\nTurn on the Küche light<|im_end|>\n"
+    "<|im_start|>assistant\n<tool_call>\n"
+    '{"name": "HassTurnOn", "arguments": {"name": "Küche", "area": "EG"}}\n'
+    "</tool_call><|im_end|>\n"
+    '<|im_start|>user\n<tool_response>\n{"success": true}\n</tool_response><|im_end|>\n'
+    "<|im_start|>assistant\n"
+)
+
 
 def write_model(folder: Path, files: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,21 +234,7 @@ def test_builtin_fallback_without_any_files(tmp_path: Path) -> None:
 
 def test_builtin_fallback_offers_and_replays_tools_hermes_style() -> None:
     prompt = ChatTemplate.builtin_template().render(TOOL_CONVERSATION, tools=[TURN_ON])
-    assert prompt == (
-        "<|im_start|>system\nYou control the house.\n\n# Tools\n\n"
-        "You may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        + json.dumps(TURN_ON, ensure_ascii=False)
-        + "\n</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
-        "<|im_start|>user\nTurn on the Küche light<|im_end|>\n"
-        "<|im_start|>assistant\n<tool_call>\n"
-        '{"name": "HassTurnOn", "arguments": {"name": "Küche", "area": "EG"}}\n'
-        "</tool_call><|im_end|>\n"
-        '<|im_start|>user\n<tool_response>\n{"success": true}\n</tool_response><|im_end|>\n'
-        "<|im_start|>assistant\n"
-    )
+    assert prompt == TOOL_PROMPT  # as Qwen 2.5's own template renders it
 
 
 def test_builtin_fallback_keeps_unparseable_arguments_as_given() -> None:
@@ -271,23 +276,7 @@ def test_qwen25_template_with_tools(tmp_path: Path) -> None:
     assert template.supports_tools
     assert template.special_tokens == {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     prompt = template.render(TOOL_CONVERSATION, tools=[TURN_ON])
-    assert prompt == (
-        "<|im_start|>system\nYou control the house.\n\n# Tools\n\n"
-        "You may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        '{"type": "function", "function": {"name": "HassTurnOn", "description": '
-        '"Turns on a device", "parameters": {"type": "object", "properties": '
-        '{"name": {"type": "string"}, "area": {"type": "string"}}}}}\n'
-        "</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
-        "<|im_start|>user\nTurn on the Küche light<|im_end|>\n"
-        "<|im_start|>assistant\n<tool_call>\n"
-        '{"name": "HassTurnOn", "arguments": {"name": "Küche", "area": "EG"}}\n'
-        "</tool_call><|im_end|>\n"
-        '<|im_start|>user\n<tool_response>\n{"success": true}\n</tool_response><|im_end|>\n'
-        "<|im_start|>assistant\n"
-    )
+    assert prompt == TOOL_PROMPT
 
 
 def test_qwen25_template_without_tools_uses_its_default_system_prompt() -> None:

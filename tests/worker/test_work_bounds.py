@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import threading
 import time
@@ -28,15 +27,11 @@ from hearth_worker.manifest import load_manifest
 from hearth_worker.server import Worker
 from hearth_worker.settings import WorkerSettings
 from test_api import CHAT, model_id
-from tokenizers import Tokenizer
+from test_cancel import context_of, hello_prompt
 from worker_process import WorkerProcess, start_worker
 
 EMBED = "/v1/embeddings"
 PREFILL = re.compile(r"Generation ended \(\w+\) after \d+ tokens, prefill ([\d.]+) s")
-
-
-def context_of(model: Path) -> int:
-    return int(json.loads((model / "hearth-model.json").read_text())["context_length"])
 
 
 # -- in-process: what runs where -------------------------------------------------
@@ -159,14 +154,9 @@ async def test_long_prefill_does_not_freeze_the_worker(
     http: aiohttp.ClientSession, debug_worker: WorkerProcess, tiny_chat_model: Path
 ) -> None:
     worker = debug_worker
-    context = context_of(tiny_chat_model)
-    tokenizer = Tokenizer.from_file(str(tiny_chat_model / "tokenizer.json"))
-    words = context
-    while len(tokenizer.encode(" hello" * words).ids) > context - 100:
-        words -= 100
     body = {
         "model": model_id(tiny_chat_model),
-        "messages": [{"role": "user", "content": " hello" * words}],
+        "messages": [{"role": "user", "content": hello_prompt(tiny_chat_model, 100)}],
         "max_tokens": 1,
     }
 
