@@ -41,7 +41,7 @@ import numpy.typing as npt
 from aiohttp import web
 
 from . import api_types as types
-from .validation import ApiError, _validate, parse_json_object
+from .validation import ApiError, parse_json_object, validate_body
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def parse_speech_request(data: dict[str, Any]) -> SpeechRequest:
     """OpenAI's ``audio.speech.create`` body, with Hearth's ``sample_rate``
     (``api_types.SpeechRequest``, which openapi.yaml declares); a 400 naming the
     parameter for anything this worker cannot do."""
-    req = _validate(types.SpeechRequest, data)
+    req = validate_body(types.SpeechRequest, data)
     return SpeechRequest(
         model=req.model,
         input=req.input,

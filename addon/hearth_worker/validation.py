@@ -195,7 +195,7 @@ _BUILTIN_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"
 Request = TypeVar("Request", bound=BaseModel)
 
 
-def _validate(model: type[Request], data: dict[str, Any]) -> Request:  # noqa: UP047
+def validate_body(model: type[Request], data: dict[str, Any]) -> Request:  # noqa: UP047
     """`data` as a `model`, or an ApiError naming the parameter that is wrong."""
     try:
         return model.model_validate(data)
@@ -285,7 +285,7 @@ def _response_format(
 
 
 def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
-    req = _validate(types.ChatCompletionRequest, data)
+    req = validate_body(types.ChatCompletionRequest, data)
     tools: list[dict[str, Any]] = [
         {"type": "function", "function": t.function.entry()} for t in req.tools or []
     ]
@@ -327,7 +327,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
 
 
 def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
-    req = _validate(types.EmbeddingRequest, data)
+    req = validate_body(types.EmbeddingRequest, data)
     return EmbeddingRequest(
         model=req.model,
         inputs=[req.input] if isinstance(req.input, str) else list(req.input),
@@ -345,5 +345,5 @@ class PullRequest:
 
 
 def parse_pull_request(data: dict[str, Any]) -> PullRequest:
-    req = _validate(types.PullRequest, data)
+    req = validate_body(types.PullRequest, data)
     return PullRequest(source=req.source, name=req.name)
