@@ -9,7 +9,8 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,20 @@ import pytest_socket
 from fake_worker import FakeWorker
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, cli, start_worker, tls_closed
 
+from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
+    CONF_LLM_HASS_API,
     CONF_NODE_ID,
     CONF_PLAIN_HTTP,
     DOMAIN,
 )
+from custom_components.hearth.worker_api import ChatDelta
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +152,20 @@ def entry_for(worker: WorkerProcess, title: str = "Test worker") -> MockConfigEn
     )
 
 
+def zeroconf_announcement(worker: WorkerProcess, properties: dict[str, str]) -> ZeroconfServiceInfo:
+    """What Home Assistant's zeroconf hands the flow when `worker` announces itself from
+    127.0.0.1 as kitchen-laptop, with these TXT `properties`."""
+    return ZeroconfServiceInfo(
+        ip_address=ip_address("127.0.0.1"),
+        ip_addresses=[ip_address("127.0.0.1")],
+        port=worker.port,
+        hostname="kitchen-laptop.local.",
+        type="_hearth._tcp.local.",
+        name="kitchen-laptop._hearth._tcp.local.",
+        properties=properties,
+    )
+
+
 async def setup_ha(hass: HomeAssistant) -> None:
     """The components Assist needs, before Hearth (idempotent)."""
     assert await async_setup_component(hass, "homeassistant", {})
@@ -160,6 +179,109 @@ async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
     await hass.async_block_till_done()
 
 
+def fake_entry(fake: FakeWorker, title: str = "Fake worker") -> MockConfigEntry:
+    """An entry for the fake worker as pairing makes it: token, node id, pinned certificate."""
+    return MockConfigEntry(
+        domain=DOMAIN, title=title, unique_id=fake.node_id, data=fake.entry_data()
+    )
+
+
+async def setup_fake_entry(
+    hass: HomeAssistant, fake: FakeWorker, title: str = "Fake worker"
+) -> MockConfigEntry:
+    entry = fake_entry(fake, title)
+    await setup_entry(hass, entry)
+    return entry
+
+
+def suggested(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a flow's form suggests, by field name."""
+    return {
+        str(key): key.description.get("suggested_value")
+        for key in result["data_schema"].schema
+        if key.description
+    }
+
+
+Action = Callable[[str], Awaitable[None] | None]
+
+
+class Tap:
+    """Wraps every loaded worker's `client.chat_stream` to watch and act; data is untouched."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.tried: list[str] = []  # worker names, in the order the cluster tried them
+        self.tried_at: list[float] = []  # when (time.monotonic()) each was tried
+        self.bodies: list[dict[str, Any]] = []  # what each was asked
+        self.completion_tokens: list[int] = []  # as the workers reported them
+        self.first_text: list[str] = []  # workers whose first text reached Home Assistant
+        self.before_call: dict[str, Action] = {}  # worker name -> run just before it is asked
+        self.after_accept: Action | None = None
+        self.after_first_text: Action | None = None
+        for handle in cluster.workers.values():
+            real = handle.client.chat_stream
+            handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
+
+    def _wrap(self, name: str, real: Any) -> Any:
+        async def chat_stream(body: Any, *args: Any) -> AsyncGenerator[ChatDelta]:
+            self.tried.append(name)
+            self.tried_at.append(time.monotonic())
+            self.bodies.append(body)
+            if hook := self.before_call.get(name):
+                await _call(hook, name)
+            deltas = await real(body, *args)
+            if self.after_accept is not None:
+                await _call(self.after_accept, name)
+            return self._watch(name, deltas)
+
+        return chat_stream
+
+    async def _watch(
+        self, name: str, deltas: AsyncGenerator[ChatDelta]
+    ) -> AsyncGenerator[ChatDelta]:
+        try:
+            async for delta in deltas:
+                if delta.completion_tokens:
+                    self.completion_tokens.append(delta.completion_tokens)
+                yield delta
+                if delta.content and name not in self.first_text:
+                    self.first_text.append(name)
+                    if self.after_first_text is not None:
+                        await _call(self.after_first_text, name)
+        finally:
+            await deltas.aclose()
+
+
+async def _call(action: Action, name: str) -> None:
+    result = action(name)
+    if result is not None:
+        await result
+
+
+async def ask(hass: HomeAssistant, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """hearth.ask, with its response."""
+    response = await hass.services.async_call(
+        DOMAIN,
+        "ask",
+        {"prompt": prompt, "max_tokens": max_tokens},
+        blocking=True,
+        return_response=True,
+    )
+    assert response is not None
+    return dict(response)
+
+
+async def setup_household(
+    hass: HomeAssistant, workers: dict[str, WorkerProcess], settings: Mapping[str, Any]
+) -> Cluster:
+    """Each worker as a config entry titled by its key; no Home Assistant tools, `settings`."""
+    for name, worker in workers.items():
+        await setup_entry(hass, entry_for(worker, name))
+    cluster = Cluster.get(hass)
+    await cluster.async_update_settings({**cluster.settings, CONF_LLM_HASS_API: [], **settings})
+    return cluster
+
+
 @pytest.fixture(scope="session")
 def taught_worker(
     taught_chat_model: Path, tmp_path_factory: pytest.TempPathFactory
@@ -171,15 +293,26 @@ def taught_worker(
     worker.stop()
 
 
+def two_workers(
+    tiny_chat_model: Path,
+    tmp_path: Path,
+    alpha_model: Path | None = None,
+    alpha_extra: tuple[str, ...] = (),
+) -> dict[str, WorkerProcess]:
+    """Alpha and Beta, one slot each, no warm-up (neither has measured rates yet)."""
+    common = ["--max-running", "1", "--no-warmup"]
+    return {
+        "Alpha": start_worker(
+            [alpha_model or tiny_chat_model], tmp_path / "Alpha", extra=[*common, *alpha_extra]
+        ),
+        "Beta": start_worker([tiny_chat_model], tmp_path / "Beta", extra=common),
+    }
+
+
 @pytest.fixture
 def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
     """Two workers of the test alone, "Alpha" and "Beta" (one slot each; fail-over tests)."""
-    started = {
-        name: start_worker(
-            [tiny_chat_model], tmp_path / name, extra=["--max-running", "1", "--no-warmup"]
-        )
-        for name in ("Alpha", "Beta")
-    }
+    started = two_workers(tiny_chat_model, tmp_path)
     yield started
     for worker in started.values():
         if worker.process.poll() is None:

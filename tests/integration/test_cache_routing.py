@@ -9,11 +9,8 @@ cache. `test_router.py` checks the rule on plain data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import intent
 from worker_process import WorkerProcess
@@ -21,7 +18,8 @@ from worker_process import WorkerProcess
 from custom_components.hearth import router
 from custom_components.hearth.cluster import household_prefix
 
-from .test_cluster_routing import Recorder, converse, handle, household, keep_busy, two_workers
+from .conftest import Tap
+from .test_cluster_routing import converse, handle, household, keep_busy
 
 
 def test_household_prefix_key_is_the_system_message_and_tools() -> None:
@@ -47,19 +45,11 @@ def test_household_prefix_key_is_the_system_message_and_tools() -> None:
 USER = {"role": "user", "content": "turn on the kitchen light"}
 
 
-@pytest.fixture
-def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    started = two_workers(tiny_chat_model, tmp_path)
-    yield started
-    for worker in started.values():
-        worker.stop()
-
-
 async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     cluster, spy, _ = await household(hass, workers)
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     busy = keep_busy(cluster, "Beta")
     first = await converse(hass, "turn on the kitchen light")
     assert first.response.response_type is intent.IntentResponseType.ACTION_DONE

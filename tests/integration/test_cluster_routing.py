@@ -6,7 +6,7 @@ check that the cluster feeds it and follows it: fail-over on a worker's 429 and
 lengths learned from a real stream, capacity snapshots, the model fallback and
 offline workers.
 
-A `Recorder` wraps every loaded worker's `client.chat_stream` (calls go through
+A `Tap` (conftest) wraps every loaded worker's `client.chat_stream` (calls go through
 unchanged) to see which worker was asked, with what, and to act just before a
 worker is asked. Which worker the router prefers is set up the way it happens in
 a household: one worker has another of this Home Assistant's requests open
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -28,20 +28,19 @@ import pytest
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
-from worker_process import WorkerProcess, start_worker, tls_closed
+from worker_process import WorkerProcess, tls_closed
 
 from custom_components.hearth import router
 from custom_components.hearth.cluster import Cluster, WorkerHandle
 from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
-    CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
-    DOMAIN,
 )
 from custom_components.hearth.worker_api import ChatDelta
 
-from .conftest import entry_for, setup_entry
+from . import conftest
+from .conftest import Tap, entry_for, setup_entry, setup_household, two_workers
 
 # Far more tokens than any test reads: a stream that is not read holds its slot.
 HOLD_TOKENS = 8000
@@ -82,85 +81,17 @@ class SpyRouter(router.Router):
         return super().rank(states, request)
 
 
-Hook = Callable[[str], Awaitable[None]]
-
-
-class Recorder:
-    """Wraps each worker's `client.chat_stream`: records the calls, passes the data on."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.tried: list[str] = []  # worker names, in the order the cluster asked them
-        self.bodies: list[dict[str, Any]] = []
-        self.completion_tokens: list[int] = []  # as the workers reported them
-        self.before_call: dict[str, Hook] = {}  # worker name -> run just before it is asked
-        for handle in cluster.workers.values():
-            real = handle.client.chat_stream
-            handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
-
-    def _wrap(self, name: str, real: Any) -> Any:
-        async def chat_stream(body: Any, *args: Any) -> AsyncGenerator[ChatDelta]:
-            self.tried.append(name)
-            self.bodies.append(body)
-            if hook := self.before_call.get(name):
-                await hook(name)
-            return self._watch(await real(body, *args))
-
-        return chat_stream
-
-    async def _watch(self, deltas: AsyncGenerator[ChatDelta]) -> AsyncGenerator[ChatDelta]:
-        try:
-            async for delta in deltas:
-                if delta.completion_tokens:
-                    self.completion_tokens.append(delta.completion_tokens)
-                yield delta
-        finally:
-            await deltas.aclose()
-
-
-def two_workers(
-    tiny_chat_model: Path,
-    tmp_path: Path,
-    alpha_model: Path | None = None,
-    alpha_extra: tuple[str, ...] = (),
-) -> dict[str, WorkerProcess]:
-    """Alpha and Beta, one slot each, no warm-up (neither has measured rates yet)."""
-    common = ["--max-running", "1", "--no-warmup"]
-    return {
-        "Alpha": start_worker(
-            [alpha_model or tiny_chat_model], tmp_path / "Alpha", extra=[*common, *alpha_extra]
-        ),
-        "Beta": start_worker([tiny_chat_model], tmp_path / "Beta", extra=common),
-    }
-
-
 async def stop_all(workers: dict[str, WorkerProcess]) -> None:
     for worker in workers.values():
         await worker.astop()
-
-
-@pytest.fixture
-def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    started = two_workers(tiny_chat_model, tmp_path)
-    yield started
-    for worker in started.values():
-        worker.stop()
 
 
 async def household(
     hass: HomeAssistant, workers: dict[str, WorkerProcess], **settings: Any
 ) -> tuple[Cluster, SpyRouter, Clock]:
     """The workers as config entries; the household's router on an injected clock."""
-    for name, worker in workers.items():
-        await setup_entry(hass, entry_for(worker, name))
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {
-            **cluster.settings,
-            CONF_LLM_HASS_API: [],
-            CONF_MAX_TOKENS: 8,
-            CONF_TEMPERATURE: 0.0,
-            **settings,
-        }
+    cluster = await setup_household(
+        hass, workers, {CONF_MAX_TOKENS: 8, CONF_TEMPERATURE: 0.0, **settings}
     )
     clock = Clock()
     spy = SpyRouter(clock)
@@ -184,15 +115,7 @@ def keep_busy(cluster: Cluster, name: str, seconds: float = 100.0) -> router.Res
 
 async def ask(hass: HomeAssistant, prompt: str, max_tokens: int = 8) -> dict[str, Any]:
     async with asyncio.timeout(60):
-        response = await hass.services.async_call(
-            DOMAIN,
-            "ask",
-            {"prompt": prompt, "max_tokens": max_tokens},
-            blocking=True,
-            return_response=True,
-        )
-    assert response is not None
-    return dict(response)
+        return await conftest.ask(hass, prompt, max_tokens)
 
 
 async def converse(hass: HomeAssistant, text: str, conversation_id: str | None = None) -> Any:
@@ -200,6 +123,20 @@ async def converse(hass: HomeAssistant, text: str, conversation_id: str | None =
         return await conversation.async_converse(
             hass, text, conversation_id, Context(), language="en", agent_id="conversation.hearth"
         )
+
+
+def assert_beta_answered_alpha_stays(
+    cluster: Cluster, spy: SpyRouter, recorder: Tap, response: dict[str, Any]
+) -> None:
+    """Alpha was asked first and failed over to Beta, which answered to the end; Alpha's
+    breaker stays closed and nothing of ours is left open there."""
+    assert recorder.tried == ["Alpha", "Beta"]
+    assert response["worker"] == "Beta"
+    assert response["finish_reason"] in ("stop", "length")  # answered to the end
+    assert response["answer"]
+    alpha_id = handle(cluster, "Alpha").entry_id
+    assert spy.breaker_state(alpha_id) is router.BreakerState.CLOSED
+    assert spy.in_flight(alpha_id) == 0
 
 
 async def test_busy_worker_429_fails_over(
@@ -212,7 +149,7 @@ async def test_busy_worker_429_fails_over(
     held: list[aiohttp.ClientResponse] = []
     try:
         cluster, spy, _ = await household(hass, workers)
-        recorder = Recorder(cluster)
+        recorder = Tap(cluster)
         busy = keep_busy(cluster, "Beta")
 
         async def take_the_slot(name: str) -> None:
@@ -234,14 +171,8 @@ async def test_busy_worker_429_fails_over(
 
         recorder.before_call["Alpha"] = take_the_slot
         response = await ask(hass, "hi")
-        assert recorder.tried == ["Alpha", "Beta"]
-        assert response["worker"] == "Beta"
-        assert response["finish_reason"] in ("stop", "length")  # answered to the end
-        assert response["answer"]
         # Busy is not broken: Alpha stays in rotation, nothing of ours is left open there.
-        alpha_id = handle(cluster, "Alpha").entry_id
-        assert spy.breaker_state(alpha_id) is router.BreakerState.CLOSED
-        assert spy.in_flight(alpha_id) == 0
+        assert_beta_answered_alpha_stays(cluster, spy, recorder, response)
         spy.release(busy)
     finally:
         for holder in held:
@@ -269,17 +200,11 @@ async def test_refusing_worker_4xx_fails_over(
     workers = two_workers(tiny_chat_model, tmp_path, small_context_model)
     try:
         cluster, spy, _ = await household(hass, workers)
-        recorder = Recorder(cluster)
+        recorder = Tap(cluster)
         busy = keep_busy(cluster, "Beta")
         response = await ask(hass, LONG_PROMPT)
-        assert recorder.tried == ["Alpha", "Beta"]
-        assert response["worker"] == "Beta"
-        assert response["finish_reason"] in ("stop", "length")  # answered to the end
-        assert response["answer"]
         # The request, not the worker, was the problem: Alpha is not taken out of rotation.
-        alpha_id = handle(cluster, "Alpha").entry_id
-        assert spy.breaker_state(alpha_id) is router.BreakerState.CLOSED
-        assert spy.in_flight(alpha_id) == 0
+        assert_beta_answered_alpha_stays(cluster, spy, recorder, response)
         spy.release(busy)
     finally:
         await stop_all(workers)
@@ -294,7 +219,7 @@ async def test_probe_ending_without_verdict_frees_the_probe(
     answer then closes its breaker.
     """
     cluster, spy, clock = await household(hass, workers)
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     alpha_id = handle(cluster, "Alpha").entry_id
     busy = keep_busy(cluster, "Beta")
     spy.report_failure(alpha_id)  # an earlier failure
@@ -334,7 +259,7 @@ async def test_second_turn_stays_on_its_worker(
     tolerates: without the conversation the other worker would be asked.
     """
     cluster, spy, _ = await household(hass, workers)
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     busy = keep_busy(cluster, "Beta")
     first = await converse(hass, "hello")
     assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
@@ -376,7 +301,7 @@ async def test_answer_length_learned_from_a_real_stream(
     """The completion tokens the worker reports become the length the router plans for."""
     await setup_entry(hass, entry_for(chat_worker))
     cluster, spy, _ = await household(hass, {})
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     response = await ask(hass, "Write a very long story about the sea.", max_tokens=8)
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
     assert recorder.completion_tokens, "the worker reports usage at the end of a stream"
@@ -434,7 +359,7 @@ async def test_preferred_model_served_nowhere_falls_back(
 ) -> None:
     await setup_entry(hass, entry_for(chat_worker))
     cluster, spy, _ = await household(hass, {}, **{CONF_CHAT_MODEL: "no-such-model"})
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     response = await ask(hass, "hi")
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
     served = cluster.workers[next(iter(cluster.workers))].coordinator.info.chat_models
@@ -447,7 +372,7 @@ async def test_offline_worker_is_not_asked(
 ) -> None:
     """A worker whose last poll failed is left out (not tried and failed over)."""
     cluster, spy, _ = await household(hass, workers)
-    recorder = Recorder(cluster)
+    recorder = Tap(cluster)
     busy = keep_busy(cluster, "Beta")  # Alpha would be first if it were there
     await workers["Alpha"].astop()
     alpha = handle(cluster, "Alpha")

@@ -38,7 +38,7 @@ from custom_components.hearth.const import (
 )
 from custom_components.hearth.worker_api import HearthError
 
-from .conftest import entry_for, pairing_code, worker_info
+from .conftest import entry_for, pairing_code, worker_info, zeroconf_announcement
 
 
 def node_id_of(worker: WorkerProcess) -> str:
@@ -55,15 +55,7 @@ def zeroconf_info(worker: WorkerProcess, node_id: str | None) -> ZeroconfService
     }
     if node_id:
         properties["id"] = node_id
-    return ZeroconfServiceInfo(
-        ip_address=ip_address("127.0.0.1"),
-        ip_addresses=[ip_address("127.0.0.1")],
-        port=worker.port,
-        hostname="kitchen-laptop.local.",
-        type="_hearth._tcp.local.",
-        name="kitchen-laptop._hearth._tcp.local.",
-        properties=properties,
-    )
+    return zeroconf_announcement(worker, properties)
 
 
 async def start_manual(hass: HomeAssistant, port: int, **options: bool) -> str:

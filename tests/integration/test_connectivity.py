@@ -14,7 +14,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import suppress
 from datetime import timedelta
-from ipaddress import ip_address
 from pathlib import Path
 from unittest.mock import patch
 
@@ -43,7 +42,7 @@ from custom_components.hearth.const import (
 )
 from custom_components.hearth.worker_api import HearthCertificateError, HearthConnectionError
 
-from .conftest import entry_for, restart, setup_entry, worker_info
+from .conftest import entry_for, restart, setup_entry, worker_info, zeroconf_announcement
 
 CHAT = {
     "model": "tiny-chat",
@@ -110,21 +109,16 @@ async def test_a_pooled_connection_is_only_reused_for_its_own_pin(
     relay = CountingRelay(chat_worker.port)
     await relay.start()
     session = async_get_clientsession(hass)
+
+    def pinned_to(fingerprint: str | None) -> HearthClient:
+        """A client of the worker behind the relay, pinned to `fingerprint`."""
+        return HearthClient(
+            session, "127.0.0.1", relay.port, chat_worker.token, fingerprint=fingerprint
+        )
+
     try:
-        right = HearthClient(
-            session,
-            "127.0.0.1",
-            relay.port,
-            chat_worker.token,
-            fingerprint=chat_worker.fingerprint,
-        )
-        other = HearthClient(
-            session,
-            "127.0.0.1",
-            relay.port,
-            chat_worker.token,
-            fingerprint=fresh_worker.fingerprint,
-        )
+        right = pinned_to(chat_worker.fingerprint)
+        other = pinned_to(fresh_worker.fingerprint)
         await right.capacity()
         await right.capacity()
         assert relay.accepted == 1
@@ -132,13 +126,7 @@ async def test_a_pooled_connection_is_only_reused_for_its_own_pin(
             await other.capacity()
         assert relay.accepted == 2  # its own connection, refused after the handshake
         # A new client object with the right pin shares the first connection.
-        again = HearthClient(
-            session,
-            "127.0.0.1",
-            relay.port,
-            chat_worker.token,
-            fingerprint=chat_worker.fingerprint,
-        )
+        again = pinned_to(chat_worker.fingerprint)
         await again.capacity()
         assert relay.accepted == 2
     finally:
@@ -203,14 +191,8 @@ def online_sensor(hass: HomeAssistant, worker: WorkerProcess) -> str:
 
 def announcement(worker: WorkerProcess, node_id: str) -> ZeroconfServiceInfo:
     """What Home Assistant's zeroconf hands the flow when a worker announces itself."""
-    return ZeroconfServiceInfo(
-        ip_address=ip_address("127.0.0.1"),
-        ip_addresses=[ip_address("127.0.0.1")],
-        port=worker.port,
-        hostname="kitchen-laptop.local.",
-        type="_hearth._tcp.local.",
-        name="kitchen-laptop._hearth._tcp.local.",
-        properties={"txtvers": "1", "id": node_id, "paired": "true", "scheme": "https"},
+    return zeroconf_announcement(
+        worker, {"txtvers": "1", "id": node_id, "paired": "true", "scheme": "https"}
     )
 
 

@@ -13,8 +13,6 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
 
 import pytest
 from homeassistant.components import conversation
@@ -27,16 +25,13 @@ from custom_components.hearth import router
 from custom_components.hearth.client import StreamTimeouts
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
-    CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
     CONNECT_TIMEOUT,
-    DOMAIN,
     FIRST_TOKEN_TIMEOUT,
 )
-from custom_components.hearth.worker_api import ChatDelta
 
-from .conftest import entry_for, setup_entry
+from .conftest import Action, Tap, ask, setup_household
 
 # With greedy decoding the tiny model runs this one to max_tokens (thousands of tokens,
 # about a second), so a worker stopped after its first delta is stopped mid-answer.
@@ -47,65 +42,9 @@ LONG_PROMPT = " ".join(["the sea and the mountains"] * 600)
 CUT_OFF = "The answer was cut off: the Hearth worker {name} stopped responding."
 NO_WORKER = "None of the household's Hearth workers can answer right now."
 
-Action = Callable[[str], Awaitable[None] | None]
-
-
-class Tap:
-    """Wraps every loaded worker's `client.chat_stream` to watch and act; data is untouched."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.tried: list[str] = []  # worker names, in the order the cluster tried them
-        self.tried_at: list[float] = []  # when (time.monotonic()) each was tried
-        self.first_text: list[str] = []  # workers whose first text reached Home Assistant
-        self.after_accept: Action | None = None
-        self.after_first_text: Action | None = None
-        for handle in cluster.workers.values():
-            real = handle.client.chat_stream
-            handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
-
-    def _wrap(self, name: str, real: Any) -> Any:
-        async def chat_stream(body: Any, *args: Any) -> AsyncGenerator[ChatDelta]:
-            self.tried.append(name)
-            self.tried_at.append(time.monotonic())
-            deltas = await real(body, *args)
-            if self.after_accept is not None:
-                await _call(self.after_accept, name)
-            return self._watch(name, deltas)
-
-        return chat_stream
-
-    async def _watch(
-        self, name: str, deltas: AsyncGenerator[ChatDelta]
-    ) -> AsyncGenerator[ChatDelta]:
-        try:
-            async for delta in deltas:
-                yield delta
-                if delta.content and name not in self.first_text:
-                    self.first_text.append(name)
-                    if self.after_first_text is not None:
-                        await _call(self.after_first_text, name)
-        finally:
-            await deltas.aclose()
-
-
-async def _call(action: Action, name: str) -> None:
-    result = action(name)
-    if result is not None:
-        await result
-
 
 async def household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Cluster:
-    for name, worker in workers.items():
-        await setup_entry(hass, entry_for(worker, name))
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {
-            **cluster.settings,
-            CONF_LLM_HASS_API: [],
-            CONF_MAX_TOKENS: 4000,
-            CONF_TEMPERATURE: 0.0,
-        }
-    )
+    cluster = await setup_household(hass, workers, {CONF_MAX_TOKENS: 4000, CONF_TEMPERATURE: 0.0})
     # Bounds of seconds, not minutes, yet ample for a loaded machine: a worker that is
     # alive gets its first token of LONG_PROMPT out and keeps streaming well within them.
     cluster.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=8, total=60)
@@ -127,18 +66,6 @@ def killer(workers: dict[str, WorkerProcess], sig: signal.Signals = signal.SIGKI
         os.kill(workers[name].process.pid, sig)
 
     return kill
-
-
-async def ask(hass: HomeAssistant, prompt: str, max_tokens: int) -> dict[str, Any]:
-    response = await hass.services.async_call(
-        DOMAIN,
-        "ask",
-        {"prompt": prompt, "max_tokens": max_tokens},
-        blocking=True,
-        return_response=True,
-    )
-    assert response is not None
-    return dict(response)
 
 
 def kill_once(workers: dict[str, WorkerProcess], killed: list[str]) -> Action:
@@ -252,13 +179,14 @@ async def test_killed_mid_answer_in_conversation(
     assert len(speech) > len(note) + 2  # the part the worker produced comes first
 
 
-async def test_frozen_mid_answer_times_out_with_partial_answer(
-    hass: HomeAssistant, workers: dict[str, WorkerProcess]
-) -> None:
-    """A worker that stops sending (SIGSTOP) mid-answer: the between-tokens timeout ends
-    it, and Assist keeps the answer so far with the note. (hearth.ask would ask the
-    next worker instead: nobody saw its answer yet.)"""
-    cluster = await household(hass, workers)
+async def cut_off_by_a_freeze(
+    hass: HomeAssistant, cluster: Cluster, workers: dict[str, WorkerProcess]
+) -> float:
+    """LONG_STORY; the worker answering is frozen (SIGSTOP) after its first text, and thawed.
+
+    Assist keeps the part so far with the note naming that worker, which alone was asked.
+    Returns the seconds the answer took.
+    """
     tap = Tap(cluster)
     frozen: list[str] = []
 
@@ -283,6 +211,17 @@ async def test_frozen_mid_answer_times_out_with_partial_answer(
     note = CUT_OFF.format(name=frozen[0])
     assert speech.endswith("\n\n" + note)
     assert len(speech) > len(note) + 2
+    return elapsed
+
+
+async def test_frozen_mid_answer_times_out_with_partial_answer(
+    hass: HomeAssistant, workers: dict[str, WorkerProcess]
+) -> None:
+    """A worker that stops sending (SIGSTOP) mid-answer: the between-tokens timeout ends
+    it, and Assist keeps the answer so far with the note. (hearth.ask would ask the
+    next worker instead: nobody saw its answer yet.)"""
+    cluster = await household(hass, workers)
+    elapsed = await cut_off_by_a_freeze(hass, cluster, workers)
     assert cluster.timeouts.between_tokens <= elapsed < cluster.timeouts.between_tokens + 5
 
 
@@ -296,30 +235,7 @@ async def test_total_timeout_cuts_a_long_answer(
     """
     cluster = await household(hass, workers)
     cluster.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=120, total=8)
-    tap = Tap(cluster)
-    frozen: list[str] = []
-
-    def freeze_once(name: str) -> None:
-        if not frozen:
-            frozen.append(name)
-            os.kill(workers[name].process.pid, signal.SIGSTOP)
-
-    tap.after_first_text = freeze_once
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(90):
-            result = await conversation.async_converse(
-                hass, LONG_STORY, None, Context(), language="en", agent_id="conversation.hearth"
-            )
-        elapsed = time.monotonic() - started
-    finally:
-        for name in frozen:
-            os.kill(workers[name].process.pid, signal.SIGCONT)
-    assert tap.tried == frozen
-    speech = result.response.speech["plain"]["speech"]
-    note = CUT_OFF.format(name=frozen[0])
-    assert speech.endswith("\n\n" + note)
-    assert len(speech) > len(note) + 2
+    elapsed = await cut_off_by_a_freeze(hass, cluster, workers)
     assert cluster.timeouts.total <= elapsed < cluster.timeouts.between_tokens
 
 

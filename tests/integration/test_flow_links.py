@@ -22,7 +22,7 @@ from custom_components.hearth.config_flow import filter_invalid_llm_apis
 from custom_components.hearth.const import CONF_CODE, CONF_LLM_HASS_API, DOMAIN
 from custom_components.hearth.coordinator import CONF_ADDON
 
-from .conftest import setup_entry
+from .conftest import setup_entry, suggested
 
 SLUG = "a1b2c3d4_hearth"
 ADDON_PAGE = f"homeassistant://hassio/addon/{SLUG}/info"
@@ -43,6 +43,19 @@ def addon_discovery(fake: FakeWorker, node_id: str | None = None) -> HassioServi
         slug=SLUG,
         uuid="0123456789abcdef",
     )
+
+
+def assert_wrong_worker(result: Any, fake: FakeWorker, name: str, expected_id: str) -> None:
+    """The flow aborted: `fake` answered where the worker `name` (`expected_id`) was expected."""
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "wrong_worker"
+    assert result["description_placeholders"] == {
+        "name": name,
+        "expected_id": expected_id,
+        "answered": fake.name,
+        "answered_id": fake.node_id,
+        "url": fake.url,
+    }
 
 
 async def test_addon_card_and_device_link_the_addon(hass: HomeAssistant, fake: FakeWorker) -> None:
@@ -95,15 +108,7 @@ async def test_addon_announcing_another_worker_says_which(
         data=addon_discovery(fake, node_id="announced-node"),
     )
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "wrong_worker"
-    assert result["description_placeholders"] == {
-        "name": "Hearth",
-        "expected_id": "announced-node",
-        "answered": fake.name,
-        "answered_id": fake.node_id,
-        "url": fake.url,
-    }
+    assert_wrong_worker(result, fake, "Hearth", "announced-node")
     assert not hass.config_entries.async_entries(DOMAIN)
 
 
@@ -128,15 +133,7 @@ async def test_reauth_reaching_another_worker_says_which(
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {CONF_CODE: fake.show_pairing_code()}
     )
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "wrong_worker"
-    assert result["description_placeholders"] == {
-        "name": "Kitchen",
-        "expected_id": "kitchen-node",
-        "answered": fake.name,
-        "answered_id": fake.node_id,
-        "url": fake.url,
-    }
+    assert_wrong_worker(result, fake, "Kitchen", "kitchen-node")
     # Nothing was kept: the token the other worker issued is given back, the entry unchanged.
     assert fake.tokens == tokens
     assert entry.data[CONF_TOKEN] == fake.token
@@ -153,15 +150,7 @@ async def test_reconfigure_reaching_another_worker_says_which(
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {CONF_HOST: fake.host, CONF_PORT: fake.port}
     )
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "wrong_worker"
-    assert result["description_placeholders"] == {
-        "name": "Kitchen",
-        "expected_id": "kitchen-node",
-        "answered": fake.name,
-        "answered_id": fake.node_id,
-        "url": fake.url,
-    }
+    assert_wrong_worker(result, fake, "Kitchen", "kitchen-node")
     assert entry.data[CONF_PORT] == 1
 
 
@@ -170,14 +159,6 @@ class GoneAPI(llm.API):
 
     async def async_get_api_instance(self, llm_context: llm.LLMContext) -> llm.APIInstance:
         raise NotImplementedError
-
-
-def suggested(result: dict[str, Any]) -> dict[str, Any]:
-    return {
-        str(key): key.description.get("suggested_value")
-        for key in result["data_schema"].schema
-        if key.description
-    }
 
 
 async def test_household_form_drops_llm_apis_that_are_gone(

@@ -28,14 +28,13 @@ from worker_process import WorkerProcess
 
 from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
-    CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
     DOMAIN,
 )
 
-from .conftest import entry_for, setup_entry
-from .test_failover import CUT_OFF, LONG_STORY, Tap, household, kill_once, other
+from .conftest import Tap, entry_for, setup_entry, setup_household
+from .test_failover import CUT_OFF, LONG_STORY, household, kill_once, other
 
 AGENT = "conversation.hearth"
 NO_WORKER = "None of the household's Hearth workers can answer right now."
@@ -96,11 +95,7 @@ async def test_long_message_skips_sentence_matching(
     the square of the length, holding the event loop): "Prefer handling commands
     locally" is the pipeline's, before Hearth is asked. A short command and a long
     text both go to a worker."""
-    await setup_entry(hass, entry_for(chat_worker))
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {**cluster.settings, CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 8}
-    )
+    cluster = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
     matcher = MatcherSpy(monkeypatch)
     tap = Tap(cluster)
     client = await hass_client()
@@ -128,11 +123,7 @@ async def test_huge_message_is_refused_at_once_and_home_assistant_stays_responsi
     nothing expensive runs, other requests are answered meanwhile, and the
     conversation goes on without the message."""
     assert await async_setup_component(hass, "api", {})
-    await setup_entry(hass, entry_for(chat_worker))
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {**cluster.settings, CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 8}
-    )
+    cluster = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
     matcher = MatcherSpy(monkeypatch)
     tap = Tap(cluster)
     client = await hass_client()

@@ -53,7 +53,8 @@ from custom_components.hearth.const import (
     DOMAIN,
 )
 
-from .test_failover import CUT_OFF, LONG_STORY, Tap
+from .conftest import Tap
+from .test_failover import CUT_OFF, LONG_STORY
 
 pytestmark = pytest.mark.slow
 

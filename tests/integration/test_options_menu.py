@@ -31,7 +31,7 @@ from custom_components.hearth.const import (
 from custom_components.hearth.preferences import DATA_PREFERENCES
 from custom_components.hearth.worker_api import parse_catalog
 
-from .conftest import entry_for, setup_entry
+from .conftest import entry_for, setup_entry, suggested
 
 MENU = ["household", "worker", "add_model", "remove_model"]
 
@@ -55,14 +55,6 @@ async def open_step(hass: HomeAssistant, entry_id: str, step: str) -> dict[str, 
 
 def fields(result: dict[str, Any]) -> set[str]:
     return {str(key) for key in result["data_schema"].schema}
-
-
-def suggested(result: dict[str, Any]) -> dict[str, Any]:
-    return {
-        str(key): key.description.get("suggested_value")
-        for key in result["data_schema"].schema
-        if key.description
-    }
 
 
 async def test_menu_names_the_worker_and_offers_every_part(

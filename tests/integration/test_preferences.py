@@ -101,6 +101,19 @@ def issue(hass: HomeAssistant) -> ir.IssueEntry | None:
     return ir.async_get(hass).async_get_issue(DOMAIN, ISSUE_CORRUPT)
 
 
+def record_bodies(cluster: Cluster) -> list[dict[str, Any]]:
+    """The request bodies the household sends its workers from now on (calls go through)."""
+    bodies: list[dict[str, Any]] = []
+    real_open = cluster.async_open_chat
+
+    async def recording_open(body: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        bodies.append(body)
+        return await real_open(body, *args, **kwargs)
+
+    cluster.async_open_chat = recording_open
+    return bodies
+
+
 # --- store --------------------------------------------------------------------
 
 
@@ -395,14 +408,7 @@ async def test_tools_through_the_agent(
     assert [i["value"] for i in prefs.items(member.key)] == ["grams"]
 
     # A real conversation turn: the worker is asked with the preference in the prompt.
-    bodies: list[dict[str, Any]] = []
-    real_open = cluster.async_open_chat
-
-    async def recording_open(body: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        bodies.append(body)
-        return await real_open(body, *args, **kwargs)
-
-    cluster.async_open_chat = recording_open
+    bodies = record_bodies(cluster)
     result = await conversation.async_converse(
         hass, "hello", None, context, language="en", agent_id=AGENT
     )
@@ -718,14 +724,7 @@ async def test_ask_with_a_person_uses_their_preferences(
     alice = await add_person(hass, None)
     await call(hass, "preferences_set", {"person": alice, "category": "units", "value": "grams"})
     cluster = Cluster.get(hass)
-    bodies: list[dict[str, Any]] = []
-    real_open = cluster.async_open_chat
-
-    async def recording_open(body: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        bodies.append(body)
-        return await real_open(body, *args, **kwargs)
-
-    cluster.async_open_chat = recording_open
+    bodies = record_bodies(cluster)
     data = {"prompt": "How much flour?", "instructions": "Be brief.", "max_tokens": 4}
     await call(hass, "ask", {**data, "person": alice})
     system = bodies[0]["messages"][0]

@@ -30,7 +30,7 @@ from worker_process import start_worker, tls_closed
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.coordinator import pull_issue_id
 
-from .conftest import entry_for, restart, setup_entry
+from .conftest import entry_for, restart, setup_entry, setup_fake_entry
 
 SOURCE = "microsoft/Phi-4-mini-instruct-onnx:cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 OTHER = "BAAI/bge-small-en-v1.5:onnx"
@@ -62,16 +62,6 @@ NO_SPACE = job(
 )
 
 
-async def setup(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="Kitchen worker", unique_id=fake.node_id, data=fake.entry_data()
-    )
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    return entry
-
-
 async def poll(hass: HomeAssistant, entry: MockConfigEntry) -> None:
     await entry.runtime_data.coordinator.async_refresh()
     await hass.async_block_till_done()
@@ -97,7 +87,7 @@ async def test_no_space_is_a_repair_until_the_pull_is_done(
     hass: HomeAssistant, fake: FakeWorker
 ) -> None:
     fake.pulls = [job(SOURCE, "running")]
-    entry = await setup(hass, fake)
+    entry = await setup_fake_entry(hass, fake, "Kitchen worker")
     assert pull_issues(hass) == {}
 
     # The start-up pull fails for want of space: a repair naming the worker, the
@@ -143,7 +133,7 @@ async def test_other_failures_are_one_generic_repair_each_until_gone(
         NO_SPACE,
         job("acme/cancelled", "cancelled", "cancelled", "cancelled"),
     ]
-    entry = await setup(hass, fake)
+    entry = await setup_fake_entry(hass, fake, "Kitchen worker")
     await poll(hass, entry)
     issues = pull_issues(hass)
     assert set(issues) == {
@@ -181,7 +171,7 @@ async def test_other_failures_are_one_generic_repair_each_until_gone(
 async def test_info_is_read_again_only_while_pulls_need_it(
     hass: HomeAssistant, fake: FakeWorker
 ) -> None:
-    entry = await setup(hass, fake)
+    entry = await setup_fake_entry(hass, fake, "Kitchen worker")
     reads = fake.requests.count(INFO)
     await poll(hass, entry)
     await poll(hass, entry)

@@ -19,9 +19,10 @@ from fake_worker import FakeWorker
 from homeassistant.components import conversation
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import entity_registry as er
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.hearth.const import DOMAIN
+
+from .conftest import setup_fake_entry
 
 POLL = "GET /v1/capacity"
 
@@ -31,16 +32,6 @@ def polls_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """No interval poll comes during a test, however slow the machine: only the polls a
     test makes (`async_refresh`) refresh the snapshot."""
     monkeypatch.setattr("custom_components.hearth.coordinator.SCAN_INTERVAL", timedelta(hours=1))
-
-
-async def setup(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="Fake worker", unique_id=fake.node_id, data=fake.entry_data()
-    )
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    return entry
 
 
 def load(hass: HomeAssistant, fake: FakeWorker) -> tuple[str, str]:
@@ -78,7 +69,7 @@ async def test_running_follows_a_request_between_polls(
     hass: HomeAssistant, fake: FakeWorker
 ) -> None:
     """1 while the answer comes, 0 as soon as it is over: no poll in between."""
-    await setup(hass, fake)
+    await setup_fake_entry(hass, fake)
     assert load(hass, fake) == ("0", "0")
     polls = fake.count(POLL)
     async with held_answer(hass, fake):
@@ -91,7 +82,7 @@ async def test_running_drops_after_a_request_a_poll_saw(
     hass: HomeAssistant, fake: FakeWorker
 ) -> None:
     """A poll during the answer shows it running; it ends: 0 at once, not at the next poll."""
-    entry = await setup(hass, fake)
+    entry = await setup_fake_entry(hass, fake)
     coordinator = entry.runtime_data.coordinator
     async with held_answer(hass, fake):
         await coordinator.async_refresh()  # the worker's own count: 1
@@ -105,7 +96,7 @@ async def test_running_drops_after_a_request_a_poll_saw(
 async def test_own_requests_add_to_other_clients(hass: HomeAssistant, fake: FakeWorker) -> None:
     """Others' requests come from the snapshot, Hearth's own on top; beyond the worker's
     parallel slots they count as queued."""
-    entry = await setup(hass, fake)
+    entry = await setup_fake_entry(hass, fake)
     fake.running = 2  # two requests of other clients fill both slots
     await entry.runtime_data.coordinator.async_refresh()
     assert load(hass, fake) == ("2", "0")

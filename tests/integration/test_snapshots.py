@@ -27,7 +27,6 @@ from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import entity_registry as er
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
 from syrupy.assertion import SnapshotAssertion
 from syrupy.filters import props
@@ -41,26 +40,13 @@ from custom_components.hearth.const import (
 )
 from custom_components.hearth.diagnostics import async_get_config_entry_diagnostics
 
+from .conftest import setup_fake_entry
+
 
 @pytest.fixture
 def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
     """Home Assistant's snapshot extension (snapshots/ beside this file), as core's conftest."""
     return snapshot.use_extension(HomeAssistantSnapshotExtension)
-
-
-def fake_entry(fake: FakeWorker, title: str = "Fake worker") -> MockConfigEntry:
-    """An entry as pairing makes it: token, node id and the pinned certificate."""
-    return MockConfigEntry(
-        domain=DOMAIN, title=title, unique_id=fake.node_id, data=fake.entry_data()
-    )
-
-
-async def setup_fake_entry(hass: HomeAssistant, fake: FakeWorker) -> MockConfigEntry:
-    entry = fake_entry(fake)
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    return entry
 
 
 def pinned(fake: FakeWorker) -> ssl.SSLContext:
