@@ -28,6 +28,7 @@ from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 from relay import CountingRelay
 from worker_process import WorkerProcess, tls_closed
 
@@ -221,18 +222,26 @@ async def quiet_household(hass: HomeAssistant) -> None:
     await cluster.async_update_settings({CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 4})
 
 
+async def lost_and_restarted(
+    hass: HomeAssistant, worker: WorkerProcess
+) -> tuple[MockConfigEntry, str]:
+    """`worker` set up, seen offline after it stopped, then started again (Home Assistant
+    not told): its entry and its online sensor's entity id."""
+    entry = entry_for(worker)
+    await setup_entry(hass, entry)
+    await quiet_household(hass)
+    online = online_sensor(hass, worker)
+    await lose_worker(hass, worker, online)
+    await hass.async_add_executor_job(restart, worker)
+    return entry, online
+
+
 async def test_announced_worker_is_back_at_once(
     hass: HomeAssistant, own_worker: WorkerProcess, slow_polls: None
 ) -> None:
     """Lost: seen on the first failed request. Back: seen on its mDNS announcement,
     and it takes requests right away (before: 52-58 s, the poll's back-off)."""
-    entry = entry_for(own_worker)
-    await setup_entry(hass, entry)
-    await quiet_household(hass)
-    online = online_sensor(hass, own_worker)
-    await lose_worker(hass, own_worker, online)
-
-    await hass.async_add_executor_job(restart, own_worker)
+    entry, online = await lost_and_restarted(hass, own_worker)
     answering = time.monotonic()  # the worker answers from here on
     result = await hass.config_entries.flow.async_init(
         DOMAIN,
@@ -255,13 +264,7 @@ async def test_request_polls_offline_workers_first(
 ) -> None:
     """No announcement (a manual entry on another subnet): a request that finds no
     worker online polls the offline ones and a returning one answers it."""
-    entry = entry_for(own_worker)
-    await setup_entry(hass, entry)
-    await quiet_household(hass)
-    online = online_sensor(hass, own_worker)
-    await lose_worker(hass, own_worker, online)
-
-    await hass.async_add_executor_job(restart, own_worker)
+    _, online = await lost_and_restarted(hass, own_worker)
     assert hass.states.get(online).state == STATE_OFF  # nobody has looked yet
     assert await ask(hass)
     assert hass.states.get(online).state == STATE_ON
