@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
-from worker_process import insecure_connector, tls_closed
+from worker_process import WorkerProcess, insecure_connector, start_worker, tls_closed
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +25,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=insecure_connector()) as session:
         yield session
     await tls_closed()
+
+
+@pytest.fixture
+async def cache_worker(tiny_chat_model: Path, tmp_path: Path) -> AsyncIterator[WorkerProcess]:
+    """A worker of this test alone: a 64 MB prompt cache, no warm-up (nothing cached yet)."""
+    worker = start_worker(
+        [tiny_chat_model], tmp_path, extra=["--no-warmup", "--prompt-cache-mb", "64"]
+    )
+    yield worker
+    assert await worker.astop() == 0, worker.log()

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from test_api import CHAT, model_id
-from worker_process import start_worker
+from worker_process import WorkerProcess
 
 from addon.hearth_worker.chat_engine import ChatModel, Sampling
 from addon.hearth_worker.manifest import load_manifest
@@ -92,45 +92,40 @@ def test_engine_keeps_the_key_until_the_model_goes(manifest: Any) -> None:
 
 
 async def test_worker_lists_warm_keys(
-    http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
+    http: aiohttp.ClientSession, tiny_chat_model: Path, cache_worker: WorkerProcess
 ) -> None:
-    worker = start_worker(
-        [tiny_chat_model], tmp_path, extra=["--no-warmup", "--prompt-cache-mb", "64"]
-    )
-    try:
-        model = model_id(tiny_chat_model)
+    worker = cache_worker
+    model = model_id(tiny_chat_model)
 
-        async def chat(system: str, prefix: str | None, stream: bool = False) -> None:
-            body = {
-                "model": model,
-                "messages": messages(system, "turn on the kitchen light"),
-                "max_tokens": 4,
-                "stream": stream,
-            }
-            headers = dict(worker.headers)
-            if prefix is not None:
-                headers[PREFIX_HEADER] = prefix
-            async with http.post(worker.url + CHAT, json=body, headers=headers) as resp:
-                assert resp.status == 200, await resp.text()
-                await resp.read()
+    async def chat(system: str, prefix: str | None, stream: bool = False) -> None:
+        body = {
+            "model": model,
+            "messages": messages(system, "turn on the kitchen light"),
+            "max_tokens": 4,
+            "stream": stream,
+        }
+        headers = dict(worker.headers)
+        if prefix is not None:
+            headers[PREFIX_HEADER] = prefix
+        async with http.post(worker.url + CHAT, json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
 
-        async def warm() -> list[str]:
-            async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as resp:
-                capacity = await resp.json()
-            keys: list[str] = capacity["prompt_cache"]["warm_keys"][model]
-            return keys
+    async def warm() -> list[str]:
+        async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as resp:
+            capacity = await resp.json()
+        keys: list[str] = capacity["prompt_cache"]["warm_keys"][model]
+        return keys
 
-        assert await warm() == []
-        household = key(HOUSEHOLD)
-        await chat(HOUSEHOLD, household.upper())  # hex, either case
-        assert await warm() == [household]
-        await chat(HOUSEHOLD, "not a key")  # ignored: not 64 hex digits
-        assert await warm() == [household]
-        # A prompt that parts from it halfway through the household part rewinds the
-        # only entry into its history: K is gone, the new key is listed.
-        other = HOUSEHOLD[: len(HOUSEHOLD) // 2] + " Everything else is off."
-        await chat(other, key(other), stream=True)
-        assert await warm() == [key(other)]
-    finally:
-        assert await worker.astop() == 0, worker.log()
+    assert await warm() == []
+    household = key(HOUSEHOLD)
+    await chat(HOUSEHOLD, household.upper())  # hex, either case
+    assert await warm() == [household]
+    await chat(HOUSEHOLD, "not a key")  # ignored: not 64 hex digits
+    assert await warm() == [household]
+    # A prompt that parts from it halfway through the household part rewinds the
+    # only entry into its history: K is gone, the new key is listed.
+    other = HOUSEHOLD[: len(HOUSEHOLD) // 2] + " Everything else is off."
+    await chat(other, key(other), stream=True)
+    assert await warm() == [key(other)]
     await asyncio.sleep(0)

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from test_api import CHAT, model_id
-from worker_process import start_worker
+from worker_process import WorkerProcess
 
 from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
 from addon.hearth_worker.manifest import load_manifest
@@ -224,49 +224,44 @@ def test_prefix_hashes_are_of_token_ids() -> None:
 
 
 async def test_worker_reports_cached_tokens_and_warm_prefixes(
-    http: aiohttp.ClientSession, tiny_chat_model: Path, tmp_path: Path
+    http: aiohttp.ClientSession, tiny_chat_model: Path, cache_worker: WorkerProcess
 ) -> None:
-    worker = start_worker(
-        [tiny_chat_model], tmp_path, extra=["--no-warmup", "--prompt-cache-mb", "64"]
-    )
-    try:
-        model = model_id(tiny_chat_model)
-        usages = []
-        for user in ("turn on the kitchen light", "what is the temperature in the attic?"):
-            body = {"model": model, "messages": conversation(user), "max_tokens": 4}
-            async with http.post(worker.url + CHAT, json=body, headers=worker.headers) as resp:
-                assert resp.status == 200, await resp.text()
-                usages.append((await resp.json())["usage"])
-        assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
-        assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= MIN_REUSE_TOKENS
-        # Streamed, with usage: reported there too.
-        body = {
-            "model": model,
-            "messages": conversation("turn on the kitchen light"),
-            "max_tokens": 4,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    worker = cache_worker
+    model = model_id(tiny_chat_model)
+    usages = []
+    for user in ("turn on the kitchen light", "what is the temperature in the attic?"):
+        body = {"model": model, "messages": conversation(user), "max_tokens": 4}
         async with http.post(worker.url + CHAT, json=body, headers=worker.headers) as resp:
-            events = [
-                json.loads(line[6:])
-                for line in (await resp.text()).splitlines()
-                if line.startswith("data: {")
-            ]
-        streamed = [e["usage"] for e in events if e.get("usage")]
-        assert streamed[-1]["prompt_tokens_details"]["cached_tokens"] > 0
-        async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as resp:
-            capacity = await resp.json()
-        cache = capacity["prompt_cache"]
-        assert cache["budget_bytes"] == 64 * 1024 * 1024
-        assert 0 < cache["used_bytes"] <= cache["budget_bytes"]
-        assert cache["peak_bytes"] >= cache["used_bytes"]
-        warm = cache["warm_prefixes"][model]
-        assert {"tokens": 32, "sha256": warm[0]["sha256"]} in warm
-        text = json.dumps(capacity)
-        assert "kitchen" not in text and "light.room" not in text  # hashes, never text
-    finally:
-        assert await worker.astop() == 0, worker.log()
+            assert resp.status == 200, await resp.text()
+            usages.append((await resp.json())["usage"])
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= MIN_REUSE_TOKENS
+    # Streamed, with usage: reported there too.
+    body = {
+        "model": model,
+        "messages": conversation("turn on the kitchen light"),
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(worker.url + CHAT, json=body, headers=worker.headers) as resp:
+        events = [
+            json.loads(line[6:])
+            for line in (await resp.text()).splitlines()
+            if line.startswith("data: {")
+        ]
+    streamed = [e["usage"] for e in events if e.get("usage")]
+    assert streamed[-1]["prompt_tokens_details"]["cached_tokens"] > 0
+    async with http.get(worker.url + "/v1/capacity", headers=worker.headers) as resp:
+        capacity = await resp.json()
+    cache = capacity["prompt_cache"]
+    assert cache["budget_bytes"] == 64 * 1024 * 1024
+    assert 0 < cache["used_bytes"] <= cache["budget_bytes"]
+    assert cache["peak_bytes"] >= cache["used_bytes"]
+    warm = cache["warm_prefixes"][model]
+    assert {"tokens": 32, "sha256": warm[0]["sha256"]} in warm
+    text = json.dumps(capacity)
+    assert "kitchen" not in text and "light.room" not in text  # hashes, never text
     await asyncio.sleep(0)
 
 
