@@ -16,7 +16,6 @@ from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.typing import ConfigType
 
 from .client import HearthClient
-from .cluster import Cluster, WorkerHandle
 from .const import (
     CONF_ALLOW_PUBLIC,
     CONF_FINGERPRINT,
@@ -31,6 +30,7 @@ from .coordinator import (
     auth_issue_id,
     unreachable_issue_id,
 )
+from .household import Household, WorkerHandle
 from .preference_tools import async_register_household_api
 from .preferences import DATA_PREFERENCES, Preferences
 from .services import async_setup_services
@@ -50,9 +50,8 @@ PLATFORMS: list[Platform | str] = [
 
 @dataclass
 class HearthRuntimeData:
-    """What a loaded entry holds."""
+    """What a loaded entry holds: its worker's coordinator (which holds the client)."""
 
-    client: HearthClient
     coordinator: HearthCoordinator
 
 
@@ -73,8 +72,8 @@ def _client(hass: HomeAssistant, entry: HearthConfigEntry) -> HearthClient:
 
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
-    """Create the household cluster and register the actions."""
-    await Cluster.async_create(hass)
+    """Create the household household and register the actions."""
+    await Household.async_create(hass)
     hass.data[DATA_PREFERENCES] = await Preferences.async_create(hass)
     async_register_household_api(hass)
     async_setup_services(hass)
@@ -103,10 +102,10 @@ async def async_setup_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> bo
 
     coordinator = HearthCoordinator(hass, entry, client, info)
     await coordinator.async_config_entry_first_refresh()
-    entry.runtime_data = HearthRuntimeData(client, coordinator)
+    entry.runtime_data = HearthRuntimeData(coordinator)
 
-    cluster = Cluster.get(hass)
-    cluster.add_worker(WorkerHandle(entry.entry_id, entry.title, client, coordinator))
+    household = Household.get(hass)
+    household.add_worker(WorkerHandle(entry.entry_id, entry.title, client, coordinator))
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     return True
 
@@ -118,7 +117,7 @@ async def async_unload_entry(hass: HomeAssistant, entry: HearthConfigEntry) -> b
     ir.async_delete_issue(hass, DOMAIN, unreachable_issue_id(entry.entry_id))
     async_delete_pull_issues(hass, entry.entry_id)
     # If this entry held the household's agent, the next loaded entry takes it over.
-    Cluster.get(hass).remove_worker(entry.entry_id)
+    Household.get(hass).remove_worker(entry.entry_id)
     return True
 
 

@@ -42,7 +42,7 @@ class HearthTaskEntity(ai_task.AITaskEntity, HearthBaseLLMEntity):
     async def _async_generate_data(
         self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog
     ) -> ai_task.GenDataTaskResult:
-        await self._async_handle_chat_log(chat_log, kind="task", structure=task.structure)
+        await self._async_handle_chat_log(chat_log, purpose="task", structure=task.structure)
         last = chat_log.content[-1]
         text = (last.content if isinstance(last, conversation.AssistantContent) else None) or ""
         if not task.structure:

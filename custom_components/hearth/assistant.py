@@ -19,7 +19,6 @@ from homeassistant.helpers.translation import async_get_translations
 from homeassistant.util.hass_dict import HassKey
 from voluptuous_openapi import convert  # type: ignore[import-untyped,unused-ignore]
 
-from .cluster import AnswerCutOffError, Cluster
 from .const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -33,6 +32,7 @@ from .const import (
     MAX_REMEMBERED_CONVERSATIONS,
     MAX_TOOL_ITERATIONS,
 )
+from .household import AnswerCutOffError, Household
 from .preference_tools import agent_turn, async_member_tools
 from .preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 from .worker_api import ChatDelta
@@ -478,13 +478,13 @@ def answer_max_tokens(settings: dict[str, Any]) -> int:
 
 async def async_run_chat_log(
     hass: HomeAssistant,
-    cluster: Cluster,
+    household: Household,
     chat_log: conversation.ChatLog,
     agent_id: str,
     *,
     extra_instructions: str | None = None,
     language: str | None = None,
-    kind: str = "voice",
+    purpose: str = "voice",
     response_format: dict[str, Any] | None = None,
 ) -> None:
     """Let the household's workers answer the chat log, running tool calls in between.
@@ -499,7 +499,7 @@ async def async_run_chat_log(
     the answer before it is whole, so a cut-off answer is asked again of another
     worker; only when every worker broke off is AnswerCutOffError raised.
     """
-    settings = cluster.settings
+    settings = household.settings
     tools: list[dict[str, Any]] | None = None
     if chat_log.llm_api:
         tools = [
@@ -515,8 +515,8 @@ async def async_run_chat_log(
         body = request_body(settings, messages, tools=tools, response_format=response_format)
         cut_off: list[HomeAssistantError] = []
         if language is None:  # nobody waits on the stream: a whole answer, or an error
-            done = await cluster.async_complete(
-                body, conversation_id=chat_log.conversation_id, kind=kind
+            done = await household.async_complete(
+                body, conversation_id=chat_log.conversation_id, purpose=purpose
             )
             if done.cut_off is not None:
                 raise done.cut_off
@@ -537,10 +537,10 @@ async def async_run_chat_log(
             if not chat_log.unresponded_tool_results:
                 break
             continue
-        stream = await cluster.async_open_chat(
+        stream = await household.async_open_chat(
             body,
             conversation_id=chat_log.conversation_id,
-            kind=kind,
+            purpose=purpose,
         )
 
         async def note(err: HomeAssistantError, language: str = language) -> str:

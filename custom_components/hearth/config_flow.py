@@ -31,7 +31,6 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from . import HearthRuntimeData
 from .client import HearthClient
-from .cluster import Cluster
 from .const import (
     CLIENT_NAME,
     CONF_ALLOW_PUBLIC,
@@ -54,6 +53,7 @@ from .const import (
     LOGGER,
 )
 from .coordinator import CONF_ADDON, addon_url
+from .household import Household
 from .worker_api import (
     PULL_DONE,
     CatalogEntry,
@@ -553,7 +553,7 @@ def catalog_label(entry: CatalogEntry) -> str:
 
 class HearthOptionsFlow(OptionsFlow):
     """A menu: the household's assistant (settings every worker shares, kept by the
-    cluster), this worker (its routing flags, the entry's options), and adding or
+    household), this worker (its routing flags, the entry's options), and adding or
     removing this worker's models. Each form changes only what it says."""
 
     def __init__(self) -> None:
@@ -584,16 +584,16 @@ class HearthOptionsFlow(OptionsFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
         """Settings of the household's one assistant, whichever worker answers."""
-        cluster = Cluster.get(self.hass)
+        household = Household.get(self.hass)
         if user_input is not None:
-            settings = {**cluster.settings, **user_input}
+            settings = {**household.settings, **user_input}
             for key in CLEARABLE_SETTINGS:
                 settings[key] = user_input.get(key) or None
             settings[CONF_TEMPERATURE] = user_input.get(CONF_TEMPERATURE)  # None: the model's
             settings[CONF_LLM_HASS_API] = filter_invalid_llm_apis(
                 self.hass, user_input.get(CONF_LLM_HASS_API)
             )
-            await cluster.async_update_settings(settings)
+            await household.async_update_settings(settings)
             # This worker's own options stay as they are.
             return self.async_create_entry(data=dict(self.config_entry.options))
 
@@ -603,7 +603,9 @@ class HearthOptionsFlow(OptionsFlow):
             if api.id != HOUSEHOLD_API_ID  # Hearth's agent's own (its tools and these)
         ]
         served = [
-            model for worker in cluster.workers.values() for model in worker.coordinator.info.models
+            model
+            for worker in household.workers.values()
+            for model in worker.coordinator.info.models
         ]
         chat = sorted({m.id for m in served if m.kind == "chat"})
         embedding = sorted({m.id for m in served if m.kind == "embedding"})
@@ -633,10 +635,10 @@ class HearthOptionsFlow(OptionsFlow):
                 ),
             }
         )
-        suggested = {k: v for k, v in cluster.settings.items() if v is not None}
+        suggested = {k: v for k, v in household.settings.items() if v is not None}
         # Not offered back: an API that is gone (its integration removed).
         suggested[CONF_LLM_HASS_API] = filter_invalid_llm_apis(
-            self.hass, cluster.settings.get(CONF_LLM_HASS_API)
+            self.hass, household.settings.get(CONF_LLM_HASS_API)
         )
         return self.async_show_form(
             step_id="household",
@@ -671,7 +673,7 @@ class HearthOptionsFlow(OptionsFlow):
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
         """A model of the catalog that fits this worker, or any hub id; then pull it."""
-        client = self._runtime.client
+        client = self._runtime.coordinator.client
         if self._catalog is None:
             try:
                 self._catalog = await client.catalog()
@@ -725,7 +727,7 @@ class HearthOptionsFlow(OptionsFlow):
         assert self._job is not None
         if self._pull_task is None:
             self._pull_task = self.hass.async_create_background_task(
-                self._async_follow(self._runtime.client, self._job),
+                self._async_follow(self._runtime.coordinator.client, self._job),
                 f"Hearth: {self.config_entry.title} pulls {self._job.source}",
             )
         if not self._pull_task.done():
@@ -790,7 +792,7 @@ class HearthOptionsFlow(OptionsFlow):
             return
         job, self._job = self._job, None
         self.hass.async_create_background_task(
-            self._async_cancel(self._runtime.client, job),
+            self._async_cancel(self._runtime.coordinator.client, job),
             f"Hearth: cancel pulling {job.source}",
         )
 
@@ -823,7 +825,7 @@ class HearthOptionsFlow(OptionsFlow):
         if user_input is not None:
             model = str(user_input[CONF_MODEL])
             try:
-                await runtime.client.remove_model(model)
+                await runtime.coordinator.client.remove_model(model)
             except HearthAdminRequiredError:
                 errors["base"] = "admin_required"
             except HearthRequestError as err:

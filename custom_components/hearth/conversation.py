@@ -12,9 +12,9 @@ from homeassistant.helpers import intent
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
 from .assistant import async_error_text, async_provide_llm_data
-from .cluster import MessageTooLongError
 from .const import CONF_LLM_HASS_API, CONVERSATION_UNIQUE_ID, LOGGER
 from .entity import HearthBaseLLMEntity, async_add_household_entity
+from .household import MessageTooLongError
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -43,7 +43,7 @@ class HearthConversationEntity(conversation.ConversationEntity, HearthBaseLLMEnt
 
     @property
     def supported_features(self) -> conversation.ConversationEntityFeature:
-        if self.cluster.settings.get(CONF_LLM_HASS_API):
+        if self.household.settings.get(CONF_LLM_HASS_API):
             return conversation.ConversationEntityFeature.CONTROL
         return conversation.ConversationEntityFeature(0)
 
@@ -52,9 +52,9 @@ class HearthConversationEntity(conversation.ConversationEntity, HearthBaseLLMEnt
         user_input: conversation.ConversationInput,
         chat_log: conversation.ChatLog,
     ) -> conversation.ConversationResult:
-        settings = self.cluster.settings
+        settings = self.household.settings
         message = user_input.text
-        if len(message) > (limit := self.cluster.prompt_char_limit()):
+        if len(message) > (limit := self.household.prompt_char_limit()):
             # Longer than any household model could read: refused before anything
             # (preference relevance, a worker) spends time on it.
             return await self._async_error(
@@ -66,7 +66,9 @@ class HearthConversationEntity(conversation.ConversationEntity, HearthBaseLLMEnt
             return err.as_conversation_result()
         try:
             # language: a cut-off answer ends with a note in the user's language
-            await self._async_handle_chat_log(chat_log, kind="voice", language=user_input.language)
+            await self._async_handle_chat_log(
+                chat_log, purpose="voice", language=user_input.language
+            )
             return result_from_chat_log(user_input, chat_log)
         except HomeAssistantError as err:
             return await self._async_error(user_input, chat_log, err)

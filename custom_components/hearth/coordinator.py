@@ -2,10 +2,10 @@
 
 Besides the interval, a poll is made at once (`async_poll_now`) when the worker
 announces itself on the network (config_flow.py, zeroconf) and when a request to it
-fails (cluster.py): a returning worker is seen within a poll's time, not at the
+fails (household.py): a returning worker is seen within a poll's time, not at the
 next interval of its back-off, and a lost one as soon as a request notices.
 
-Between polls, the cluster tells the coordinator when Hearth's own requests to the
+Between polls, the household tells the coordinator when Hearth's own requests to the
 worker start and end (`async_set_in_flight`); `load()` is the last snapshot
 corrected by them, and the sensors follow it at once (`signal_in_flight`).
 """
@@ -122,7 +122,7 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
 
     @callback
     def async_set_in_flight(self, count: int) -> None:
-        """Hearth now has `count` requests open on this worker (cluster.py calls it)."""
+        """Hearth now has `count` requests open on this worker (household.py calls it)."""
         if count != self.in_flight:
             self.in_flight = count
             async_dispatcher_send(self.hass, self.signal_in_flight)

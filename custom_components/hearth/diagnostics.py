@@ -10,8 +10,8 @@ from homeassistant.components.diagnostics import async_redact_data
 from homeassistant.const import CONF_TOKEN
 from homeassistant.core import HomeAssistant
 
-from .cluster import Cluster
 from .const import CONF_PROMPT, CONF_TOKEN_ID
+from .household import Household
 from .preferences import DATA_PREFERENCES
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ async def async_get_config_entry_diagnostics(
     hass: HomeAssistant, entry: HearthConfigEntry
 ) -> dict[str, Any]:
     coordinator = entry.runtime_data.coordinator
-    cluster = Cluster.get(hass)
+    household = Household.get(hass)
     capacity = coordinator.data
     return {
         "entry": async_redact_data(dict(entry.data), TO_REDACT),
@@ -32,9 +32,9 @@ async def async_get_config_entry_diagnostics(
         "online": coordinator.last_update_success,
         "capacity": capacity.raw if capacity else None,
         "household": {
-            "primary": cluster.primary_entry_id == entry.entry_id,
-            "workers": len(cluster.workers),
-            "settings": async_redact_data(cluster.settings, TO_REDACT),
+            "primary": household.primary_entry_id == entry.entry_id,
+            "workers": len(household.workers),
+            "settings": async_redact_data(household.settings, TO_REDACT),
             "preferences": preferences_diagnostics(hass),
         },
     }

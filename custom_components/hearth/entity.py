@@ -15,9 +15,9 @@ from homeassistant.helpers.entity_platform import AddEntitiesCallback
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
 from .assistant import async_run_chat_log, json_schema
-from .cluster import Cluster
 from .const import DOMAIN, HOUSEHOLD_DEVICE_ID
 from .coordinator import HearthCoordinator
+from .household import Household
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -56,12 +56,12 @@ def async_add_household_entity(
     hass: HomeAssistant,
     entry: HearthConfigEntry,
     async_add_entities: AddEntitiesCallback,
-    entity_class: Callable[[Cluster], HearthBaseLLMEntity],
+    entity_class: Callable[[Household], HearthBaseLLMEntity],
 ) -> None:
     """The household's primary entry holds the entity; another takes it over later."""
-    cluster = Cluster.get(hass)
-    cluster.add_household_entities(
-        entry.entry_id, lambda: async_add_entities([entity_class(cluster)])
+    household = Household.get(hass)
+    household.add_household_entities(
+        entry.entry_id, lambda: async_add_entities([entity_class(household)])
     )
 
 
@@ -72,14 +72,14 @@ class HearthBaseLLMEntity(Entity):
     _attr_name = None
     _attr_device_info = HOUSEHOLD_DEVICE
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, household: Household) -> None:
+        self.household = household
 
     async def _async_handle_chat_log(
         self,
         chat_log: conversation.ChatLog,
         *,
-        kind: str,
+        purpose: str,
         language: str | None = None,
         structure: vol.Schema | None = None,
     ) -> None:
@@ -102,12 +102,12 @@ class HearthBaseLLMEntity(Entity):
             }
         await async_run_chat_log(
             self.hass,
-            self.cluster,
+            self.household,
             chat_log,
             self.entity_id,
             extra_instructions=extra,
             language=language,
-            kind=kind,
+            purpose=purpose,
             response_format=response_format,
         )
 

@@ -1,6 +1,6 @@
 """How relevant each preference is to a request: cosine similarity of worker embeddings.
 
-The texts are embedded through the cluster (`Cluster.async_embed`: routed like
+The texts are embedded through the household (`Household.async_embed`: routed like
 chat, the household's chosen embedding model first, each try bounded by
 `EMBEDDING_TIMEOUT`). Vectors of preference texts are cached in memory per
 (model, text), least recently used dropped beyond `EMBEDDING_CACHE_SIZE`; the
@@ -15,8 +15,8 @@ from typing import Final
 
 from homeassistant.core import HomeAssistant
 
-from .cluster import Cluster, NoWorkerError, RequestNotServableError
 from .const import LOGGER
+from .household import Household, NoWorkerError, RequestNotServableError
 
 EMBEDDING_TIMEOUT: Final = 3.0  # per worker asked: the prompt must not wait long for relevance
 EMBEDDING_CACHE_SIZE: Final = 4096
@@ -39,14 +39,14 @@ class Relevance:
         """Embeddings of the texts and the model that made them; None when no worker
         gave them in time."""
         try:
-            return await Cluster.get(self.hass).async_embed(texts, per_try_s=EMBEDDING_TIMEOUT)
+            return await Household.get(self.hass).async_embed(texts, per_try_s=EMBEDDING_TIMEOUT)
         except (NoWorkerError, RequestNotServableError) as err:
             LOGGER.debug("No embeddings: %r", err)
             return None
 
     async def async_similarities(self, query: str, texts: list[str]) -> list[float] | None:
         """Cosine similarity of each text to the query; None without embeddings."""
-        model = Cluster.get(self.hass).embedding_model()
+        model = Household.get(self.hass).embedding_model()
         if model is None:
             return None
         missing = [t for t in dict.fromkeys(texts) if (model, t) not in self.vectors]

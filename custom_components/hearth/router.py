@@ -10,7 +10,7 @@ The estimate is the time until the answer is finished:
 
 * per-request work = prompt tokens / prefill rate + new tokens / decode rate,
   with measured rates where the worker has served the model, defaults where not;
-  new tokens: the answer length seen so far for this kind of request (an
+  new tokens: the answer length seen so far for this purpose (an
   average learned from finished requests), never more than ``max_new_tokens``;
 * a worker is one machine: the requests it runs at once share its compute, and
   the ones beyond its parallel slots wait for the queue to drain. What is ahead
@@ -132,7 +132,7 @@ class RouteRequest:
 
     `conversation_id` makes later turns stick to the worker of the earlier
     ones; `prefix_key` prefers a worker whose prompt cache holds the prefix;
-    `kind` groups requests whose answers have similar lengths ("voice",
+    `purpose` groups requests whose answers have similar lengths ("voice",
     "task", ...) for the learned answer length.
     """
 
@@ -140,7 +140,7 @@ class RouteRequest:
     prompt_tokens: int = 256
     max_new_tokens: int = 128
     conversation_id: str | None = None
-    kind: str = "chat"
+    purpose: str = "chat"
     # The household prefix: its key (X-Hearth-Prefix) and its size in tokens
     # (of `prompt_tokens`), roughly.
     prefix_key: str | None = None
@@ -188,7 +188,7 @@ class Reservation:
 
     reservation_id: int
     worker_id: str
-    kind: str
+    purpose: str
     estimated_s: float  # its own work
     started: float
     reported_work_s: float = 0.0
@@ -378,7 +378,7 @@ class Router:
         reservation = Reservation(
             next(self._ids),
             worker_id,
-            request.kind,
+            request.purpose,
             work,
             now,
             candidate.reported_work_s,
@@ -427,8 +427,8 @@ class Router:
             answered.add((reservation.model, reservation.prefix_key))
         if completion_tokens is not None and completion_tokens > 0:
             self._calibrate(reservation, busy_s, completion_tokens, cached_tokens)
-            old = self._answer_tokens.get(reservation.kind)
-            self._answer_tokens[reservation.kind] = (
+            old = self._answer_tokens.get(reservation.purpose)
+            self._answer_tokens[reservation.purpose] = (
                 float(completion_tokens)
                 if old is None
                 else ANSWER_LENGTH_ALPHA * completion_tokens + (1 - ANSWER_LENGTH_ALPHA) * old
@@ -508,8 +508,8 @@ class Router:
         return len(self._open.get(worker_id, {}))
 
     def expected_new_tokens(self, request: RouteRequest) -> float:
-        """The answer length to plan for: learned for this kind, at most max_new_tokens."""
-        learned = self._answer_tokens.get(request.kind)
+        """The answer length to plan for: learned for this purpose, at most max_new_tokens."""
+        learned = self._answer_tokens.get(request.purpose)
         if learned is None:
             return float(request.max_new_tokens)
         return min(float(request.max_new_tokens), learned)

@@ -24,8 +24,8 @@ from .assistant import (
     request_body,
     system_prompt,
 )
-from .cluster import Cluster, MessageTooLongError
 from .const import DOMAIN, SERVICE_ASK
+from .household import Household, MessageTooLongError
 from .preference_store import CATEGORIES, STORAGE_VERSION
 from .preferences import (
     DATA_PREFERENCES,
@@ -67,11 +67,11 @@ def async_setup_services(hass: HomeAssistant) -> None:
     """Register hearth.ask."""
 
     async def async_ask(call: ServiceCall) -> ServiceResponse:
-        cluster = Cluster.get(hass)
+        household = Household.get(hass)
         prompt: str = call.data[ATTR_PROMPT]
         if not prompt.strip():
             raise ServiceValidationError(translation_domain=DOMAIN, translation_key="empty_prompt")
-        if len(prompt) > (limit := cluster.prompt_char_limit()):
+        if len(prompt) > (limit := household.prompt_char_limit()):
             raise MessageTooLongError(len(prompt), limit)
         messages: list[dict[str, Any]] = []
         preferences: str | None = None
@@ -84,9 +84,9 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if instructions := system_prompt(call.data.get(ATTR_INSTRUCTIONS), preferences):
             messages.append({"role": "system", "content": instructions})
         messages.append({"role": "user", "content": prompt})
-        max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or answer_max_tokens(cluster.settings)
-        body = request_body(cluster.settings, messages, max_tokens=max_tokens)
-        done = await cluster.async_complete(body, kind="task")
+        max_tokens: int = call.data.get(ATTR_MAX_TOKENS) or answer_max_tokens(household.settings)
+        body = request_body(household.settings, messages, max_tokens=max_tokens)
+        done = await household.async_complete(body, purpose="task")
         finish_reason = next(
             (d.finish_reason for d in reversed(done.deltas) if d.finish_reason), None
         )

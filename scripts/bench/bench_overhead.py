@@ -112,8 +112,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 entry.add_to_hass(hass)
                 assert await hass.config_entries.async_setup(entry.entry_id)
                 await hass.async_block_till_done()
-                cluster = hass.data[DOMAIN]
-                await cluster.async_update_settings(
+                household = hass.data[DOMAIN]
+                await household.async_update_settings(
                     {
                         "prompt": SYSTEM,
                         "llm_hass_api": [],

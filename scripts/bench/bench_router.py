@@ -588,7 +588,7 @@ class HearthPolicy(Policy):
             prompt_tokens=request.prompt,
             max_new_tokens=request.max_new,
             conversation_id=request.conversation,
-            kind=request.kind,
+            purpose=request.kind,
             prefix_key=PREFIX_KEY if request.prefix else None,
             prefix_tokens=PREFIX_TOKENS if request.prefix else 0,
         )

@@ -24,7 +24,6 @@ from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, cli, start_worker, tls_closed
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
@@ -32,6 +31,7 @@ from custom_components.hearth.const import (
     CONF_PLAIN_HTTP,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.worker_api import ChatDelta
 
 
@@ -209,8 +209,8 @@ Action = Callable[[str], Awaitable[None] | None]
 class Tap:
     """Wraps every loaded worker's `client.chat_stream` to watch and act; data is untouched."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.tried: list[str] = []  # worker names, in the order the cluster tried them
+    def __init__(self, household: Household) -> None:
+        self.tried: list[str] = []  # worker names, in the order the household tried them
         self.tried_at: list[float] = []  # when (time.monotonic()) each was tried
         self.bodies: list[dict[str, Any]] = []  # what each was asked
         self.completion_tokens: list[int] = []  # as the workers reported them
@@ -218,7 +218,7 @@ class Tap:
         self.before_call: dict[str, Action] = {}  # worker name -> run just before it is asked
         self.after_accept: Action | None = None
         self.after_first_text: Action | None = None
-        for handle in cluster.workers.values():
+        for handle in household.workers.values():
             real = handle.client.chat_stream
             handle.client.chat_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
 
@@ -273,13 +273,13 @@ async def ask(hass: HomeAssistant, prompt: str, max_tokens: int) -> dict[str, An
 
 async def setup_household(
     hass: HomeAssistant, workers: dict[str, WorkerProcess], settings: Mapping[str, Any]
-) -> Cluster:
+) -> Household:
     """Each worker as a config entry titled by its key; no Home Assistant tools, `settings`."""
     for name, worker in workers.items():
         await setup_entry(hass, entry_for(worker, name))
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings({**cluster.settings, CONF_LLM_HASS_API: [], **settings})
-    return cluster
+    household = Household.get(hass)
+    await household.async_update_settings({**household.settings, CONF_LLM_HASS_API: [], **settings})
+    return household
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, start_worker
 
 from custom_components.hearth import config_flow
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices
 from custom_components.hearth.const import DOMAIN
+from custom_components.hearth.household import Household
 from custom_components.hearth.router import RouteRequest
 from custom_components.hearth.worker_api import parse_catalog
 
@@ -114,8 +114,8 @@ async def test_add_a_model_by_hub_id(
     worker's device, in the household's choices and in the router, with no restart."""
     entry = entry_for(model_worker, "Kitchen laptop")
     await setup_entry(hass, entry)
-    cluster = Cluster.get(hass)
-    handle = cluster.workers[entry.entry_id]
+    household = Household.get(hass)
+    handle = household.workers[entry.entry_id]
     assert loaded_models(hass, model_worker) == ["tiny-chat"]
     progress: list[float] = []
 
@@ -143,7 +143,7 @@ async def test_add_a_model_by_hub_id(
     assert served(model_worker) == sorted(["tiny-chat", PULLED])
     assert PULLED in handle.coordinator.info.chat_models
     assert sorted(loaded_models(hass, model_worker)) == sorted(["tiny-chat", PULLED])
-    candidates = cluster.candidates(RouteRequest(model=PULLED))
+    candidates = household.candidates(RouteRequest(model=PULLED))
     assert [(c.worker_id, c.model) for c in candidates] == [(entry.entry_id, PULLED)]
     # The household form offers it as the preferred chat model.
     form = await open_step(hass, entry.entry_id, "household")
@@ -165,7 +165,7 @@ async def test_add_a_model_from_the_catalog(
     first; picking an entry pulls its source."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = Cluster.get(hass).workers[entry.entry_id].client
+    client = Household.get(hass).workers[entry.entry_id].client
     form = await open_step(hass, entry.entry_id, "add_model")
     shown = form["data_schema"].schema["model"].config["options"]
     catalog = await client.catalog()
@@ -254,7 +254,7 @@ async def test_closing_the_dialog_cancels_the_download(
     installed, and the hub stops being read."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = Cluster.get(hass).workers[entry.entry_id].client
+    client = Household.get(hass).workers[entry.entry_id].client
     hub.slow(0.5)  # about 25 s for the large file: it is still running when closed
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
@@ -286,7 +286,7 @@ async def test_a_download_stopped_on_the_worker_says_so(
     for another try."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    client = Cluster.get(hass).workers[entry.entry_id].client
+    client = Household.get(hass).workers[entry.entry_id].client
     hub.slow(0.5)
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
@@ -342,7 +342,7 @@ async def test_remove_a_model(hass: HomeAssistant, model_worker: WorkerProcess) 
     was started with is refused, with the reason."""
     entry = entry_for(model_worker)
     await setup_entry(hass, entry)
-    cluster = Cluster.get(hass)
+    household = Household.get(hass)
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
     assert (await finish_progress(hass, dict(result)))["reason"] == "model_added"
@@ -362,19 +362,19 @@ async def test_remove_a_model(hass: HomeAssistant, model_worker: WorkerProcess) 
     assert result["reason"] == "model_removed"
     assert result["description_placeholders"]["model"] == PULLED
     assert served(model_worker) == ["tiny-chat"]
-    assert cluster.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
+    assert household.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
     assert loaded_models(hass, model_worker) == ["tiny-chat"]
-    assert [c.model for c in cluster.candidates(RouteRequest(model=PULLED))] == ["tiny-chat"]
+    assert [c.model for c in household.candidates(RouteRequest(model=PULLED))] == ["tiny-chat"]
 
     # Removed elsewhere while the form was open: what was asked for, so no error.
     form = await open_step(hass, entry.entry_id, "add_model")
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"source": SOURCE})
     assert (await finish_progress(hass, dict(result)))["reason"] == "model_added"
     form = await open_step(hass, entry.entry_id, "remove_model")
-    await cluster.workers[entry.entry_id].client.remove_model(PULLED)
+    await household.workers[entry.entry_id].client.remove_model(PULLED)
     result = await hass.config_entries.options.async_configure(form["flow_id"], {"model": PULLED})
     assert result["reason"] == "model_removed"
-    assert cluster.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
+    assert household.workers[entry.entry_id].coordinator.info.chat_models == ["tiny-chat"]
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 

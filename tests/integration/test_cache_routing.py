@@ -16,10 +16,10 @@ from homeassistant.helpers import intent
 from worker_process import WorkerProcess
 
 from custom_components.hearth import router
-from custom_components.hearth.cluster import household_prefix
+from custom_components.hearth.household import household_prefix
 
 from .conftest import Tap
-from .test_cluster_routing import converse, handle, household, keep_busy
+from .test_household_routing import converse, handle, keep_busy, set_up_household
 
 
 def test_household_prefix_key_is_the_system_message_and_tools() -> None:
@@ -48,9 +48,9 @@ USER = {"role": "user", "content": "turn on the kitchen light"}
 async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
-    cluster, spy, _ = await household(hass, workers)
-    recorder = Tap(cluster)
-    busy = keep_busy(cluster, "Beta")
+    household, spy, _ = await set_up_household(hass, workers)
+    recorder = Tap(household)
+    busy = keep_busy(household, "Beta")
     first = await converse(hass, "turn on the kitchen light")
     assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
     assert recorder.tried == ["Alpha"]
@@ -58,7 +58,7 @@ async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
     key = spy.requests[-1].prefix_key
     assert key is not None and len(key) == 64
     assert spy.requests[-1].prefix_tokens > 0
-    alpha, beta = handle(cluster, "Alpha"), handle(cluster, "Beta")
+    alpha, beta = handle(household, "Alpha"), handle(household, "Beta")
     for worker in (alpha, beta):
         await worker.coordinator.async_refresh()
     # Alpha's prompt cache holds the household prefix and says so; Beta's does not.
@@ -84,7 +84,7 @@ async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
             if (left := goal - cold[worker_id].estimated_s) > 0:  # one slot: it adds up
                 spy.reserve(replace(cold[worker_id], estimated_s=left, work_s=left), plain)
         cold_order.extend(
-            cluster.workers[c.worker_id].name for c in router.Router.rank(spy, states, plain)
+            household.workers[c.worker_id].name for c in router.Router.rank(spy, states, plain)
         )
         best = router.Router.rank(spy, states, request)[0]
         assert best.worker_id == alpha.entry_id and "warm" in best.reasons

@@ -21,7 +21,6 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, free_port, start_worker
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
@@ -36,6 +35,7 @@ from custom_components.hearth.const import (
     CONF_TEMPERATURE,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.worker_api import HearthError
 
 from .conftest import entry_for, pairing_code, worker_info, zeroconf_announcement
@@ -278,7 +278,7 @@ async def test_zeroconf_moved_worker_same_certificate_new_port(
         assert entry.data[CONF_PORT] == moved.port
         await hass.async_block_till_done()  # reloaded at the new address
         assert entry.state is config_entries.ConfigEntryState.LOADED
-        assert entry.runtime_data.client.port == moved.port
+        assert entry.runtime_data.coordinator.client.port == moved.port
         assert await hass.config_entries.async_unload(entry.entry_id)
     finally:
         moved.stop()
@@ -586,7 +586,7 @@ async def test_options_are_household_wide(hass: HomeAssistant, chat_worker: Work
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    settings = Cluster.get(hass).settings
+    settings = Household.get(hass).settings
     assert settings[CONF_MAX_TOKENS] == 64
     assert "prefer_local_intents" not in settings  # Home Assistant's pipeline has it
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
@@ -614,7 +614,7 @@ async def test_options_worker_routing_flags(
     entry.add_to_hass(hass)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    handle = Cluster.get(hass).workers[entry.entry_id]
+    handle = Household.get(hass).workers[entry.entry_id]
     assert handle.state().only_when_idle is False
     assert handle.state().not_on_battery is False
     assert handle.state().memory_free_mb is not None
@@ -625,7 +625,7 @@ async def test_options_worker_routing_flags(
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert entry.options == {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: True}
-    assert CONF_ONLY_WHEN_IDLE not in Cluster.get(hass).settings
+    assert CONF_ONLY_WHEN_IDLE not in Household.get(hass).settings
     state = handle.state()
     assert state.only_when_idle is True
     assert state.not_on_battery is True

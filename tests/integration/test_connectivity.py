@@ -34,13 +34,13 @@ from worker_process import WorkerProcess, tls_closed
 
 from custom_components.hearth import coordinator as coordinator_module
 from custom_components.hearth.client import HearthClient, describe
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_FINGERPRINT,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.worker_api import HearthCertificateError, HearthConnectionError
 
 from .conftest import entry_for, restart, setup_entry, worker_info, zeroconf_announcement
@@ -83,7 +83,7 @@ async def test_requests_share_one_connection(
         assert await hass.config_entries.async_setup(entry.entry_id)
         await hass.async_block_till_done()
         coordinator = entry.runtime_data.coordinator
-        client = entry.runtime_data.client
+        client = entry.runtime_data.coordinator.client
         for _ in range(3):
             await coordinator.async_refresh()
             assert coordinator.last_update_success
@@ -218,8 +218,8 @@ async def lose_worker(hass: HomeAssistant, worker: WorkerProcess, online: str) -
 
 
 async def quiet_household(hass: HomeAssistant) -> None:
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings({CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 4})
+    household = Household.get(hass)
+    await household.async_update_settings({CONF_LLM_HASS_API: [], CONF_MAX_TOKENS: 4})
 
 
 async def lost_and_restarted(

@@ -15,7 +15,6 @@ from pytest_homeassistant_custom_component.typing import WebSocketGenerator
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import parse_tool_arguments
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -23,6 +22,7 @@ from custom_components.hearth.const import (
     SETTINGS_STORAGE_KEY,
     STORAGE_VERSION,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.router import Candidate, RouteRequest
 
 from .conftest import entry_for, setup_entry
@@ -32,8 +32,8 @@ NO_WORKER = "None of the household's Hearth workers can answer right now."
 
 
 async def use_settings(hass: HomeAssistant, **settings: object) -> None:
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings({**cluster.settings, **settings})
+    household = Household.get(hass)
+    await household.async_update_settings({**household.settings, **settings})
 
 
 async def plain_settings(hass: HomeAssistant) -> None:
@@ -61,7 +61,7 @@ def record_requests(hass: HomeAssistant) -> list[tuple[str, dict[str, Any]]]:
 
         return chat_stream
 
-    for handle in Cluster.get(hass).workers.values():
+    for handle in Household.get(hass).workers.values():
         handle.client.chat_stream = wrap(handle.name, handle.client.chat_stream)
     return sent
 
@@ -141,15 +141,15 @@ async def test_fails_over_to_the_next_worker(
     await setup_entry(hass, entry_for(own_worker, "Stopped"))
     await setup_entry(hass, entry_for(chat_worker, "Running"))
     await plain_settings(hass)
-    cluster = Cluster.get(hass)
-    running = next(h for h in cluster.workers.values() if h.name == "Running")
+    household = Household.get(hass)
+    running = next(h for h in household.workers.values() if h.name == "Running")
     # Another of our requests (100 s) is open on Running: the router ranks Stopped first.
-    busy = cluster.routing.reserve(
+    busy = household.routing.reserve(
         Candidate(running.entry_id, running.coordinator.info.chat_models[0], 100.0, work_s=100.0),
-        RouteRequest(kind="other"),
+        RouteRequest(purpose="other"),
     )
-    ranked = cluster.candidates(RouteRequest(max_new_tokens=4))
-    assert [cluster.workers[c.worker_id].name for c in ranked] == ["Stopped", "Running"]
+    ranked = household.candidates(RouteRequest(max_new_tokens=4))
+    assert [household.workers[c.worker_id].name for c in ranked] == ["Stopped", "Running"]
     sent = record_requests(hass)
     own_worker.stop()
     response = await hass.services.async_call(
@@ -159,7 +159,7 @@ async def test_fails_over_to_the_next_worker(
     assert response is not None
     assert response["worker"] == "Running"
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
-    cluster.routing.release(busy)
+    household.routing.release(busy)
 
 
 async def setup_kitchen_light(hass: HomeAssistant) -> None:
@@ -258,10 +258,10 @@ async def test_hearth_has_no_local_intents_switch_of_its_own(
         "data": {CONF_LLM_HASS_API: ["assist"], "prefer_local_intents": True},
     }
     await setup_entry(hass, entry_for(own_worker))
-    cluster = Cluster.get(hass)
-    assert cluster.settings[CONF_LLM_HASS_API] == ["assist"]  # the stored settings were read
-    assert "prefer_local_intents" not in cluster.settings
-    await cluster.async_update_settings(cluster.settings)
+    household = Household.get(hass)
+    assert household.settings[CONF_LLM_HASS_API] == ["assist"]  # the stored settings were read
+    assert "prefer_local_intents" not in household.settings
+    await household.async_update_settings(household.settings)
     assert "prefer_local_intents" not in hass_storage[SETTINGS_STORAGE_KEY]["data"]
     own_worker.stop()
     result = await converse(hass, "turn on the kitchen light")
@@ -314,7 +314,7 @@ def hearth_rounds(trace: conversation_trace.ConversationTrace) -> list[dict[str,
 
 
 def taught_worker_name(hass: HomeAssistant) -> str:
-    (handle,) = Cluster.get(hass).workers.values()
+    (handle,) = Household.get(hass).workers.values()
     return str(handle.name)
 
 

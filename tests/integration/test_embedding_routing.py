@@ -1,4 +1,4 @@
-"""Embeddings go through the household's one door to the workers: `Cluster.async_embed`.
+"""Embeddings go through the household's one door to the workers: `Household.async_embed`.
 
 Routed like chat (router.Router): a worker whose circuit breaker is open, or that is
 busier, is asked last; each try is reserved against its worker while it runs; a worker
@@ -25,8 +25,8 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import tls_closed
 
 from custom_components.hearth import router
-from custom_components.hearth.cluster import Cluster, NoWorkerError, WorkerHandle
 from custom_components.hearth.const import CONF_EMBEDDING_MODEL, DOMAIN
+from custom_components.hearth.household import Household, NoWorkerError, WorkerHandle
 from custom_components.hearth.preferences import DATA_PREFERENCES
 
 EMBED = "POST /v1/embeddings"
@@ -138,13 +138,13 @@ async def add(hass: HomeAssistant, fake: FakeWorker) -> WorkerHandle:
     entry.add_to_hass(hass)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
-    return Cluster.get(hass).workers[entry.entry_id]
+    return Household.get(hass).workers[entry.entry_id]
 
 
-async def household(
+async def set_up_household(
     hass: HomeAssistant, fakes: tuple[EmbeddingFake, EmbeddingFake]
-) -> tuple[Cluster, str, str]:
-    """Both fakes loaded, "One" first; the cluster and their two entry ids.
+) -> tuple[Household, str, str]:
+    """Both fakes loaded, "One" first; the household and their two entry ids.
 
     "One" is the worker a plain walk over the loaded workers would ask first: the
     tests make routing prefer the other one where the policy says so.
@@ -152,18 +152,18 @@ async def household(
     one = await add(hass, fakes[0])
     two = await add(hass, fakes[1])
     # A breaker stays open for the whole test, however slow the machine.
-    Cluster.get(hass).routing.breaker_base_s = 3600.0
-    return Cluster.get(hass), one.entry_id, two.entry_id
+    Household.get(hass).routing.breaker_base_s = 3600.0
+    return Household.get(hass), one.entry_id, two.entry_id
 
 
-async def busy(cluster: Cluster, entry_id: str, fake: EmbeddingFake, running: int) -> None:
+async def busy(household: Household, entry_id: str, fake: EmbeddingFake, running: int) -> None:
     """`running` of the fake's 2 slots taken by another client, as its next snapshot says."""
     fake.running = running
-    await cluster.workers[entry_id].coordinator.async_refresh()
+    await household.workers[entry_id].coordinator.async_refresh()
 
 
 async def relevance(hass: HomeAssistant) -> list[float] | None:
-    """What the preferences' relevance gets for one item (it asks through the cluster)."""
+    """What the preferences' relevance gets for one item (it asks through the household)."""
     prefs = hass.data[DATA_PREFERENCES]
     return await prefs.async_similarities("tea", [{"category": "diet", "value": "tea"}])
 
@@ -172,17 +172,17 @@ async def test_an_open_circuit_is_asked_last(
     hass: HomeAssistant, fakes: tuple[EmbeddingFake, EmbeddingFake]
 ) -> None:
     one, two = fakes
-    cluster, entry_one, entry_two = await household(hass, fakes)
-    cluster.routing.report_failure(entry_one)  # as if it had just failed
+    household, entry_one, entry_two = await set_up_household(hass, fakes)
+    household.routing.report_failure(entry_one)  # as if it had just failed
 
-    assert [c.worker_id for c in cluster.embedding_candidates()] == [entry_two, entry_one]
-    assert cluster.embedding_model() == "fake-embed"
-    model, vectors = await cluster.async_embed(["bread", "tea"])
+    assert [c.worker_id for c in household.embedding_candidates()] == [entry_two, entry_one]
+    assert household.embedding_model() == "fake-embed"
+    model, vectors = await household.async_embed(["bread", "tea"])
     assert (model, vectors) == ("fake-embed", [[5.0, 1.0, 1.0], [3.0, 1.0, 1.0]])
     assert await relevance(hass) is not None
     assert two.embedded == [("fake-embed", ["bread", "tea"]), ("fake-embed", ["tea", "Diet: tea"])]
     assert one.count(EMBED) == 0
-    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.OPEN
+    assert household.routing.breaker_state(entry_one) is router.BreakerState.OPEN
 
 
 async def test_a_busy_worker_is_asked_last_and_a_reservation_counts(
@@ -191,27 +191,27 @@ async def test_a_busy_worker_is_asked_last_and_a_reservation_counts(
     """Another client keeps a worker busy: the other one embeds. While an embedding runs
     it is reserved against its worker, so one at the same time goes to the other."""
     one, two = fakes
-    cluster, entry_one, entry_two = await household(hass, fakes)
-    await busy(cluster, entry_one, one, 2)
-    assert cluster.embedding_candidates()[0].worker_id == entry_two
+    household, entry_one, entry_two = await set_up_household(hass, fakes)
+    await busy(household, entry_one, one, 2)
+    assert household.embedding_candidates()[0].worker_id == entry_two
     assert await relevance(hass) is not None
     assert (one.count(EMBED), two.count(EMBED)) == (0, 1)
 
-    await busy(cluster, entry_one, one, 0)
-    await busy(cluster, entry_two, two, 1)  # now "One" is sooner done
+    await busy(household, entry_one, one, 0)
+    await busy(household, entry_two, two, 1)  # now "One" is sooner done
     one.hold_embeddings()
     long_text = "soup " * 800  # ~1,000 tokens: still running, as far as routing knows
-    held = hass.async_create_task(cluster.async_embed([long_text]))
+    held = hass.async_create_task(household.async_embed([long_text]))
     await one.embedding_arrived.wait()
-    assert cluster.routing.in_flight(entry_one) == 1
-    await busy(cluster, entry_two, two, 0)
+    assert household.routing.in_flight(entry_one) == 1
+    await busy(household, entry_two, two, 0)
     # Both idle by their snapshots: the reservation makes "Two" the sooner done.
-    assert cluster.embedding_candidates()[0].worker_id == entry_two
+    assert household.embedding_candidates()[0].worker_id == entry_two
     assert await relevance(hass) is not None
     assert (one.count(EMBED), two.count(EMBED)) == (1, 2)
     one.release_embeddings()
     assert await held == ("fake-embed", [[4000.0, 0.0, 0.0]])
-    assert cluster.routing.in_flight(entry_one) == cluster.routing.in_flight(entry_two) == 0
+    assert household.routing.in_flight(entry_one) == household.routing.in_flight(entry_two) == 0
 
 
 async def test_failover_when_the_first_embedder_dies(
@@ -220,21 +220,21 @@ async def test_failover_when_the_first_embedder_dies(
     """The worker asked first is gone: the next one answers and the dead one's breaker
     opens; with every worker gone there are no embeddings (and no relevance)."""
     one, two = fakes
-    cluster, entry_one, entry_two = await household(hass, fakes)
-    await busy(cluster, entry_two, two, 1)  # "One" is asked first
-    assert cluster.embedding_candidates()[0].worker_id == entry_one
+    household, entry_one, entry_two = await set_up_household(hass, fakes)
+    await busy(household, entry_two, two, 1)  # "One" is asked first
+    assert household.embedding_candidates()[0].worker_id == entry_one
     await one.stop()
 
     assert await relevance(hass) is not None
     assert two.embedded == [("fake-embed", ["tea", "Diet: tea"])]
-    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.OPEN
-    assert cluster.routing.breaker_state(entry_two) is router.BreakerState.CLOSED
-    assert cluster.routing.in_flight(entry_one) == cluster.routing.in_flight(entry_two) == 0
-    assert await cluster.async_embed(["jam"]) == ("fake-embed", [[3.0, 1.0, 0.0]])
+    assert household.routing.breaker_state(entry_one) is router.BreakerState.OPEN
+    assert household.routing.breaker_state(entry_two) is router.BreakerState.CLOSED
+    assert household.routing.in_flight(entry_one) == household.routing.in_flight(entry_two) == 0
+    assert await household.async_embed(["jam"]) == ("fake-embed", [[3.0, 1.0, 0.0]])
 
     await two.stop()
     with pytest.raises(NoWorkerError):
-        await cluster.async_embed(["jam"])
+        await household.async_embed(["jam"])
     assert await relevance(hass) is None
     for entry_id in (entry_one, entry_two):
         assert await hass.config_entries.async_unload(entry_id)
@@ -245,18 +245,18 @@ async def test_a_busy_answer_moves_on_without_opening_the_breaker(
 ) -> None:
     """A 429 means "not now", not "gone"; a 5xx opens the breaker."""
     one, two = fakes
-    cluster, entry_one, entry_two = await household(hass, fakes)
-    await busy(cluster, entry_two, two, 1)  # "One" is asked first
+    household, entry_one, entry_two = await set_up_household(hass, fakes)
+    await busy(household, entry_two, two, 1)  # "One" is asked first
     one.embed_status = 429
-    assert await cluster.async_embed(["egg"]) == ("fake-embed", [[3.0, 0.0, 1.0]])
+    assert await household.async_embed(["egg"]) == ("fake-embed", [[3.0, 0.0, 1.0]])
     assert (one.count(EMBED), two.count(EMBED)) == (1, 1)
-    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.CLOSED
+    assert household.routing.breaker_state(entry_one) is router.BreakerState.CLOSED
 
     one.embed_status = 500
-    assert cluster.embedding_candidates()[0].worker_id == entry_one
-    assert await cluster.async_embed(["egg"]) == ("fake-embed", [[3.0, 0.0, 1.0]])
+    assert household.embedding_candidates()[0].worker_id == entry_one
+    assert await household.async_embed(["egg"]) == ("fake-embed", [[3.0, 0.0, 1.0]])
     assert (one.count(EMBED), two.count(EMBED)) == (2, 2)
-    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.OPEN
+    assert household.routing.breaker_state(entry_one) is router.BreakerState.OPEN
 
 
 async def test_the_households_embedding_model_comes_first(
@@ -271,15 +271,15 @@ async def test_the_households_embedding_model_comes_first(
         a.running = 1  # busy with another client: b looks sooner done
         await add(hass, a)
         await add(hass, b)
-        cluster = Cluster.get(hass)
-        settings = dict(cluster.settings)
-        assert cluster.embedding_model() == "embed-b"  # none chosen
+        household = Household.get(hass)
+        settings = dict(household.settings)
+        assert household.embedding_model() == "embed-b"  # none chosen
         for wanted in ("embed-a", "embed-b"):
-            await cluster.async_update_settings({**settings, CONF_EMBEDDING_MODEL: wanted})
-            assert cluster.embedding_model() == wanted
-            assert (await cluster.async_embed(["x"]))[0] == wanted
-        await cluster.async_update_settings({**settings, CONF_EMBEDDING_MODEL: "gone"})
-        assert await cluster.async_embed(["y"]) == ("embed-b", [[1.0, 0.0, 0.0]])
+            await household.async_update_settings({**settings, CONF_EMBEDDING_MODEL: wanted})
+            assert household.embedding_model() == wanted
+            assert (await household.async_embed(["x"]))[0] == wanted
+        await household.async_update_settings({**settings, CONF_EMBEDDING_MODEL: "gone"})
+        assert await household.async_embed(["y"]) == ("embed-b", [[1.0, 0.0, 0.0]])
         assert a.embedded == [("embed-a", ["x"])]
         assert b.embedded == [("embed-b", ["x"]), ("embed-b", ["y"])]
         for entry in hass.config_entries.async_entries(DOMAIN):
@@ -293,11 +293,11 @@ async def test_the_callers_deadline_passes_over_without_opening_the_breaker(
     """A worker slower than the caller's per-try deadline (a prompt waits 3 s for
     relevance) is passed over, but it has not failed: its breaker stays closed."""
     one, two = fakes
-    cluster, entry_one, entry_two = await household(hass, fakes)
-    await busy(cluster, entry_two, two, 1)  # "One" is asked first
+    household, entry_one, entry_two = await set_up_household(hass, fakes)
+    await busy(household, entry_two, two, 1)  # "One" is asked first
     one.hold_embeddings()  # it never answers in time
-    assert await cluster.async_embed(["pie"], per_try_s=3.0) == ("fake-embed", [[3.0, 0.0, 1.0]])
+    assert await household.async_embed(["pie"], per_try_s=3.0) == ("fake-embed", [[3.0, 0.0, 1.0]])
     assert (one.count(EMBED), two.count(EMBED)) == (1, 1)
-    assert cluster.routing.breaker_state(entry_one) is router.BreakerState.CLOSED
-    assert cluster.routing.in_flight(entry_one) == cluster.routing.in_flight(entry_two) == 0
+    assert household.routing.breaker_state(entry_one) is router.BreakerState.CLOSED
+    assert household.routing.in_flight(entry_one) == household.routing.in_flight(entry_two) == 0
     one.release_embeddings()

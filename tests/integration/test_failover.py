@@ -1,7 +1,7 @@
 """No request lost: fail-over before the first token, partial answers, bounded waits.
 
 Every test runs real worker processes on 127.0.0.1 and a real Home Assistant. A
-`Tap` watches the cluster's own worker clients (calls go through unchanged) to
+`Tap` watches the household's own worker clients (calls go through unchanged) to
 act at the right moment: SIGKILL a worker right after it accepted a request, or
 after its first text reached Home Assistant, or freeze it (SIGSTOP) there.
 """
@@ -23,13 +23,13 @@ from worker_process import WorkerProcess
 
 from custom_components.hearth import router
 from custom_components.hearth.client import StreamTimeouts
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
     CONNECT_TIMEOUT,
     FIRST_TOKEN_TIMEOUT,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import Action, Tap, ask, setup_household
 
@@ -43,12 +43,12 @@ CUT_OFF = "The answer was cut off: the Hearth worker {name} stopped responding."
 NO_WORKER = "None of the household's Hearth workers can answer right now."
 
 
-async def household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Cluster:
-    cluster = await setup_household(hass, workers, {CONF_MAX_TOKENS: 4000, CONF_TEMPERATURE: 0.0})
+async def set_up_household(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Household:
+    household = await setup_household(hass, workers, {CONF_MAX_TOKENS: 4000, CONF_TEMPERATURE: 0.0})
     # Bounds of seconds, not minutes, yet ample for a loaded machine: a worker that is
     # alive gets its first token of LONG_PROMPT out and keeps streaming well within them.
-    cluster.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=8, total=60)
-    return cluster
+    household.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=8, total=60)
+    return household
 
 
 class FrozenClock:
@@ -87,8 +87,8 @@ async def test_killed_after_accepting_next_worker_answers(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """SIGKILL right after a worker accepted the request (headers, no token yet)."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     killed: list[str] = []
     tap.after_accept = kill_once(workers, killed)
     async with asyncio.timeout(90):
@@ -104,24 +104,24 @@ async def test_killed_after_accepting_next_worker_answers(
 async def test_failed_worker_leaves_rotation_and_reservations_are_released(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
-    """The live cluster feeds the router: a failure opens the breaker, answers release.
+    """The live household feeds the router: a failure opens the breaker, answers release.
 
     The router runs on an injected clock, so the breaker's back-off (2 s) ends only
     when the test says so, however slow the machine is.
     """
-    cluster = await household(hass, workers)
+    household = await set_up_household(hass, workers)
     clock = FrozenClock()
-    cluster.routing = router.Router(clock)
-    tap = Tap(cluster)
-    ids = {handle.name: entry_id for entry_id, handle in cluster.workers.items()}
+    household.routing = router.Router(clock)
+    tap = Tap(household)
+    ids = {handle.name: entry_id for entry_id, handle in household.workers.items()}
     killed: list[str] = []
     tap.after_accept = kill_once(workers, killed)
     async with asyncio.timeout(90):
         await ask(hass, LONG_PROMPT, 8)
     survivor = other(workers, killed[0])
-    assert cluster.routing.breaker_state(ids[killed[0]]) is router.BreakerState.OPEN
-    assert cluster.routing.breaker_state(ids[survivor]) is router.BreakerState.CLOSED
-    assert all(cluster.routing.in_flight(entry_id) == 0 for entry_id in ids.values())
+    assert household.routing.breaker_state(ids[killed[0]]) is router.BreakerState.OPEN
+    assert household.routing.breaker_state(ids[survivor]) is router.BreakerState.CLOSED
+    assert all(household.routing.in_flight(entry_id) == 0 for entry_id in ids.values())
 
     # Until its back-off ends, the failed worker is tried last, not first.
     tap.tried.clear()
@@ -129,10 +129,10 @@ async def test_failed_worker_leaves_rotation_and_reservations_are_released(
         response = await ask(hass, "hi", 8)
     assert tap.tried == [survivor]
     assert response["worker"] == survivor
-    assert all(cluster.routing.in_flight(entry_id) == 0 for entry_id in ids.values())
-    assert cluster.routing.breaker_state(ids[killed[0]]) is router.BreakerState.OPEN
+    assert all(household.routing.in_flight(entry_id) == 0 for entry_id in ids.values())
+    assert household.routing.breaker_state(ids[killed[0]]) is router.BreakerState.OPEN
     clock.now += router.BREAKER_BASE_S
-    assert cluster.routing.breaker_state(ids[killed[0]]) is router.BreakerState.HALF_OPEN
+    assert household.routing.breaker_state(ids[killed[0]]) is router.BreakerState.HALF_OPEN
 
 
 async def test_killed_mid_answer_gives_partial_answer(
@@ -141,8 +141,8 @@ async def test_killed_mid_answer_gives_partial_answer(
     """hearth.ask: a cut-off answer is asked again of the next worker (nobody saw it
     yet); when every worker breaks off, the longest answer one produced, flagged
     partial, with the translated reason."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     tap.after_first_text = killer(workers)
     started = time.monotonic()
     async with asyncio.timeout(90):
@@ -163,8 +163,8 @@ async def test_killed_mid_answer_in_conversation(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """Assist: the answer so far, then the translated note; kept in the chat log."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     tap.after_first_text = killer(workers)
     async with asyncio.timeout(90):
         result = await conversation.async_converse(
@@ -180,14 +180,14 @@ async def test_killed_mid_answer_in_conversation(
 
 
 async def cut_off_by_a_freeze(
-    hass: HomeAssistant, cluster: Cluster, workers: dict[str, WorkerProcess]
+    hass: HomeAssistant, household: Household, workers: dict[str, WorkerProcess]
 ) -> float:
     """LONG_STORY; the worker answering is frozen (SIGSTOP) after its first text, and thawed.
 
     Assist keeps the part so far with the note naming that worker, which alone was asked.
     Returns the seconds the answer took.
     """
-    tap = Tap(cluster)
+    tap = Tap(household)
     frozen: list[str] = []
 
     def freeze_once(name: str) -> None:
@@ -220,9 +220,9 @@ async def test_frozen_mid_answer_times_out_with_partial_answer(
     """A worker that stops sending (SIGSTOP) mid-answer: the between-tokens timeout ends
     it, and Assist keeps the answer so far with the note. (hearth.ask would ask the
     next worker instead: nobody saw its answer yet.)"""
-    cluster = await household(hass, workers)
-    elapsed = await cut_off_by_a_freeze(hass, cluster, workers)
-    assert cluster.timeouts.between_tokens <= elapsed < cluster.timeouts.between_tokens + 5
+    household = await set_up_household(hass, workers)
+    elapsed = await cut_off_by_a_freeze(hass, household, workers)
+    assert household.timeouts.between_tokens <= elapsed < household.timeouts.between_tokens + 5
 
 
 async def test_total_timeout_cuts_a_long_answer(
@@ -233,10 +233,10 @@ async def test_total_timeout_cuts_a_long_answer(
 
     The bounds leave a loaded machine ample time for the first token.
     """
-    cluster = await household(hass, workers)
-    cluster.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=120, total=8)
-    elapsed = await cut_off_by_a_freeze(hass, cluster, workers)
-    assert cluster.timeouts.total <= elapsed < cluster.timeouts.between_tokens
+    household = await set_up_household(hass, workers)
+    household.timeouts = StreamTimeouts(connect=10, first_token=30, between_tokens=120, total=8)
+    elapsed = await cut_off_by_a_freeze(hass, household, workers)
+    assert household.timeouts.total <= elapsed < household.timeouts.between_tokens
 
 
 class SilentServer:
@@ -276,7 +276,7 @@ async def test_silent_worker_times_out_then_next_answers(
     Silent from the TCP handshake on, the connect bound (TCP + TLS handshake) ends
     the wait; silent after the TLS handshake, the first-token bound does.
     """
-    cluster = await household(hass, workers)
+    household = await set_up_household(hass, workers)
     alpha = workers["Alpha"]
     tls = None
     if after_tls:
@@ -284,11 +284,11 @@ async def test_silent_worker_times_out_then_next_answers(
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(alpha.state_dir / "tls-cert.pem", alpha.state_dir / "tls-key.pem")
     # Another of our requests (100 s) is open on Beta, so the router tries Alpha first.
-    beta_handle = next(h for h in cluster.workers.values() if h.name == "Beta")
+    beta_handle = next(h for h in household.workers.values() if h.name == "Beta")
     model = beta_handle.coordinator.info.chat_models[0]
-    busy = cluster.routing.reserve(
+    busy = household.routing.reserve(
         router.Candidate(beta_handle.entry_id, model, 100.0, work_s=100.0),
-        router.RouteRequest(kind="other"),
+        router.RouteRequest(purpose="other"),
     )
     # Alpha's process is replaced by a server that accepts and says nothing; its last
     # capacity snapshot (idle) is what the router still sees. (A poll of the silent
@@ -296,20 +296,20 @@ async def test_silent_worker_times_out_then_next_answers(
     alpha.stop()
     silent = SilentServer()
     await silent.start(alpha.port, tls)
-    ranked = cluster.candidates(router.RouteRequest(None, 256, 8))
-    by_id = {h.entry_id: h.name for h in cluster.workers.values()}
+    ranked = household.candidates(router.RouteRequest(None, 256, 8))
+    by_id = {h.entry_id: h.name for h in household.workers.values()}
     assert [by_id[c.worker_id] for c in ranked] == ["Alpha", "Beta"]
 
     # The bound under test, well below its default (5 s connect, 60 s first token).
-    cluster.timeouts = StreamTimeouts(connect=2, first_token=5, between_tokens=8, total=60)
-    tap = Tap(cluster)
+    household.timeouts = StreamTimeouts(connect=2, first_token=5, between_tokens=8, total=60)
+    tap = Tap(household)
     try:
         async with asyncio.timeout(60):
             response = await ask(hass, "hi", 8)
     finally:
         # No more polls of Alpha: a connection accepted just as the server closes trips
         # an assertion in asyncio's server.
-        alpha_id = next(h.entry_id for h in cluster.workers.values() if h.name == "Alpha")
+        alpha_id = next(h.entry_id for h in household.workers.values() if h.name == "Alpha")
         await hass.config_entries.async_unload(alpha_id)
         await silent.close()
     assert tap.tried == ["Alpha", "Beta"]
@@ -319,18 +319,18 @@ async def test_silent_worker_times_out_then_next_answers(
     # How long Alpha was waited for: the bound, not the default (margin for a loaded machine).
     waited = tap.tried_at[1] - tap.tried_at[0]
     if after_tls:
-        assert cluster.timeouts.first_token <= waited < FIRST_TOKEN_TIMEOUT / 2
+        assert household.timeouts.first_token <= waited < FIRST_TOKEN_TIMEOUT / 2
     else:
-        assert cluster.timeouts.connect <= waited < CONNECT_TIMEOUT
-    cluster.routing.release(busy)
+        assert household.timeouts.connect <= waited < CONNECT_TIMEOUT
+    household.routing.release(busy)
 
 
 async def test_nothing_produced_raises_translated_error(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """Every worker dies after accepting: hearth.ask raises no_worker, Assist says it."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     tap.after_accept = killer(workers)
     with pytest.raises(HomeAssistantError) as err:
         async with asyncio.timeout(90):
@@ -352,8 +352,8 @@ async def test_ai_task_cut_off_raises_translated_error(
     """A task's data must be whole: a cut-off answer goes to the next worker; when every
     worker breaks off, it is an error (2026.2.3 leg only)."""
     ai_task = pytest.importorskip("homeassistant.components.ai_task")
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     tap.after_first_text = killer(workers)
     with pytest.raises(HomeAssistantError) as err:
         async with asyncio.timeout(90):

@@ -13,12 +13,12 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 from worker_process import WorkerProcess
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import entry_for, setup_entry
 
@@ -26,12 +26,12 @@ AGENT = "conversation.hearth"
 HELLO = "Hello from Hearth!"
 
 
-async def household(hass: HomeAssistant, worker: WorkerProcess, max_tokens: int) -> None:
+async def set_up_household(hass: HomeAssistant, worker: WorkerProcess, max_tokens: int) -> None:
     await setup_entry(hass, entry_for(worker))
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
+    household = Household.get(hass)
+    await household.async_update_settings(
         {
-            **cluster.settings,
+            **household.settings,
             CONF_LLM_HASS_API: [],
             CONF_MAX_TOKENS: max_tokens,
             "temperature": 0.0,  # greedy: the taught answer
@@ -50,7 +50,7 @@ async def ask(hass: HomeAssistant, **data: Any) -> dict[str, Any]:
 async def test_ask_cut_by_the_limit_is_partial(
     hass: HomeAssistant, taught_worker: WorkerProcess
 ) -> None:
-    await household(hass, taught_worker, 64)
+    await set_up_household(hass, taught_worker, 64)
     whole = await ask(hass)
     assert whole == {
         "answer": HELLO,
@@ -72,7 +72,7 @@ async def test_ask_cut_by_the_limit_is_partial(
 async def test_assist_answer_cut_by_the_limit_ends_with_a_note(
     hass: HomeAssistant, taught_worker: WorkerProcess
 ) -> None:
-    await household(hass, taught_worker, 2)
+    await set_up_household(hass, taught_worker, 2)
     result = await conversation.async_converse(
         hass, "hello", None, Context(), language="en", agent_id=AGENT
     )
@@ -84,8 +84,8 @@ async def test_assist_answer_cut_by_the_limit_ends_with_a_note(
     assert note == "The answer was cut off here: it reached the longest answer allowed (2 tokens)."
 
     # A limit the answer fits in: no note.
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings({**cluster.settings, CONF_MAX_TOKENS: 64})
+    household = Household.get(hass)
+    await household.async_update_settings({**household.settings, CONF_MAX_TOKENS: 64})
     result = await conversation.async_converse(
         hass, "hello", None, Context(), language="en", agent_id=AGENT
     )

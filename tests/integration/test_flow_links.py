@@ -17,10 +17,10 @@ from homeassistant.helpers import llm
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import filter_invalid_llm_apis
 from custom_components.hearth.const import CONF_CODE, CONF_LLM_HASS_API, DOMAIN
 from custom_components.hearth.coordinator import CONF_ADDON
+from custom_components.hearth.household import Household
 
 from .conftest import setup_entry, suggested
 
@@ -169,9 +169,9 @@ async def test_household_form_drops_llm_apis_that_are_gone(
         domain=DOMAIN, title=fake.name, unique_id=fake.node_id, data=fake.entry_data()
     )
     await setup_entry(hass, entry)
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {**cluster.settings, CONF_LLM_HASS_API: [llm.LLM_API_ASSIST, "gone_api"]}
+    household = Household.get(hass)
+    await household.async_update_settings(
+        {**household.settings, CONF_LLM_HASS_API: [llm.LLM_API_ASSIST, "gone_api"]}
     )
     assert filter_invalid_llm_apis(hass, ["gone_api", llm.LLM_API_ASSIST]) == [
         "gone_api",
@@ -195,5 +195,5 @@ async def test_household_form_drops_llm_apis_that_are_gone(
         form["flow_id"], {k: v for k, v in shown.items() if v is not None}
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert cluster.settings[CONF_LLM_HASS_API] == [llm.LLM_API_ASSIST]
+    assert household.settings[CONF_LLM_HASS_API] == [llm.LLM_API_ASSIST]
     assert await hass.config_entries.async_unload(entry.entry_id)

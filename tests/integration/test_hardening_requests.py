@@ -26,15 +26,15 @@ from pytest_homeassistant_custom_component.typing import (
 )
 from worker_process import WorkerProcess
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import Tap, entry_for, setup_entry, setup_household
-from .test_failover import CUT_OFF, LONG_STORY, household, kill_once, other
+from .test_failover import CUT_OFF, LONG_STORY, kill_once, other, set_up_household
 
 AGENT = "conversation.hearth"
 NO_WORKER = "None of the household's Hearth workers can answer right now."
@@ -95,9 +95,9 @@ async def test_long_message_skips_sentence_matching(
     the square of the length, holding the event loop): "Prefer handling commands
     locally" is the pipeline's, before Hearth is asked. A short command and a long
     text both go to a worker."""
-    cluster = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
+    household = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
     matcher = MatcherSpy(monkeypatch)
-    tap = Tap(cluster)
+    tap = Tap(household)
     client = await hass_client()
 
     kind, _, _ = await process(client, "tell me a story about the garden")
@@ -123,9 +123,9 @@ async def test_huge_message_is_refused_at_once_and_home_assistant_stays_responsi
     nothing expensive runs, other requests are answered meanwhile, and the
     conversation goes on without the message."""
     assert await async_setup_component(hass, "api", {})
-    cluster = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
+    household = await setup_household(hass, {"Test worker": chat_worker}, {CONF_MAX_TOKENS: 8})
     matcher = MatcherSpy(monkeypatch)
-    tap = Tap(cluster)
+    tap = Tap(household)
     client = await hass_client()
     huge = "turn on the light and " * 9091  # 200,002 characters
 
@@ -135,7 +135,7 @@ async def test_huge_message_is_refused_at_once_and_home_assistant_stays_responsi
         kind, speech, conversation_id = await posted
     assert alive.status == 200
     assert kind == "error"
-    limit = cluster.prompt_char_limit()
+    limit = household.prompt_char_limit()
     assert speech == (
         f"This message is too long: {len(huge)} characters, and the household's Hearth "
         f"models read at most {limit}. Shorten it."
@@ -162,9 +162,9 @@ async def test_prompt_beyond_the_context_says_so(
 ) -> None:
     """Every worker is online and refuses the prompt as too long for its model: the
     answer says that (translated), not "no worker", and no traceback is logged."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
-    assert len(BEYOND_CONTEXT) < cluster.prompt_char_limit()
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
+    assert len(BEYOND_CONTEXT) < household.prompt_char_limit()
 
     async with asyncio.timeout(60):
         result = await conversation.async_converse(
@@ -206,8 +206,8 @@ async def test_request_refused_by_every_worker_gives_its_reason(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """Bad arguments (a temperature the workers do not take): their reason, translated."""
-    cluster = await household(hass, workers)
-    await cluster.async_update_settings({**cluster.settings, CONF_TEMPERATURE: 2.5})
+    household = await set_up_household(hass, workers)
+    await household.async_update_settings({**household.settings, CONF_TEMPERATURE: 2.5})
     with pytest.raises(ServiceValidationError) as err:
         async with asyncio.timeout(60):
             await hass.services.async_call(
@@ -224,7 +224,7 @@ async def test_unreachable_workers_still_say_no_worker(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """Only real unavailability says "no worker"."""
-    await household(hass, workers)
+    await set_up_household(hass, workers)
     for worker in workers.values():
         worker.stop()
     with pytest.raises(HomeAssistantError) as err:
@@ -241,7 +241,7 @@ async def test_blank_prompt_is_refused(
     hass: HomeAssistant, chat_worker: WorkerProcess, prompt: str
 ) -> None:
     await setup_entry(hass, entry_for(chat_worker))
-    tap = Tap(Cluster.get(hass))
+    tap = Tap(Household.get(hass))
     with pytest.raises(ServiceValidationError) as err:
         await hass.services.async_call(
             DOMAIN, "ask", {"prompt": prompt}, blocking=True, return_response=True
@@ -259,8 +259,8 @@ async def test_ask_cut_off_is_asked_again_of_the_next_worker(
 ) -> None:
     """hearth.ask passes nothing on before the answer is whole: a worker killed
     mid-answer costs nothing, the next worker gives the whole answer."""
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     killed: list[str] = []
     tap.after_first_text = kill_once(workers, killed)
     async with asyncio.timeout(60):
@@ -287,8 +287,8 @@ async def test_ai_task_cut_off_is_asked_again_of_the_next_worker(
     """An AI task's data is whole or an error: a cut-off answer goes to the next worker
     (2026.2.3 leg only: Home Assistant 2025.4 has no ai_task)."""
     ai_task = pytest.importorskip("homeassistant.components.ai_task")
-    cluster = await household(hass, workers)
-    tap = Tap(cluster)
+    household = await set_up_household(hass, workers)
+    tap = Tap(household)
     killed: list[str] = []
     tap.after_first_text = kill_once(workers, killed)
     async with asyncio.timeout(60):
@@ -328,9 +328,9 @@ async def test_ask_with_another_members_person_needs_an_administrator(
         {"person": "person.bob", "category": "diet", "value": "no peanuts"},
         blocking=True,
     )
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings({**cluster.settings, CONF_MAX_TOKENS: 4})
-    tap = Tap(cluster)
+    household: Household = Household.get(hass)
+    await household.async_update_settings({**household.settings, CONF_MAX_TOKENS: 4})
+    tap = Tap(household)
 
     async def ask(person: str, user: MockUser) -> Any:
         return await hass.services.async_call(

@@ -19,9 +19,9 @@ from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockUser
 
 from custom_components.hearth.assistant import async_provide_llm_data
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import filter_invalid_llm_apis
 from custom_components.hearth.const import CONF_LLM_HASS_API, DOMAIN, HOUSEHOLD_API_ID
+from custom_components.hearth.household import Household
 from custom_components.hearth.preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 
 from .test_preferences import add_person
@@ -31,13 +31,13 @@ PREFERENCE_TOOLS = {TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST}
 
 
 @pytest.fixture
-async def household(hass: HomeAssistant) -> Cluster:
+async def household(hass: HomeAssistant) -> Household:
     """Hearth set up without any worker (its household API and preferences need none)."""
     assert await async_setup_component(hass, "homeassistant", {})
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "intent", {})
     assert await async_setup_component(hass, DOMAIN, {})
-    return Cluster.get(hass)
+    return Household.get(hass)
 
 
 def user_input(text: str, context: Context) -> conversation.ConversationInput:
@@ -55,7 +55,7 @@ def user_input(text: str, context: Context) -> conversation.ConversationInput:
 
 
 async def provide(
-    hass: HomeAssistant, cluster: Cluster, context: Context
+    hass: HomeAssistant, household: Household, context: Context
 ) -> tuple[llm.APIInstance | None, list[dict[str, Any]]]:
     """The chat log's LLM API after Hearth asked Home Assistant for it, and what Home
     Assistant's own trace recorded (its prompt and tools)."""
@@ -65,7 +65,7 @@ async def provide(
         chat_session.async_get_chat_session(hass) as session,
         conversation.async_get_chat_log(hass, session, asked) as chat_log,
     ):
-        await async_provide_llm_data(chat_log, asked, cluster.settings)
+        await async_provide_llm_data(chat_log, asked, household.settings)
         api = chat_log.llm_api
     details = [
         event["data"]
@@ -77,7 +77,7 @@ async def provide(
 
 
 async def test_member_tools_come_through_home_assistants_api(
-    hass: HomeAssistant, household: Cluster, hass_admin_user: MockUser
+    hass: HomeAssistant, household: Household, hass_admin_user: MockUser
 ) -> None:
     """A known speaker: the chat log's API is the household API, set by Home Assistant,
     with the Assist API's tools and the preference tools under their own names; Home
@@ -97,7 +97,7 @@ async def test_member_tools_come_through_home_assistants_api(
 
 
 async def test_unknown_speaker_gets_the_household_apis_only(
-    hass: HomeAssistant, household: Cluster
+    hass: HomeAssistant, household: Household
 ) -> None:
     await household.async_update_settings({**household.settings, CONF_LLM_HASS_API: ["assist"]})
     api, _ = await provide(hass, household, Context())
@@ -112,7 +112,7 @@ async def test_unknown_speaker_gets_the_household_apis_only(
 
 
 async def test_member_tools_without_household_apis(
-    hass: HomeAssistant, household: Cluster, hass_admin_user: MockUser
+    hass: HomeAssistant, household: Household, hass_admin_user: MockUser
 ) -> None:
     await household.async_update_settings({**household.settings, CONF_LLM_HASS_API: []})
     await add_person(hass, hass_admin_user)
@@ -123,7 +123,7 @@ async def test_member_tools_without_household_apis(
 
 
 async def test_a_household_api_home_assistant_lacks_is_refused_as_before(
-    hass: HomeAssistant, household: Cluster, hass_admin_user: MockUser
+    hass: HomeAssistant, household: Household, hass_admin_user: MockUser
 ) -> None:
     """Home Assistant's own error answer ("Error preparing LLM API"), with or without a
     known speaker."""
@@ -135,7 +135,7 @@ async def test_a_household_api_home_assistant_lacks_is_refused_as_before(
 
 
 async def test_household_api_is_nobody_elses_choice(
-    hass: HomeAssistant, household: Cluster
+    hass: HomeAssistant, household: Household
 ) -> None:
     """Used outside Hearth's agent it offers nothing; the household form neither offers
     nor keeps it."""

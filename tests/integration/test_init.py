@@ -13,9 +13,9 @@ from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import async_fire_time_changed
 from worker_process import WorkerProcess, free_port
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import DOMAIN
 from custom_components.hearth.diagnostics import async_get_config_entry_diagnostics
+from custom_components.hearth.household import Household
 
 from .conftest import entry_for, restart, setup_entry, worker_info
 
@@ -61,7 +61,7 @@ async def test_setup_unload_and_sensors(hass: HomeAssistant, chat_worker: Worker
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.NOT_LOADED
     assert DOMAIN in hass.data
-    assert not Cluster.get(hass).workers
+    assert not Household.get(hass).workers
 
 
 async def test_not_ready_when_unreachable(hass: HomeAssistant, chat_worker: WorkerProcess) -> None:
@@ -154,9 +154,9 @@ async def test_second_entry_takes_over_the_agent(
     second = entry_for(own_worker, "Second")
     await setup_entry(hass, first)
     await setup_entry(hass, second)
-    cluster = Cluster.get(hass)
-    assert cluster.primary_entry_id == first.entry_id
-    assert len(cluster.workers) == 2
+    household = Household.get(hass)
+    assert household.primary_entry_id == first.entry_id
+    assert len(household.workers) == 2
     registry = er.async_get(hass)
     agent = registry.async_get("conversation.hearth")
     assert agent is not None
@@ -164,6 +164,6 @@ async def test_second_entry_takes_over_the_agent(
 
     assert await hass.config_entries.async_unload(first.entry_id)
     await hass.async_block_till_done()
-    assert cluster.primary_entry_id == second.entry_id
+    assert household.primary_entry_id == second.entry_id
     assert hass.states.get("conversation.hearth").state != STATE_UNAVAILABLE
     assert registry.async_get("conversation.hearth").config_entry_id == second.entry_id

@@ -45,13 +45,13 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from custom_components.hearth import coordinator as coordinator_module
 from custom_components.hearth.client import StreamTimeouts
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_CODE,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import Tap
 from .test_failover import CUT_OFF, LONG_STORY
@@ -238,16 +238,16 @@ async def test_three_hosts_one_killed_one_cut_off(
         30,
     )
 
-    cluster: Cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
+    household: Household = Household.get(hass)
+    await household.async_update_settings(
         {
-            **cluster.settings,
+            **household.settings,
             CONF_LLM_HASS_API: [],
             CONF_MAX_TOKENS: 4000,
         }
     )
-    cluster.timeouts = TIMEOUTS
-    tap = Tap(cluster)
+    household.timeouts = TIMEOUTS
+    tap = Tap(household)
     # Bound of one request: every worker may take its first-token time, plus one answer.
     bound = len(NAMES) * TIMEOUTS.first_token + TIMEOUTS.total
 

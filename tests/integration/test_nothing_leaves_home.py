@@ -23,13 +23,13 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import intent
 from worker_process import start_worker
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_CODE,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import pairing_code
 
@@ -74,10 +74,10 @@ async def test_full_conversation_stays_home(
             assert entry.state is config_entries.ConfigEntryState.LOADED
 
             # A chat turn through the household's conversation agent.
-            cluster = Cluster.get(hass)
-            await cluster.async_update_settings(
+            household = Household.get(hass)
+            await household.async_update_settings(
                 {
-                    **cluster.settings,
+                    **household.settings,
                     CONF_LLM_HASS_API: [],
                     CONF_MAX_TOKENS: 16,
                 }
@@ -93,7 +93,7 @@ async def test_full_conversation_stays_home(
             assert answer.response.response_type is intent.IntentResponseType.ACTION_DONE
 
             # An embedding computed on the worker.
-            vectors = await entry.runtime_data.client.embeddings(
+            vectors = await entry.runtime_data.coordinator.client.embeddings(
                 _model_name(embedding_model), ["grams, not cups"]
             )
             assert len(vectors) == 1 and len(vectors[0]) == 384

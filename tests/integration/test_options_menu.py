@@ -15,7 +15,6 @@ from homeassistant.data_entry_flow import FlowResultType
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from worker_process import WorkerProcess, free_port, start_worker
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.config_flow import catalog_choices, catalog_label, valid_source
 from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
@@ -28,6 +27,7 @@ from custom_components.hearth.const import (
     CONF_TEMPERATURE,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.preferences import DATA_PREFERENCES
 from custom_components.hearth.worker_api import parse_catalog
 
@@ -109,16 +109,16 @@ async def test_household_step_leaves_the_workers_own_settings(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """The household form changes the shared settings and no worker's options; settings
-    it does not show (kept by the cluster) stay; emptied fields are cleared."""
+    it does not show (kept by the household) stay; emptied fields are cleared."""
     alpha = entry_for(workers["Alpha"], "Alpha")
     beta = entry_for(workers["Beta"], "Beta")
     for entry in (alpha, beta):
         await setup_entry(hass, entry)
     hass.config_entries.async_update_entry(alpha, options={CONF_ONLY_WHEN_IDLE: True})
     hass.config_entries.async_update_entry(beta, options={CONF_NOT_ON_BATTERY: True})
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {**cluster.settings, CONF_PROMPT: "Be brief.", "kept_elsewhere": 7}
+    household = Household.get(hass)
+    await household.async_update_settings(
+        {**household.settings, CONF_PROMPT: "Be brief.", "kept_elsewhere": 7}
     )
 
     form = await open_step(hass, alpha.entry_id, "household")
@@ -142,7 +142,7 @@ async def test_household_step_leaves_the_workers_own_settings(
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    settings = cluster.settings
+    settings = household.settings
     assert settings[CONF_MAX_TOKENS] == 64
     assert "prefer_local_intents" not in settings  # Home Assistant's pipeline has it
     assert settings[CONF_CHAT_MODEL] == "tiny-chat"
@@ -153,7 +153,7 @@ async def test_household_step_leaves_the_workers_own_settings(
     assert alpha.options == {CONF_ONLY_WHEN_IDLE: True}
     assert beta.options == {CONF_NOT_ON_BATTERY: True}
     # Saved: a restart reads the same settings.
-    assert (await cluster.store.async_load())[CONF_EMBEDDING_MODEL] == "tiny-embed"
+    assert (await household.store.async_load())[CONF_EMBEDDING_MODEL] == "tiny-embed"
 
     # Opened from the other worker, the household form shows the same settings.
     form = await open_step(hass, beta.entry_id, "household")
@@ -172,11 +172,11 @@ async def test_worker_step_changes_this_worker_only(
     beta = entry_for(workers["Beta"], "Beta")
     for entry in (alpha, beta):
         await setup_entry(hass, entry)
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
-        {**cluster.settings, CONF_MAX_TOKENS: 99, CONF_CHAT_MODEL: "tiny-chat"}
+    household = Household.get(hass)
+    await household.async_update_settings(
+        {**household.settings, CONF_MAX_TOKENS: 99, CONF_CHAT_MODEL: "tiny-chat"}
     )
-    before = dict(cluster.settings)
+    before = dict(household.settings)
 
     form = await open_step(hass, alpha.entry_id, "worker")
     assert fields(form) == {CONF_ONLY_WHEN_IDLE, CONF_NOT_ON_BATTERY}
@@ -187,9 +187,9 @@ async def test_worker_step_changes_this_worker_only(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert alpha.options == {CONF_ONLY_WHEN_IDLE: True, CONF_NOT_ON_BATTERY: False}
     assert beta.options == {}
-    assert cluster.settings == before
-    assert cluster.workers[alpha.entry_id].state().only_when_idle is True
-    assert cluster.workers[beta.entry_id].state().only_when_idle is False
+    assert household.settings == before
+    assert household.workers[alpha.entry_id].state().only_when_idle is True
+    assert household.workers[beta.entry_id].state().only_when_idle is False
 
     # Shown as set next time.
     form = await open_step(hass, alpha.entry_id, "worker")
@@ -281,9 +281,9 @@ async def test_household_embedding_model_is_the_one_used(
     try:
         entry = entry_for(worker)
         await setup_entry(hass, entry)
-        served = [m.id for m in Cluster.get(hass).workers[entry.entry_id].coordinator.info.models]
+        served = [m.id for m in Household.get(hass).workers[entry.entry_id].coordinator.info.models]
         assert served == [manifest["name"], "second-embed"]
-        client = Cluster.get(hass).workers[entry.entry_id].client
+        client = Household.get(hass).workers[entry.entry_id].client
         asked: list[str] = []
         real = client.embeddings
 

@@ -28,13 +28,13 @@ from pytest_homeassistant_custom_component.common import MockUser
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import async_provide_llm_data
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     DOMAIN,
     SETTINGS_STORAGE_KEY,
 )
+from custom_components.hearth.household import Household
 from custom_components.hearth.preference_store import ISSUE_CORRUPT, PREFERENCES_STORAGE_KEY
 from custom_components.hearth.preference_tools import preference_tools
 from custom_components.hearth.preferences import (
@@ -101,16 +101,16 @@ def issue(hass: HomeAssistant) -> ir.IssueEntry | None:
     return ir.async_get(hass).async_get_issue(DOMAIN, ISSUE_CORRUPT)
 
 
-def record_bodies(cluster: Cluster) -> list[dict[str, Any]]:
+def record_bodies(household: Household) -> list[dict[str, Any]]:
     """The request bodies the household sends its workers from now on (calls go through)."""
     bodies: list[dict[str, Any]] = []
-    real_open = cluster.async_open_chat
+    real_open = household.async_open_chat
 
     async def recording_open(body: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         bodies.append(body)
         return await real_open(body, *args, **kwargs)
 
-    cluster.async_open_chat = recording_open
+    household.async_open_chat = recording_open
     return bodies
 
 
@@ -354,10 +354,10 @@ async def test_tools_through_the_agent(
     real request to a worker carries the speaking person's preferences."""
     await setup_entry(hass, entry_for(taught_worker))
     prefs = hass.data[DATA_PREFERENCES]
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
+    household = Household.get(hass)
+    await household.async_update_settings(
         {
-            **cluster.settings,
+            **household.settings,
             CONF_LLM_HASS_API: ["assist"],
             CONF_MAX_TOKENS: 32,
         }
@@ -385,7 +385,7 @@ async def test_tools_through_the_agent(
                 hass, session, user_input(text, session.conversation_id)
             ) as chat_log,
         ):
-            await async_provide_llm_data(chat_log, user_input(text, "conv-1"), cluster.settings)
+            await async_provide_llm_data(chat_log, user_input(text, "conv-1"), household.settings)
             assert chat_log.llm_api is not None
             names = [t.name for t in chat_log.llm_api.tools]
             assert {TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST} <= set(names)
@@ -408,7 +408,7 @@ async def test_tools_through_the_agent(
     assert [i["value"] for i in prefs.items(member.key)] == ["grams"]
 
     # A real conversation turn: the worker is asked with the preference in the prompt.
-    bodies = record_bodies(cluster)
+    bodies = record_bodies(household)
     result = await conversation.async_converse(
         hass, "hello", None, context, language="en", agent_id=AGENT
     )
@@ -684,7 +684,7 @@ async def test_a_long_request_is_cut_before_it_is_embedded(
     assert member is not None
     await fill(prefs, member)
     prefs.max_in_prompt = 3
-    client = next(iter(Cluster.get(hass).workers.values())).client
+    client = next(iter(Household.get(hass).workers.values())).client
     sent: list[list[str]] = []
     real = client.embeddings
 
@@ -723,8 +723,8 @@ async def test_ask_with_a_person_uses_their_preferences(
     await setup_entry(hass, entry_for(chat_worker))
     alice = await add_person(hass, None)
     await call(hass, "preferences_set", {"person": alice, "category": "units", "value": "grams"})
-    cluster = Cluster.get(hass)
-    bodies = record_bodies(cluster)
+    household = Household.get(hass)
+    bodies = record_bodies(household)
     data = {"prompt": "How much flour?", "instructions": "Be brief.", "max_tokens": 4}
     await call(hass, "ask", {**data, "person": alice})
     system = bodies[0]["messages"][0]

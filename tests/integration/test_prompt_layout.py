@@ -32,7 +32,6 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry, MockUs
 from worker_process import WorkerProcess
 
 from custom_components.hearth.assistant import PromptLayout, SplitPrompt, split_system_prompt
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -40,6 +39,7 @@ from custom_components.hearth.const import (
     DEVICES_ONLY_THROUGH_TOOLS_PROMPT,
     DOMAIN,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import entry_for, setup_entry
 
@@ -58,16 +58,16 @@ def clock() -> Iterator[list[datetime]]:
         yield times
 
 
-async def household(
+async def set_up_household(
     hass: HomeAssistant, worker: WorkerProcess, *members: MockUser
 ) -> MockConfigEntry:
     """A worker, Assist's tools, two exposed lights, and a person per member."""
     entry = entry_for(worker)
     await setup_entry(hass, entry)
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
+    household = Household.get(hass)
+    await household.async_update_settings(
         {
-            **cluster.settings,
+            **household.settings,
             CONF_LLM_HASS_API: ["assist"],
             CONF_MAX_TOKENS: 4,
         }
@@ -87,7 +87,7 @@ async def household(
 def record_requests(hass: HomeAssistant) -> list[dict[str, Any]]:
     """Every chat request body the household sends from now on, as a worker gets it."""
     sent: list[dict[str, Any]] = []
-    for handle in Cluster.get(hass).workers.values():
+    for handle in Household.get(hass).workers.values():
         real = handle.client.chat_stream
 
         async def chat_stream(body: dict[str, Any], *args: Any, real: Any = real) -> Any:
@@ -128,7 +128,7 @@ async def test_two_members_share_the_household_prefix(
     tiny_chat_model: Path,
     clock: list[datetime],
 ) -> None:
-    await household(hass, chat_worker, hass_admin_user, hass_read_only_user)
+    await set_up_household(hass, chat_worker, hass_admin_user, hass_read_only_user)
     await set_preference(hass, "person.alice", "units", "grams")
     await set_preference(hass, "person.bob", "diet", "vegetarian")
     sent = record_requests(hass)
@@ -180,7 +180,7 @@ async def test_a_conversation_without_a_known_member(
     hass: HomeAssistant, chat_worker: WorkerProcess, tiny_chat_model: Path, clock: list[datetime]
 ) -> None:
     """A satellite nobody is known at: the household part, then only the time."""
-    await household(hass, chat_worker)
+    await set_up_household(hass, chat_worker)
     sent = record_requests(hass)
     await conversation.async_converse(
         hass, "turn on the kitchen light", None, Context(), language="en", agent_id=AGENT
@@ -200,9 +200,9 @@ async def test_a_conversation_without_a_known_member(
 async def test_no_device_tools_no_device_line(
     hass: HomeAssistant, chat_worker: WorkerProcess, clock: list[datetime]
 ) -> None:
-    await household(hass, chat_worker)
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings({**cluster.settings, CONF_LLM_HASS_API: []})
+    await set_up_household(hass, chat_worker)
+    household = Household.get(hass)
+    await household.async_update_settings({**household.settings, CONF_LLM_HASS_API: []})
     sent = record_requests(hass)
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
     assert "tools" not in sent[0]
@@ -267,7 +267,7 @@ async def test_the_second_member_finds_the_household_prefix_cached(
 ) -> None:
     """Two members' first turns, sent to a fresh worker: the second finds the household
     part in the worker's prompt cache; the first member's next turn finds all of hers."""
-    await household(hass, chat_worker, hass_admin_user, hass_read_only_user)
+    await set_up_household(hass, chat_worker, hass_admin_user, hass_read_only_user)
     await set_preference(hass, "person.alice", "units", "grams")
     await set_preference(hass, "person.bob", "diet", "vegetarian")
     sent = record_requests(hass)
@@ -299,9 +299,9 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
 ) -> None:
     """By default no temperature is sent (the worker uses the model's own default);
     the household form offers that as an empty field, and keeps an explicit number."""
-    entry = await household(hass, chat_worker)
-    cluster = Cluster.get(hass)
-    assert cluster.settings[CONF_TEMPERATURE] is None
+    entry = await set_up_household(hass, chat_worker)
+    household = Household.get(hass)
+    assert household.settings[CONF_TEMPERATURE] is None
     sent = record_requests(hass)
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
     await hass.services.async_call(
@@ -321,7 +321,7 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
         assert result["type"] is FlowResultType.CREATE_ENTRY
 
     await household_form({CONF_TEMPERATURE: 0})
-    assert cluster.settings[CONF_TEMPERATURE] == 0
+    assert household.settings[CONF_TEMPERATURE] == 0
     sent.clear()
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
     await hass.services.async_call(
@@ -330,7 +330,7 @@ async def test_temperature_is_the_models_unless_the_household_sets_one(
     assert [body.get("temperature") for body in sent] == [0.0, 0.0]
 
     await household_form({})  # emptied: the model's default again
-    assert cluster.settings[CONF_TEMPERATURE] is None
+    assert household.settings[CONF_TEMPERATURE] is None
     sent.clear()
     await conversation.async_converse(hass, "hello", None, Context(), language="en", agent_id=AGENT)
     assert "temperature" not in sent[0]
@@ -340,7 +340,7 @@ async def test_satellites_in_two_areas_share_the_household_prefix(
     hass: HomeAssistant, chat_worker: WorkerProcess, clock: list[datetime]
 ) -> None:
     """The Assist prompt's line for the speaking device's area goes to the turn's note."""
-    entry = await household(hass, chat_worker)
+    entry = await set_up_household(hass, chat_worker)
     areas = ar.async_get(hass)
     devices = dr.async_get(hass)
     satellites = []

@@ -20,12 +20,12 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import intent
 from worker_process import WorkerProcess, start_worker
 
-from custom_components.hearth.cluster import Cluster
 from custom_components.hearth.const import (
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
 )
+from custom_components.hearth.household import Household
 
 from .conftest import entry_for, setup_entry
 
@@ -46,10 +46,10 @@ async def test_agent_answers_with_real_model(
     hass: HomeAssistant, real_worker: WorkerProcess
 ) -> None:
     await setup_entry(hass, entry_for(real_worker, "Living room PC"))
-    cluster = Cluster.get(hass)
-    await cluster.async_update_settings(
+    household = Household.get(hass)
+    await household.async_update_settings(
         {
-            **cluster.settings,
+            **household.settings,
             CONF_LLM_HASS_API: [],
             CONF_TEMPERATURE: 0.0,
             CONF_MAX_TOKENS: 48,

@@ -40,7 +40,7 @@ class Clock:
 
 
 def rank(workers: list[WorkerState], request: RouteRequest = REQUEST) -> list[Candidate]:
-    """What the household's router (`Router.rank`, as cluster.py uses it) makes of snapshots."""
+    """What the household's router (`Router.rank`, as household.py uses it) makes of snapshots."""
     return Router(Clock()).rank(workers, request)
 
 
@@ -206,7 +206,7 @@ def test_release_frees_the_worker_and_learns_answer_length() -> None:
     # Answers of this kind are ~20 tokens, not max_new_tokens (100): planned shorter.
     assert r.expected_new_tokens(REQUEST) == 20
     assert r.expected_new_tokens(RouteRequest(max_new_tokens=10)) == 10
-    assert r.expected_new_tokens(RouteRequest(kind="other")) == 128
+    assert r.expected_new_tokens(RouteRequest(purpose="other")) == 128
     assert r.rank(workers, REQUEST)[0].estimated_s < busy
 
 

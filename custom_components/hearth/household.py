@@ -139,7 +139,7 @@ def refusal_error(refusals: list[tuple[str, HearthRequestError]]) -> RequestNotS
 
 @dataclass
 class WorkerHandle:
-    """One loaded worker, as the cluster sees it."""
+    """One loaded worker, as the household sees it."""
 
     entry_id: str
     name: str
@@ -225,7 +225,7 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
 
 def _embedding_request(prompt_tokens: int) -> router.RouteRequest:
     """An embedding request as routing sees it: a prompt and no answer to wait for."""
-    return router.RouteRequest(prompt_tokens=prompt_tokens, max_new_tokens=0, kind="embedding")
+    return router.RouteRequest(prompt_tokens=prompt_tokens, max_new_tokens=0, purpose="embedding")
 
 
 async def _first_delta(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
@@ -272,8 +272,8 @@ class Completion:
 
 
 @dataclass
-class Cluster:
-    """Household state: one per Home Assistant, made in `async_setup` (`Cluster.get`)."""
+class Household:
+    """Household state: one per Home Assistant, made in `async_setup` (`Household.get`)."""
 
     hass: HomeAssistant
     store: Store[dict[str, Any]]
@@ -290,19 +290,19 @@ class Cluster:
     _snapshot_listeners: dict[str, Callable[[], None]] = field(default_factory=dict)
 
     @classmethod
-    async def async_create(cls, hass: HomeAssistant) -> Cluster:
-        """Load the household's settings and keep the cluster in `hass.data`."""
+    async def async_create(cls, hass: HomeAssistant) -> Household:
+        """Load the household's settings and keep the household in `hass.data`."""
         store: Store[dict[str, Any]] = Store(hass, STORAGE_VERSION, SETTINGS_STORAGE_KEY)
-        cluster = cls(hass, store)
+        household = cls(hass, store)
         if stored := await store.async_load():
-            cluster.settings.update(_known(stored))
-        hass.data[DATA_CLUSTER] = cluster
-        return cluster
+            household.settings.update(_known(stored))
+        hass.data[DATA_HOUSEHOLD] = household
+        return household
 
     @staticmethod
-    def get(hass: HomeAssistant) -> Cluster:
-        """The household cluster (made in the integration's `async_setup`)."""
-        return hass.data[DATA_CLUSTER]
+    def get(hass: HomeAssistant) -> Household:
+        """The household household (made in the integration's `async_setup`)."""
+        return hass.data[DATA_HOUSEHOLD]
 
     async def async_update_settings(self, settings: dict[str, Any]) -> None:
         """Change the household-wide assistant settings."""
@@ -380,7 +380,7 @@ class Cluster:
         body: dict[str, Any],
         *,
         conversation_id: str | None = None,
-        kind: str = "chat",
+        purpose: str = "chat",
         exclude: Collection[str] = (),
     ) -> ChatStream:
         """Send a chat request to the best worker, failing over before the first token.
@@ -392,7 +392,7 @@ class Cluster:
 
         Each try is reserved against its worker until the answer is over, so that
         requests arriving together spread out (router.Router); `conversation_id`
-        keeps a conversation on the worker of its previous turn; `kind` groups
+        keeps a conversation on the worker of its previous turn; `purpose` groups
         requests with similar answer lengths ("voice", "task"); workers in `exclude`
         (entry ids) are not asked.
 
@@ -409,7 +409,7 @@ class Cluster:
             prompt_tokens=estimate_prompt_tokens(body),
             max_new_tokens=int(body.get("max_tokens") or DEFAULT_MAX_TOKENS),
             conversation_id=conversation_id,
-            kind=kind,
+            purpose=purpose,
             prefix_key=prefix[0] if prefix else None,
             prefix_tokens=prefix[1] if prefix else 0,
         )
@@ -556,7 +556,7 @@ class Cluster:
         """The answer after the peeked first delta; a failure becomes AnswerCutOffError.
 
         The reservation is released however the answer ends; only a whole answer
-        tells the router how long answers of its kind are.
+        tells the router how long answers of its purpose are.
         """
         completion_tokens: int | None = None
         cached_tokens: int | None = None
@@ -607,7 +607,7 @@ class Cluster:
         if (worker := self.workers.get(entry_id)) is not None:
             worker.coordinator.async_set_in_flight(self.routing.in_flight(entry_id))
 
-    # The one place where the cluster learns how a worker did with a chat request.
+    # The one place where the household learns how a worker did with a chat request.
     def _worker_failed(self, worker: WorkerHandle, err: HearthError, *, answering: bool) -> None:
         self.routing.report_failure(worker.entry_id)  # the circuit breaker backs off
         worker.coordinator.async_poll_now()  # is it gone? known at once, not at the next poll
@@ -624,7 +624,7 @@ class Cluster:
         self,
         body: dict[str, Any],
         *,
-        kind: str = "task",
+        purpose: str = "task",
         conversation_id: str | None = None,
     ) -> Completion:
         """Collect a whole answer before anyone sees it; a cut-off answer is asked again.
@@ -640,7 +640,7 @@ class Cluster:
         while True:
             try:
                 stream = await self.async_open_chat(
-                    body, kind=kind, conversation_id=conversation_id, exclude=broke_off
+                    body, purpose=purpose, conversation_id=conversation_id, exclude=broke_off
                 )
             except (NoWorkerError, RequestNotServableError):
                 if best is not None:
@@ -662,15 +662,15 @@ class Cluster:
                 continue
             return Completion(deltas, stream.worker)
 
-    async def async_ask(self, body: dict[str, Any], *, kind: str = "task") -> AskResult:
+    async def async_ask(self, body: dict[str, Any], *, purpose: str = "task") -> AskResult:
         """Ask once and collect the whole answer text (see async_complete).
 
         Raises NoWorkerError or RequestNotServableError when no worker produced
         anything; when every worker broke off mid-answer, a partial result
         (`cut_off` set) with the longest answer one sent.
         """
-        done = await self.async_complete(body, kind=kind)
+        done = await self.async_complete(body, purpose=purpose)
         return AskResult(done.text.strip(), done.worker, done.cut_off)
 
 
-DATA_CLUSTER: HassKey[Cluster] = HassKey(DOMAIN)
+DATA_HOUSEHOLD: HassKey[Household] = HassKey(DOMAIN)

@@ -1,7 +1,7 @@
 """The router wired into the household, end to end, with real workers on 127.0.0.1.
 
 `tests/integration/test_router.py` checks the policy on plain data; these tests
-check that the cluster feeds it and follows it: fail-over on a worker's 429 and
+check that the household feeds it and follows it: fail-over on a worker's 429 and
 4xx, a probe that ends with no verdict, a conversation's second turn, answer
 lengths learned from a real stream, capacity snapshots, the model fallback and
 offline workers.
@@ -31,12 +31,12 @@ from homeassistant.helpers import intent
 from worker_process import WorkerProcess, tls_closed
 
 from custom_components.hearth import router
-from custom_components.hearth.cluster import Cluster, WorkerHandle
 from custom_components.hearth.const import (
     CONF_CHAT_MODEL,
     CONF_MAX_TOKENS,
     CONF_TEMPERATURE,
 )
+from custom_components.hearth.household import Household, WorkerHandle
 from custom_components.hearth.worker_api import ChatDelta
 
 from . import conftest
@@ -86,31 +86,31 @@ async def stop_all(workers: dict[str, WorkerProcess]) -> None:
         await worker.astop()
 
 
-async def household(
+async def set_up_household(
     hass: HomeAssistant, workers: dict[str, WorkerProcess], **settings: Any
-) -> tuple[Cluster, SpyRouter, Clock]:
+) -> tuple[Household, SpyRouter, Clock]:
     """The workers as config entries; the household's router on an injected clock."""
-    cluster = await setup_household(
+    household = await setup_household(
         hass, workers, {CONF_MAX_TOKENS: 8, CONF_TEMPERATURE: 0.0, **settings}
     )
     clock = Clock()
     spy = SpyRouter(clock)
-    cluster.routing = spy  # the snapshot listeners and every request use it from now on
-    for entry_id in cluster.workers:
+    household.routing = spy  # the snapshot listeners and every request use it from now on
+    for entry_id in household.workers:
         spy.observe_snapshot(entry_id)
-    return cluster, spy, clock
+    return household, spy, clock
 
 
-def handle(cluster: Cluster, name: str) -> WorkerHandle:
-    return next(h for h in cluster.workers.values() if h.name == name)
+def handle(household: Household, name: str) -> WorkerHandle:
+    return next(h for h in household.workers.values() if h.name == name)
 
 
-def keep_busy(cluster: Cluster, name: str, seconds: float = 100.0) -> router.Reservation:
+def keep_busy(household: Household, name: str, seconds: float = 100.0) -> router.Reservation:
     """Another of our requests, `seconds` long, open on `name`: the router prefers the other."""
-    worker = handle(cluster, name)
+    worker = handle(household, name)
     model = worker.coordinator.info.chat_models[0]
     candidate = router.Candidate(worker.entry_id, model, seconds, work_s=seconds)
-    return cluster.routing.reserve(candidate, router.RouteRequest(kind="other"))
+    return household.routing.reserve(candidate, router.RouteRequest(purpose="other"))
 
 
 async def ask(hass: HomeAssistant, prompt: str, max_tokens: int = 8) -> dict[str, Any]:
@@ -126,7 +126,7 @@ async def converse(hass: HomeAssistant, text: str, conversation_id: str | None =
 
 
 def assert_beta_answered_alpha_stays(
-    cluster: Cluster, spy: SpyRouter, recorder: Tap, response: dict[str, Any]
+    household: Household, spy: SpyRouter, recorder: Tap, response: dict[str, Any]
 ) -> None:
     """Alpha was asked first and failed over to Beta, which answered to the end; Alpha's
     breaker stays closed and nothing of ours is left open there."""
@@ -134,7 +134,7 @@ def assert_beta_answered_alpha_stays(
     assert response["worker"] == "Beta"
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
     assert response["answer"]
-    alpha_id = handle(cluster, "Alpha").entry_id
+    alpha_id = handle(household, "Alpha").entry_id
     assert spy.breaker_state(alpha_id) is router.BreakerState.CLOSED
     assert spy.in_flight(alpha_id) == 0
 
@@ -148,16 +148,16 @@ async def test_busy_worker_429_fails_over(
     session = aiohttp.ClientSession()
     held: list[aiohttp.ClientResponse] = []
     try:
-        cluster, spy, _ = await household(hass, workers)
-        recorder = Tap(cluster)
-        busy = keep_busy(cluster, "Beta")
+        household, spy, _ = await set_up_household(hass, workers)
+        recorder = Tap(household)
+        busy = keep_busy(household, "Beta")
 
         async def take_the_slot(name: str) -> None:
             """Another client starts a long answer on Alpha and holds it (does not read)."""
             response = await session.post(
                 alpha.url + "/v1/chat/completions",
                 json={
-                    "model": handle(cluster, "Alpha").coordinator.info.chat_models[0],
+                    "model": handle(household, "Alpha").coordinator.info.chat_models[0],
                     "messages": [{"role": "user", "content": LONG_STORY}],
                     "max_tokens": HOLD_TOKENS,
                     "stream": True,
@@ -172,7 +172,7 @@ async def test_busy_worker_429_fails_over(
         recorder.before_call["Alpha"] = take_the_slot
         response = await ask(hass, "hi")
         # Busy is not broken: Alpha stays in rotation, nothing of ours is left open there.
-        assert_beta_answered_alpha_stays(cluster, spy, recorder, response)
+        assert_beta_answered_alpha_stays(household, spy, recorder, response)
         spy.release(busy)
     finally:
         for holder in held:
@@ -199,12 +199,12 @@ async def test_refusing_worker_4xx_fails_over(
     """A prompt too long for Alpha's context: Alpha answers 400, Beta (8,192 tokens) answers."""
     workers = two_workers(tiny_chat_model, tmp_path, small_context_model)
     try:
-        cluster, spy, _ = await household(hass, workers)
-        recorder = Tap(cluster)
-        busy = keep_busy(cluster, "Beta")
+        household, spy, _ = await set_up_household(hass, workers)
+        recorder = Tap(household)
+        busy = keep_busy(household, "Beta")
         response = await ask(hass, LONG_PROMPT)
         # The request, not the worker, was the problem: Alpha is not taken out of rotation.
-        assert_beta_answered_alpha_stays(cluster, spy, recorder, response)
+        assert_beta_answered_alpha_stays(household, spy, recorder, response)
         spy.release(busy)
     finally:
         await stop_all(workers)
@@ -218,10 +218,10 @@ async def test_probe_ending_without_verdict_frees_the_probe(
     The worker stays half-open and the next request may probe it again; a whole
     answer then closes its breaker.
     """
-    cluster, spy, clock = await household(hass, workers)
-    recorder = Tap(cluster)
-    alpha_id = handle(cluster, "Alpha").entry_id
-    busy = keep_busy(cluster, "Beta")
+    household, spy, clock = await set_up_household(hass, workers)
+    recorder = Tap(household)
+    alpha_id = handle(household, "Alpha").entry_id
+    busy = keep_busy(household, "Beta")
     spy.report_failure(alpha_id)  # an earlier failure
     assert spy.breaker_state(alpha_id) is router.BreakerState.OPEN
     clock.now += router.BREAKER_BASE_S
@@ -229,10 +229,10 @@ async def test_probe_ending_without_verdict_frees_the_probe(
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
     async with asyncio.timeout(60):
-        stream = await cluster.async_open_chat(body)
+        stream = await household.async_open_chat(body)
         assert stream.worker.name == "Alpha"  # the probe
         # While it runs, nobody else probes Alpha: it is a last resort.
-        ranked = cluster.candidates(router.RouteRequest())
+        ranked = household.candidates(router.RouteRequest())
         assert [c.worker_id for c in ranked][-1:] == [alpha_id]
         assert "breaker_half_open" in ranked[-1].reasons
         await anext(aiter(stream.deltas))
@@ -258,13 +258,13 @@ async def test_second_turn_stays_on_its_worker(
     the other (another of our requests open on it), within the 1.5x that stickiness
     tolerates: without the conversation the other worker would be asked.
     """
-    cluster, spy, _ = await household(hass, workers)
-    recorder = Tap(cluster)
-    busy = keep_busy(cluster, "Beta")
+    household, spy, _ = await set_up_household(hass, workers)
+    recorder = Tap(household)
+    busy = keep_busy(household, "Beta")
     first = await converse(hass, "hello")
     assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
     assert recorder.tried == ["Alpha"]
-    alpha_id = handle(cluster, "Alpha").entry_id
+    alpha_id = handle(household, "Alpha").entry_id
     assert spy.sticky_worker(first.conversation_id) == alpha_id
     spy.release(busy)
 
@@ -281,7 +281,7 @@ async def test_second_turn_stays_on_its_worker(
         if left > 0:  # one slot: what is ahead adds to Alpha's finish time
             spy.reserve(replace(by_id[alpha_id], estimated_s=left, work_s=left), plain)
         ranked = router.Router.rank(spy, states, plain)
-        without_conversation.extend(cluster.workers[c.worker_id].name for c in ranked)
+        without_conversation.extend(household.workers[c.worker_id].name for c in ranked)
 
     spy.before_rank = slow_down_alpha
     second = await converse(hass, "and again", first.conversation_id)
@@ -300,8 +300,8 @@ async def test_answer_length_learned_from_a_real_stream(
 ) -> None:
     """The completion tokens the worker reports become the length the router plans for."""
     await setup_entry(hass, entry_for(chat_worker))
-    cluster, spy, _ = await household(hass, {})
-    recorder = Tap(cluster)
+    household, spy, _ = await set_up_household(hass, {})
+    recorder = Tap(household)
     response = await ask(hass, "Write a very long story about the sea.", max_tokens=8)
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
     assert recorder.completion_tokens, "the worker reports usage at the end of a stream"
@@ -311,16 +311,16 @@ async def test_answer_length_learned_from_a_real_stream(
     assert asked.max_new_tokens == 8
     # Planned from now on for requests of this kind, however long they may be.
     assert spy.expected_new_tokens(replace(asked, max_new_tokens=1000)) == tokens
-    assert spy.expected_new_tokens(replace(asked, kind="other", max_new_tokens=1000)) == 1000
+    assert spy.expected_new_tokens(replace(asked, purpose="other", max_new_tokens=1000)) == 1000
 
 
 async def test_capacity_snapshot_showing_our_request_is_not_counted_twice(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """The coordinator's listener tells the router which snapshots already show our requests."""
-    cluster, spy, _ = await household(hass, workers)
-    alpha = handle(cluster, "Alpha")
-    busy = keep_busy(cluster, "Beta")
+    household, spy, _ = await set_up_household(hass, workers)
+    alpha = handle(household, "Alpha")
+    busy = keep_busy(household, "Beta")
     body = {
         "messages": [{"role": "user", "content": LONG_STORY}],
         "max_tokens": HOLD_TOKENS,
@@ -335,7 +335,7 @@ async def test_capacity_snapshot_showing_our_request_is_not_counted_twice(
         return spy.rank([state], request)[0].estimated_s
 
     async with asyncio.timeout(60):
-        stream = await cluster.async_open_chat(body)  # not read on: it holds Alpha's slot
+        stream = await household.async_open_chat(body)  # not read on: it holds Alpha's slot
         try:
             assert stream.worker is alpha
             await anext(aiter(stream.deltas))
@@ -358,11 +358,11 @@ async def test_preferred_model_served_nowhere_falls_back(
     hass: HomeAssistant, chat_worker: WorkerProcess
 ) -> None:
     await setup_entry(hass, entry_for(chat_worker))
-    cluster, spy, _ = await household(hass, {}, **{CONF_CHAT_MODEL: "no-such-model"})
-    recorder = Tap(cluster)
+    household, spy, _ = await set_up_household(hass, {}, **{CONF_CHAT_MODEL: "no-such-model"})
+    recorder = Tap(household)
     response = await ask(hass, "hi")
     assert response["finish_reason"] in ("stop", "length")  # answered to the end
-    served = cluster.workers[next(iter(cluster.workers))].coordinator.info.chat_models
+    served = household.workers[next(iter(household.workers))].coordinator.info.chat_models
     assert [body["model"] for body in recorder.bodies] == [served[0]]
     assert [r.model for r in spy.requests[-2:]] == ["no-such-model", None]
 
@@ -371,11 +371,11 @@ async def test_offline_worker_is_not_asked(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
     """A worker whose last poll failed is left out (not tried and failed over)."""
-    cluster, spy, _ = await household(hass, workers)
-    recorder = Tap(cluster)
-    busy = keep_busy(cluster, "Beta")  # Alpha would be first if it were there
+    household, spy, _ = await set_up_household(hass, workers)
+    recorder = Tap(household)
+    busy = keep_busy(household, "Beta")  # Alpha would be first if it were there
     await workers["Alpha"].astop()
-    alpha = handle(cluster, "Alpha")
+    alpha = handle(household, "Alpha")
     await alpha.coordinator.async_refresh()
     assert not alpha.coordinator.last_update_success
     assert alpha.state().online is False
