@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,8 +18,9 @@ from typing import Any
 import pytest
 import pytest_socket
 from fake_worker import FakeWorker
+from homeassistant.components import conversation
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
-from homeassistant.core import HomeAssistant
+from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -112,8 +114,13 @@ def chat_worker(
     tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """One real worker serving the tiny chat model, with a token."""
+    yield from _session_worker(tiny_chat_model, tmp_path_factory.mktemp("chat-worker"))
+
+
+def _session_worker(model: Path, state: Path) -> Iterator[WorkerProcess]:
+    """A real worker serving ``model`` for the whole session (a session fixture's body)."""
     pytest_socket.enable_socket()  # session fixtures run before socket_enabled
-    worker = start_worker([tiny_chat_model], tmp_path_factory.mktemp("chat-worker"))
+    worker = start_worker([model], state)
     yield worker
     worker.stop()
 
@@ -258,6 +265,23 @@ async def _call(action: Action, name: str) -> None:
         await result
 
 
+def user_input(
+    text: str, context: Context, conversation_id: str | None = None
+) -> conversation.ConversationInput:
+    """A conversation input for Hearth's agent, with the fields this Home Assistant has."""
+    values = {
+        "text": text,
+        "context": context,
+        "conversation_id": conversation_id,
+        "device_id": None,
+        "satellite_id": None,
+        "language": "en",
+        "agent_id": "conversation.hearth",
+    }
+    names = {f.name for f in dataclasses.fields(conversation.ConversationInput)}
+    return conversation.ConversationInput(**{k: v for k, v in values.items() if k in names})
+
+
 async def ask(hass: HomeAssistant, prompt: str, max_tokens: int) -> dict[str, Any]:
     """hearth.ask, with its response."""
     response = await hass.services.async_call(
@@ -287,10 +311,7 @@ def taught_worker(
     taught_chat_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """A worker serving the model taught to call HassTurnOn (tests/model_fixtures.py)."""
-    pytest_socket.enable_socket()  # session fixtures run before socket_enabled
-    worker = start_worker([taught_chat_model], tmp_path_factory.mktemp("taught-worker"))
-    yield worker
-    worker.stop()
+    yield from _session_worker(taught_chat_model, tmp_path_factory.mktemp("taught-worker"))
 
 
 def two_workers(

@@ -24,9 +24,9 @@ from custom_components.hearth.const import CONF_LLM_HASS_API, DOMAIN, HOUSEHOLD_
 from custom_components.hearth.household import Household
 from custom_components.hearth.preferences import TOOL_FORGET, TOOL_LIST, TOOL_REMEMBER
 
+from .conftest import user_input
 from .test_preferences import add_person
 
-AGENT = "conversation.hearth"
 PREFERENCE_TOOLS = {TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST}
 
 
@@ -38,20 +38,6 @@ async def household(hass: HomeAssistant) -> Household:
     assert await async_setup_component(hass, "intent", {})
     assert await async_setup_component(hass, DOMAIN, {})
     return Household.get(hass)
-
-
-def user_input(text: str, context: Context) -> conversation.ConversationInput:
-    values = {
-        "text": text,
-        "context": context,
-        "conversation_id": None,
-        "device_id": None,
-        "satellite_id": None,
-        "language": "en",
-        "agent_id": AGENT,
-    }
-    names = {f.name for f in dataclasses.fields(conversation.ConversationInput)}
-    return conversation.ConversationInput(**{k: v for k, v in values.items() if k in names})
 
 
 async def provide(

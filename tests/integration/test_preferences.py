@@ -48,7 +48,7 @@ from custom_components.hearth.preferences import (
     async_member_for_user,
 )
 
-from .conftest import entry_for, setup_entry
+from .conftest import entry_for, setup_entry, user_input
 
 # The real Store methods, taken before the harness patches them for each test.
 REAL_LOAD = Store._async_load
@@ -365,27 +365,16 @@ async def test_tools_through_the_agent(
     await add_person(hass, hass_admin_user)
     context = Context(user_id=hass_admin_user.id)
 
-    def user_input(text: str, conversation_id: str) -> conversation.ConversationInput:
-        values = {
-            "text": text,
-            "context": context,
-            "conversation_id": conversation_id,
-            "device_id": None,
-            "satellite_id": None,
-            "language": "en",
-            "agent_id": AGENT,
-        }
-        names = {f.name for f in dataclasses.fields(conversation.ConversationInput)}
-        return conversation.ConversationInput(**{k: v for k, v in values.items() if k in names})
-
     async def turn(text: str, call: llm.ToolInput) -> list[Any]:
         with (
             chat_session.async_get_chat_session(hass, "conv-1") as session,
             conversation.async_get_chat_log(
-                hass, session, user_input(text, session.conversation_id)
+                hass, session, user_input(text, context, session.conversation_id)
             ) as chat_log,
         ):
-            await async_provide_llm_data(chat_log, user_input(text, "conv-1"), household.settings)
+            await async_provide_llm_data(
+                chat_log, user_input(text, context, "conv-1"), household.settings
+            )
             assert chat_log.llm_api is not None
             names = [t.name for t in chat_log.llm_api.tools]
             assert {TOOL_REMEMBER, TOOL_FORGET, TOOL_LIST} <= set(names)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hearth_worker.auth import AuthStore
+from hearth_worker.chat_engine import ChatModel
 from hearth_worker.embedding_engine import EmbeddingModel, micro_batches
 from hearth_worker.manifest import load_manifest
 from hearth_worker.server import Worker
@@ -37,10 +38,12 @@ PREFILL = re.compile(r"Generation ended \(\w+\) after \d+ tokens, prefill ([\d.]
 # -- in-process: what runs where -------------------------------------------------
 
 
+InProcess = tuple[TestClient[Any, Any], ChatModel, dict[str, str]]
+
+
 @pytest.fixture
-async def in_process(
-    tiny_chat_model: Path, tmp_path: Path
-) -> AsyncIterator[tuple[TestClient[Any, Any], Worker, dict[str, str]]]:
+async def in_process(tiny_chat_model: Path, tmp_path: Path) -> AsyncIterator[InProcess]:
+    """A worker in this process: its client, its tiny chat model, and a token's headers."""
     auth = AuthStore(tmp_path / "state")
     token, _ = auth.create_token("tests")
     worker = Worker(
@@ -48,7 +51,8 @@ async def in_process(
     )
     worker.models.load()
     async with TestClient(TestServer(worker.build_app())) as client:
-        yield client, worker, {"Authorization": f"Bearer {token}"}
+        model = worker.models.chat_models[model_id(tiny_chat_model)]
+        yield client, model, {"Authorization": f"Bearer {token}"}
 
 
 def spy(calls: list[int], method: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,12 +64,9 @@ def spy(calls: list[int], method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def test_prompt_beyond_context_refused_before_rendering(
-    in_process: tuple[TestClient[Any, Any], Worker, dict[str, str]],
-    tiny_chat_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, worker, headers = in_process
-    model = worker.models.chat_models[model_id(tiny_chat_model)]
+    client, model, headers = in_process
     renders: list[int] = []
     monkeypatch.setattr(model, "render", spy(renders, model.render))
     huge = "x" * (4 * 1024 * 1024 - 1024)  # just under the body limit
@@ -83,12 +84,9 @@ async def test_prompt_beyond_context_refused_before_rendering(
 
 
 async def test_prompt_rendered_and_tokenized_off_the_event_loop(
-    in_process: tuple[TestClient[Any, Any], Worker, dict[str, str]],
-    tiny_chat_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, worker, headers = in_process
-    model = worker.models.chat_models[model_id(tiny_chat_model)]
+    client, model, headers = in_process
     renders: list[int] = []
     encodes: list[int] = []
     monkeypatch.setattr(model, "render", spy(renders, model.render))
