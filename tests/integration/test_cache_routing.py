@@ -18,8 +18,7 @@ from worker_process import WorkerProcess
 from custom_components.hearth import router
 from custom_components.hearth.household import household_prefix
 
-from .conftest import Tap
-from .test_household_routing import converse, handle, keep_busy, set_up_household
+from .test_household_routing import converse, first_turn_on_alpha, handle
 
 
 def test_household_prefix_key_is_the_system_message_and_tools() -> None:
@@ -48,13 +47,9 @@ USER = {"role": "user", "content": "turn on the kitchen light"}
 async def test_next_member_goes_to_the_worker_holding_the_household_prefix(
     hass: HomeAssistant, workers: dict[str, WorkerProcess]
 ) -> None:
-    household, spy, _ = await set_up_household(hass, workers)
-    recorder = Tap(household)
-    busy = keep_busy(household, "Beta")
-    first = await converse(hass, "turn on the kitchen light")
-    assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
-    assert recorder.tried == ["Alpha"]
-    spy.release(busy)
+    household, spy, recorder, first = await first_turn_on_alpha(
+        hass, workers, "turn on the kitchen light"
+    )
     key = spy.requests[-1].prefix_key
     assert key is not None and len(key) == 64
     assert spy.requests[-1].prefix_tokens > 0

@@ -125,6 +125,21 @@ async def converse(hass: HomeAssistant, text: str, conversation_id: str | None =
         )
 
 
+async def first_turn_on_alpha(
+    hass: HomeAssistant, workers: dict[str, WorkerProcess], text: str
+) -> tuple[Household, SpyRouter, Tap, Any]:
+    """The household set up; a first Assist turn, while Beta is kept busy, is answered
+    (an action done) by Alpha; then Beta is free again. Returns the turn's result."""
+    household, spy, _ = await set_up_household(hass, workers)
+    recorder = Tap(household)
+    busy = keep_busy(household, "Beta")
+    first = await converse(hass, text)
+    assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
+    assert recorder.tried == ["Alpha"]
+    spy.release(busy)
+    return household, spy, recorder, first
+
+
 def assert_beta_answered_alpha_stays(
     household: Household, spy: SpyRouter, recorder: Tap, response: dict[str, Any]
 ) -> None:
@@ -258,15 +273,9 @@ async def test_second_turn_stays_on_its_worker(
     the other (another of our requests open on it), within the 1.5x that stickiness
     tolerates: without the conversation the other worker would be asked.
     """
-    household, spy, _ = await set_up_household(hass, workers)
-    recorder = Tap(household)
-    busy = keep_busy(household, "Beta")
-    first = await converse(hass, "hello")
-    assert first.response.response_type is intent.IntentResponseType.ACTION_DONE
-    assert recorder.tried == ["Alpha"]
+    household, spy, recorder, first = await first_turn_on_alpha(hass, workers, "hello")
     alpha_id = handle(household, "Alpha").entry_id
     assert spy.sticky_worker(first.conversation_id) == alpha_id
-    spy.release(busy)
 
     without_conversation: list[str] = []
 
