@@ -95,24 +95,25 @@ def _run(command: list[str]) -> None:
         )
 
 
-def tiny_chat_model() -> Path:
-    """Tiny random Llama chat model (fp32, ChatML + tools template), ~3 MB."""
-    args = ["--preset", "tiny", "--quant", "fp32"]
+def _made_by_make_test_model(name: str, args: list[str]) -> Path:
+    """``name``, built by scripts/make_test_model with ``args`` (their text is the recipe)."""
     return _build_once(
-        "tiny-chat",
+        name,
         " ".join(args),
         lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
     )
+
+
+def tiny_chat_model() -> Path:
+    """Tiny random Llama chat model (fp32, ChatML + tools template), ~3 MB."""
+    args = ["--preset", "tiny", "--quant", "fp32"]
+    return _made_by_make_test_model("tiny-chat", args)
 
 
 def tiny_chat_model_int4() -> Path:
     """The tiny model quantized to int4 (lm_head included), as real models are served."""
     args = ["--preset", "tiny", "--quant", "int4"]
-    return _build_once(
-        "tiny-chat-int4",
-        " ".join(args),
-        lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
-    )
+    return _made_by_make_test_model("tiny-chat-int4", args)
 
 
 def taught_chat_model() -> Path:
@@ -136,11 +137,7 @@ def taught_chat_model_rebuilt() -> Path:
     a few minutes, cached like the others); its answers depend on this CPU."""
     args = ["--preset", "tiny", "--quant", "fp32", "--teach"]
     args += ["--teach-steps", str(RECIPE_CHECK_STEPS)]
-    return _build_once(
-        "taught-chat-recipe",
-        " ".join(args),
-        lambda out: _run([str(SCRIPTS / "make_test_model"), str(out), *args]),
-    )
+    return _made_by_make_test_model("taught-chat-recipe", args)
 
 
 def _minilm_folder() -> Path:
