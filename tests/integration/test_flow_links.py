@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fake_worker import FakeWorker
 from homeassistant import config_entries
 from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
@@ -17,10 +18,12 @@ from homeassistant.helpers import llm
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.hearth.client import HearthClient
 from custom_components.hearth.config_flow import filter_invalid_llm_apis
 from custom_components.hearth.const import CONF_CODE, CONF_LLM_HASS_API, DOMAIN
 from custom_components.hearth.coordinator import CONF_ADDON
 from custom_components.hearth.household import Household
+from custom_components.hearth.worker_api import HearthConnectionError
 
 from .conftest import setup_entry, suggested
 
@@ -140,6 +143,26 @@ async def test_reauth_reaching_another_worker_says_which(
     assert entry.unique_id == "kitchen-node"
 
 
+async def test_reauth_reaching_another_worker_aborts_even_if_giving_back_fails(
+    hass: HomeAssistant, fake: FakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other worker's token cannot be given back (it went away meanwhile): the flow
+    still aborts with wrong_worker and the entry stays as it was."""
+
+    async def unreachable(self: HearthClient) -> None:
+        raise HearthConnectionError("gone")
+
+    monkeypatch.setattr(HearthClient, "revoke_token", unreachable)
+    entry = kitchen_entry(fake)
+    entry.add_to_hass(hass)
+    result = await entry.start_reauth_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_CODE: fake.show_pairing_code()}
+    )
+    assert_wrong_worker(result, fake, "Kitchen", "kitchen-node")
+    assert entry.data[CONF_TOKEN] == fake.token
+
+
 async def test_reconfigure_reaching_another_worker_says_which(
     hass: HomeAssistant, fake: FakeWorker
 ) -> None:
@@ -180,6 +203,9 @@ async def test_household_form_drops_llm_apis_that_are_gone(
     unregister()  # its integration was removed
     assert filter_invalid_llm_apis(hass, ["gone_api", llm.LLM_API_ASSIST]) == [llm.LLM_API_ASSIST]
     assert filter_invalid_llm_apis(hass, None) == []
+    # One id as a string, as older settings may hold it.
+    assert filter_invalid_llm_apis(hass, llm.LLM_API_ASSIST) == [llm.LLM_API_ASSIST]
+    assert filter_invalid_llm_apis(hass, "gone_api") == []
 
     menu = await hass.config_entries.options.async_init(entry.entry_id)
     form = await hass.config_entries.options.async_configure(

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from hearth_worker import speech
+from hearth_worker import voices
 from hearth_worker.capacity import RateTracker
 from hearth_worker.manifest import ManifestError
 from hearth_worker.registry import ModelRegistry
@@ -27,7 +27,7 @@ def _voice(folder: Path, *, complete: bool = True) -> Path:
         "runtime": "piper",
         "tts": {"model": "v.onnx", "config": "v.onnx.json", "sample_rate": 22050},
     }
-    (folder / speech.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (folder / voices.MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder
 
 
@@ -47,7 +47,7 @@ def test_voices_in_the_models_directory_are_passed_by_quietly(
     assert registry.manifests == {}
     skipped = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
     assert len(skipped) == 1 and "not-a-model" in skipped[0], skipped  # only the real stray
-    assert speech.scan_voices(models).keys() == {"en_US-joe-medium"}
+    assert voices.scan_voices(models).keys() == {"en_US-joe-medium"}
 
 
 def test_a_voice_given_with_model_does_not_stop_the_start(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_a_voice_given_with_model_does_not_stop_the_start(tmp_path: Path) -> Non
     registry = _registry(None, [voice])
     registry.load_all()  # no ManifestError: the voice is speech.py's
     assert registry.manifests == {}
-    assert speech.scan_voices(None, [voice]).keys() == {"voice"}
+    assert voices.scan_voices(None, [voice]).keys() == {"voice"}
 
 
 def test_a_broken_voice_given_with_model_is_a_clear_error(tmp_path: Path) -> None:

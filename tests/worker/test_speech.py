@@ -26,7 +26,7 @@ import model_fixtures
 import numpy as np
 import openai
 import pytest
-from hearth_worker import speech
+from hearth_worker import speech, voices
 from hearth_worker.validation import ApiError
 from test_api import check_schema
 from worker_process import WorkerProcess, start_worker
@@ -260,7 +260,7 @@ async def test_the_worker_keeps_no_text_or_audio(
 
 @pytest.fixture
 async def piper(piper_voice: Path) -> AsyncIterator[speech.PiperProcess]:
-    voice = speech.read_voice(piper_voice)
+    voice = voices.read_voice(piper_voice)
     assert voice is not None
     process = speech.PiperProcess(voice)
     await process.start()
@@ -399,10 +399,10 @@ def test_the_worker_never_imports_piper() -> None:
 
 
 def test_import_writes_a_voice_manifest(piper_voice: Path, tmp_path: Path) -> None:
-    out = speech.import_piper_voice(
+    out = voices.import_piper_voice(
         piper_voice / "en_US-joe-medium.onnx", tmp_path / "voice", name="joe"
     )
-    voice = speech.read_voice(out)
+    voice = voices.read_voice(out)
     assert voice is not None
     assert (voice.name, voice.speaker, voice.sample_rate) == ("joe", "joe", 22050)
     assert voice.languages == ["en_US"]
@@ -413,8 +413,8 @@ def test_import_writes_a_voice_manifest(piper_voice: Path, tmp_path: Path) -> No
         "en_US-joe-medium.onnx.json",
     }
     with pytest.raises(ValueError, match="exactly one"):
-        speech.import_piper_voice(tmp_path, tmp_path / "other")
-    assert speech.read_voice(tmp_path) is None  # not a voice folder
+        voices.import_piper_voice(tmp_path, tmp_path / "other")
+    assert voices.read_voice(tmp_path) is None  # not a voice folder
 
 
 def test_import_command(piper_voice: Path, tmp_path: Path) -> None:
@@ -427,7 +427,7 @@ def test_import_command(piper_voice: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert "en_US-joe-medium: joe, ['en_US'], 22050 Hz" in done.stdout
-    assert speech.scan_voices(tmp_path / "models").keys() == {"en_US-joe-medium"}
+    assert voices.scan_voices(tmp_path / "models").keys() == {"en_US-joe-medium"}
     bad = subprocess.run(
         [sys.executable, "-m", "hearth_worker.speech", str(tmp_path / "nothing.onnx"), str(out)],
         capture_output=True,
