@@ -72,7 +72,7 @@ def _client(hass: HomeAssistant, entry: HearthConfigEntry) -> HearthClient:
 
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
-    """Create the household household and register the actions."""
+    """Create the household and register the actions."""
     await Household.async_create(hass)
     hass.data[DATA_PREFERENCES] = await Preferences.async_create(hass)
     async_register_household_api(hass)

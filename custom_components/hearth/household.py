@@ -301,7 +301,7 @@ class Household:
 
     @staticmethod
     def get(hass: HomeAssistant) -> Household:
-        """The household household (made in the integration's `async_setup`)."""
+        """The household (made in the integration's `async_setup`)."""
         return hass.data[DATA_HOUSEHOLD]
 
     async def async_update_settings(self, settings: dict[str, Any]) -> None:
