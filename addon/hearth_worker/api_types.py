@@ -45,6 +45,14 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
+# Speech to text (POST /v1/audio/transcriptions): the longest audio taken, the WAV
+# rates taken (converted to the model's 16 kHz), the answer's formats, and a language
+# (ISO 639-1, or a tag such as en-US, taken as its first part).
+MAX_TRANSCRIPTION_AUDIO_S = 30
+MIN_TRANSCRIPTION_RATE = 8000
+MAX_TRANSCRIPTION_RATE = 192000
+TRANSCRIPTION_FORMATS = ("json", "text")
+LANGUAGE_PATTERN = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 # Text to speak has a character that is not white space (Python's `re`, as the
 # validator below and the fuzzer's checks of the spec both read it).
 _SPOKEN = re.compile(r"\S")
@@ -69,6 +77,7 @@ ERROR_STATUS = {
     "schema_too_large": 400,
     "too_many_inputs": 413,
     "unsupported_response_format": 400,
+    "model_required": 400,
 }
 INVALID = "invalid_request"
 
@@ -559,12 +568,86 @@ class SpeechRequest(_Model):
         return value
 
 
+# -- speech to text (POST /v1/audio/transcriptions) ----------------------------------
+
+
+class TranscriptionRequest(_Model):
+    """The parameters of POST /v1/audio/transcriptions: form fields (OpenAI's
+    multipart form) or query parameters (a raw audio body)."""
+
+    model: Annotated[
+        str,
+        Field(min_length=1, description="A speech-to-text model served here (`kind` `stt`)"),
+    ]
+    language: Annotated[
+        str | None,
+        Field(
+            pattern=schema_pattern(LANGUAGE_PATTERN),
+            description="ISO 639-1 (`en`; `en-US` is taken as `en`), one of the model's "
+            "`languages`, else 400 `unsupported_language`; none: the model finds out",
+        ),
+    ] = None
+    response_format: Annotated[
+        Literal["json", "text"] | None,
+        Field(
+            description='`json` (default): `{"text": ...}`; `text`: the text as text/plain. '
+            "Others: 400 `unsupported_response_format`"
+        ),
+    ] = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise PydanticCustomError(
+                "model_required", "'model' must name a speech-to-text model served here"
+            )
+        return value
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        if value is not None and not (isinstance(value, str) and LANGUAGE_PATTERN.fullmatch(value)):
+            raise _invalid("'language' must be a language code such as 'en'")
+        return value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is not None and value not in TRANSCRIPTION_FORMATS:
+            raise PydanticCustomError(
+                "unsupported_response_format",
+                "'response_format' {value} is not supported here: use 'json' or 'text'",
+                {"value": repr(value)},
+            )
+        return value
+
+
+TRANSCRIPTION_PARAMS = tuple(TranscriptionRequest.model_fields)
+
+
+class TranscriptionForm(TranscriptionRequest):
+    """OpenAI's `audio.transcriptions.create` form (multipart/form-data)."""
+
+    file: Annotated[
+        bytes,
+        Field(
+            description="A WAV file: 16-bit PCM, mono or up to 8 channels, "
+            f"{MIN_TRANSCRIPTION_RATE}-{MAX_TRANSCRIPTION_RATE} Hz (converted to the "
+            f"model's 16 kHz mono), at most {MAX_TRANSCRIPTION_AUDIO_S} s"
+        ),
+    ]
+    prompt: Annotated[str | None, Field(description="Accepted and ignored")] = None
+    temperature: Annotated[float | None, Field(description="Accepted and ignored")] = None
+
+
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     EmbeddingRequest,
     PairRequest,
     PullRequest,
     SpeechRequest,
+    TranscriptionForm,
 )
 
 
@@ -636,7 +719,7 @@ class SamplingDefaults(TypedDict):
 
 class ModelInfo(TypedDict):
     id: str
-    kind: Literal["chat", "embedding"]
+    kind: Literal["chat", "embedding", "stt"]
     quantization: str
     context_length: int
     size_bytes: int
@@ -681,6 +764,19 @@ class VoiceInfo(TypedDict):
     ]
     response_formats: list[Literal["wav", "pcm"]]
     size_bytes: int
+
+
+class SttInfo(TypedDict):
+    """A speech-to-text model in /v1/models, for POST /v1/audio/transcriptions."""
+
+    id: str
+    kind: Literal["stt"]
+    languages: Annotated[list[str], Field(description="ISO 639-1 codes")]
+    sample_rate: Annotated[int, Field(description="The model's rate, Hz (16000)")]
+    runtime: str
+    quantization: str
+    size_bytes: int
+    max_audio_s: Annotated[int, Field(description="The longest audio taken, seconds")]
 
 
 class Hardware(TypedDict):
@@ -740,6 +836,27 @@ class ModelRates(TypedDict):
     requests_served: int
 
 
+class SttCosts(TypedDict):
+    """A speech-to-text model's measured costs (null until measured): the time from the
+    end of the audio to its text is about stt_fixed_ms + stt_ms_per_audio_s x seconds."""
+
+    kind: Literal["stt"]
+    stt_fixed_ms: float | None
+    stt_ms_per_audio_s: float | None
+    requests_served: int
+
+
+class TtsCosts(TypedDict):
+    """A voice's measured costs (null until measured)."""
+
+    kind: Literal["tts"]
+    tts_first_audio_ms: Annotated[
+        float | None, Field(description="From the request to the first audio")
+    ]
+    tts_rtf: Annotated[float | None, Field(description="Seconds of synthesis per second of audio")]
+    requests_served: int
+
+
 class WarmPrefix(TypedDict):
     tokens: Annotated[int, Field(ge=1)]
     sha256: str
@@ -791,7 +908,11 @@ class Capacity(TypedDict):
     max_running: Annotated[int, Field(ge=1)]
     max_queued: Bytes
     models: Annotated[
-        dict[str, ModelRates], Field(description="Measured rates per loaded model id")
+        dict[str, ModelRates | SttCosts | TtsCosts],
+        Field(
+            description="Per model id: measured rates (chat and embedding models), or "
+            "costs (speech models: learned from requests and the self-check at start)"
+        ),
     ]
     memory_free_mb: int
     memory_total_mb: int
@@ -813,7 +934,10 @@ class Model(TypedDict):
     object: Literal["model"]
     created: int
     owned_by: str
-    hearth: NotRequired[ModelInfo | VoiceInfo]
+    kind: NotRequired[Annotated[Literal["stt"], Field(description="Speech-to-text models")]]
+    languages: NotRequired[list[str]]
+    sample_rate: NotRequired[int]
+    hearth: NotRequired[ModelInfo | VoiceInfo | SttInfo]
 
 
 class ModelList(TypedDict):
@@ -991,6 +1115,10 @@ class EmbeddingList(TypedDict):
     usage: EmbeddingUsage
 
 
+class Transcription(TypedDict):
+    text: str
+
+
 # The answers openapi.yaml's operations name (their parts come along as $refs).
 ANSWER_TYPES: tuple[type[Any], ...] = (
     Error,
@@ -1006,4 +1134,5 @@ ANSWER_TYPES: tuple[type[Any], ...] = (
     ChatCompletion,
     ChatCompletionChunk,
     EmbeddingList,
+    Transcription,
 )

@@ -135,6 +135,135 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+# --------------------------------------------------------------------------- speech costs
+
+
+class _SttCosts:
+    """Exponentially weighted moments of (audio seconds, milliseconds) samples: a line
+    through them is the fixed cost and the cost per second of audio."""
+
+    __slots__ = ("fixed_ms", "mx", "mxx", "mxy", "my", "per_audio_s_ms", "requests_served")
+
+    def __init__(self) -> None:
+        self.mx = self.my = self.mxx = self.mxy = math.nan
+        self.fixed_ms: float | None = None
+        self.per_audio_s_ms: float | None = None
+        self.requests_served = 0
+
+
+class _TtsCosts:
+    __slots__ = ("first_audio_ms", "requests_served", "rtf")
+
+    def __init__(self) -> None:
+        self.first_audio_ms: float | None = None
+        self.rtf: float | None = None
+        self.requests_served = 0
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) and v >= 0 for v in values)
+
+
+class SpeechCosts:
+    """Measured costs of the speech models, from real jobs and the worker's self-check.
+
+    Speech to text: ``stt_fixed_ms + stt_ms_per_audio_s * audio_s`` is the time from
+    the end of the audio to its text. Each job is one sample (audio seconds,
+    milliseconds); the means of x, y, x*x and x*y are weighted exponentially (the
+    first sample sets them, each later one moves them by ``alpha``) and the line
+    through them is fitted. Until the samples span ``min_spread_s`` seconds of audio
+    (a standard deviation) the slope is unknown: the last one fitted is kept (None
+    at first, and the fixed cost None with it).
+
+    Text to speech: ``tts_first_audio_ms`` (from the request to its first audio) and
+    ``tts_rtf`` (seconds of synthesis per second of audio), each weighted
+    exponentially as ``RateTracker``'s rates. All None until measured. Thread-safe.
+    """
+
+    def __init__(self, alpha: float = 0.3, min_spread_s: float = 0.5) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self._alpha = alpha
+        self._min_var = min_spread_s * min_spread_s
+        self._stt: dict[str, _SttCosts] = {}
+        self._tts: dict[str, _TtsCosts] = {}
+        self._lock = threading.Lock()
+
+    def _ewma(self, old: float, sample: float) -> float:
+        return sample if math.isnan(old) else self._alpha * sample + (1 - self._alpha) * old
+
+    def record_stt(self, model_id: str, *, audio_s: float, elapsed_s: float) -> None:
+        """One transcription: ``audio_s`` seconds of audio took ``elapsed_s``."""
+        if not _finite(audio_s, elapsed_s):
+            return
+        x, y = audio_s, elapsed_s * 1000.0
+        with self._lock:
+            costs = self._stt.setdefault(model_id, _SttCosts())
+            costs.requests_served += 1
+            costs.mx = self._ewma(costs.mx, x)
+            costs.my = self._ewma(costs.my, y)
+            costs.mxx = self._ewma(costs.mxx, x * x)
+            costs.mxy = self._ewma(costs.mxy, x * y)
+            var = costs.mxx - costs.mx * costs.mx
+            if var >= self._min_var:
+                costs.per_audio_s_ms = max(0.0, (costs.mxy - costs.mx * costs.my) / var)
+            if costs.per_audio_s_ms is not None:
+                costs.fixed_ms = max(0.0, costs.my - costs.per_audio_s_ms * costs.mx)
+
+    def record_tts(
+        self, model_id: str, *, first_audio_s: float, audio_s: float, synthesis_s: float
+    ) -> None:
+        """One answer spoken: its first audio after ``first_audio_s``; ``audio_s``
+        seconds of audio took ``synthesis_s`` of synthesis in all."""
+        with self._lock:
+            costs = self._tts.setdefault(model_id, _TtsCosts())
+            costs.requests_served += 1
+            if _finite(first_audio_s):
+                sample = first_audio_s * 1000.0
+                old = costs.first_audio_ms
+                costs.first_audio_ms = (
+                    sample if old is None else self._alpha * sample + (1 - self._alpha) * old
+                )
+            if _finite(audio_s, synthesis_s) and audio_s > 0:
+                rtf = synthesis_s / audio_s
+                costs.rtf = rtf if costs.rtf is None else self._ewma(costs.rtf, rtf)
+
+    def estimate_stt_s(self, model_id: str, audio_s: float) -> float | None:
+        """The expected seconds to transcribe ``audio_s`` of audio; None until measured."""
+        with self._lock:
+            costs = self._stt.get(model_id)
+            if costs is None or costs.fixed_ms is None or costs.per_audio_s_ms is None:
+                return None
+            return (costs.fixed_ms + costs.per_audio_s_ms * audio_s) / 1000.0
+
+    def forget(self, model_id: str) -> None:
+        with self._lock:
+            self._stt.pop(model_id, None)
+            self._tts.pop(model_id, None)
+
+    def stt(self, model_id: str) -> dict[str, Any]:
+        """A speech-to-text model's entry in the capacity snapshot's ``models``."""
+        with self._lock:
+            costs = self._stt.get(model_id) or _SttCosts()
+            return {
+                "kind": "stt",
+                "stt_fixed_ms": _round(costs.fixed_ms),
+                "stt_ms_per_audio_s": _round(costs.per_audio_s_ms),
+                "requests_served": costs.requests_served,
+            }
+
+    def tts(self, model_id: str) -> dict[str, Any]:
+        """A voice's entry in the capacity snapshot's ``models``."""
+        with self._lock:
+            costs = self._tts.get(model_id) or _TtsCosts()
+            return {
+                "kind": "tts",
+                "tts_first_audio_ms": _round(costs.first_audio_ms),
+                "tts_rtf": _round(costs.rtf),
+                "requests_served": costs.requests_served,
+            }
+
+
 # --------------------------------------------------------------------------- user activity
 
 _RunCommand = Callable[[list[str], float], "str | None"]

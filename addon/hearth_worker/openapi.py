@@ -73,6 +73,7 @@ def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
         "403": "Forbidden",
         "403a": "AdminRequired",
         "404": "NotFound",
+        "408": "RequestTimeout",
         "409": "Conflict",
         "413": "TooLarge",
         "415": "BadRequest",
@@ -326,6 +327,77 @@ PATHS: dict[str, Any] = {
             ),
         }
     },
+    "/v1/audio/transcriptions": {
+        "post": {
+            "operationId": "createTranscription",
+            "summary": "Speech to text with the worker's Whisper models: OpenAI's form, or "
+            "raw audio streamed in",
+            "description": (
+                "Two forms, one answer. OpenAI's: multipart/form-data with `file` (a WAV\n"
+                "file) and `model`. Raw audio, as Home Assistant streams it while the\n"
+                "person speaks: `audio/L16; rate=16000; channels=1` (16-bit little-endian\n"
+                "PCM; missing parameters default to these, others are refused) or\n"
+                "`audio/wav`, possibly chunked, with `model` (then required), `language`\n"
+                "and `response_format` as query parameters. The body is read as it\n"
+                "arrives; WAV audio of any rate and channel count is converted to the\n"
+                "model's 16 kHz mono. Anything but 16-bit PCM is a 400\n"
+                "`unsupported_audio_format`, audio over "
+                f"{api_types.MAX_TRANSCRIPTION_AUDIO_S} s a 400 `audio_too_long`, a\n"
+                "missing `model` a 400 `model_required`, a model that is not a\n"
+                "speech-to-text model served here a 404 `model_not_found`. One\n"
+                "transcription per model at a time: another waits briefly, else gets a\n"
+                "429 `busy` with Retry-After. The worker keeps no audio.\n"
+            ),
+            "parameters": [
+                {
+                    "name": "model",
+                    "in": "query",
+                    "description": "Raw audio: the model (required); multipart: the form's",
+                    "schema": {"type": "string", "minLength": 1},
+                },
+                {
+                    "name": "language",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "pattern": api_types.schema_pattern(api_types.LANGUAGE_PATTERN),
+                    },
+                },
+                {
+                    "name": "response_format",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": list(api_types.TRANSCRIPTION_FORMATS)},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": _ref("TranscriptionForm"),
+                        "encoding": {"file": {"contentType": "audio/wav"}},
+                    },
+                    "audio/L16": {"schema": {"type": "string", "format": "binary"}},
+                    "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "responses": _responses(
+                {
+                    "200": {
+                        "description": "The text (`response_format` `text`: as text/plain)",
+                        "content": {
+                            **_json("Transcription"),
+                            "text/plain": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+                "401",
+                "404",
+                "408",
+                "413",
+                "429",
+            ),
+        }
+    },
     "/v1/tokens/self": {
         "delete": {
             "operationId": "revokeOwnToken",
@@ -380,6 +452,9 @@ RESPONSES: dict[str, Any] = {
     "TooLarge": _error(
         "Request body or prompt too large (or, code `too_many_inputs`, too many\n"
         "embedding inputs)\n"
+    ),
+    "RequestTimeout": _error(
+        "The audio stopped coming before the body ended (code `request_timeout`)"
     ),
     "Unavailable": _error(
         "The voice's process could not be started or ended (code `voice_unavailable`)"

@@ -10,6 +10,9 @@ Two sources of model folders:
 
 Piper voices (``hearth-model.json`` of kind ``tts``) are not this registry's:
 ``speech.py`` serves them, from both sources; the registry passes them by quietly.
+Speech-to-text models (kind ``stt``, format ``genai-whisper``) are: loaded with
+``stt_engine.WhisperEngine``, warmed up on a second of silence, held like the others
+(``hold_stt``; ``transcription.py`` serves them) and listed with kind ``stt``.
 
 The HTTP app (``server.py``) asks the registry for a model per request and holds
 it while the request runs (``use``): a model being removed is gone for new
@@ -20,28 +23,96 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from . import voices
-from .capacity import RateTracker
+from .capacity import RateTracker, SpeechCosts
 from .chat_engine import ChatModel, Sampling
 from .embedding_engine import EmbeddingModel
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from .prompt_cache import PromptCache
 
 _LOGGER = logging.getLogger(__name__)
 
 WARMUP_PROMPT_TOKENS = 32
 WARMUP_NEW_TOKENS = 8
+STT_KIND = "stt"
+STT_RUNTIME = "genai-whisper"
+STT_WARMUP_S = 1.0  # of silence, at the model's rate
 
-Engine = ChatModel | EmbeddingModel
-_E = TypeVar("_E", ChatModel, EmbeddingModel)
+
+class SttEngine(Protocol):
+    """A speech-to-text model (``stt_engine.WhisperEngine``): 16-bit mono PCM at
+    ``sample_rate`` in, its text out (blocking: run it in an executor)."""
+
+    @property
+    def languages(self) -> Sequence[str]: ...
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    def transcribe(self, pcm: bytes, language: str | None) -> str: ...
+
+
+Engine = ChatModel | EmbeddingModel | SttEngine
+_E = TypeVar("_E", ChatModel, EmbeddingModel, SttEngine)
+
+
+def _kind(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def read_stt_manifest(folder: Path) -> Manifest:
+    """A speech-to-text model folder's ``hearth-model.json`` (kind ``stt``)."""
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest(
+            path=folder,
+            name=str(data["name"]),
+            kind=STT_KIND,
+            runtime=str(data.get("format") or data.get("runtime") or STT_RUNTIME),
+            quantization=str(data.get("quantization") or ""),
+            context_length=int(data.get("context_length") or 0),
+            size_bytes=int(data.get("size_bytes") or 0),
+            files=list(data.get("files") or []),
+            embedding=None,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ManifestError(f"{path} is not a usable speech-to-text manifest: {err!r}") from err
+    if data.get("kind") != STT_KIND:
+        raise ManifestError(f"{path}: not a speech-to-text model")
+    missing = [f["path"] for f in manifest.files if not (folder / f["path"]).is_file()]
+    if missing:
+        raise ManifestError(f"{folder} is missing files listed in its manifest: {missing}")
+    return manifest
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of a chat, embedding or speech-to-text model folder."""
+    if _kind(folder) == STT_KIND:
+        return read_stt_manifest(folder)
+    return load_manifest(folder)
+
+
+def load_stt(folder: Path) -> SttEngine:
+    """Load a speech-to-text model folder (blocking)."""
+    # Imported here: onnxruntime-genai's Whisper, for workers that serve one.
+    engine = importlib.import_module(f"{__package__}.stt_engine")
+    return cast(SttEngine, engine.WhisperEngine.load(folder))
 
 
 class ModelNotRemovable(Exception):
@@ -101,6 +172,7 @@ class ModelRegistry:
         self.threads = threads
         self.warmup = warmup
         self._rates = rates
+        self.speech_costs = SpeechCosts()  # the speech models' (transcription.py, speech.py)
         self._remove_folder = remove_folder
         self.prompt_cache = prompt_cache  # shared by the chat models; each drops its own
         self._served: dict[str, _Served] = {}
@@ -127,6 +199,21 @@ class ModelRegistry:
             for model_id, served in self._served.items()
             if isinstance(served.engine, EmbeddingModel)
         }
+
+    @property
+    def stt_models(self) -> dict[str, SttEngine]:
+        return {
+            model_id: cast(SttEngine, served.engine)
+            for model_id, served in self._served.items()
+            if served.manifest.kind == STT_KIND
+        }
+
+    def hold_stt(self, model_id: str) -> Held[SttEngine]:
+        """The speech-to-text model of that id, as ``hold_chat``."""
+        served = self._served.get(model_id)
+        if served is None or served.manifest.kind != STT_KIND:
+            raise KeyError(model_id)
+        return Held(served, cast(SttEngine, served.engine))
 
     def hold_chat(self, model_id: str) -> Held[ChatModel]:
         """The chat model of that id, to hold (``with``) while a request runs on it;
@@ -157,7 +244,7 @@ class ModelRegistry:
                 if voices.read_voice(model_dir) is None:
                     raise ManifestError(f"{model_dir}: not a usable Piper voice (see above)")
                 continue  # a voice: speech.py serves it
-            manifest = load_manifest(model_dir)
+            manifest = read_manifest(model_dir)
             if manifest.name in self._served:
                 raise DuplicateModel(f"Two models are named {manifest.name!r}")
             self._publish(manifest, self._load(manifest), removable=False)
@@ -165,7 +252,7 @@ class ModelRegistry:
             if model_dir.resolve() in fixed or voices.is_voice_folder(model_dir):
                 continue  # a voice (speech.py serves it, or warns when it is broken)
             try:
-                manifest = load_manifest(model_dir)
+                manifest = read_manifest(model_dir)
             except ManifestError as err:
                 _LOGGER.warning("Skipping %s: not a model folder: %s", model_dir, err)
                 continue
@@ -208,6 +295,10 @@ class ModelRegistry:
             engine = ChatModel(manifest, threads=self.threads, cache=self.prompt_cache)
             if self.warmup:
                 self._warm_up(engine)
+        elif manifest.kind == STT_KIND:
+            engine = stt = load_stt(manifest.path)
+            if self.warmup:  # the first command is fast
+                stt.transcribe(bytes(2 * int(stt.sample_rate * STT_WARMUP_S)), None)
         else:
             engine = EmbeddingModel(manifest, threads=self.threads)
         _LOGGER.info(
@@ -249,7 +340,7 @@ class ModelRegistry:
         a model of the same name is served already (nothing is loaded then).
         """
         loop = asyncio.get_running_loop()
-        manifest = await loop.run_in_executor(None, load_manifest, folder)
+        manifest = await loop.run_in_executor(None, read_manifest, folder)
         if manifest.name in self._served:
             raise DuplicateModel(
                 f"A model named {manifest.name!r} is served already: give this one another name"
@@ -278,6 +369,7 @@ class ModelRegistry:
             )
         await served.idle.wait()
         self._rates.forget(model_id)
+        self.speech_costs.forget(model_id)
         manifest, engine = served.manifest, served.engine
         del served
         await _unload(engine)

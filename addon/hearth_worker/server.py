@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import API_VERSION, __version__, catalog, pairing, pull, speech
+from . import API_VERSION, __version__, catalog, pairing, pull, speech, transcription
 from .admission import Busy, run_to_end
 from .auth import AuthStore, TokenInfo
 from .chat_engine import ChatModel, GenerationResult, PromptTooLong, Sampling
@@ -179,7 +179,8 @@ class Worker:
         )
         app.cleanup_ctx.append(self._pull_jobs)
         registry = self.models.registry  # POST /v1/audio/speech, voices from both sources
-        speech.install(app, registry.models_dir, registry.fixed_dirs)
+        speech.install(app, registry.models_dir, registry.fixed_dirs, registry.speech_costs)
+        transcription.install(app, registry)  # POST /v1/audio/transcriptions
         return app
 
     async def _pull_jobs(self, app: web.Application) -> AsyncIterator[None]:
@@ -358,10 +359,14 @@ class Worker:
         )
 
     async def capacity(self, request: web.Request) -> web.Response:
-        return web.json_response(self.models.capacity_snapshot())
+        snapshot = self.models.capacity_snapshot()
+        # Speech models: their measured costs (speech to text, and the voices).
+        snapshot["models"] |= await transcription.capacity_models(request.app, self.models.registry)
+        return web.json_response(snapshot)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        data = [_model_json(m) for m in self.models.manifests.values()]
+        data = [_model_json(m) for m in self.models.manifests.values() if m.kind != "stt"]
+        data += transcription.models_json(self.models.registry)  # kind "stt"
         data += speech.models_json(request.app)  # Piper voices (kind "tts")
         return web.json_response({"object": "list", "data": data})
 

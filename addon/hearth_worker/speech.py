@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import struct
 import sys
@@ -39,6 +40,7 @@ import numpy.typing as npt
 from aiohttp import web
 
 from . import api_types as types
+from .capacity import SpeechCosts
 from .validation import ApiError, parse_json_object, validate_body
 from .voices import (
     Voice,
@@ -275,9 +277,15 @@ def parse_speech_request(data: dict[str, Any]) -> SpeechRequest:
 class SpeechHost:
     """The voices a worker serves and their Piper processes."""
 
-    def __init__(self, models_dir: Path | None, folders: list[Path] = []) -> None:  # noqa: B006
+    def __init__(
+        self,
+        models_dir: Path | None,
+        folders: list[Path] = [],  # noqa: B006
+        costs: SpeechCosts | None = None,
+    ) -> None:
         self.models_dir = models_dir
         self.folders = list(folders)
+        self.costs = costs  # each answer's time to first audio and real-time factor
         self._processes: dict[str, PiperProcess] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -366,8 +374,18 @@ class SpeechHost:
         )
         response.enable_chunked_encoding()
 
+        started = time.perf_counter()
+        timing = {"first_audio_s": math.nan, "synthesis_s": 0.0, "samples": 0.0}
+
         async def synthesize(sentence: str) -> bytes:
-            return await piper.synthesize(sentence, length_scale)
+            begun = time.perf_counter()
+            pcm = await piper.synthesize(sentence, length_scale)
+            done = time.perf_counter()
+            if math.isnan(timing["first_audio_s"]):
+                timing["first_audio_s"] = done - started
+            timing["synthesis_s"] += done - begun
+            timing["samples"] += len(pcm) // 2
+            return pcm
 
         chunks = stream_speech(
             synthesize,
@@ -392,6 +410,13 @@ class SpeechHost:
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
+        if self.costs is not None:
+            self.costs.record_tts(
+                voice.name,
+                first_audio_s=timing["first_audio_s"],
+                audio_s=timing["samples"] / piper.sample_rate,
+                synthesis_s=timing["synthesis_s"],
+            )
         return response
 
 
@@ -402,12 +427,13 @@ def install(
     app: web.Application,
     models_dir: Path | None,
     folders: list[Path] = [],  # noqa: B006
+    costs: SpeechCosts | None = None,
 ) -> SpeechHost:
     """Serve ``POST /v1/audio/speech`` in ``app`` (behind its auth middleware), with
     the voices in ``models_dir`` and those among ``folders`` (``--model``; other
     folders are the registry's): their processes start with the app (in the
     background) and end with it."""
-    host = SpeechHost(models_dir, folders)
+    host = SpeechHost(models_dir, folders, costs)
     app[SPEECH_HOST] = host
     app.router.add_post("/v1/audio/speech", host.handle)
 

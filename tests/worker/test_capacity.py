@@ -151,7 +151,9 @@ def test_capacity_matches_the_openapi_schema() -> None:
     tracker.seed("embed", prefill_tok_s=None, decode_tok_s=None)
     tracker.record("chat", prompt_tokens=64, prefill_s=0.2, completion_tokens=32, decode_s=1.6)
     schema = _schemas()["Capacity"]
-    models_schema = _resolved(schema["properties"]["models"]["additionalProperties"])
+    # Chat and embedding models' rates; speech models have costs (test_transcription.py).
+    members = schema["properties"]["models"]["additionalProperties"]["anyOf"]
+    models_schema = _resolved(next(m for m in members if m["$ref"].endswith("/ModelRates")))
     for rates in tracker.snapshot().values():
         assert set(rates) == set(models_schema["properties"])
     system = system_snapshot()
