@@ -844,6 +844,9 @@ class SttCosts(TypedDict):
     stt_fixed_ms: float | None
     stt_ms_per_audio_s: float | None
     requests_served: int
+    loaded: NotRequired[
+        Annotated[bool, Field(description="In memory and warm (its next job starts at once)")]
+    ]
 
 
 class TtsCosts(TypedDict):
@@ -855,6 +858,7 @@ class TtsCosts(TypedDict):
     ]
     tts_rtf: Annotated[float | None, Field(description="Seconds of synthesis per second of audio")]
     requests_served: int
+    loaded: NotRequired[Annotated[bool, Field(description="Its Piper process is running (warm)")]]
 
 
 class WarmPrefix(TypedDict):

@@ -150,6 +150,10 @@ class PiperProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
     async def _read_frame(self) -> tuple[bytes, bytes]:
         assert self._process is not None and self._process.stdout is not None
         head = await self._process.stdout.readexactly(5)
@@ -296,6 +300,11 @@ class SpeechHost:
 
     def models_json(self) -> list[dict[str, Any]]:
         return [voice.model_json() for voice in self.voices.values()]
+
+    def is_warm(self, name: str) -> bool:
+        """Whether the voice's Piper process is running (its next answer starts at once)."""
+        process = self._processes.get(name)
+        return process is not None and process.running
 
     def process(self, voice: Voice) -> PiperProcess:
         """The voice's process (not started yet when new)."""

@@ -627,10 +627,12 @@ def models_json(registry: ModelRegistry) -> list[dict[str, Any]]:
 async def capacity_models(app: web.Application, registry: ModelRegistry) -> dict[str, Any]:
     """The speech models' entries in /v1/capacity's ``models``: their measured costs."""
     costs = registry.speech_costs
-    models: dict[str, Any] = {name: costs.stt(name) for name in registry.stt_models}
+    models: dict[str, Any] = {
+        name: {**costs.stt(name), "loaded": True} for name in registry.stt_models
+    }
     host = app.get(SPEECH_HOST)
     if host is not None:
         loop = asyncio.get_running_loop()
         voices = await loop.run_in_executor(None, lambda: host.voices)
-        models |= {name: costs.tts(name) for name in voices}
+        models |= {name: {**costs.tts(name), "loaded": host.is_warm(name)} for name in voices}
     return models

@@ -458,6 +458,7 @@ async def test_capacity_lists_the_costs_learned_from_jobs(in_process: InProcess)
         "stt_fixed_ms": None,
         "stt_ms_per_audio_s": None,
         "requests_served": 0,
+        "loaded": True,
     }
     for seconds in (0.5, 3.0):
         resp = await client.post(PATH, data=form(wav_bytes(tone(seconds))), headers=headers)
@@ -466,7 +467,7 @@ async def test_capacity_lists_the_costs_learned_from_jobs(in_process: InProcess)
     check_schema(snapshot, "Capacity")
     entry = snapshot["models"][STT]
     assert entry["requests_served"] == 2
-    assert entry == costs.stt(STT)
+    assert entry == {**costs.stt(STT), "loaded": True}
     assert entry["stt_fixed_ms"] is not None and entry["stt_ms_per_audio_s"] is not None
 
 
@@ -576,7 +577,7 @@ async def test_spoken_answers_are_measured_for_capacity(tmp_path: Path) -> None:
         snapshot = await (await client.get("/v1/capacity", headers=headers)).json()
     check_schema(snapshot, "Capacity")
     voice = snapshot["models"]["en_US-joe-medium"]
-    assert voice["kind"] == "tts" and voice["requests_served"] == 1
+    assert voice["kind"] == "tts" and voice["requests_served"] == 1 and voice["loaded"]
     assert voice["tts_first_audio_ms"] > 0 and 0 < voice["tts_rtf"] < 100
     assert snapshot["models"][STT]["requests_served"] == 0  # no self-check without warm-up
     assert model.calls == []
