@@ -108,11 +108,11 @@ def read_manifest(folder: Path) -> Manifest:
     return load_manifest(folder)
 
 
-def load_stt(folder: Path) -> SttEngine:
+def load_stt(folder: Path, threads: int | None = None) -> SttEngine:
     """Load a speech-to-text model folder (blocking)."""
     # Imported here: onnxruntime-genai's Whisper, for workers that serve one.
     engine = importlib.import_module(f"{__package__}.stt_engine")
-    return cast(SttEngine, engine.WhisperEngine.load(folder))
+    return cast(SttEngine, engine.WhisperEngine.load(folder, threads=threads))
 
 
 class ModelNotRemovable(Exception):
@@ -296,9 +296,10 @@ class ModelRegistry:
             if self.warmup:
                 self._warm_up(engine)
         elif manifest.kind == STT_KIND:
-            engine = stt = load_stt(manifest.path)
+            engine = stt = load_stt(manifest.path, self.threads)
             if self.warmup:  # the first command is fast
-                stt.transcribe(bytes(2 * int(stt.sample_rate * STT_WARMUP_S)), None)
+                silence = bytes(2 * int(stt.sample_rate * STT_WARMUP_S))
+                stt.transcribe(silence, stt.languages[0] if stt.languages else None)
         else:
             engine = EmbeddingModel(manifest, threads=self.threads)
         _LOGGER.info(

@@ -388,6 +388,7 @@ class TranscriptionHost:
             return await self._multipart(request)
         params = parse_params(request.query)
         with self._hold(params.model) as engine:
+            _language(params.language, engine)  # refused before the audio comes
             sink = raw_sink(request.headers.get("Content-Type", ""))
             try:
                 size = await read_into(request.content.readany, sink)
