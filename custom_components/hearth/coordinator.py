@@ -210,7 +210,9 @@ class HearthCoordinator(DataUpdateCoordinator[Capacity]):
         if (
             self._pull_issues
             or any(p.status == "running" for p in self.info.pulls)
-            or set(capacity.models) != {m.id for m in self.info.models}
+            # Voices are listed in /v1/models, not /v1/info: they change nothing here.
+            or {name for name, rates in capacity.models.items() if rates.kind != "tts"}
+            != {m.id for m in self.info.models}
         ):
             try:
                 self.info = await self.client.info()

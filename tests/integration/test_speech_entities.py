@@ -1,0 +1,414 @@
+"""The household's speech entities with real workers and the real Piper voice.
+
+Two real worker processes ("Alpha", "Beta") serve the real Piper voice (en_US
+joe-medium, tests/model_fixtures.py piper_voice()) for the whole module; each test
+pairs a fresh Home Assistant with them. Home Assistant's text-to-speech entity
+speaks through them (tts.speak's media path, one-shot, streamed sentence by
+sentence), and a worker killed between two sentences leaves the answer whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import wave
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import model_fixtures
+import numpy as np
+import pytest
+import pytest_socket
+from homeassistant.components import stt, tts
+from homeassistant.components.tts.entity import TTSAudioRequest
+from homeassistant.components.tts.media_source import generate_media_source_id
+from homeassistant.const import STATE_UNAVAILABLE
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import entity_registry as er
+from speech_commands import normalize
+from worker_process import WorkerProcess, start_worker
+
+from custom_components.hearth import router
+from custom_components.hearth.household import Household
+from custom_components.hearth.stt import HearthSpeechToTextEntity
+from custom_components.hearth.tts import HearthTextToSpeechEntity, sentences, spoken
+
+from .conftest import entry_for, restart, setup_entry
+
+VOICE = "en_US-joe-medium"
+TTS_ENTITY = "tts.hearth_text_to_speech"
+STT_ENTITY = "stt.hearth_speech_to_text"
+ANSWER = "The kitchen light is on. The hallway light is off. Anything else?"
+
+
+def voice_worker(workdir: Path, *served: Path | None) -> WorkerProcess:
+    """A worker whose models directory holds `served` (links: no copies)."""
+    models = workdir / "models"
+    models.mkdir(parents=True)
+    for folder in served:
+        if folder is not None:
+            (models / folder.name).symlink_to(folder, target_is_directory=True)
+    home = workdir / "home"
+    home.mkdir()
+    return start_worker(
+        [],
+        workdir,
+        extra=["--models-dir", str(models), "--no-warmup"],
+        env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")},
+    )
+
+
+def whisper() -> Path | None:
+    """The real Whisper base model folder, once tests/model_fixtures.py has it."""
+    made = getattr(model_fixtures, "whisper_base", None)
+    return made() if made is not None else None
+
+
+@pytest.fixture(scope="module")
+def voice_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WorkerProcess]]:
+    """Alpha and Beta, each serving the real Piper voice and the real Whisper base."""
+    voice = model_fixtures.piper_voice()
+    stt_model = whisper()
+    pytest_socket.enable_socket()  # module fixtures run before socket_enabled
+    workers = {
+        name: voice_worker(tmp_path_factory.mktemp(f"voice-{name}"), voice, stt_model)
+        for name in ("Alpha", "Beta")
+    }
+    yield workers
+    for worker in workers.values():
+        worker.stop()
+
+
+async def set_up(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Household:
+    """Pair Home Assistant with `workers`; wait until their speech models are known."""
+    for name, worker in workers.items():
+        if worker.process.poll() is not None:  # killed by an earlier test
+            restart(worker)
+        await setup_entry(hass, entry_for(worker, name))
+    household = Household.get(hass)
+    async with asyncio.timeout(30):
+        while not all(w.speech_models for w in household.workers.values() if w.name in workers):
+            await hass.async_block_till_done()
+            await asyncio.sleep(0.05)
+    return household
+
+
+def tts_entity(hass: HomeAssistant) -> HearthTextToSpeechEntity:
+    entity_id = er.async_get(hass).async_get_entity_id("tts", "hearth", "household_tts")
+    assert entity_id == TTS_ENTITY
+    entity = hass.data[tts.DATA_COMPONENT].get_entity(entity_id)
+    assert isinstance(entity, HearthTextToSpeechEntity)
+    return entity
+
+
+def read_wav(data: bytes) -> tuple[int, np.ndarray]:
+    """A WAV's rate and samples (a streamed one's lengths may be unknown: 0)."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    with wave.open(io.BytesIO(data)) as reader:
+        assert (reader.getnchannels(), reader.getsampwidth()) == (1, 2)
+        rate = reader.getframerate()
+    return rate, np.frombuffer(data[44:], dtype="<i2")
+
+
+def plausible_speech(samples: np.ndarray, rate: int, words: int) -> None:
+    """Spoken words take ~0.15-1 s each; speech is not silence."""
+    seconds = len(samples) / rate
+    assert 0.15 * words <= seconds <= 1.0 * words + 1.0, seconds
+    assert int(np.abs(samples.astype(np.int32)).max()) > 1000
+
+
+class SpeakTap:
+    """Wraps every worker client's `speak` to record who was asked what, in order."""
+
+    def __init__(self, household: Household) -> None:
+        self.calls: list[tuple[str, str]] = []  # (worker name, text)
+        self.answered: list[tuple[str, str]] = []
+        self.asked = asyncio.Event()
+        for handle in household.workers.values():
+            real = handle.client.speak
+            handle.client.speak = self._wrap(handle.name, real)  # type: ignore[method-assign]
+
+    def _wrap(self, name: str, real: Any) -> Any:
+        async def speak(model: str, text: str, **kwargs: Any) -> bytes:
+            self.calls.append((name, text))
+            self.asked.set()
+            pcm = await real(model, text, **kwargs)
+            self.answered.append((name, text))
+            return bytes(pcm)
+
+        return speak
+
+
+async def text_stream(*parts: str) -> AsyncGenerator[str]:
+    for part in parts:
+        yield part
+
+
+# -- the entity --------------------------------------------------------------------------
+
+
+async def test_one_tts_entity_offers_the_workers_voice(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    await set_up(hass, voice_workers)
+    entity = tts_entity(hass)
+    assert hass.states.get(TTS_ENTITY) is not None
+    assert hass.states.get(TTS_ENTITY).state != STATE_UNAVAILABLE  # type: ignore[union-attr]
+    assert len(hass.states.async_entity_ids("tts")) == 1  # one for the household
+    assert {"en", "en-US"} <= set(entity.supported_languages)
+    assert entity.default_language in ("en", "en-US")
+    voices = entity.async_get_supported_voices("en-US")
+    assert voices is not None and [v.voice_id for v in voices] == [VOICE]
+    assert entity.async_get_supported_voices("de") == []
+
+
+async def test_tts_speak_media_returns_wav_speech(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    """What tts.speak plays: Home Assistant's TTS media for the entity, as WAV."""
+    await set_up(hass, voice_workers)
+    media_id = generate_media_source_id(
+        hass,
+        "Turn on the kitchen light.",
+        TTS_ENTITY,
+        "en-US",
+        {"preferred_format": "wav"},
+        cache=False,
+    )
+    async with asyncio.timeout(60):
+        extension, data = await tts.async_get_media_source_audio(hass, media_id)
+    assert extension == "wav"
+    rate, samples = read_wav(data)
+    assert rate == 22050  # the voice's own
+    plausible_speech(samples, rate, words=5)
+
+
+async def test_one_shot_audio_is_a_whole_wav(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    await set_up(hass, voice_workers)
+    extension, data = await tts_entity(hass).async_get_tts_audio(
+        "Good night.", "en-US", {tts.ATTR_VOICE: VOICE}
+    )
+    assert extension == "wav" and data is not None
+    with wave.open(io.BytesIO(data)) as reader:  # lengths known: a plain file
+        assert reader.getnframes() == (len(data) - 44) // 2
+        rate = reader.getframerate()
+    plausible_speech(np.frombuffer(data[44:], dtype="<i2"), rate, words=2)
+
+
+async def test_streamed_answer_is_spoken_sentence_by_sentence(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    """The answer's text streams in (cut mid-word); each sentence goes to a worker as
+    soon as it is whole, the next is asked for before the first one's audio is played."""
+    household = await set_up(hass, voice_workers)
+    tap = SpeakTap(household)
+    pieces = ("The kitchen li", "ght is on. The hall", "way light is off. Anything", " else?")
+    response = await tts_entity(hass).async_stream_tts_audio(
+        TTSAudioRequest("en-US", {}, text_stream(*pieces))
+    )
+    assert response.extension == "wav"
+    chunks = [await anext(response.data_gen)]  # the header
+    rate, _ = read_wav(chunks[0])
+    chunks.append(await anext(response.data_gen))  # the first sentence's audio
+    async with asyncio.timeout(30):
+        while len(tap.calls) < 2:  # the next one is asked for while this one plays
+            await asyncio.sleep(0.01)
+    chunks += [chunk async for chunk in response.data_gen]
+    assert [text for _, text in tap.calls] == [
+        "The kitchen light is on.",
+        "The hallway light is off.",
+        "Anything else?",
+    ]
+    rate, samples = read_wav(b"".join(chunks))
+    assert rate == 22050
+    plausible_speech(samples, rate, words=11)
+
+
+async def test_tts_turn_completes_when_a_worker_dies_between_sentences(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    """SIGKILL the worker that spoke the first sentence as soon as its audio arrived:
+    the rest of the answer is spoken by the other worker, nothing is missing."""
+    household = await set_up(hass, voice_workers)
+    tap = SpeakTap(household)
+    text = "The kitchen light is on. The hallway light is off. The porch light is on too."
+    response = await tts_entity(hass).async_stream_tts_audio(
+        TTSAudioRequest("en-US", {}, text_stream(text))
+    )
+    chunks = [await anext(response.data_gen), await anext(response.data_gen)]
+    first = tap.answered[0][0]
+    os.kill(voice_workers[first].process.pid, signal.SIGKILL)
+    async with asyncio.timeout(60):
+        chunks += [chunk async for chunk in response.data_gen]
+    rate, samples = read_wav(b"".join(chunks))
+    plausible_speech(samples, rate, words=15)
+    spoken_texts = [t for _, t in tap.answered]
+    assert spoken_texts[-1] == "The porch light is on too." or len(set(spoken_texts)) == 3
+    assert {t for _, t in tap.answered} == {
+        "The kitchen light is on.",
+        "The hallway light is off.",
+        "The porch light is on too.",
+    }
+    other = next(name for name in voice_workers if name != first)
+    assert any(name == other for name, _ in tap.answered)
+
+
+async def test_speech_entities_follow_the_workers(
+    hass: HomeAssistant,
+    voice_workers: dict[str, WorkerProcess],
+    chat_worker: WorkerProcess,
+) -> None:
+    """A worker without speech models offers none: the entities are there, unavailable;
+    a worker with a voice joins: available, with its languages; it leaves: unavailable."""
+    await setup_entry(hass, entry_for(chat_worker, "Chat only"))
+    assert hass.states.get(TTS_ENTITY).state == STATE_UNAVAILABLE  # type: ignore[union-attr]
+    assert hass.states.get(STT_ENTITY).state == STATE_UNAVAILABLE  # type: ignore[union-attr]
+    household = await set_up(hass, {"Alpha": voice_workers["Alpha"]})
+    await hass.async_block_till_done()
+    assert hass.states.get(TTS_ENTITY).state != STATE_UNAVAILABLE  # type: ignore[union-attr]
+    assert "en-US" in tts_entity(hass).supported_languages
+    alpha = next(w.entry_id for w in household.workers.values() if w.name == "Alpha")
+    assert await hass.config_entries.async_unload(alpha)
+    await hass.async_block_till_done()
+    assert hass.states.get(TTS_ENTITY).state == STATE_UNAVAILABLE  # type: ignore[union-attr]
+
+
+# -- speech to text (the real Whisper base, once tests/model_fixtures.py has it) ----------
+
+
+def needs_whisper(household: Household) -> None:
+    if not household.speech_models(router.STT):
+        pytest.skip("no Whisper model yet (tests/model_fixtures.py whisper_base)")
+
+
+def metadata(language: str = "en-US") -> stt.SpeechMetadata:
+    return stt.SpeechMetadata(
+        language=language,
+        format=stt.AudioFormats.WAV,
+        codec=stt.AudioCodecs.PCM,
+        bit_rate=stt.AudioBitRates.BITRATE_16,
+        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
+        channel=stt.AudioChannels.CHANNEL_MONO,
+    )
+
+
+def stt_entity(hass: HomeAssistant) -> HearthSpeechToTextEntity:
+    entity = hass.data[stt.DATA_COMPONENT].get_entity(STT_ENTITY)
+    assert isinstance(entity, HearthSpeechToTextEntity)
+    return entity
+
+
+async def spoken_pcm(household: Household, text: str) -> bytes:
+    """`text` as Home Assistant's microphone audio: 16 kHz 16-bit mono, the Piper voice."""
+    return (await household.async_speak(text, "en-US", sample_rate=16000)).pcm
+
+
+async def as_microphone(
+    pcm: bytes, chunk: int = 2048, after_first: Any = None
+) -> AsyncGenerator[bytes]:
+    """The audio in chunks as a satellite streams it; `after_first()` runs after the
+    first chunk was taken (the utterance is under way)."""
+    for start in range(0, len(pcm), chunk):
+        yield pcm[start : start + chunk]
+        if start == 0 and after_first is not None:
+            after_first()
+        await asyncio.sleep(0)
+
+
+class TranscribeTap:
+    """Wraps every worker client's `transcribe_stream` to record who was asked."""
+
+    def __init__(self, household: Household) -> None:
+        self.asked: list[str] = []
+        for handle in household.workers.values():
+            real = handle.client.transcribe_stream
+            handle.client.transcribe_stream = self._wrap(handle.name, real)  # type: ignore[method-assign]
+
+    def _wrap(self, name: str, real: Any) -> Any:
+        async def transcribe_stream(*args: Any, **kwargs: Any) -> str:
+            self.asked.append(name)
+            return str(await real(*args, **kwargs))
+
+        return transcribe_stream
+
+
+async def test_stt_entity_transcribes_what_the_voice_said(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    household = await set_up(hass, voice_workers)
+    needs_whisper(household)
+    entity = stt_entity(hass)
+    assert {"en", "en-US"} <= set(entity.supported_languages)
+    command = "Turn on the kitchen light."
+    pcm = await spoken_pcm(household, command)
+    async with asyncio.timeout(60):
+        result = await entity.internal_async_process_audio_stream(metadata(), as_microphone(pcm))
+    assert result.result is stt.SpeechResultState.SUCCESS
+    assert normalize(result.text or "") == normalize(command)
+
+
+async def test_stt_turn_completes_when_a_worker_dies_mid_utterance(
+    hass: HomeAssistant, voice_workers: dict[str, WorkerProcess]
+) -> None:
+    """SIGKILL the worker transcribing while the person still speaks: the same audio
+    (kept by Home Assistant) goes to the other worker, and the text is right."""
+    household = await set_up(hass, voice_workers)
+    needs_whisper(household)
+    tap = TranscribeTap(household)
+    command = "Set the thermostat to 21 degrees."
+    pcm = await spoken_pcm(household, command)
+
+    def kill_first() -> None:
+        os.kill(voice_workers[tap.asked[0]].process.pid, signal.SIGKILL)
+
+    async with asyncio.timeout(90):
+        result = await stt_entity(hass).internal_async_process_audio_stream(
+            metadata(), as_microphone(pcm, after_first=kill_first)
+        )
+    assert result.result is stt.SpeechResultState.SUCCESS
+    assert normalize(result.text or "") == normalize(command)
+    assert len(tap.asked) == 2 and tap.asked[0] != tap.asked[1]
+
+
+# -- the pieces, without workers -----------------------------------------------------------
+
+
+async def test_sentences_are_cut_as_the_text_streams_in() -> None:
+    cut = [s async for s in sentences(text_stream("It is 3.5 deg", "rees. Open?", "\nYes! ok"))]
+    assert cut == ["It is 3.5 degrees.", "Open?", "Yes!", "ok"]
+    assert [s async for s in sentences(text_stream("", "  "))] == []
+
+
+async def test_spoken_keeps_order_and_asks_ahead() -> None:
+    """Parts are spoken in order though answers come out of order; at most
+    `lookahead` are asked for at once; a failing part raises to the listener."""
+    release = {name: asyncio.Event() for name in "abc"}
+    asked: list[str] = []
+
+    async def speak(part: str) -> Any:
+        asked.append(part)
+        await release[part].wait()
+        return type("Answer", (), {"pcm": part.encode()})()
+
+    audio = spoken(text_stream("a", "b", "c"), speak, lookahead=2)
+    first = asyncio.ensure_future(anext(audio))
+    async with asyncio.timeout(5):
+        while len(asked) < 2:
+            await asyncio.sleep(0)
+    assert asked == ["a", "b"]  # "c" waits for a free slot
+    release["b"].set()
+    release["a"].set()
+    assert await first == b"a"
+    release["c"].set()
+    assert [chunk async for chunk in audio] == [b"b", b"c"]
+
+    async def fail(part: str) -> Any:
+        raise RuntimeError(part)
+
+    with pytest.raises(RuntimeError, match="x"):
+        _ = [chunk async for chunk in spoken(text_stream("x"), fail)]
