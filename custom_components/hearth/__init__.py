@@ -44,6 +44,8 @@ PLATFORMS: list[Platform | str] = [
     Platform.BINARY_SENSOR,
     Platform.CONVERSATION,
     Platform.SENSOR,
+    Platform.STT,
+    Platform.TTS,
     *(["ai_task"] if HAS_AI_TASK else []),
 ]
 

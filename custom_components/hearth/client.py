@@ -29,7 +29,7 @@ import json
 import secrets
 import ssl
 import urllib.parse
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,14 +58,22 @@ from .worker_api import (
     HearthTimeoutError,
     PairResult,
     PullJob,
+    SpeechModel,
     WorkerInfo,
     parse_capacity,
     parse_catalog,
     parse_info,
     parse_pull_job,
+    parse_speech_models,
 )
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_SECONDS, sock_connect=CONNECT_TIMEOUT)
+# What Home Assistant's speech-to-text sends: 16 kHz, 16-bit, mono PCM (the worker's
+# POST /v1/audio/transcriptions takes it streamed, as it is spoken).
+L16_CONTENT_TYPE = "audio/L16; rate=16000; channels=1"
+# Seconds a transcription may take from the request's start (the audio arrives while
+# the person speaks: at most 30 s of it) to its text.
+TRANSCRIBE_TIMEOUT = 60.0
 # The household prefix key of a chat request (worker: server.PREFIX_HEADER).
 PREFIX_HEADER = "X-Hearth-Prefix"
 
@@ -425,6 +433,141 @@ class HearthClient:
         """GET /v1/catalog: the catalog, each entry judged for this worker's machine."""
         return parse_catalog(await self._request("GET", "/v1/catalog"))
 
+    # --- speech ---------------------------------------------------------------------
+
+    async def speech_models(self) -> list[SpeechModel]:
+        """GET /v1/models: the speech models (voices: kind "tts"; "stt") the worker serves."""
+        return parse_speech_models(await self._request("GET", "/v1/models"))
+
+    async def speech_stream(
+        self,
+        model: str,
+        text: str,
+        *,
+        sample_rate: int,
+        voice: str | None = None,
+        timeouts: StreamTimeouts | None = None,
+    ) -> AsyncGenerator[bytes]:
+        """POST /v1/audio/speech: `text` spoken as raw 16-bit mono PCM at `sample_rate`.
+
+        Returns once the worker has accepted the request (errors before that are
+        raised here, so a caller can fail over); the returned iterator yields the
+        audio as it arrives, in pieces of whole samples (even lengths). Waits are
+        bounded as a chat's: `first_token` until the first audio, `between_tokens`
+        between pieces, `total` in all (HearthTimeoutError).
+        """
+        limits = timeouts or StreamTimeouts()
+        body: dict[str, Any] = {
+            "model": model,
+            "input": text,
+            "response_format": "pcm",
+            "sample_rate": sample_rate,
+        }
+        if voice:
+            body["voice"] = voice
+        started = asyncio.get_running_loop().time()
+        response = await self._open_stream(
+            "/v1/audio/speech",
+            limits,
+            started,
+            json=body,
+            headers=self._headers(),
+        )
+        return _timed(_iter_pcm(response), self.base_url, limits, started)
+
+    async def speak(
+        self,
+        model: str,
+        text: str,
+        *,
+        sample_rate: int,
+        voice: str | None = None,
+        timeouts: StreamTimeouts | None = None,
+    ) -> bytes:
+        """`text` spoken as one piece of raw PCM (see speech_stream): all of it, or an error."""
+        chunks = await self.speech_stream(
+            model, text, sample_rate=sample_rate, voice=voice, timeouts=timeouts
+        )
+        try:
+            return b"".join([chunk async for chunk in chunks])
+        finally:
+            await chunks.aclose()
+
+    async def transcribe_stream(
+        self,
+        model: str,
+        audio: AsyncIterable[bytes],
+        language: str | None = None,
+        *,
+        within_s: float = TRANSCRIBE_TIMEOUT,
+    ) -> str:
+        """POST /v1/audio/transcriptions: 16 kHz 16-bit mono PCM streamed in as it comes.
+
+        The body is sent chunked while `audio` yields (`audio/L16`); `model` and
+        `language` go as query parameters. Returns the text. The whole exchange is
+        bounded by `within_s` seconds (HearthTimeoutError).
+        """
+        query = {"model": model, **({"language": language} if language else {})}
+        path = "/v1/audio/transcriptions?" + urllib.parse.urlencode(query)
+        headers = {**self._headers(), "Content-Type": L16_CONTENT_TYPE}
+        try:
+            async with asyncio.timeout(within_s):
+                async with self._session.post(
+                    await self._url(path),
+                    data=_body(audio),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+                    ssl=self._ssl(),
+                ) as response:
+                    await self._raise_for_status(response)
+                    data = await response.json(content_type=None)
+        except TimeoutError as err:
+            raise HearthTimeoutError(
+                f"{self.base_url} did not transcribe the audio within {within_s:g} s"
+            ) from err
+        except aiohttp.ServerFingerprintMismatch as err:
+            raise HearthCertificateError(
+                f"{self.base_url} presented another certificate than the one paired with"
+            ) from err
+        except (aiohttp.ClientError, ValueError) as err:
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise HearthConnectionError(f"Unexpected transcription answer from {self.base_url}")
+        return str(data["text"])
+
+    async def _open_stream(
+        self,
+        path: str,
+        limits: StreamTimeouts,
+        started: float,
+        **kwargs: Any,
+    ) -> aiohttp.ClientResponse:
+        """POST a request whose answer streams; its response once accepted (2xx)."""
+        try:
+            async with asyncio.timeout_at(started + min(limits.first_token, limits.total)):
+                response = await self._session.post(
+                    await self._url(path),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect),
+                    ssl=self._ssl(),
+                    **kwargs,
+                )
+                try:
+                    await self._raise_for_status(response)
+                except BaseException:
+                    response.release()
+                    raise
+        except TimeoutError as err:
+            raise HearthTimeoutError(
+                f"{self.base_url} did not accept the request in time: {err or 'timeout'}"
+            ) from err
+        except aiohttp.ServerFingerprintMismatch as err:
+            raise HearthCertificateError(
+                f"{self.base_url} presented another certificate than the one paired with"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
+        return response
+
     async def chat_stream(
         self,
         body: Mapping[str, Any],
@@ -446,39 +589,50 @@ class HearthClient:
         if prefix_key:
             headers[PREFIX_HEADER] = prefix_key
         started = asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout_at(started + min(limits.first_token, limits.total)):
-                response = await self._session.post(
-                    await self._url("/v1/chat/completions"),
-                    json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect),
-                    ssl=self._ssl(),
-                )
-                try:
-                    await self._raise_for_status(response)
-                except BaseException:
-                    response.release()
-                    raise
-        except TimeoutError as err:
-            raise HearthTimeoutError(
-                f"{self.base_url} did not accept the request in time: {err or 'timeout'}"
-            ) from err
-        except aiohttp.ServerFingerprintMismatch as err:
-            raise HearthCertificateError(
-                f"{self.base_url} presented another certificate than the one paired with"
-            ) from err
-        except aiohttp.ClientError as err:
-            raise HearthConnectionError(f"Cannot talk to {self.base_url}: {describe(err)}") from err
+        response = await self._open_stream(
+            "/v1/chat/completions",
+            limits,
+            started,
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+            headers=headers,
+        )
         return _timed(_iter_sse(response), self.base_url, limits, started)
 
 
-async def _timed(
-    deltas: AsyncGenerator[ChatDelta],
+async def _body(audio: AsyncIterable[bytes]) -> AsyncGenerator[bytes]:
+    """A request body sent chunked as `audio` yields (empty pieces left out)."""
+    async for chunk in audio:
+        if chunk:
+            yield chunk
+
+
+async def _iter_pcm(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+    """A streamed PCM answer in pieces of whole 16-bit samples, as it arrives."""
+    carry = b""
+    try:
+        async for piece in response.content.iter_any():
+            data = carry + piece
+            even = len(data) - len(data) % 2
+            carry = data[even:]
+            if even:
+                yield data[:even]
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise HearthConnectionError(f"Speech stream broke off: {describe(err)}") from err
+    except asyncio.CancelledError:
+        response.close()
+        raise
+    finally:
+        response.release()
+    if not response.content.is_eof():
+        raise HearthConnectionError("Speech stream ended before the audio was complete")
+
+
+async def _timed[T](
+    deltas: AsyncGenerator[T],
     url: str,
     limits: StreamTimeouts,
     started: float,
-) -> AsyncGenerator[ChatDelta]:
+) -> AsyncGenerator[T]:
     """Bound the waits of a chat stream: first delta, between deltas, in total."""
     loop = asyncio.get_running_loop()
     end = started + limits.total

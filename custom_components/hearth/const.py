@@ -70,6 +70,8 @@ STORAGE_VERSION: Final = 1
 
 CONVERSATION_UNIQUE_ID: Final = "household_conversation"
 AI_TASK_UNIQUE_ID: Final = "household_ai_task"
+STT_UNIQUE_ID: Final = "household_stt"
+TTS_UNIQUE_ID: Final = "household_tts"
 HOUSEHOLD_DEVICE_ID: Final = "household"
 # The LLM API of Hearth's agent (preference_tools.HouseholdAPI); not offered as a choice.
 HOUSEHOLD_API_ID: Final = f"{DOMAIN}_household"

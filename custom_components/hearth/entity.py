@@ -18,6 +18,7 @@ from .assistant import async_run_chat_log, json_schema
 from .const import DOMAIN, HOUSEHOLD_DEVICE_ID
 from .coordinator import HearthCoordinator
 from .household import Household
+from .router import offered_languages
 
 if TYPE_CHECKING:
     from . import HearthConfigEntry
@@ -56,7 +57,7 @@ def async_add_household_entity(
     hass: HomeAssistant,
     entry: HearthConfigEntry,
     async_add_entities: AddEntitiesCallback,
-    entity_class: Callable[[Household], HearthBaseLLMEntity],
+    entity_class: Callable[[Household], Entity],
 ) -> None:
     """The household's primary entry holds the entity; another takes it over later."""
     household = Household.get(hass)
@@ -110,6 +111,38 @@ class HearthBaseLLMEntity(Entity):
             purpose=purpose,
             response_format=response_format,
         )
+
+
+class HearthSpeechEntity(Entity):
+    """A speech entity of the household's device (speech-to-text, text-to-speech): the
+    workers' speech models together; available while an online worker offers its kind."""
+
+    _attr_has_entity_name = True
+    _attr_device_info = HOUSEHOLD_DEVICE
+    _attr_should_poll = False
+    speech_kind: str  # router.STT or router.TTS
+
+    def __init__(self, household: Household) -> None:
+        self.household = household
+
+    async def async_added_to_hass(self) -> None:
+        await super().async_added_to_hass()
+        self.async_on_remove(self.household.async_add_speech_listener(self._offers_changed))
+
+    @callback
+    def _offers_changed(self) -> None:
+        if self.hass is not None and self.entity_id:
+            self.async_write_ha_state()
+
+    @property
+    def available(self) -> bool:
+        return bool(self.household.speech_models(self.speech_kind))
+
+    def offered_languages(self) -> list[str]:
+        """The languages the online workers offer for this kind (never empty: Home
+        Assistant needs one; while none is offered the entity is unavailable)."""
+        models = self.household.speech_models(self.speech_kind)
+        return offered_languages(models) or [self.hass.config.language]
 
 
 def _closed(schema: Any) -> Any:

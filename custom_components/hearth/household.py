@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -15,7 +16,7 @@ from homeassistant.helpers.storage import Store
 from homeassistant.util.hass_dict import HassKey
 
 from . import router
-from .client import HearthClient, StreamTimeouts
+from .client import TRANSCRIBE_TIMEOUT, HearthClient, StreamTimeouts
 from .const import (
     CONF_CHAT_MODEL,
     CONF_EMBEDDING_MODEL,
@@ -40,6 +41,7 @@ from .worker_api import (
     HearthConnectionError,
     HearthError,
     HearthRequestError,
+    SpeechModel,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +130,17 @@ MAX_PROMPT_CHARS: Final = 512_000
 _TOO_LONG_CODES: Final = frozenset({"context_length_exceeded", "body_too_large"})
 
 
+# Speech (see router.rank_speech). A worker's speech models are read again at most
+# this often (seconds) while it stays online, and whenever it comes back.
+SPEECH_MODELS_MAX_AGE_S: Final = 300.0
+# Bounds of one text-to-speech request (a sentence or a short answer): seconds to
+# the first audio, between two pieces, in all.
+SPEECH_TIMEOUTS: Final = StreamTimeouts(first_token=20.0, between_tokens=10.0, total=60.0)
+# What Home Assistant sends to speech-to-text: 16 kHz, 16-bit, mono PCM.
+STT_SAMPLE_RATE: Final = 16000
+STT_BYTES_PER_S: Final = STT_SAMPLE_RATE * 2
+
+
 def refusal_error(refusals: list[tuple[str, HearthRequestError]]) -> RequestNotServableError:
     """The error for a request every answering worker refused: too long, else the reason."""
     for _name, err in refusals:
@@ -145,6 +158,51 @@ class WorkerHandle:
     name: str
     client: HearthClient
     coordinator: HearthCoordinator
+    # Its speech models (GET /v1/models), read when it joins or comes back, and now and
+    # then (a voice put into its models folder is served at once).
+    speech_models: list[SpeechModel] = field(default_factory=list)
+
+    def speech_state(self) -> router.SpeechWorkerState:
+        """This worker as plain routing data for speech jobs (see router.rank_speech)."""
+        capacity = self.coordinator.data if self.coordinator.last_update_success else None
+        rates = capacity.models if capacity else {}
+        models = []
+        for model in self.speech_models:
+            rate = rates.get(model.id)
+            measured = rate is not None and (
+                rate.stt_fixed_ms is not None or rate.tts_first_audio_ms is not None
+            )
+            if rate is None:
+                warm = False
+            elif rate.loaded is not None:
+                warm = rate.loaded
+            else:
+                warm = rate.requests_served > 0 or measured
+            models.append(
+                router.SpeechModelState(
+                    model=model.id,
+                    kind=model.kind,
+                    languages=model.languages,
+                    voices=model.voices,
+                    sample_rate=model.sample_rate,
+                    warm=warm,
+                    stt_fixed_ms=rate.stt_fixed_ms if rate else None,
+                    stt_ms_per_audio_s=rate.stt_ms_per_audio_s if rate else None,
+                    tts_first_audio_ms=rate.tts_first_audio_ms if rate else None,
+                    tts_rtf=rate.tts_rtf if rate else None,
+                )
+            )
+        options = self.coordinator.config_entry.options
+        return router.SpeechWorkerState(
+            worker_id=self.entry_id,
+            models=tuple(models),
+            online=capacity is not None,
+            chat_running=(capacity.running + capacity.queued) if capacity else 0,
+            on_battery=capacity.on_battery if capacity else None,
+            user_active=capacity.user_active if capacity else None,
+            only_when_idle=bool(options.get(CONF_ONLY_WHEN_IDLE, False)),
+            not_on_battery=bool(options.get(CONF_NOT_ON_BATTERY, False)),
+        )
 
     def embedding_models(self) -> list[str]:
         """The embedding models this worker serves, in the order it lists them."""
@@ -271,6 +329,65 @@ class Completion:
         return "".join(delta.content for delta in self.deltas)
 
 
+class Utterance:
+    """The audio of one utterance as it streams in, kept so that every worker asked
+    gets all of it (Home Assistant keeps the utterance; the workers keep nothing)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.ended_at: float | None = None  # loop time when the last chunk came
+        self._more = asyncio.Event()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of audio so far."""
+        return self.size / STT_BYTES_PER_S
+
+    def _changed(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    async def pump(self, source: AsyncIterable[bytes]) -> None:
+        """Read the whole utterance from `source` (as Home Assistant streams it)."""
+        try:
+            async for chunk in source:
+                if chunk:
+                    self.chunks.append(chunk)
+                    self.size += len(chunk)
+                    self._changed()
+        finally:
+            self.ended_at = asyncio.get_running_loop().time()
+            self._changed()
+
+    async def ended(self) -> None:
+        """Wait for the utterance's end."""
+        while self.ended_at is None:
+            await self._more.wait()
+
+    async def replay(self) -> AsyncGenerator[bytes]:
+        """All the audio from its start: what came already at once, the rest as it comes."""
+        index = 0
+        while True:
+            while index < len(self.chunks):
+                yield self.chunks[index]
+                index += 1
+            if self.ended_at is not None:
+                return
+            await self._more.wait()
+
+
+@dataclass
+class SpeechAnswer:
+    """A finished speech job: the text heard, or the PCM spoken, and who did it."""
+
+    worker: WorkerHandle
+    model: str
+    text: str = ""
+    pcm: bytes = b""
+    sample_rate: int = 0
+
+
 @dataclass
 class Household:
     """Household state: one per Home Assistant, made in `async_setup` (`Household.get`)."""
@@ -288,6 +405,14 @@ class Household:
     routing: router.Router = field(default_factory=router.Router)
     # entry id -> stops telling `routing` about that worker's fresh snapshots
     _snapshot_listeners: dict[str, Callable[[], None]] = field(default_factory=dict)
+    # Bounds of each text-to-speech request, and of each transcription (seconds).
+    speech_timeouts: StreamTimeouts = SPEECH_TIMEOUTS
+    transcribe_timeout: float = TRANSCRIBE_TIMEOUT
+    # Called when what the workers offer for speech changes (models, online or not).
+    _speech_listeners: list[Callable[[], None]] = field(default_factory=list)
+    # entry id -> when its speech models were read (time.monotonic()); online or not.
+    _speech_read_at: dict[str, float] = field(default_factory=dict)
+    _online: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     async def async_create(cls, hass: HomeAssistant) -> Household:
@@ -318,11 +443,14 @@ class Household:
         def snapshot_arrived() -> None:
             if handle.coordinator.last_update_success:
                 self.routing.observe_snapshot(entry_id)
+            self._speech_snapshot(handle)
 
         if stop := self._snapshot_listeners.pop(entry_id, None):
             stop()
         self._snapshot_listeners[entry_id] = handle.coordinator.async_add_listener(snapshot_arrived)
         self.routing.observe_snapshot(entry_id)
+        self._online.pop(entry_id, None)
+        self._speech_snapshot(handle)
         if self.primary_entry_id is None:
             self.primary_entry_id = handle.entry_id
 
@@ -341,6 +469,9 @@ class Household:
         if stop := self._snapshot_listeners.pop(entry_id, None):
             stop()
         self.routing.forget(entry_id)
+        self._online.pop(entry_id, None)
+        self._speech_read_at.pop(entry_id, None)
+        self._speech_changed()
         if self.primary_entry_id != entry_id:
             return None
         self.primary_entry_id = next(iter(self.workers), None)
@@ -455,6 +586,285 @@ class Household:
         if refusals:
             raise refusal_error(refusals)
         raise NoWorkerError
+
+    # --- speech ---------------------------------------------------------------------
+
+    @callback
+    def async_add_speech_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` whenever what the workers offer for speech may have changed."""
+        self._speech_listeners.append(listener)
+
+        @callback
+        def remove() -> None:
+            if listener in self._speech_listeners:
+                self._speech_listeners.remove(listener)
+
+        return remove
+
+    @callback
+    def _speech_changed(self) -> None:
+        for listener in list(self._speech_listeners):
+            listener()
+
+    @callback
+    def _speech_snapshot(self, handle: WorkerHandle) -> None:
+        """A poll of `handle` ended: read its speech models when it joined or came back
+        (or they are old); tell the speech entities when it went or came."""
+        entry_id = handle.entry_id
+        online = handle.coordinator.last_update_success
+        was = self._online.get(entry_id)
+        self._online[entry_id] = online
+        age = time.monotonic() - self._speech_read_at.get(entry_id, -SPEECH_MODELS_MAX_AGE_S)
+        if online and (was is not True or age >= SPEECH_MODELS_MAX_AGE_S):
+            self._speech_read_at[entry_id] = time.monotonic()
+            handle.coordinator.config_entry.async_create_task(
+                self.hass,
+                self._async_read_speech_models(handle),
+                f"Hearth: speech models of {handle.name}",
+                eager_start=True,
+            )
+        elif was is not None and was != online:
+            self._speech_changed()
+
+    async def _async_read_speech_models(self, handle: WorkerHandle) -> None:
+        try:
+            models = await handle.client.speech_models()
+        except HearthError as err:
+            LOGGER.debug("Could not read the speech models of %s: %s", handle.name, err)
+            self._speech_read_at.pop(handle.entry_id, None)  # again at the next poll
+            return
+        if self.workers.get(handle.entry_id) is not handle:
+            return  # it left meanwhile
+        handle.speech_models = models
+        self._speech_changed()
+
+    def speech_models(self, kind: str) -> list[router.SpeechModelState]:
+        """The speech models of `kind` the online workers offer together (each model id
+        once: the first worker's), in the order the workers list them."""
+        seen: dict[str, router.SpeechModelState] = {}
+        for worker in self.workers.values():
+            state = worker.speech_state()
+            if not state.online:
+                continue
+            for model in state.models:
+                if model.kind == kind and model.model not in seen:
+                    seen[model.model] = model
+        return list(seen.values())
+
+    def speech_candidates(self, request: router.SpeechRequest) -> list[router.SpeechCandidate]:
+        """Workers for a speech job, best first (router.Router.rank_speech)."""
+        states = [w.speech_state() for w in self.workers.values()]
+        ranked = self.routing.rank_speech(states, request)
+        if not ranked and request.model is not None:
+            # The model asked for is nowhere now: any of its kind for the language.
+            ranked = self.routing.rank_speech(states, replace(request, model=None))
+        return ranked
+
+    async def async_transcribe(
+        self,
+        audio: AsyncIterable[bytes],
+        language: str | None,
+        *,
+        model: str | None = None,
+    ) -> SpeechAnswer:
+        """The text of an utterance streamed in (16 kHz 16-bit mono PCM), failing over.
+
+        The audio goes to the best worker as it arrives, and is kept (`Utterance`):
+        when that worker fails (connection, 5xx, a timeout), is busy (429) or refuses
+        (4xx), the same audio goes to the next one; when it is slower than its own
+        measured costs allow (the candidate's deadline after the audio's end), the
+        next one gets the audio too and the first answer wins. Each worker runs one
+        transcription of ours at a time (router.Router.begin_speech).
+
+        Raises NoWorkerError when nobody answered, RequestRefusedError when every
+        worker that answered refused the audio.
+        """
+        utterance = Utterance()
+        pump = asyncio.ensure_future(utterance.pump(audio))
+        tried: set[str] = set()
+        running: dict[asyncio.Task[str], router.SpeechCandidate] = {}
+        started: dict[asyncio.Task[str], float] = {}
+        hedged: set[asyncio.Task[str]] = set()
+        refusals: list[tuple[str, HearthRequestError]] = []
+        loop = asyncio.get_running_loop()
+
+        def start_next() -> bool:
+            request = router.SpeechRequest(
+                router.STT,
+                language=language,
+                model=model,
+                audio_s=max(utterance.seconds, 1.0),
+            )
+            for candidate in self.speech_candidates(request):
+                worker = self.workers.get(candidate.worker_id)
+                if worker is None or candidate.worker_id in tried:
+                    continue
+                tried.add(candidate.worker_id)
+                self.routing.begin_speech(candidate.worker_id, router.STT)
+                task = asyncio.ensure_future(
+                    worker.client.transcribe_stream(
+                        candidate.model,
+                        utterance.replay(),
+                        router.iso_language(language),
+                        within_s=self.transcribe_timeout,
+                    )
+                )
+                running[task] = candidate
+                started[task] = loop.time()
+                LOGGER.debug("Transcribing on %s (%s)", worker.name, candidate.reasons)
+                return True
+            return False
+
+        def overdue_at() -> float | None:
+            """When the newest attempt is overdue (None: not yet known, or never)."""
+            if utterance.ended_at is None or not running:
+                return None
+            task = max(running, key=lambda t: started[t])
+            deadline = running[task].deadline_s
+            if deadline is None or task in hedged:
+                return None
+            return max(utterance.ended_at, started[task]) + deadline
+
+        try:
+            if not start_next():
+                raise NoWorkerError
+            while running:
+                waits: set[asyncio.Future[Any]] = set(running)
+                if utterance.ended_at is None:
+                    waits.add(pump)
+                due = overdue_at()
+                timeout = None if due is None else max(0.0, due - loop.time())
+                done, _ = await asyncio.wait(
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done and due is not None:
+                    newest = max(running, key=lambda t: started[t])
+                    hedged.add(newest)
+                    worker_name = self._name(running[newest].worker_id)
+                    if start_next():
+                        LOGGER.info(
+                            "Worker %s is slower than expected: the next one transcribes too",
+                            worker_name,
+                        )
+                    continue
+                for task in [t for t in running if t in done]:
+                    candidate = running.pop(task)
+                    self.routing.end_speech(candidate.worker_id, router.STT)
+                    worker = self.workers.get(candidate.worker_id)
+                    try:
+                        text = task.result()
+                    except HearthBusyError as err:
+                        LOGGER.debug("Worker %s is busy, trying the next: %s", candidate, err)
+                    except HearthRequestError as err:
+                        LOGGER.info("Worker %s refused the audio: %s", candidate.worker_id, err)
+                        refusals.append((self._name(candidate.worker_id), err))
+                    except HearthError as err:
+                        if worker is not None:
+                            self._worker_failed(worker, err, answering=False)
+                    else:
+                        if worker is None:
+                            continue
+                        self._worker_answered(worker)
+                        return SpeechAnswer(worker, candidate.model, text=text)
+                    if not running and not start_next():
+                        break
+            if refusals:
+                raise refusal_error(refusals)
+            raise NoWorkerError
+        finally:
+            for task, candidate in running.items():
+                task.cancel()
+                self.routing.end_speech(candidate.worker_id, router.STT)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            if not pump.done():
+                pump.cancel()
+            # The audio's source failing ends the utterance early; nothing to raise.
+            await asyncio.gather(pump, return_exceptions=True)
+
+    def _name(self, entry_id: str) -> str:
+        worker = self.workers.get(entry_id)
+        return worker.name if worker is not None else entry_id
+
+    def speech_sample_rate(self, language: str | None, model: str | None = None) -> int:
+        """The sample rate of the voice `async_speak` would use first now (its own)."""
+        ranked = self.speech_candidates(router.SpeechRequest(router.TTS, language, model))
+        for candidate in ranked:
+            for voice in self.speech_models(router.TTS):
+                if voice.model == candidate.model:
+                    return voice.sample_rate
+        return router.DEFAULT_TTS_SAMPLE_RATE
+
+    async def async_speak(
+        self,
+        text: str,
+        language: str | None,
+        *,
+        model: str | None = None,
+        voice: str | None = None,
+        sample_rate: int | None = None,
+    ) -> SpeechAnswer:
+        """`text` spoken by the best worker (router.rank_speech), as raw PCM, failing over.
+
+        The whole audio is collected before it is returned, so a worker that fails
+        midway (connection, timeout) costs nothing but time: the next one speaks the
+        text. `sample_rate`: the rate wanted (the worker resamples); None: the
+        voice's own. Raises NoWorkerError when nobody spoke it,
+        RequestRefusedError when every worker that answered refused it.
+        """
+        request = router.SpeechRequest(
+            router.TTS, language=language, model=model, text_chars=len(text)
+        )
+        refusals: list[tuple[str, HearthRequestError]] = []
+        for candidate in await self._async_speech_candidates(request):
+            worker = self.workers.get(candidate.worker_id)
+            if worker is None:
+                continue
+            rate = sample_rate or next(
+                (m.sample_rate for m in worker.speech_models if m.id == candidate.model),
+                router.DEFAULT_TTS_SAMPLE_RATE,
+            )
+            spoken_by = next((m for m in worker.speech_models if m.id == candidate.model), None)
+            chosen_voice = voice if spoken_by is None or voice in spoken_by.voices else None
+            self.routing.begin_speech(candidate.worker_id, router.TTS)
+            try:
+                pcm = await worker.client.speak(
+                    candidate.model,
+                    text,
+                    sample_rate=rate,
+                    voice=chosen_voice,
+                    timeouts=self.speech_timeouts,
+                )
+            except HearthBusyError as err:
+                LOGGER.debug("Worker %s is busy, trying the next: %s", worker.name, err)
+                continue
+            except HearthRequestError as err:
+                LOGGER.info("Worker %s refused to speak: %s", worker.name, err)
+                refusals.append((worker.name, err))
+                continue
+            except HearthError as err:
+                self._worker_failed(worker, err, answering=False)
+                continue
+            finally:
+                self.routing.end_speech(candidate.worker_id, router.TTS)
+            self._worker_answered(worker)
+            return SpeechAnswer(worker, candidate.model, pcm=pcm, sample_rate=rate)
+        if refusals:
+            raise refusal_error(refusals)
+        raise NoWorkerError
+
+    async def _async_speech_candidates(
+        self, request: router.SpeechRequest
+    ) -> list[router.SpeechCandidate]:
+        """As `speech_candidates`; when none is online, the offline workers are polled
+        first (as for chat: see async_candidates)."""
+        if ranked := self.speech_candidates(request):
+            return ranked
+        offline = [w for w in self.workers.values() if not w.coordinator.last_update_success]
+        if offline:
+            polls = [w.coordinator.async_poll_now() for w in offline]
+            await asyncio.wait(polls, timeout=REPOLL_TIMEOUT)
+        return self.speech_candidates(request)
 
     def embedding_candidates(self, prompt_tokens: int = 1) -> list[router.Candidate]:
         """Online workers with an embedding model, best first (see router.Router.rank).

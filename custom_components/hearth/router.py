@@ -359,6 +359,8 @@ class Router:
         self._work_s: dict[str, float] = {}
         # worker id -> (model, prefix key) of our requests it answered since its last snapshot
         self._answered: dict[str, set[tuple[str, str]]] = {}
+        # (worker id, speech kind) -> our speech jobs open there
+        self._speech: dict[tuple[str, str], int] = {}
 
     # --- what the caller reports --------------------------------------------
 
@@ -492,8 +494,59 @@ class Router:
         for table in (self._busy_mark, self._busy_s, self._work_s):
             table.pop(worker_id, None)
         self._answered.pop(worker_id, None)
+        for key in [key for key in self._speech if key[0] == worker_id]:
+            del self._speech[key]
         for conversation in [c for c, (w, _) in self._sticky.items() if w == worker_id]:
             del self._sticky[conversation]
+
+    def begin_speech(self, worker_id: str, kind: str) -> None:
+        """A speech job of `kind` was sent to `worker_id` (until `end_speech`)."""
+        self._speech[worker_id, kind] = self._speech.get((worker_id, kind), 0) + 1
+        breaker = self._breakers.get(worker_id)
+        if breaker is not None and self._breaker_state(breaker, self._clock()) is (
+            BreakerState.HALF_OPEN
+        ):
+            breaker.probing = True
+
+    def end_speech(self, worker_id: str, kind: str) -> None:
+        """The speech job is over (answered, failed or given up)."""
+        left = self._speech.get((worker_id, kind), 0) - 1
+        if left > 0:
+            self._speech[worker_id, kind] = left
+        else:
+            self._speech.pop((worker_id, kind), None)
+        if breaker := self._breakers.get(worker_id):
+            breaker.probing = False
+
+    def speech_in_flight(self, worker_id: str, kind: str) -> int:
+        """Our open speech jobs of `kind` on `worker_id`."""
+        return self._speech.get((worker_id, kind), 0)
+
+    def rank_speech(
+        self, workers: Iterable[SpeechWorkerState], request: SpeechRequest
+    ) -> list[SpeechCandidate]:
+        """Workers for a speech job, best first (see `rank_speech`): our chat requests
+        and speech jobs open on each, and the circuit breakers, count."""
+        workers = list(workers)
+        now = self._clock()
+        breakers = {
+            worker.worker_id: self._breaker_state(breaker, now)
+            for worker in workers
+            if (breaker := self._breakers.get(worker.worker_id)) is not None
+        }
+        probing = frozenset(
+            worker_id for worker_id, breaker in self._breakers.items() if breaker.probing
+        )
+        return rank_speech(
+            workers,
+            request,
+            own_chat={w.worker_id: self.in_flight(w.worker_id) for w in workers},
+            own_speech={
+                w.worker_id: self.speech_in_flight(w.worker_id, request.kind) for w in workers
+            },
+            breakers=breakers,
+            probing=probing,
+        )
 
     # --- what the caller may look at ----------------------------------------
 
@@ -631,3 +684,255 @@ class Router:
                 chosen = first.pop(index)
                 first.insert(0, _with_reasons(chosen, "sticky"))
         return [*tiers[0], *tiers[1], *tiers[2]]
+
+
+# --- speech -------------------------------------------------------------------------
+#
+# Speech jobs (speech-to-text, text-to-speech) are a class of their own: a person
+# waits for them mid-sentence, so they are never queued behind chat or AI-task work
+# on a worker when another worker can take them, and a worker runs one
+# speech-to-text job at a time. The tiers, best first:
+#
+# 0. free: online, no chat work in flight (ours or, by its last snapshot, other
+#    clients'), no speech job of the same kind of ours running there;
+# 1. busy: chat work in flight, or a speech job of the same kind (the worker would
+#    queue it), or the avoided worker (within one voice turn, text-to-speech goes
+#    to another worker than the one generating the answer when one is free);
+# 2. the household flags keep it out right now ("only when idle", "not on battery");
+# 3. its circuit breaker is open (or it is being probed).
+#
+# Within a tier: estimated seconds (measured costs where the worker reported them,
+# defaults where not; a model not in memory adds COLD_START_S: warm models are
+# preferred), then the worker id. A request names a model (a voice) or a language;
+# a worker offers it when one of its speech models of that kind does.
+
+STT = "stt"
+TTS = "tts"
+# Defaults until a worker has measured its speech models.
+DEFAULT_STT_FIXED_S = 1.0
+DEFAULT_STT_S_PER_AUDIO_S = 0.3
+DEFAULT_TTS_FIRST_AUDIO_S = 0.3
+DEFAULT_TTS_RTF = 0.2
+# A model the worker has not in memory: loading it first.
+COLD_START_S = 2.0
+# Speech-to-text fails over to the next worker when the first is slower than
+# SLOW_FACTOR times its own measured estimate, plus SLOW_SLACK_S.
+SLOW_FACTOR = 3.0
+SLOW_SLACK_S = 1.0
+# A voice's rate when no worker says (Piper's medium voices).
+DEFAULT_TTS_SAMPLE_RATE = 22050
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechModelState:
+    """One speech model on one worker: what it offers, whether warm, what it costs.
+
+    Costs are None until the worker measured them (its /v1/capacity).
+    """
+
+    model: str
+    kind: str  # STT or TTS
+    languages: tuple[str, ...] = ()
+    voices: tuple[str, ...] = ()
+    sample_rate: int = 16000
+    warm: bool = False
+    stt_fixed_ms: float | None = None
+    stt_ms_per_audio_s: float | None = None
+    tts_first_audio_ms: float | None = None
+    tts_rtf: float | None = None
+
+    def offers(self, language: str | None) -> bool:
+        """Whether it speaks or understands `language` (None, or no languages known: any)."""
+        if language is None or not self.languages:
+            return True
+        wanted = _base_language(language)
+        return any(_base_language(offered) == wanted for offered in self.languages)
+
+    @property
+    def measured(self) -> bool:
+        if self.kind == STT:
+            return self.stt_fixed_ms is not None and self.stt_ms_per_audio_s is not None
+        return self.tts_first_audio_ms is not None
+
+
+def _base_language(language: str) -> str:
+    """ "en-US", "en_US" and "en" are one language for matching."""
+    return language.replace("_", "-").split("-")[0].lower()
+
+
+def language_tag(language: str) -> str:
+    """A language as Home Assistant writes it: "en_US" -> "en-US", "EN" -> "en"."""
+    base, _, region = language.replace("_", "-").partition("-")
+    return f"{base.lower()}-{region.upper()}" if region else base.lower()
+
+
+def offered_languages(models: Iterable[SpeechModelState]) -> list[str]:
+    """The languages `models` offer together, as Home Assistant tags, sorted; each
+    regional one ("en-US") with its base language ("en") too."""
+    tags: set[str] = set()
+    for model in models:
+        for language in model.languages:
+            tag = language_tag(language)
+            tags.update({tag, tag.split("-")[0]})
+    return sorted(tags)
+
+
+def iso_language(language: str | None) -> str | None:
+    """The ISO 639-1 code a worker's speech-to-text takes ("en-US" -> "en")."""
+    return _base_language(language) if language else None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechWorkerState:
+    """What the router knows about one worker for speech."""
+
+    worker_id: str
+    models: tuple[SpeechModelState, ...]
+    online: bool = True
+    # Chat and AI-task requests running or queued there by its last snapshot.
+    chat_running: int = 0
+    on_battery: bool | None = None
+    user_active: bool | None = None
+    only_when_idle: bool = False
+    not_on_battery: bool = False
+
+    def flagged(self) -> tuple[str, ...]:
+        reasons: list[str] = []
+        if self.only_when_idle and self.user_active:
+            reasons.append("only_when_idle")
+        if self.not_on_battery and self.on_battery:
+            reasons.append("not_on_battery")
+        return tuple(reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechRequest:
+    """A speech job to place.
+
+    `model`: the model (voice) wanted, None: any of the kind offering `language`.
+    `audio_s`: seconds of audio to transcribe (an estimate while it is spoken);
+    `text_chars`: the text to speak. `avoid`: a worker to leave to other work
+    when another is free (the one generating the answer of this voice turn).
+    """
+
+    kind: str
+    language: str | None = None
+    model: str | None = None
+    audio_s: float = 5.0
+    text_chars: int = 60
+    avoid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechCandidate:
+    """A worker that can take a speech job, with the model and its estimate."""
+
+    worker_id: str
+    model: str
+    estimated_s: float
+    # Seconds after the end of the audio by which an answer is overdue (the
+    # worker is slower than its own measured costs allow): the next worker gets
+    # the same audio. None: nothing measured, no such deadline.
+    deadline_s: float | None = None
+    reasons: tuple[str, ...] = field(default=(), compare=False)
+
+
+def speech_seconds(model: SpeechModelState, request: SpeechRequest) -> float:
+    """Estimated seconds of a speech job on an idle worker (after the audio's end for
+    speech-to-text; to the first audio for text-to-speech), cold start included."""
+    if model.kind == STT:
+        fixed = model.stt_fixed_ms / 1000 if model.stt_fixed_ms is not None else DEFAULT_STT_FIXED_S
+        per_s = (
+            model.stt_ms_per_audio_s / 1000
+            if model.stt_ms_per_audio_s is not None
+            else DEFAULT_STT_S_PER_AUDIO_S
+        )
+        seconds = fixed + per_s * max(0.0, request.audio_s)
+    else:
+        first = (
+            model.tts_first_audio_ms / 1000
+            if model.tts_first_audio_ms is not None
+            else DEFAULT_TTS_FIRST_AUDIO_S
+        )
+        seconds = first
+    return seconds + (0.0 if model.warm else COLD_START_S)
+
+
+def speech_deadline(model: SpeechModelState, request: SpeechRequest) -> float | None:
+    """Seconds after the audio's end when an answer is overdue; None: nothing measured."""
+    if model.kind != STT or not model.measured:
+        return None
+    return SLOW_FACTOR * speech_seconds(model, request) + SLOW_SLACK_S
+
+
+def pick_speech_model(worker: SpeechWorkerState, request: SpeechRequest) -> SpeechModelState | None:
+    """The worker's model for the request: the one named, else the best of its kind
+    offering the language (warm first, then measured cost, then the first listed)."""
+    offered = [
+        model
+        for model in worker.models
+        if model.kind == request.kind
+        and (request.model is None or model.model == request.model)
+        and model.offers(request.language)
+    ]
+    if not offered:
+        return None
+    return min(offered, key=lambda model: speech_seconds(model, request))
+
+
+def rank_speech(
+    workers: Iterable[SpeechWorkerState],
+    request: SpeechRequest,
+    *,
+    own_chat: Mapping[str, int] | None = None,
+    own_speech: Mapping[str, int] | None = None,
+    breakers: Mapping[str, BreakerState] | None = None,
+    probing: frozenset[str] = frozenset(),
+) -> list[SpeechCandidate]:
+    """Every worker that can take the speech job, best first (tiers above).
+
+    `own_chat`: our chat/AI-task requests open per worker; `own_speech`: our
+    speech jobs of the request's kind open per worker; `breakers`: the circuit
+    breaker state of each worker (missing: closed); `probing`: workers whose
+    half-open breaker is being probed.
+    """
+    own_chat = own_chat or {}
+    own_speech = own_speech or {}
+    breakers = breakers or {}
+    tiers: tuple[list[SpeechCandidate], ...] = ([], [], [], [])
+    for worker in workers:
+        if not worker.online:
+            continue
+        model = pick_speech_model(worker, request)
+        if model is None:
+            continue
+        reasons: list[str] = []
+        if not model.warm:
+            reasons.append("cold")
+        tier = 0
+        if max(worker.chat_running, own_chat.get(worker.worker_id, 0)) > 0:
+            tier, reasons = 1, [*reasons, "chat_in_flight"]
+        if own_speech.get(worker.worker_id, 0) > 0:
+            tier, reasons = 1, [*reasons, f"{request.kind}_in_flight"]
+        if request.avoid is not None and worker.worker_id == request.avoid:
+            tier, reasons = 1, [*reasons, "answering"]
+        if flags := worker.flagged():
+            tier, reasons = 2, [*reasons, *flags]
+        state = breakers.get(worker.worker_id, BreakerState.CLOSED)
+        if state is BreakerState.OPEN or worker.worker_id in probing:
+            tier, reasons = 3, [*reasons, f"breaker_{state}"]
+        elif state is BreakerState.HALF_OPEN:
+            reasons.append("breaker_half_open")
+        tiers[tier].append(
+            SpeechCandidate(
+                worker.worker_id,
+                model.model,
+                speech_seconds(model, request),
+                speech_deadline(model, request),
+                tuple(reasons),
+            )
+        )
+    ranked: list[SpeechCandidate] = []
+    for tier_list in tiers:
+        ranked += sorted(tier_list, key=lambda c: (c.estimated_s, c.worker_id))
+    return ranked

@@ -174,11 +174,28 @@ class WorkerInfo:
 
 @dataclass(frozen=True, slots=True)
 class ModelRates:
-    """Measured rates of one loaded model."""
+    """Measured rates of one loaded model (a speech model: its measured costs)."""
 
     prefill_tok_s: float | None
     decode_tok_s: float | None
     requests_served: int
+    kind: str | None = None  # "stt", "tts" for speech models; None: chat or embedding
+    loaded: bool | None = None  # in memory now (None: the worker does not say)
+    stt_fixed_ms: float | None = None
+    stt_ms_per_audio_s: float | None = None
+    tts_first_audio_ms: float | None = None
+    tts_rtf: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechModel:
+    """A speech model a worker serves, as /v1/models lists it (kind "stt" or "tts")."""
+
+    id: str
+    kind: str
+    languages: tuple[str, ...] = ()
+    voices: tuple[str, ...] = ()
+    sample_rate: int = 16000
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +256,12 @@ def parse_capacity(data: Mapping[str, Any]) -> Capacity:
                 prefill_tok_s=_opt_float(rates.get("prefill_tok_s")),
                 decode_tok_s=_opt_float(rates.get("decode_tok_s")),
                 requests_served=int(rates.get("requests_served") or 0),
+                kind=str(rates["kind"]) if isinstance(rates.get("kind"), str) else None,
+                loaded=rates["loaded"] if isinstance(rates.get("loaded"), bool) else None,
+                stt_fixed_ms=_opt_float(rates.get("stt_fixed_ms")),
+                stt_ms_per_audio_s=_opt_float(rates.get("stt_ms_per_audio_s")),
+                tts_first_audio_ms=_opt_float(rates.get("tts_first_audio_ms")),
+                tts_rtf=_opt_float(rates.get("tts_rtf")),
             )
             for name, rates in dict(data.get("models") or {}).items()
         }
@@ -277,6 +300,46 @@ def parse_model(data: Mapping[str, Any]) -> ModelInfo:
         context_length=int(data.get("context_length") or 0),
         size_bytes=int(data.get("size_bytes") or 0),
     )
+
+
+SPEECH_KINDS = frozenset({"stt", "tts"})
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(str(item) for item in value if isinstance(item, str) and item)
+    return ()
+
+
+def parse_speech_models(data: Mapping[str, Any]) -> list[SpeechModel]:
+    """The speech models of a /v1/models answer (others are left out).
+
+    A model's details may be at the top level or under `hearth` (the voices).
+    Raises HearthConnectionError on a bad shape.
+    """
+    try:
+        models: list[SpeechModel] = []
+        for row in data["data"]:
+            details = row.get("hearth")
+            merged = {**row, **details} if isinstance(details, Mapping) else dict(row)
+            kind = merged.get("kind")
+            if kind not in SPEECH_KINDS:
+                continue
+            voices = _strings(merged.get("voices")) or _strings(merged.get("voice"))
+            models.append(
+                SpeechModel(
+                    id=str(merged["id"]),
+                    kind=str(kind),
+                    languages=_strings(merged.get("languages")),
+                    voices=voices,
+                    sample_rate=int(merged.get("sample_rate") or 16000),
+                )
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise HearthConnectionError(f"Unexpected models answer: {err}") from err
+    return models
 
 
 def parse_pull_job(data: Mapping[str, Any]) -> PullJob:
