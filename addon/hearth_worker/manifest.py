@@ -19,7 +19,7 @@ from typing import Any
 _LOGGER = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hearth-model.json"
-KINDS = ("chat", "embedding")
+KINDS = ("chat", "embedding", "stt")  # stt: Whisper (stt_engine.py)
 GENERATION_CONFIG = "generation_config.json"
 GENAI_CONFIG = "genai_config.json"
 # Used where the model does not say (measured on SmolLM2-135M-Instruct: greedy

@@ -8,6 +8,13 @@ A .gguf file (as llama.cpp and Ollama keep models) is dequantized into a Hugging
 folder first (scripts/export/gguf_import.py), then built and quantized by the genai
 model builder like any other chat model; its display name is the GGUF's general.name.
 A folder's display name comes from its metadata (model_name(); --name overrides).
+
+Whisper (speech to text, kind "stt"): a Hugging Face WhisperForConditionalGeneration
+folder or hub id, or a faster-whisper (CTranslate2) folder such as Home Assistant's
+Whisper add-on keeps (model.bin, config.json, tokenizer.json, vocabulary.txt;
+converted back first by scripts/export/whisper_ct2.py), built by the genai model
+builder into an encoder, a decoder and genai's audio processor config (format
+"genai-whisper", 16 kHz, the model's languages in the manifest).
 """
 
 from __future__ import annotations
@@ -32,6 +39,18 @@ OPTIMUM_BIN = REPO / ".venv-export-optimum" / "bin"
 MANIFEST = "hearth-model.json"
 DEFAULT_MAX_CONTEXT = 4096  # the genai KV buffer is preallocated to it: keep it tight
 QUANTS = ("int4", "int8", "fp32")
+KINDS = ("auto", "chat", "embedding", "stt")
+WHISPER = "WhisperForConditionalGeneration"
+STT_SAMPLE_RATE = 16000
+# What a genai Whisper folder needs (the builder writes them; tokenizer_config too).
+STT_FILES = (
+    "genai_config.json",
+    "audio_processor_config.json",
+    "encoder.onnx",
+    "decoder.onnx",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 # Encoders that only make sense as sentence-embedding models.
 ENCODER_TYPES = {
     "bert",
@@ -144,6 +163,8 @@ def resolve_source(source: str, work: Path) -> tuple[Path, str, str]:
         if not path.is_dir():
             fail(f"source is not a folder or a .gguf file: {source}")
         path = path.resolve()
+        if is_ct2_whisper(path):
+            return import_ct2_whisper(path, work)
         return path, str(path), model_name(path)
     if source.count("/") != 1 or not all(source.split("/")):
         fail(f"'{source}' is neither an existing folder nor a Hugging Face hub id (owner/name)")
@@ -196,6 +217,44 @@ def import_gguf(source: str, work: Path) -> tuple[Path, str, str]:
     )
     fallback = path.stem if path.suffix.lower() == ".gguf" else path.name
     return work / "gguf", str(path), clean_name(info.get("name") or "") or clean_name(fallback)
+
+
+def is_ct2_whisper(folder: Path) -> bool:
+    """A faster-whisper (CTranslate2) folder: model.bin (or model.bin.part1, ...) whose
+    header names a WhisperSpec, beside faster-whisper's config.json."""
+    first = folder / "model.bin"
+    if not first.is_file():
+        first = folder / "model.bin.part1"
+    if not first.is_file() or not (folder / "config.json").is_file():
+        return False
+    with first.open("rb") as fh:
+        return b"WhisperSpec" in fh.read(64)
+
+
+def import_ct2_whisper(path: Path, work: Path) -> tuple[Path, str, str]:
+    """A CTranslate2 Whisper folder as a Hugging Face folder (whisper_ct2.py)."""
+    ensure_env("export")
+    stage(f"converting the CTranslate2 (faster-whisper) model in {path} to Hugging Face's form")
+    log = work / "export.log"
+    report = work / "whisper_ct2.json"
+    run(
+        [
+            str(EXPORT_PY),
+            str(HERE / "whisper_ct2.py"),
+            str(path),
+            str(work / "hf"),
+            "--report",
+            str(report),
+        ],
+        log,
+        "CTranslate2 Whisper conversion",
+    )
+    info = read_json(report)
+    stage(
+        f"converted {len(info['ct2_variables'])} variables into {len(info['hf_tensors'])} "
+        f"tensors ({len(info['languages'])} languages)"
+    )
+    return work / "hf", str(path), model_name(path)
 
 
 # ---------------------------------------------------------------------------- display name
@@ -380,6 +439,8 @@ def detect_kind(src: Path, kind: str) -> str:
         return "embedding"
     config = read_json(config_path)
     architectures = config.get("architectures") or []
+    if WHISPER in architectures or config.get("model_type") == "whisper":
+        return "stt"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "chat"
     if config.get("model_type") in ENCODER_TYPES:
@@ -590,6 +651,38 @@ def finish_chat(src: Path, out: Path, context: int | None) -> int:
     return context
 
 
+# ---------------------------------------------------------------------------- speech to text
+
+
+def whisper_languages(src: Path) -> list[str]:
+    """The languages a Whisper folder knows, in token order: generation_config.json's
+    lang_to_id ("<|en|>": 50259, ...); an English-only model (whisper-*.en) has none."""
+    generation = _json_object(src / "generation_config.json")
+    lang_to_id = generation.get("lang_to_id")
+    if isinstance(lang_to_id, dict) and lang_to_id:
+        ordered = sorted(lang_to_id.items(), key=lambda item: int(item[1]))
+        return [token.strip("<|>") for token, _ in ordered]
+    if generation.get("is_multilingual") is True:
+        fail(f"{src}: a multilingual Whisper without lang_to_id in generation_config.json")
+    return ["en"]
+
+
+def export_stt(src: Path, out: Path, work: Path, quant: str) -> tuple[int, list[str]]:
+    """Whisper through the genai model builder: (context length, languages)."""
+    ensure_env("export")
+    log = work / "export.log"
+    config = read_json(src / "config.json")
+    if WHISPER not in (config.get("architectures") or []):
+        fail(f"{src}: only {WHISPER} models can be speech-to-text models here")
+    languages = whisper_languages(src)
+    build_genai(src, out, work, quant, log)
+    missing = [name for name in STT_FILES if not (out / name).is_file()]
+    if missing:
+        fail(f"the Whisper export lacks {missing}")
+    context = int(read_json(out / "genai_config.json")["model"]["context_length"])
+    return context, languages
+
+
 # ---------------------------------------------------------------------------- embedding
 
 
@@ -723,6 +816,7 @@ def write_manifest(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
         "files": files,
         "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "embedding": fields["embedding"],
+        **fields.get("extra", {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -765,13 +859,14 @@ def main(argv: list[str]) -> int:
         "pass --name then)",
     )
     parser.add_argument(
-        "--quant", choices=QUANTS, help="default: int4 for chat, fp32 for embedding"
+        "--quant", choices=QUANTS, help="default: int4 for chat and stt, fp32 for embedding"
     )
     parser.add_argument(
         "--kind",
-        choices=("auto", "chat", "embedding"),
+        choices=KINDS,
         default="auto",
-        help="auto: embedding for sentence-transformers/encoder models, chat for causal LMs",
+        help="auto: embedding for sentence-transformers/encoder models, chat for causal LMs, "
+        "stt (speech to text) for Whisper, also from a faster-whisper (CTranslate2) folder",
     )
     parser.add_argument(
         "--context-length",
@@ -819,7 +914,9 @@ def main(argv: list[str]) -> int:
             fail("a .gguf file is built with the genai model builder; --via optimum takes a folder")
         src, source, default_name = resolve_source(args.source, work)
         kind = detect_kind(src, args.kind)
-        quant = args.quant or ("int4" if kind == "chat" else "fp32")
+        quant = args.quant or ("fp32" if kind == "embedding" else "int4")
+        if kind == "stt" and args.context_length:
+            fail("--context-length is for chat and embedding models (Whisper's is its own)")
         native = read_json(src / "config.json").get("max_position_embeddings")
         if args.context_length and isinstance(native, int) and args.context_length > native:
             fail(f"--context-length {args.context_length} exceeds the model's maximum ({native})")
@@ -827,7 +924,16 @@ def main(argv: list[str]) -> int:
         stage(f"exporting {source} as {kind} model '{name}' ({quant})")
         staged = work / "out"
         embedding = None
-        if kind == "chat":
+        extra: dict[str, Any] = {}
+        if kind == "stt":
+            context, languages = export_stt(src, staged, work, quant)
+            runtime = "onnxruntime-genai"
+            extra = {
+                "format": "genai-whisper",
+                "languages": languages,
+                "sample_rate": STT_SAMPLE_RATE,
+            }
+        elif kind == "chat":
             context = export_chat(
                 src, staged, work, quant, args.context_length, args.untie, args.via
             )
@@ -848,6 +954,7 @@ def main(argv: list[str]) -> int:
                 "quantization": quant,
                 "context_length": context,
                 "embedding": embedding,
+                "extra": extra,
             },
         )
         # Swap the finished folder in: a half-written export never sits at OUT_DIR.
