@@ -828,3 +828,11 @@ async def test_the_real_worker_keeps_no_audio_or_text(
     log = real_worker.log()
     assert text.strip() and text.strip() not in log
     assert "downstairs" not in log.lower()
+    # No file the worker could have written holds the text or a piece of the audio.
+    audio = spoken[command][0]
+    piece = audio[len(audio) // 2 : len(audio) // 2 + 64]
+    assert piece.strip(b"\x00")
+    for path in [*workdir.glob("*.log"), *real_worker.state_dir.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert piece not in data and text.strip().encode() not in data, path
