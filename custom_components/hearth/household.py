@@ -677,7 +677,8 @@ class Household:
         transcription of ours at a time (router.Router.begin_speech).
 
         Raises NoWorkerError when nobody answered, RequestRefusedError when every
-        worker that answered refused the audio.
+        worker that answered refused the audio, and what the audio's source raised
+        when it broke off.
         """
         utterance = Utterance()
         pump = asyncio.ensure_future(utterance.pump(audio))
@@ -737,6 +738,8 @@ class Household:
                 done, _ = await asyncio.wait(
                     waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
+                if pump in done and (failed := pump.exception()) is not None:
+                    raise failed  # the audio broke off: no text to give for it
                 if not done and due is not None:
                     newest = max(running, key=lambda t: started[t])
                     hedged.add(newest)
@@ -779,7 +782,6 @@ class Household:
                 await asyncio.gather(*running, return_exceptions=True)
             if not pump.done():
                 pump.cancel()
-            # The audio's source failing ends the utterance early; nothing to raise.
             await asyncio.gather(pump, return_exceptions=True)
 
     def _name(self, entry_id: str) -> str:

@@ -14,10 +14,11 @@ Home Assistant 2025.4.4 and 2026.2.3 have no partial-results variant of
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from homeassistant.components import stt
-from homeassistant.core import HomeAssistant
+from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddEntitiesCallback
 
@@ -70,6 +71,16 @@ class HearthSpeechToTextEntity(stt.SpeechToTextEntity, HearthSpeechEntity):
     @property
     def supported_channels(self) -> list[stt.AudioChannels]:
         return [stt.AudioChannels.CHANNEL_MONO]
+
+    @callback
+    def check_metadata(self, metadata: stt.SpeechMetadata) -> bool:
+        """As Home Assistant checks it, a regional language ("en-US") counting as its
+        base language ("en") when only that is offered: Whisper's languages are bare."""
+        offered = self.supported_languages
+        language = router.language_tag(metadata.language)
+        if language not in offered and language.split("-")[0] in offered:
+            metadata = replace(metadata, language=language.split("-")[0])
+        return super().check_metadata(metadata)
 
     async def async_process_audio_stream(
         self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]

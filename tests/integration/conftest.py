@@ -15,6 +15,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
+import model_fixtures
 import pytest
 import pytest_socket
 from fake_worker import FakeWorker
@@ -338,4 +339,39 @@ def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerP
     for worker in started.values():
         if worker.process.poll() is None:
             os.kill(worker.process.pid, signal.SIGCONT)  # in case a test froze it
+        worker.stop()
+
+
+def speech_worker(workdir: Path, *served: Path) -> WorkerProcess:
+    """A worker whose models directory holds `served` (links: no copies), one thread."""
+    models = workdir / "models"
+    models.mkdir(parents=True)
+    for folder in served:
+        (models / folder.name).symlink_to(folder, target_is_directory=True)
+    home = workdir / "home"
+    home.mkdir()
+    return start_worker(
+        [],
+        workdir,
+        extra=["--models-dir", str(models), "--no-warmup"],
+        env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")},
+    )
+
+
+@pytest.fixture(scope="session")
+def speech_workers(
+    tmp_path_factory: pytest.TempPathFactory, taught_chat_model: Path
+) -> Iterator[dict[str, WorkerProcess]]:
+    """Alpha and Beta, each serving the real Piper voice, the real Whisper base and the
+    chat model taught to turn on the kitchen light (tests/model_fixtures.py), for the
+    speech tests (test_speech_entities.py, test_speech_routing.py). A test that kills
+    one starts it again (`restart`)."""
+    served = [model_fixtures.piper_voice(), model_fixtures.whisper_base(), taught_chat_model]
+    pytest_socket.enable_socket()  # session fixtures run before socket_enabled
+    workers = {
+        name: speech_worker(tmp_path_factory.mktemp(f"speech-{name}"), *served)
+        for name in ("Alpha", "Beta")
+    }
+    yield workers
+    for worker in workers.values():
         worker.stop()
