@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib
 import json
 import logging
 import threading
@@ -39,6 +38,7 @@ from .chat_engine import ChatModel, Sampling
 from .embedding_engine import EmbeddingModel
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from .prompt_cache import PromptCache
+from .stt_engine import WhisperEngine
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ def read_manifest(folder: Path) -> Manifest:
 
 def load_stt(folder: Path, threads: int | None = None) -> SttEngine:
     """Load a speech-to-text model folder (blocking)."""
-    # Imported here: onnxruntime-genai's Whisper, for workers that serve one.
-    engine = importlib.import_module(f"{__package__}.stt_engine")
-    return cast(SttEngine, engine.WhisperEngine.load(folder, threads=threads))
+    return WhisperEngine.load(folder, threads=threads)
 
 
 class ModelNotRemovable(Exception):
