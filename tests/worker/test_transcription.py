@@ -27,6 +27,7 @@ import model_fixtures
 import numpy as np
 import openai
 import pytest
+import speech_commands
 from aiohttp.test_utils import TestClient, TestServer
 from hearth_worker import speech, transcription, voices
 from hearth_worker.auth import AuthStore
@@ -715,10 +716,6 @@ async def _stt_id(worker: WorkerProcess, http: aiohttp.ClientSession) -> str:
     return str(found[0]["id"])
 
 
-def _same_words(text: str, command: str) -> bool:
-    return transcription.normalized_words(text) == transcription.normalized_words(command)
-
-
 async def _heard(
     command: str, renderings: list[bytes], send: Callable[[bytes], Awaitable[str]]
 ) -> tuple[str, bytes]:
@@ -726,7 +723,7 @@ async def _heard(
     heard = []
     for pcm in renderings:
         heard.append(await send(pcm))
-        if _same_words(heard[-1], command):
+        if speech_commands.same(command, heard[-1]):
             return heard[-1], pcm
     raise AssertionError(f"{command!r} was heard as {heard}")
 
