@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import math
 import struct
@@ -32,7 +33,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hearth_worker import speech, transcription, voices
 from hearth_worker.auth import AuthStore
 from hearth_worker.capacity import SpeechCosts
-from hearth_worker.manifest import Manifest
+from hearth_worker.manifest import Manifest, ManifestError
 from hearth_worker.server import Worker
 from hearth_worker.settings import WorkerSettings
 from test_api import check_schema
@@ -632,6 +633,57 @@ async def test_keeps_no_audio_and_logs_only_sizes(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert answer not in logged
     assert "Transcribing 32044 bytes received, 1.0 s of audio" in logged
+
+
+# -- model folders ---------------------------------------------------------------------------
+
+
+def _broken_stt_folder(parent: Path) -> Path:
+    folder = parent / "broken-whisper"
+    folder.mkdir(parents=True)
+    manifest = {
+        "name": "broken-whisper",
+        "kind": "stt",
+        "format": "genai-whisper",
+        "files": [{"path": "encoder.onnx"}],
+    }
+    (folder / "hearth-model.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_broken_stt_folder_is_skipped_in_the_models_dir_and_stops_a_model_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _broken_stt_folder(tmp_path / "models")
+    served = WorkerSettings(state_dir=tmp_path / "a", models_dir=tmp_path / "models")
+    host = Worker(served, AuthStore(tmp_path / "a")).models
+    host.load()
+    assert host.registry.stt_models == {}
+    assert "Skipping" in caplog.text and "encoder.onnx" in caplog.text
+    given = WorkerSettings(state_dir=tmp_path / "b", model_dirs=[folder])
+    with pytest.raises(ManifestError, match=r"encoder\.onnx"):
+        Worker(given, AuthStore(tmp_path / "b")).models.load()
+
+
+async def test_a_whisper_folder_given_with_model_is_served(tmp_path: Path) -> None:
+    """``--model FOLDER`` (the add-on's /share/hearth/models): loaded and listed."""
+    whisper = _whisper()
+    auth = AuthStore(tmp_path / "state")
+    token, _ = auth.create_token("tests", admin=True)
+    worker = Worker(
+        WorkerSettings(model_dirs=[whisper], state_dir=tmp_path / "state", warmup=False), auth
+    )
+    worker.models.load()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with TestClient(TestServer(worker.build_app())) as client:
+        listing = await (await client.get("/v1/models", headers=headers)).json()
+        check_schema(listing, "ModelList")
+        entry = {m["id"]: m for m in listing["data"]}["whisper-base"]
+        assert entry["kind"] == "stt" and entry["sample_rate"] == 16000
+        assert len(entry["languages"]) == 99 and entry["languages"][0] == "en"
+        assert entry["hearth"]["runtime"] == "genai-whisper"
+        resp = await client.delete("/v1/models/whisper-base", headers=headers)
+        assert (await _error(resp, 409, "model_not_removable"))["message"]
 
 
 # -- the real models --------------------------------------------------------------------------
