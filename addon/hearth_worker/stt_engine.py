@@ -15,7 +15,8 @@ sizes and times only).
 
 Language: given (ISO 639-1, "en"; a region, "en-US", is dropped), it is the
 decoder's prompt; not given, the model picks it: the first decoding step's logits
-over the language tokens, then the prompt goes on with that language. Decoding is
+over the language tokens, then the prompt goes on with that language. An
+English-only model (whisper-*.en: no language tokens) hears English only. Decoding is
 greedy, without timestamps, and bounded by the audio's length (`max_new_tokens`),
 so a model that loops on noise stops soon.
 """
@@ -108,7 +109,13 @@ class WhisperEngine:
         self._processor = self._model.create_multimodal_processor()
         self._tokenizer = og.Tokenizer(self._model)
         self._context = int(self._read_genai_config()["model"]["context_length"])
-        self._language_ids = {code: self._token_id(f"<|{code}|>") for code in languages}
+        # An English-only model (whisper-*.en) has no language or task tokens.
+        self._multilingual = self._single_token("<|en|>") is not None
+        self._language_ids = (
+            {code: self._token_id(f"<|{code}|>") for code in languages}
+            if self._multilingual
+            else {code: -1 for code in languages}
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -141,11 +148,15 @@ class WhisperEngine:
             raise ManifestError(f"{self.model_dir}: genai_config.json is not an object")
         return data
 
-    def _token_id(self, token: str) -> int:
+    def _single_token(self, token: str) -> int | None:
         ids = [int(i) for i in self._tokenizer.encode(token)]
-        if len(ids) != 1:
+        return ids[0] if len(ids) == 1 else None
+
+    def _token_id(self, token: str) -> int:
+        found = self._single_token(token)
+        if found is None:
             raise ManifestError(f"{self.model_dir}: the tokenizer has no token {token}")
-        return ids[0]
+        return found
 
     def transcribe(self, pcm: bytes, language: str | None = None) -> str:
         """The text said in ``pcm`` (16 kHz, 16-bit little-endian, mono; at most
@@ -177,10 +188,15 @@ class WhisperEngine:
 
     def _transcribe(self, pcm: bytes, code: str | None, audio_s: float) -> str:
         audios = og.Audios.open_bytes(pcm_to_wav(pcm))
-        prompt = _START if code is None else f"{_START}<|{code}|>{_TASK}{_NO_TIMESTAMPS}"
+        if not self._multilingual:
+            prompt, code = _START + _NO_TIMESTAMPS, self.languages[0]
+        elif code is None:
+            prompt = _START
+        else:
+            prompt = f"{_START}<|{code}|>{_TASK}{_NO_TIMESTAMPS}"
         inputs = self._processor(prompt, audios=audios)
         params = og.GeneratorParams(self._model)
-        prompt_tokens = 4
+        prompt_tokens = 4  # at most
         params.set_search_options(
             do_sample=False,
             batch_size=1,

