@@ -343,7 +343,8 @@ def workers(tiny_chat_model: Path, tmp_path: Path) -> Iterator[dict[str, WorkerP
 
 
 def speech_worker(workdir: Path, *served: Path) -> WorkerProcess:
-    """A worker whose models directory holds `served` (links: no copies), one thread."""
+    """A worker whose models directory holds `served` (links: no copies). Warmed up: its
+    self-check at start measures its speech costs (the router's estimates)."""
     models = workdir / "models"
     models.mkdir(parents=True)
     for folder in served:
@@ -353,9 +354,26 @@ def speech_worker(workdir: Path, *served: Path) -> WorkerProcess:
     return start_worker(
         [],
         workdir,
-        extra=["--models-dir", str(models), "--no-warmup"],
+        extra=["--models-dir", str(models)],
         env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")},
     )
+
+
+def speech_settled(worker: WorkerProcess, timeout: float = 180.0) -> None:
+    """Wait until the worker's start-up work is done: its voices loaded and its
+    self-check's speech-to-text costs measured (tests then time their own work only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(worker.url + "/v1/capacity", headers=worker.headers)
+        with urllib.request.urlopen(request, timeout=10, context=worker.ssl) as response:
+            models = json.load(response)["models"].values()
+        if all(
+            m.get("stt_fixed_ms") is not None if m.get("kind") == "stt" else m.get("loaded", True)
+            for m in models
+        ) and any(m.get("kind") == "stt" for m in models):
+            return
+        assert time.monotonic() < deadline, f"speech not settled: {list(models)}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -372,6 +390,8 @@ def speech_workers(
         name: speech_worker(tmp_path_factory.mktemp(f"speech-{name}"), *served)
         for name in ("Alpha", "Beta")
     }
+    for worker in workers.values():
+        speech_settled(worker)
     yield workers
     for worker in workers.values():
         worker.stop()

@@ -41,6 +41,8 @@ from .conftest import entry_for, restart, setup_entry
 from .test_conversation import setup_kitchen_light
 
 VOICE = "en_US-joe-medium"
+pytestmark = pytest.mark.slow  # real models
+
 TTS_ENTITY = "tts.hearth_text_to_speech"
 STT_ENTITY = "stt.hearth_speech_to_text"
 ANSWER = "The kitchen light is on. The hallway light is off. Anything else?"

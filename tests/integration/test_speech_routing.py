@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from homeassistant.core import HomeAssistant
+from speech_commands import normalize
 from worker_process import WorkerProcess
 
 from custom_components.hearth import router
@@ -53,7 +54,7 @@ from custom_components.hearth.worker_api import (
 )
 
 from .conftest import restart
-from .test_speech_entities import set_up
+from .test_speech_entities import TranscribeTap, as_microphone, heard_rendering, set_up
 
 WHISPER = SpeechModelState("whisper", STT, ("en",), warm=True)
 VOICE = SpeechModelState("joe", TTS, ("en_US",), ("joe",), 22050, warm=True)
@@ -231,6 +232,7 @@ def entry_id(household: Household, name: str) -> str:
     return next(w.entry_id for w in household.workers.values() if w.name == name)
 
 
+@pytest.mark.slow  # real models
 async def test_speech_goes_to_the_worker_not_generating_the_answer(
     hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
 ) -> None:
@@ -246,6 +248,7 @@ async def test_speech_goes_to_the_worker_not_generating_the_answer(
         assert answer.sample_rate == 22050 and len(answer.pcm) > 22050  # over half a second
 
 
+@pytest.mark.slow  # real models
 async def test_speech_fails_over_to_the_next_worker(
     hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
 ) -> None:
@@ -263,6 +266,7 @@ async def test_speech_fails_over_to_the_next_worker(
         restart(speech_workers[dead])
 
 
+@pytest.mark.slow  # real models
 async def test_no_voice_no_speech(
     hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
 ) -> None:
@@ -401,6 +405,7 @@ async def test_client_transcription_is_bounded(transcriber: Transcriber) -> None
             )
 
 
+@pytest.mark.slow  # real models
 async def test_a_voice_in_capacity_reads_no_info_at_each_poll(
     hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
 ) -> None:
@@ -421,3 +426,46 @@ async def test_a_voice_in_capacity_reads_no_info_at_each_poll(
     assert worker.coordinator.last_update_success
     assert any(rates.kind == "tts" for rates in worker.coordinator.data.models.values())
     assert reads == []
+
+
+# Closing the connection to the frozen worker leaves asyncio's SSL shutdown timer (30 s)
+# running: nothing answers there until it is thawed. The harness cancels it.
+@pytest.mark.slow  # real models
+@pytest.mark.parametrize("expected_lingering_timers", [True])
+async def test_a_slow_transcription_gets_company_and_the_first_answer_wins(
+    hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
+) -> None:
+    """The worker transcribing freezes (SIGSTOP) while the person speaks: once it is
+    slower than its own measured costs allow, the same audio goes to the other worker,
+    whose answer is taken; the frozen one is not counted as failed."""
+    household = await set_up(hass, speech_workers)
+    command = "Turn on the kitchen light."
+    pcm = await heard_rendering(household, command)
+    request = SpeechRequest(STT, "en", audio_s=len(pcm) / 32000)
+    async with asyncio.timeout(60):  # each worker's self-check at start measures its costs
+        while not all(c.deadline_s for c in household.speech_candidates(request)):
+            for worker in household.workers.values():
+                await worker.coordinator.async_refresh()
+            await asyncio.sleep(0.2)
+    tap = TranscribeTap(household)
+    frozen: list[int] = []
+
+    async def freeze_first() -> None:
+        while not tap.asked:  # the first worker is asked once the first chunk is in
+            await asyncio.sleep(0.01)
+        frozen.append(speech_workers[tap.asked[0]].process.pid)
+        os.kill(frozen[0], signal.SIGSTOP)
+
+    try:
+        async with asyncio.timeout(90):
+            answer = await household.async_transcribe(
+                as_microphone(pcm, after_first=freeze_first), "en"
+            )
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert len(tap.asked) == 2 and answer.worker.name == tap.asked[1] != tap.asked[0]
+    assert normalize(answer.text) == normalize(command)
+    slow = entry_id(household, tap.asked[0])
+    assert household.routing.breaker_state(slow) is BreakerState.CLOSED
+    assert household.routing.speech_in_flight(slow, STT) == 0
