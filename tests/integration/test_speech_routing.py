@@ -469,3 +469,21 @@ async def test_a_slow_transcription_gets_company_and_the_first_answer_wins(
     slow = entry_id(household, tap.asked[0])
     assert household.routing.breaker_state(slow) is BreakerState.CLOSED
     assert household.routing.speech_in_flight(slow, STT) == 0
+
+
+@pytest.mark.slow  # real models
+async def test_audio_that_breaks_off_fails_the_transcription(
+    hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
+) -> None:
+    """The audio's source fails mid-utterance (a satellite gone): no text is made up
+    from the part that came; the error reaches the caller, no job stays open."""
+    household = await set_up(hass, speech_workers)
+
+    async def broken() -> AsyncGenerator[bytes]:
+        yield b"\0\0" * 1600
+        raise ConnectionResetError("the satellite went away")
+
+    with pytest.raises(ConnectionResetError):
+        await household.async_transcribe(broken(), "en")
+    for worker in household.workers.values():
+        assert household.routing.speech_in_flight(worker.entry_id, STT) == 0
