@@ -259,6 +259,7 @@ def test_tiny_ct2_model_comes_back_exactly(ct2: ModuleType, tmp_path: Path) -> N
     assert generation["no_timestamps_token_id"] == 10
 
 
+@pytest.mark.slow  # imports torch and transformers (.venv-export)
 def test_tiny_conversion_loads_in_transformers_with_every_weight(
     ct2: ModuleType, tmp_path: Path
 ) -> None:
