@@ -33,6 +33,7 @@ from . import HearthRuntimeData
 from .client import HearthClient
 from .const import (
     CLIENT_NAME,
+    CONF_ADDON,
     CONF_ALLOW_PUBLIC,
     CONF_CHAT_MODEL,
     CONF_CODE,
@@ -52,7 +53,7 @@ from .const import (
     HOUSEHOLD_API_ID,
     LOGGER,
 )
-from .coordinator import CONF_ADDON, addon_url
+from .coordinator import addon_url
 from .household import Household
 from .worker_api import (
     PULL_DONE,

@@ -19,6 +19,9 @@ CONF_CODE: Final = "code"
 CONF_FINGERPRINT: Final = "fingerprint"  # hex SHA-256 of the worker's certificate
 CONF_PLAIN_HTTP: Final = "plain_http"
 CONF_ALLOW_PUBLIC: Final = "allow_public_address"
+# A worker the Hearth add-on runs (on the Home Assistant host): the add-on's slug, as
+# the Supervisor names it in its discovery (config_flow.py).
+CONF_ADDON: Final = "addon"
 
 # Household-wide assistant settings (stored in a Store, not in entry options).
 CONF_PROMPT: Final = "prompt"

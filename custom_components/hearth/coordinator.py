@@ -26,7 +26,14 @@ from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, Upda
 from homeassistant.util import dt as dt_util
 
 from .client import HearthClient
-from .const import DOMAIN, LOGGER, MAX_SCAN_INTERVAL, SCAN_INTERVAL, UNREACHABLE_ISSUE_AFTER
+from .const import (
+    CONF_ADDON,
+    DOMAIN,
+    LOGGER,
+    MAX_SCAN_INTERVAL,
+    SCAN_INTERVAL,
+    UNREACHABLE_ISSUE_AFTER,
+)
 from .worker_api import (
     Capacity,
     HearthAuthError,
@@ -35,10 +42,6 @@ from .worker_api import (
     PullInfo,
     WorkerInfo,
 )
-
-# Entry data of a worker the Hearth add-on runs: the add-on's slug, as the Supervisor
-# names it in its discovery (config_flow.py).
-CONF_ADDON = "addon"
 
 
 def addon_url(slug: str) -> str:

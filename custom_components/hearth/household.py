@@ -18,6 +18,7 @@ from homeassistant.util.hass_dict import HassKey
 from . import router
 from .client import TRANSCRIBE_TIMEOUT, HearthClient, StreamTimeouts
 from .const import (
+    CONF_ADDON,
     CONF_CHAT_MODEL,
     CONF_EMBEDDING_MODEL,
     CONF_LLM_HASS_API,
@@ -202,6 +203,7 @@ class WorkerHandle:
             user_active=capacity.user_active if capacity else None,
             only_when_idle=bool(options.get(CONF_ONLY_WHEN_IDLE, False)),
             not_on_battery=bool(options.get(CONF_NOT_ON_BATTERY, False)),
+            on_home_assistant_host=bool(self.coordinator.config_entry.data.get(CONF_ADDON)),
         )
 
     def embedding_models(self) -> list[str]:

@@ -698,7 +698,9 @@ class Router:
 # 1. busy: chat work in flight, or a speech job of the same kind (the worker would
 #    queue it), or the avoided worker (within one voice turn, text-to-speech goes
 #    to another worker than the one generating the answer when one is free);
-# 2. the household flags keep it out right now ("only when idle", "not on battery");
+# 2. the household flags keep it out right now ("only when idle", "not on battery"),
+#    or it runs on the Home Assistant host (the add-on): that machine, often a small
+#    board, serves speech only when no other worker can;
 # 3. its circuit breaker is open (or it is being probed).
 #
 # Within a tier: estimated seconds (measured costs where the worker reported them,
@@ -795,9 +797,12 @@ class SpeechWorkerState:
     user_active: bool | None = None
     only_when_idle: bool = False
     not_on_battery: bool = False
+    on_home_assistant_host: bool = False  # the add-on
 
     def flagged(self) -> tuple[str, ...]:
         reasons: list[str] = []
+        if self.on_home_assistant_host:
+            reasons.append("home_assistant_host")
         if self.only_when_idle and self.user_active:
             reasons.append("only_when_idle")
         if self.not_on_battery and self.on_battery:

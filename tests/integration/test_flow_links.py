@@ -20,8 +20,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.hearth.client import HearthClient
 from custom_components.hearth.config_flow import filter_invalid_llm_apis
-from custom_components.hearth.const import CONF_CODE, CONF_LLM_HASS_API, DOMAIN
-from custom_components.hearth.coordinator import CONF_ADDON
+from custom_components.hearth.const import CONF_ADDON, CONF_CODE, CONF_LLM_HASS_API, DOMAIN
 from custom_components.hearth.household import Household
 from custom_components.hearth.worker_api import HearthConnectionError
 
@@ -80,6 +79,11 @@ async def test_addon_card_and_device_link_the_addon(hass: HomeAssistant, fake: F
     device = dr.async_get(hass).async_get_device(identifiers={(DOMAIN, fake.node_id)})
     assert device is not None
     assert device.configuration_url == ADDON_PAGE
+    # The add-on runs on the Home Assistant host: speech goes there only when no other
+    # worker can take it (router.rank_speech).
+    worker = Household.get(hass).workers[result["result"].entry_id]
+    assert worker.speech_state().on_home_assistant_host
+    assert "home_assistant_host" in worker.speech_state().flagged()
     assert await hass.config_entries.async_unload(result["result"].entry_id)
 
 

@@ -173,6 +173,23 @@ def test_flags_and_breakers_rank_last() -> None:
     assert ids(routing.rank_speech(workers, SpeechRequest(STT, "en")))[-1] == "fine"
 
 
+def test_the_home_assistant_host_speaks_only_when_no_other_worker_can() -> None:
+    """The add-on's worker (on the Home Assistant host, often a small board) comes after
+    every other worker, a busy one included, however fast it is; alone, it serves."""
+    host = speech_worker(
+        "addon",
+        replace(WHISPER, stt_fixed_ms=50, stt_ms_per_audio_s=10),
+        on_home_assistant_host=True,
+    )
+    busy = speech_worker(
+        "desktop", replace(WHISPER, stt_fixed_ms=900, stt_ms_per_audio_s=400), chat_running=1
+    )
+    ranked = rank_speech([host, busy], SpeechRequest(STT, "en"))
+    assert ids(ranked) == ["desktop", "addon"]
+    assert "home_assistant_host" in ranked[1].reasons
+    assert ids(rank_speech([host], SpeechRequest(STT, "en"))) == ["addon"]
+
+
 def test_speech_models_and_costs_are_parsed() -> None:
     models = parse_speech_models(
         {
