@@ -117,13 +117,13 @@ class Browser:
 
 @pytest.fixture
 def chromium() -> Iterator[Any]:
-    """Debian's chromium and chromium-driver (`scripts/setup browser` installs them)."""
+    """Debian's chromium and chromium-driver (`scripts/setup system` installs them)."""
     binary = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
         pytest.fail(
             "the browser test needs Debian's chromium and chromium-driver: run "
-            "`scripts/setup browser` as root (or `apt-get install chromium chromium-driver`)"
+            "`scripts/setup system` as root (or `apt-get install chromium chromium-driver`)"
         )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
