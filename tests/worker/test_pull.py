@@ -652,9 +652,17 @@ def test_cli_ctrl_c_cancels_and_a_second_pull_resumes(hub: FakeHub, tmp_path: Pa
         str(models_dir),
     ]
     env = {**os.environ, "HF_ENDPOINT": hub.url, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    # As in a terminal: Ctrl-C is not ignored. (A shell without job control starts its
+    # background jobs, e.g. scripts/test's two pytest processes, with SIGINT ignored;
+    # children inherit that, and Python then installs no KeyboardInterrupt handler.
+    # A handler of ours is reset to the default in the child.)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         partial = models_dir / PARTIAL_DIR / INSTALLED / "model.onnx.data"
         deadline = time.monotonic() + 60
