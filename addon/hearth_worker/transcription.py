@@ -71,6 +71,9 @@ MAX_WAITING = 2
 DEFAULT_JOB_S = 2.0
 WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 SELF_CHECK_PHRASE = "Turn on the kitchen light."
+# While requests keep the model busy, the self-check tries again this often, this long.
+SELF_CHECK_RETRY_S = 0.25
+SELF_CHECK_TRIES = 480
 _WORDS = re.compile(r"[a-z0-9']+")
 _PCM_GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)
@@ -512,15 +515,10 @@ class TranscriptionHost:
             language = _language(_language_of(voice.languages), engine, strict=False)
             matched = 0
             for pcm, times in ((once, 1), (once + pause + once, 2)):
-                try:
-                    async with self.slots.hold(model_id, wait_s=0):  # requests go first
-                        began = time.perf_counter()
-                        text = await run_to_end(
-                            loop.run_in_executor(None, engine.transcribe, pcm, language)
-                        )
-                        elapsed = time.perf_counter() - began
-                except SttBusy:
+                done = await self._check_when_free(model_id, engine, pcm, language)
+                if done is None:
                     break
+                text, elapsed = done
                 self.costs.record_stt(
                     model_id, audio_s=len(pcm) / 2 / engine.sample_rate, elapsed_s=elapsed
                 )
@@ -535,6 +533,25 @@ class TranscriptionHost:
                 costs["stt_fixed_ms"],
                 costs["stt_ms_per_audio_s"],
             )
+
+    async def _check_when_free(
+        self, model_id: str, engine: SttEngine, pcm: bytes, language: str | None
+    ) -> tuple[str, float] | None:
+        """The self-check's transcription and its seconds, once the model is free:
+        requests go first (one arriving meanwhile does not wait for the check), and the
+        check waits its turn instead of going without costs. None: never free."""
+        loop = asyncio.get_running_loop()
+        for _ in range(SELF_CHECK_TRIES):
+            try:
+                async with self.slots.hold(model_id, wait_s=0):
+                    began = time.perf_counter()
+                    text = await run_to_end(
+                        loop.run_in_executor(None, engine.transcribe, pcm, language)
+                    )
+                    return text, time.perf_counter() - began
+            except SttBusy:
+                await asyncio.sleep(SELF_CHECK_RETRY_S)
+        return None
 
 
 def _language_of(languages: list[str]) -> str | None:

@@ -610,6 +610,29 @@ async def test_the_self_check_speaks_and_transcribes_at_start(
     assert [call[1] for call in model.calls] == ["en", "en"]
 
 
+async def test_the_self_check_waits_its_turn(tmp_path: Path) -> None:
+    """A request holds the model when the self-check comes: the check waits for it and
+    still measures (it used to go without costs, and the router without a deadline)."""
+    worker, model, _ = await _in_process_with_voice(tmp_path, warmup=False)
+    app = worker.build_app()
+    async with TestClient(TestServer(app)):
+        host = app[transcription.TRANSCRIPTION_HOST]
+        holding, released = asyncio.Event(), asyncio.Event()
+
+        async def request() -> None:
+            async with host.slots.hold(STT):
+                holding.set()
+                await asyncio.sleep(0.6)
+                released.set()
+
+        busy = asyncio.create_task(request())
+        await holding.wait()
+        done = await host._check_when_free(STT, model, b"\0\0" * 16000, "en")  # type: ignore[arg-type]
+        await busy
+    assert done is not None and released.is_set()
+    assert len(model.calls) == 1
+
+
 # -- keeps nothing ---------------------------------------------------------------------------
 
 
