@@ -264,3 +264,21 @@ def start_worker(
         args=args,
         env=process_env,
     )
+
+
+def start_worker_serving(folders: list[Path], workdir: Path) -> WorkerProcess:
+    """A worker whose models directory links `folders` (no copies), with a HOME, TMPDIR
+    and XDG_CACHE_HOME of its own (`workdir`/home, /tmp), to see they stay empty."""
+    models = workdir / "models"
+    models.mkdir()
+    for folder in folders:
+        (models / folder.name).symlink_to(folder, target_is_directory=True)
+    home, scratch = workdir / "home", workdir / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    return start_worker(
+        [],
+        workdir,
+        extra=["--models-dir", str(models)],
+        env={"HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache")},
+    )

@@ -29,7 +29,7 @@ import pytest
 from hearth_worker import speech, voices
 from hearth_worker.validation import ApiError
 from test_api import check_schema
-from worker_process import WorkerProcess, start_worker
+from worker_process import WorkerProcess, start_worker, start_worker_serving
 
 COMMAND = "Turn on the kitchen light."
 ANSWER = "The kitchen light is on. The hallway light is off. Anything else?"
@@ -50,19 +50,7 @@ def speech_worker(
     piper_voice: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """A worker whose models directory holds the voice (a link: no 63 MB copy)."""
-    workdir = tmp_path_factory.mktemp("speech-worker")
-    models = workdir / "models"
-    models.mkdir()
-    (models / piper_voice.name).symlink_to(piper_voice, target_is_directory=True)
-    home, scratch = workdir / "home", workdir / "tmp"
-    home.mkdir()
-    scratch.mkdir()
-    worker = start_worker(
-        [],
-        workdir,
-        extra=["--models-dir", str(models)],
-        env={"HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache")},
-    )
+    worker = start_worker_serving([piper_voice], tmp_path_factory.mktemp("speech-worker"))
     yield worker
     assert worker.stop() == 0, worker.log()
 

@@ -38,7 +38,7 @@ from hearth_worker.manifest import Manifest, ManifestError
 from hearth_worker.server import Worker
 from hearth_worker.settings import WorkerSettings
 from test_api import check_schema
-from worker_process import WorkerProcess, start_worker
+from worker_process import WorkerProcess, start_worker_serving
 
 PATH = "/v1/audio/transcriptions"
 STT = "whisper-stand-in"
@@ -734,20 +734,7 @@ def real_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc
     directory (links: no copies), HOME and TMPDIR of its own (to see they stay empty)."""
     whisper = _whisper()
     voice = model_fixtures.piper_voice()
-    workdir = tmp_path_factory.mktemp("stt-worker")
-    models = workdir / "models"
-    models.mkdir()
-    for folder in (whisper, voice):
-        (models / folder.name).symlink_to(folder, target_is_directory=True)
-    home, scratch = workdir / "home", workdir / "tmp"
-    home.mkdir()
-    scratch.mkdir()
-    worker = start_worker(
-        [],
-        workdir,
-        extra=["--models-dir", str(models)],
-        env={"HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache")},
-    )
+    worker = start_worker_serving([whisper, voice], tmp_path_factory.mktemp("stt-worker"))
     for _ in range(1200):  # the self-check runs once the worker listens: let it end first
         if "Speech self-check" in worker.log():
             break
