@@ -37,6 +37,7 @@ from .validation import (
     ApiError,
     ChatRequest,
     EmbeddingRequest,
+    model_not_found,
     parse_chat_request,
     parse_embedding_request,
     parse_json_object,
@@ -470,13 +471,7 @@ class Worker:
             return hold(name)
         except KeyError as err:
             models = self.models.chat_models if kind == "chat" else self.models.embedding_models
-            raise ApiError(
-                404,
-                f"Model {name!r} is not a {kind} model served here (served: {sorted(models)})",
-                code="model_not_found",
-                type_="not_found_error",
-                param="model",
-            ) from err
+            raise model_not_found(name, kind, models) from err
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_chat_request(await self._json(request))

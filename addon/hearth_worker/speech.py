@@ -41,7 +41,7 @@ from aiohttp import web
 
 from . import api_types as types
 from .capacity import SpeechCosts
-from .validation import ApiError, parse_json_object, validate_body
+from .validation import ApiError, model_not_found, parse_json_object, validate_body
 from .voices import (
     Voice,
     import_piper_voice,
@@ -351,13 +351,7 @@ class SpeechHost:
         self.prune(voices)
         voice = voices.get(req.model)
         if voice is None:
-            raise ApiError(
-                404,
-                f"Model {req.model!r} is not a speech model served here (served: {sorted(voices)})",
-                code="model_not_found",
-                type_="not_found_error",
-                param="model",
-            )
+            raise model_not_found(req.model, "speech", voices)
         if req.voice not in (None, voice.speaker, voice.name):
             raise ApiError(
                 400,

@@ -51,7 +51,7 @@ from .admission import run_to_end
 from .capacity import SpeechCosts
 from .registry import Held, ModelRegistry, SttEngine
 from .speech import SPEECH_HOST, SpeechError, resample
-from .validation import ApiError, validate_body
+from .validation import ApiError, model_not_found, validate_body
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -375,14 +375,7 @@ class TranscriptionHost:
         try:
             return self.registry.hold_stt(model_id)
         except KeyError as err:
-            raise ApiError(
-                404,
-                f"Model {model_id!r} is not a speech-to-text model served here "
-                f"(served: {sorted(self.registry.stt_models)})",
-                code="model_not_found",
-                type_="not_found_error",
-                param="model",
-            ) from err
+            raise model_not_found(model_id, "speech-to-text", self.registry.stt_models) from err
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/transcriptions``, either form."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -99,6 +100,17 @@ class EmbeddingRequest:
 
 class _Refused(ValueError):
     """A JSON value refused while parsing (raised from json's hooks)."""
+
+
+def model_not_found(name: str, kind: str, served: Iterable[str]) -> ApiError:
+    """The 404 for a request whose ``model`` names no ``kind`` model served here."""
+    return ApiError(
+        404,
+        f"Model {name!r} is not a {kind} model served here (served: {sorted(served)})",
+        code="model_not_found",
+        type_="not_found_error",
+        param="model",
+    )
 
 
 def _parse_float(text: str) -> float:
