@@ -6,8 +6,9 @@ base and the chat model taught to turn on the kitchen light; each test pairs a
 fresh Home Assistant with them. Hearth's text-to-speech entity speaks through
 them (tts.speak's media path, one-shot, streamed sentence by sentence), its
 speech-to-text entity hears what the voice said; a worker killed between two
-sentences or mid-utterance leaves the turn whole; and a whole voice turn runs
-through Home Assistant's Assist pipeline with Hearth at every stage.
+sentences or mid-utterance leaves the turn whole; and every household command
+(tests/speech_commands.py, 24) runs through Home Assistant's Assist pipeline with
+Hearth at every stage.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers import entity_registry as er
 from homeassistant.setup import async_setup_component
-from speech_commands import normalize
+from speech_commands import HOUSEHOLD_COMMANDS, normalize, same
 from worker_process import WorkerProcess
 
 from custom_components.hearth.const import CONF_LLM_HASS_API, CONF_MAX_TOKENS
@@ -371,17 +372,20 @@ async def test_stt_turn_completes_when_a_worker_dies_mid_utterance(
 # timer (30 s) runs until the worker's close_notify arrives, which on a loaded machine
 # can be after the test's end (two CI rehearsals). The harness cancels it.
 @pytest.mark.parametrize("expected_lingering_timers", [True])
-async def test_a_voice_turn_through_home_assistants_pipeline(
+async def test_voice_turns_through_home_assistants_pipeline(
     hass: HomeAssistant, speech_workers: dict[str, WorkerProcess]
 ) -> None:
-    """Home Assistant's Assist pipeline with Hearth at every stage: the Piper voice says
-    the command, Hearth's speech-to-text hears it, Hearth's agent turns the light on,
-    Hearth's text-to-speech says the answer."""
+    """Home Assistant's Assist pipeline with Hearth at every stage, for every household
+    command (tests/speech_commands.py, 24): the Piper voice says it, Hearth's
+    speech-to-text hears it, Hearth's agent answers (the first, "Turn on the kitchen
+    light.", turns the light on), Hearth's text-to-speech says the answer. At least 95%
+    of the commands are heard exactly (normalized), each given up to three renderings
+    (see speech_commands: Piper's noise differs from one rendering to the next)."""
     assist_pipeline = pytest.importorskip("homeassistant.components.assist_pipeline")
     household = await set_up(hass, speech_workers)
     await setup_kitchen_light(hass)
     await household.async_update_settings(
-        {**household.settings, CONF_LLM_HASS_API: ["assist"], CONF_MAX_TOKENS: 64}
+        {**household.settings, CONF_LLM_HASS_API: ["assist"], CONF_MAX_TOKENS: 32}
     )
     assert await async_setup_component(hass, "assist_pipeline", {})
     pipeline = assist_pipeline.async_get_pipeline(hass)
@@ -395,33 +399,57 @@ async def test_a_voice_turn_through_home_assistants_pipeline(
         tts_language="en-US",
         tts_voice=VOICE,
     )
-    command = "Turn on the kitchen light."
-    pcm = await heard_rendering(household, command)
-    events: list[Any] = []
-    async with asyncio.timeout(120):
-        await assist_pipeline.async_pipeline_from_audio_stream(
-            hass,
-            context=Context(),
-            event_callback=events.append,
-            stt_metadata=metadata(),
-            stt_stream=as_microphone(pcm + bytes(16000)),  # and half a second of silence
-            pipeline_id=pipeline.id,
-            # WAV as the voice speaks it ("wav" alone asks Home Assistant's ffmpeg for 16 kHz)
-            tts_audio_output={"preferred_format": "wav"},
-        )
-    data = {str(event.type): event.data for event in events}
-    assert "error" not in data, data.get("error")
-    assert normalize(data["stt-end"]["stt_output"]["text"]) == normalize(command)
-    await hass.async_block_till_done()
-    assert hass.states.get("light.kitchen_light").state == "on"  # type: ignore[union-attr]
-    speech = data["intent-end"]["intent_output"]["response"]["speech"]["plain"]["speech"]
-    assert speech == "The kitchen light is on."
-    stream = tts.async_get_stream(hass, data["tts-end"]["tts_output"]["token"])
-    assert stream is not None
-    async with asyncio.timeout(60):
-        audio = b"".join([chunk async for chunk in stream.async_stream_result()])
-    rate, samples = read_wav(audio)
-    plausible_speech(samples, rate, words=5)
+
+    async def voice_turn(command: str) -> dict[str, Any]:
+        """One turn through the pipeline, from the voice's audio to the spoken answer."""
+        pcm = await spoken_pcm(household, command)
+        events: list[Any] = []
+        async with asyncio.timeout(120):
+            await assist_pipeline.async_pipeline_from_audio_stream(
+                hass,
+                context=Context(),
+                event_callback=events.append,
+                stt_metadata=metadata(),
+                stt_stream=as_microphone(pcm + bytes(16000)),  # and half a second of silence
+                pipeline_id=pipeline.id,
+                # WAV as the voice speaks it ("wav" alone asks HA's ffmpeg for 16 kHz)
+                tts_audio_output={"preferred_format": "wav"},
+            )
+        data = {str(event.type): event.data for event in events}
+        assert "error" not in data, (command, data.get("error"))
+        stream = tts.async_get_stream(hass, data["tts-end"]["tts_output"]["token"])
+        assert stream is not None
+        async with asyncio.timeout(60):
+            audio = b"".join([chunk async for chunk in stream.async_stream_result()])
+        data["audio"] = audio
+        return data
+
+    heard: dict[str, list[str]] = {}
+    answers: dict[str, dict[str, Any]] = {}
+    for command in HOUSEHOLD_COMMANDS:
+        heard[command] = []
+        for _ in range(3):
+            data = await voice_turn(command)
+            heard[command].append(data["stt-end"]["stt_output"]["text"])
+            if same(command, heard[command][-1]):
+                answers[command] = data
+                break
+            data = None
+        if command == HOUSEHOLD_COMMANDS[0]:  # the taught command: the light goes on
+            assert data is not None, heard[command]
+            await hass.async_block_till_done()
+            assert hass.states.get("light.kitchen_light").state == "on"  # type: ignore[union-attr]
+            speech = data["intent-end"]["intent_output"]["response"]["speech"]["plain"]["speech"]
+            assert speech == "The kitchen light is on."
+            rate, samples = read_wav(data["audio"])
+            plausible_speech(samples, rate, words=5)
+
+    assert len(HOUSEHOLD_COMMANDS) >= 20
+    missed = {command: texts for command, texts in heard.items() if command not in answers}
+    assert len(answers) / len(HOUSEHOLD_COMMANDS) >= 0.95, missed
+    for command, data in answers.items():  # every heard turn was answered aloud
+        rate, samples = read_wav(data["audio"])
+        assert rate == 22050 and int(np.abs(samples.astype(np.int32)).max()) > 1000, command
 
 
 # -- the pieces, without workers -----------------------------------------------------------
