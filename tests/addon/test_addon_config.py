@@ -457,6 +457,49 @@ def test_python_dependencies_pinned() -> None:
             )
 
 
+def _needs(names: set[str], pins: dict[str, str]) -> set[str]:
+    """`names` and every pinned package they need, as this environment knows them."""
+    environment = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.13"}
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in importlib.metadata.distribution(name).requires or []:
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate({**environment, "extra": ""}):
+                continue
+            if canonicalize_name(requirement.name) in pins:
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def test_speech_adds_at_most_70_mb_of_python_packages() -> None:
+    """Issue 12: speech grows the worker's image by at most ~70 MB of Python packages.
+    Whisper runs on onnxruntime-genai and numpy, which chat already needs; the Piper
+    voices need piper-tts (a child process, GPL: see addon/DOCS.md) and what it brings.
+    What the add-on pins beyond the worker's own dependencies is speech's share, and
+    its installed size here (the same wheels the image installs) is counted."""
+    pins = _requirements()
+    with (ADDON / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)
+    base = _needs({Requirement(t).name for t in project["project"]["dependencies"]}, pins)
+    extra = (
+        set(pins)
+        - base
+        - {canonicalize_name(Requirement(t).name) for t in project["build-system"]["requires"]}
+    )
+    assert extra == _needs({"piper-tts"}, pins) - base, extra
+    size = 0
+    for name in extra:
+        dist = importlib.metadata.distribution(name)
+        assert dist.version == pins[name], f"{name}: this environment has {dist.version}"
+        size += sum(Path(str(dist.locate_file(f))).stat().st_size for f in dist.files or [])
+    assert size <= 70 * 1024 * 1024, f"speech's packages {sorted(extra)}: {size / 1e6:.1f} MB"
+
+
 def test_dockerfile_installs_only_pinned_packages() -> None:
     dockerfile = (ADDON / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
     assert re.search(r"^COPY requirements\.txt ", dockerfile, re.MULTILINE)
