@@ -993,7 +993,10 @@ class CatalogEntry(TypedDict):
     id: str
     name: str
     source: Annotated[str, Field(description="For POST /v1/models/pull")]
-    kind: Literal["chat", "embedding"]
+    kind: Annotated[
+        Literal["chat", "embedding", "tts"],
+        Field(description="tts: a Piper voice (context_length 0; listed, never recommended)"),
+    ]
     parameters_b: Annotated[float, Field(description="Billions of parameters")]
     disk_bytes: int
     memory_bytes: Annotated[int, Field(description="Memory it needs to serve (approximate)")]

@@ -1,10 +1,12 @@
 """The catalog of models that suit a household, and what fits this machine.
 
 ``catalog.json`` (shipped inside the package) lists chat models (onnxruntime-genai
-folders with ``genai_config.json``) and ONNX embedding models published on the
-Hugging Face hub, each with the size it takes on disk and the memory it needs when
-serving a household's requests. :func:`recommend` says which of them fit a machine
-and which chat and embedding model to pull first.
+folders with ``genai_config.json``), ONNX embedding models and Piper voices (kind
+``tts``, for text to speech) published on the Hugging Face hub, each with the size it
+takes on disk and the memory it needs when serving a household's requests.
+:func:`recommend` says which of them fit a machine and which chat and embedding model
+to pull first (voices are listed, never recommended: which voice is a household's
+choice).
 
 The machine probes (:func:`total_memory_bytes`, :func:`available_memory_bytes`,
 :func:`cpu_cores`, :func:`free_disk_bytes`) take their sources as arguments so
@@ -25,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-KINDS: Final = ("chat", "embedding")
+KINDS: Final = ("chat", "embedding", "tts")
+VOICE: Final = "tts"  # a Piper voice: no context (context_length 0), no tools
 
 # Share of the memory given to recommend() that the recommended chat and embedding
 # models may use together; the rest is left to the operating system, page cache,
@@ -67,7 +70,7 @@ class CatalogEntry:
     id: str
     name: str
     source: str  # "owner/name" or "owner/name:sub/folder"
-    kind: str  # "chat" | "embedding"
+    kind: str  # "chat" | "embedding" | "tts"
     parameters_b: float
     disk_bytes: int
     memory_bytes: int
@@ -147,8 +150,12 @@ def _entry(raw: Any, index: int) -> CatalogEntry:
     if raw["kind"] not in KINDS:
         raise CatalogError(f"{label}: kind must be one of {', '.join(KINDS)}")
     for field in ("parameters_b", "disk_bytes", "memory_bytes", "context_length"):
+        if field == "context_length" and raw["kind"] == VOICE:
+            continue
         if not raw[field] > 0:
             raise CatalogError(f"{label}: {field} must be positive")
+    if raw["kind"] == VOICE and (raw["context_length"] != 0 or raw["tool_calling"]):
+        raise CatalogError(f"{label}: a voice has context_length 0 and no tool_calling")
     if raw["memory_bytes"] < raw["disk_bytes"] // 2:
         raise CatalogError(f"{label}: memory_bytes is less than half of disk_bytes")
     return CatalogEntry(
@@ -306,6 +313,8 @@ def _reason(
         needs.append(f"needs {_gb(entry.disk_bytes)} of disk, {_gb(free_disk_bytes)} free")
     if needs:
         return "; ".join(needs)
+    if entry.kind == VOICE:
+        return "fits; a voice for text to speech (pull the one your household likes)"
     if chosen:
         if entry.kind == "embedding":
             return "recommended: the best embedding model that fits beside the chat model"

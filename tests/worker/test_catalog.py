@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -105,9 +106,13 @@ def test_shipped_catalog_validates_every_field() -> None:
         assert owner and name and subfolder != ""
         assert entry.name.strip() and entry.license.strip()
         assert entry.disk_bytes > 0 and entry.memory_bytes > entry.disk_bytes
-        assert entry.context_length >= 256
-        assert "2026-11-29" in entry.checked
+        assert re.search(r"2026-11-(29|30)", entry.checked), entry.id
         assert "huggingface.co/" in entry.checked
+        if entry.kind == "tts":  # a Piper voice: no context, no tools
+            assert entry.context_length == 0 and not entry.tool_calling
+            assert entry.parameters_b < 0.1 and entry.disk_bytes < 200_000_000
+            continue
+        assert entry.context_length >= 256
         if entry.kind == "chat":
             assert 0.5 <= entry.parameters_b <= 4.0, entry.id
             assert entry.context_length >= 4096
@@ -185,6 +190,52 @@ def test_split_source_refuses_malformed(source: str) -> None:
 def test_parse_refuses_bad_entries(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(CatalogError, match=message):
         parse_catalog({"models": [_raw(**changes)]})
+
+
+def test_a_voice_has_no_context_and_no_tools() -> None:
+    voice = _raw(kind="tts", context_length=0, tool_calling=False)
+    assert parse_catalog({"models": [voice]})[0].kind == "tts"
+    for changes in ({"context_length": 4096}, {"tool_calling": True}):
+        with pytest.raises(CatalogError, match="a voice has context_length 0"):
+            parse_catalog({"models": [{**voice, **changes}]})
+    with pytest.raises(CatalogError, match="context_length must be positive"):
+        parse_catalog({"models": [_raw(kind="embedding", context_length=0)]})
+
+
+def test_the_shipped_voice_is_the_real_piper_voice_the_tests_speak_with() -> None:
+    """The catalog's voice is rhasspy/piper-voices' joe (medium): the same two files as
+    the wheel the tests use (model_fixtures.piper_voice()), so its size is exact."""
+    import model_fixtures
+
+    entry = next(e for e in load_catalog() if e.kind == "tts")
+    assert entry.source == "rhasspy/piper-voices:en/en_US/joe/medium"
+    manifest = json.loads((model_fixtures.piper_voice() / "hearth-model.json").read_text())
+    assert entry.disk_bytes == manifest["size_bytes"]
+    for f in manifest["files"]:
+        assert f["sha256"][:8] in entry.checked and f"{f['size_bytes']:,}" in entry.checked
+
+
+def test_a_voice_is_listed_never_recommended() -> None:
+    voice = CatalogEntry(
+        id="voice",
+        name="voice",
+        source="owner/voices:en/joe",
+        kind="tts",
+        parameters_b=0.016,
+        disk_bytes=63_206_088,
+        memory_bytes=256 * 2**20,
+        context_length=0,
+        license="MIT",
+        tool_calling=False,
+        checked="test",
+    )
+    for memory_gib in (1, 8, 64):
+        recs = recommend(memory_gib * GIB, 8, 500 * GB, catalog=[*SYNTHETIC, voice])
+        assert _picked(recs) == _picked(recommend(memory_gib * GIB, 8, 500 * GB, catalog=SYNTHETIC))
+        rec = next(r for r in recs if r.entry.id == "voice")
+        assert rec.fits and not rec.recommended and "voice" in rec.reason
+    alone = recommend(8 * GIB, 8, 500 * GB, catalog=[voice])
+    assert alone[0].fits and not alone[0].recommended
 
 
 def test_parse_refuses_missing_fields_duplicates_and_bad_shapes() -> None:
