@@ -1,9 +1,19 @@
 """Pull a model from the Hugging Face Hub into a models folder (`hearth-worker pull`).
 
-A source is ``owner/name`` or ``owner/name:sub/folder`` naming either an
-onnxruntime-genai chat model (a folder with ``genai_config.json``) or an ONNX
-embedding model (``model.onnx`` beside or under the folder, ``onnx/model.onnx`` with
-the tokenizer at the repository's root being the common layout).
+A source is ``owner/name`` or ``owner/name:sub/folder`` naming one of:
+
+* an onnxruntime-genai chat model (a folder with ``genai_config.json``);
+* a Whisper model exported for onnxruntime-genai (``genai_config.json`` of model type
+  ``whisper`` beside ``audio_processor_config.json``, the encoder and decoder): kind
+  ``stt``, format ``genai-whisper``, with its languages (from ``tokenizer.json``'s
+  language tokens) and sample rate in the manifest, as scripts/export_model writes them;
+* a Piper voice (``VOICE.onnx`` with ``VOICE.onnx.json`` beside it, as
+  ``rhasspy/piper-voices:en/en_US/joe/medium`` holds one): only those two files are
+  pulled, and ``hearth-model.json`` (kind ``tts``) is written by the worker's own
+  voice import (``voices.import_piper_voice``);
+* an ONNX embedding model (``model.onnx`` beside or under the folder,
+  ``onnx/model.onnx`` with the tokenizer at the repository's root being the common
+  layout).
 
 The repository's file list (with sizes and hashes) comes from the Hub's API through
 ``huggingface_hub``; only the files the model needs are downloaded, into
@@ -38,6 +48,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from . import voices
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 
 PARTIAL_DIR = ".partial"
@@ -89,6 +100,13 @@ _EMBEDDING_FILES = (
     "sentence_bert_config.json",
 )
 _DECODER_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+GENAI_CONFIG = "genai_config.json"
+AUDIO_PROCESSOR_CONFIG = "audio_processor_config.json"  # genai's Whisper export has one
+STT_FORMAT = "genai-whisper"  # as stt_engine.FORMAT (not imported: it loads onnxruntime-genai)
+WHISPER_SAMPLE_RATE = 16000  # what Whisper hears (stt_engine.SAMPLE_RATE)
+# OpenAI's Whisper: a vocabulary this large or larger is multilingual (whisper-*.en: 51864).
+WHISPER_MULTILINGUAL_VOCAB = 51865
+_LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
 
 
 class PullError(Exception):
@@ -135,7 +153,7 @@ class _HubFile:
 
 @dataclass(frozen=True)
 class _Plan:
-    kind: str  # "chat" | "embedding"
+    kind: str  # "chat" | "embedding" | "stt" | "tts"
     files: list[_HubFile]
     revision: str
 
@@ -191,6 +209,29 @@ def guess_quantization(text: str) -> str | None:
 # ---------------------------------------------------------------------------- installed models
 
 
+def read_model(folder: Path) -> Manifest:
+    """The manifest of a model folder of any kind: chat, embedding, speech to text, or
+    a Piper voice (kind ``tts``, read as the speech host reads it). ManifestError if
+    the folder is not a complete model."""
+    if voices.is_voice_folder(folder):
+        voice = voices.read_voice(folder)
+        if voice is None:
+            raise ManifestError(f"{folder} is not a usable Piper voice")
+        data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return Manifest(
+            path=folder,
+            name=voice.name,
+            kind=voices.KIND,
+            runtime=voices.RUNTIME,
+            quantization=str(data.get("quantization") or "fp32"),
+            context_length=0,
+            size_bytes=voice.size_bytes,
+            files=list(data.get("files") or []),
+            embedding=None,
+        )
+    return load_manifest(folder)
+
+
 def installed_models(models_dir: Path) -> list[Manifest]:
     """The model folders in `models_dir` with a valid manifest, by name."""
     if not models_dir.is_dir():
@@ -200,7 +241,7 @@ def installed_models(models_dir: Path) -> list[Manifest]:
         if folder.name.startswith(".") or not folder.is_dir():
             continue
         try:
-            found.append(load_manifest(folder))
+            found.append(read_model(folder))
         except ManifestError:
             continue
     return sorted(found, key=lambda m: m.name)
@@ -267,7 +308,8 @@ class _Puller:
 
         self.hub = hub
         self.models_dir = models_dir
-        self.name = name.strip() if name and name.strip() else display_name(hub)
+        self.given_name = name.strip() if name and name.strip() else None
+        self.name = self.given_name or display_name(hub)
         self.progress_cb = progress
         self.cancel = cancel or threading.Event()
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -301,8 +343,10 @@ class _Puller:
         if existing is not None:
             self._report("done")
             return existing
+        if self.given_name:  # before asking the hub
+            self._check_name_free()
+        plan = self._plan()  # names a voice after its file when no name was given
         self._check_name_free()
-        plan = self._plan()
         self._check_cancel()
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         with self._folder_lock():
@@ -348,7 +392,7 @@ class _Puller:
     def _installed_here(self) -> Path | None:
         """The model folder if this source is installed already (a second pull is a no-op)."""
         try:
-            load_manifest(self.final)
+            read_model(self.final)
         except ManifestError:
             return None
         return self.final
@@ -418,20 +462,25 @@ class _Puller:
         under = {path: f for path, f in files.items() if path.startswith(prefix)}
         if not under:
             raise PullError("unknown_subfolder", self._no_folder_message(files))
-        if f"{prefix}genai_config.json" in under:
-            return self._select_chat(under, prefix, revision)
+        if f"{prefix}{GENAI_CONFIG}" in under:
+            if f"{prefix}{AUDIO_PROCESSOR_CONFIG}" in under:
+                return self._select_genai("stt", under, prefix, revision)
+            return self._select_genai("chat", under, prefix, revision)
+        voice = self._voice_in(under, prefix)
+        if voice is not None:
+            return self._select_voice(voice, under, prefix, revision)
         return self._select_embedding(files, prefix, revision)
 
     def _no_folder_message(self, files: dict[str, _HubFile]) -> str:
-        models = sorted(
-            str(PurePosixPath(path).parent)
-            for path in files
-            if PurePosixPath(path).name == "genai_config.json"
-        )
+        models = _model_folders(files, "")
         hint = f"; folders with a model: {', '.join(models[:6])}" if models else ""
         return f"{self.hub.repo_id} has no folder {self.hub.subfolder!r}{hint}"
 
-    def _select_chat(self, under: dict[str, _HubFile], prefix: str, revision: str) -> _Plan:
+    def _select_genai(
+        self, kind: str, under: dict[str, _HubFile], prefix: str, revision: str
+    ) -> _Plan:
+        """An onnxruntime-genai folder (chat, or Whisper for "stt"): its files, not
+        those of the folders below it."""
         chosen = [
             _HubFile(f.repo_path, f.repo_path[len(prefix) :], f.size, f.sha256, f.blob_id)
             for path, f in sorted(under.items())
@@ -439,12 +488,45 @@ class _Puller:
         ]
         names = {f.local_path for f in chosen}
         if "tokenizer.json" not in names:
+            what = "a Whisper model's" if kind == "stt" else "a"
             raise PullError(
                 "not_a_model",
-                f"{self.hub} has a genai_config.json but no tokenizer.json: the worker "
+                f"{self.hub} has {what} {GENAI_CONFIG} but no tokenizer.json: the worker "
                 "cannot serve it",
             )
-        return _Plan("chat", chosen, revision)
+        return _Plan(kind, chosen, revision)
+
+    @staticmethod
+    def _voice_in(under: dict[str, _HubFile], prefix: str) -> str | None:
+        """The Piper voice right in the folder (VOICE.onnx with VOICE.onnx.json): the
+        .onnx file's name in it; PullError when there are several."""
+        found = sorted(
+            rest
+            for path in under
+            if "/" not in (rest := path[len(prefix) :])
+            and rest.endswith(".onnx")
+            and f"{path}.json" in under
+        )
+        if len(found) > 1:
+            raise PullError(
+                "not_a_model",
+                f"{len(found)} Piper voices in one folder ({', '.join(found[:6])}): "
+                "the worker serves a voice from a folder of its own",
+            )
+        return found[0] if found else None
+
+    def _select_voice(
+        self, onnx: str, under: dict[str, _HubFile], prefix: str, revision: str
+    ) -> _Plan:
+        """Only the voice's two files (not the model card, not other voices)."""
+        chosen = [
+            _HubFile(f.repo_path, name, f.size, f.sha256, f.blob_id)
+            for name in (onnx, f"{onnx}.json")
+            for f in (under[f"{prefix}{name}"],)
+        ]
+        # Named after its file (en_US-joe-medium), as the voice import names it.
+        self.name = self.given_name or onnx.removesuffix(".onnx")
+        return _Plan(voices.KIND, chosen, revision)
 
     def _select_embedding(self, files: dict[str, _HubFile], prefix: str, revision: str) -> _Plan:
         onnx_dir = next(
@@ -452,10 +534,14 @@ class _Puller:
             None,
         )
         if onnx_dir is None:
+            below = _model_folders(files, prefix)
+            hint = f"; folders below it with a model: {', '.join(below[:6])}" if below else ""
             raise PullError(
                 "not_a_model",
-                f"{self.hub} is not a model the worker can serve: no genai_config.json "
-                "(an onnxruntime-genai chat model) and no model.onnx (an ONNX embedding model)",
+                f"{self.hub} is not a model the worker can serve: no {GENAI_CONFIG} (an "
+                "onnxruntime-genai chat model, or a Whisper model with "
+                f"{AUDIO_PROCESSOR_CONFIG}), no VOICE.onnx with VOICE.onnx.json (a Piper "
+                f"voice) and no model.onnx (an ONNX embedding model){hint}",
             )
         chosen = [
             _HubFile(f.repo_path, f.repo_path[len(onnx_dir) :], f.size, f.sha256, f.blob_id)
@@ -667,6 +753,8 @@ class _Puller:
 
     def _inspect(self, plan: _Plan) -> dict[str, Any]:
         digests = {f.local_path: self._verify(f) for f in plan.files}
+        if plan.kind == voices.KIND:
+            return self._describe_voice(plan)
         files = [
             {"path": f.local_path, "sha256": digests[f.local_path], "size_bytes": f.size}
             for f in sorted(plan.files, key=lambda f: f.local_path)
@@ -675,7 +763,7 @@ class _Puller:
             "format_version": 1,
             "name": self.name,
             "kind": plan.kind,
-            "runtime": "onnxruntime-genai" if plan.kind == "chat" else "onnxruntime",
+            "runtime": "onnxruntime-genai" if plan.kind in ("chat", "stt") else "onnxruntime",
             "source": str(self.hub),
             "revision": plan.revision,
             "quantization": guess_quantization(str(self.hub)),  # None: looked at below
@@ -687,6 +775,8 @@ class _Puller:
         }
         if plan.kind == "chat":
             self._describe_chat(fields)
+        elif plan.kind == "stt":
+            self._describe_stt(fields)
         else:
             self._describe_embedding(fields)
         return fields
@@ -707,15 +797,100 @@ class _Puller:
             raise PullError(
                 "not_a_model", f"{self.hub}: genai_config.json lacks {err} (not a genai model?)"
             ) from err
-        decoder = self.partial / decoder_file
-        if not decoder.is_file():
+        if model.get("type") == "whisper":
             raise PullError(
-                "not_a_model", f"{self.hub}: genai_config.json names {decoder_file}, not in folder"
+                "not_a_model",
+                f"{self.hub} is a Whisper model ({GENAI_CONFIG} says so) without "
+                f"{AUDIO_PROCESSOR_CONFIG}: the worker hears audio through the genai "
+                "export's audio processor (the genai model builder writes it)",
             )
-        if fields["quantization"] is None:  # the folder's name does not say: the graph does
-            with decoder.open("rb") as fh:
-                int4 = any(b"MatMulNBits" in block for block in iter(lambda: fh.read(1 << 24), b""))
+        self._quantization_of(fields, [decoder_file])
+
+    def _quantization_of(self, fields: dict[str, Any], graphs: list[str]) -> None:
+        """Check the graphs genai_config.json names are there; where the folder's name
+        does not say the quantization, the graphs do (MatMulNBits: int4)."""
+        for graph in graphs:
+            if not (self.partial / graph).is_file():
+                raise PullError(
+                    "not_a_model", f"{self.hub}: {GENAI_CONFIG} names {graph}, not in folder"
+                )
+        if fields["quantization"] is None:
+            int4 = any(_has_int4(self.partial / graph) for graph in graphs)
             fields["quantization"] = "int4" if int4 else "fp32"
+
+    def _describe_stt(self, fields: dict[str, Any]) -> None:
+        """A Whisper model in genai's layout: the manifest fields scripts/export_model
+        writes for one (format, languages, sample rate)."""
+        genai = self._read_json(GENAI_CONFIG)
+        try:
+            model = genai["model"]
+            model_type = model["type"]
+            fields["context_length"] = int(model["context_length"])
+            graphs = [str(model[part]["filename"]) for part in ("encoder", "decoder")]
+            vocab_size = model.get("vocab_size")
+        except (KeyError, TypeError, ValueError) as err:
+            raise PullError(
+                "not_a_model",
+                f"{self.hub}: {GENAI_CONFIG} lacks {err} (not a genai Whisper model?)",
+            ) from err
+        if model_type != "whisper":
+            raise PullError(
+                "not_a_model",
+                f"{self.hub} has {AUDIO_PROCESSOR_CONFIG}, but its {GENAI_CONFIG} is of model "
+                f"type {model_type!r}: speech to text here is Whisper (type 'whisper')",
+            )
+        self._quantization_of(fields, graphs)
+        fields["format"] = STT_FORMAT
+        fields["languages"] = self._whisper_languages(vocab_size)
+        fields["sample_rate"] = WHISPER_SAMPLE_RATE
+
+    def _whisper_languages(self, vocab_size: Any) -> list[str]:
+        """The languages, in token order, as scripts/export_model lists them: an
+        English-only Whisper (whisper-*.en, a smaller vocabulary) hears "en" only; a
+        multilingual one the language tokens of its tokenizer (<|en|>, <|zh|>, ...,
+        between <|startoftranscript|> and <|translate|>)."""
+        if isinstance(vocab_size, int) and vocab_size < WHISPER_MULTILINGUAL_VOCAB:
+            return ["en"]
+        tokenizer = self._read_json("tokenizer.json")
+        added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
+        ids = {
+            str(token["content"]): int(token["id"])
+            for token in added or []
+            if isinstance(token, dict) and "content" in token and "id" in token
+        }
+        start, end = ids.get("<|startoftranscript|>"), ids.get("<|translate|>")
+        found = sorted(
+            (token_id, match.group(1))
+            for content, token_id in ids.items()
+            if (match := _LANGUAGE_TOKEN.fullmatch(content))
+            and start is not None
+            and end is not None
+            and start < token_id < end
+        )
+        if not found:
+            raise PullError(
+                "not_a_model",
+                f"{self.hub}: a multilingual Whisper whose tokenizer.json has no language "
+                "tokens (<|en|>, ... between <|startoftranscript|> and <|translate|>)",
+            )
+        return [code for _, code in found]
+
+    def _describe_voice(self, plan: _Plan) -> dict[str, Any]:
+        """A Piper voice: hearth-model.json as the worker's voice import writes it."""
+        onnx = next(f.local_path for f in plan.files if f.local_path.endswith(".onnx"))
+        try:
+            voices.import_piper_voice(self.partial, self.partial, self.name, origin=str(self.hub))
+            fields = json.loads((self.partial / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise PullError(
+                "not_a_model",
+                f"{self.hub}: {onnx}.json is not a Piper voice's config the worker can read "
+                f"({_reason(err)})",
+            ) from err
+        if not isinstance(fields, dict):
+            raise PullError("not_a_model", f"{self.hub}: the voice's manifest is not an object")
+        fields["revision"] = plan.revision
+        return fields
 
     def _describe_embedding(self, fields: dict[str, Any]) -> None:
         config = self._read_json("config.json")
@@ -759,7 +934,7 @@ class _Puller:
             json.dumps(fields, indent=2) + "\n", encoding="utf-8"
         )
         try:
-            load_manifest(self.partial)
+            read_model(self.partial)
         except ManifestError as err:
             raise PullError("not_a_model", f"{self.hub}: {err}") from err
         if self.final.exists():  # a leftover without a valid manifest: moved aside
@@ -770,6 +945,24 @@ class _Puller:
         self.state_path.unlink(missing_ok=True)
         self._report("done")
         return self.final
+
+
+def _has_int4(graph: Path) -> bool:
+    """Whether an ONNX graph holds int4 matrix products (MatMulNBits nodes)."""
+    with graph.open("rb") as fh:
+        return any(b"MatMulNBits" in block for block in iter(lambda: fh.read(1 << 24), b""))
+
+
+def _model_folders(files: dict[str, _HubFile], prefix: str) -> list[str]:
+    """The folders under ``prefix`` that hold a genai model or a Piper voice (hints)."""
+    found = set()
+    for path in files:
+        pure = PurePosixPath(path)
+        if path.startswith(prefix) and (
+            pure.name == GENAI_CONFIG or (path.endswith(".onnx.json") and path[:-5] in files)
+        ):
+            found.add(str(pure.parent))
+    return sorted(found)
 
 
 def _size(n: int) -> str:
@@ -889,7 +1082,7 @@ def run_pull(source: str, models_dir: Path, name: str | None) -> int:
         return 1
     if error is not None:
         raise error
-    manifest = load_manifest(outcome["path"])
+    manifest = read_model(outcome["path"])
     done = "Installed" if display.downloaded else "Already installed:"
     print(
         f"{done} {manifest.name} ({manifest.kind}, {manifest.quantization}, "

@@ -3,6 +3,8 @@
 Each job runs ``pull.pull_model`` in a thread of its own pool, with a
 ``threading.Event`` to cancel it and a progress callback that updates the job;
 then the model is loaded into the registry (phase ``loading``) and served at once.
+A Piper voice (kind ``tts``) is not the registry's: the speech host serves every voice
+in the models directory, so it is served as soon as its folder is there.
 A second pull of a source being pulled returns the running job. Jobs are lost when
 the worker stops (a pull started again resumes what was downloaded).
 """
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import pull
-from .manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from . import pull, voices
+from .manifest import MANIFEST_NAME, Manifest, ManifestError
 from .registry import DuplicateModel, ModelRegistry
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class PullJob:
     done_bytes: int = 0
     total_bytes: int = 0
     manifest: Manifest | None = None
+    voice: voices.Voice | None = None  # a Piper voice pulled (listed as /v1/models lists it)
     error: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -92,9 +95,10 @@ class PullJob:
         with self._lock:
             self.phase = "loading"
 
-    def succeed(self, manifest: Manifest) -> None:
+    def succeed(self, manifest: Manifest, voice: voices.Voice | None = None) -> None:
         with self._lock:
             self.manifest = manifest
+            self.voice = voice
             self.phase = "done"
             self.status = "done"
 
@@ -105,6 +109,11 @@ class PullJob:
 
     def to_json(self, describe: Callable[[Manifest], dict[str, Any]]) -> dict[str, Any]:
         with self._lock:
+            model = None
+            if self.voice is not None:  # as /v1/models lists a voice
+                model = self.voice.model_json()
+            elif self.manifest is not None:
+                model = describe(self.manifest)
             return {
                 "id": self.id,
                 "source": self.source,
@@ -112,7 +121,7 @@ class PullJob:
                 "phase": self.phase,
                 "done_bytes": self.done_bytes,
                 "total_bytes": self.total_bytes,
-                "model": describe(self.manifest) if self.manifest else None,
+                "model": model,
                 "error": dict(self.error) if self.error else None,
             }
 
@@ -258,9 +267,17 @@ class PullJobs:
         """Load the pulled model (unless it is served already) and finish the job."""
         loop = asyncio.get_running_loop()
         try:
-            manifest = await loop.run_in_executor(None, load_manifest, folder)
+            manifest = await loop.run_in_executor(None, pull.read_model, folder)
         except ManifestError as err:
             job.fail("not_a_model", f"{job.source}: {err}")
+            return
+        if manifest.kind == voices.KIND:  # the speech host finds it in the models directory
+            voice = await loop.run_in_executor(None, voices.read_voice, folder)
+            if voice is None:
+                job.fail("not_a_model", f"{job.source}: not a usable Piper voice")
+                return
+            job.succeed(manifest, voice)
+            _LOGGER.info("Pulled %s: serving the voice %s (job %s)", job.source, voice.name, job.id)
             return
         served = self._registry.manifests.get(manifest.name)
         if served is None or served.path != folder:  # both are models_dir / folder name

@@ -445,6 +445,10 @@ class Worker:
         installed = {
             m.path.name for m in self.models.manifests.values() if m.path.parent == models_dir
         }
+        host = request.app.get(speech.SPEECH_HOST)  # voices are the speech host's
+        if host is not None:
+            voices = await asyncio.get_running_loop().run_in_executor(None, lambda: host.voices)
+            installed |= {v.path.name for v in voices.values() if v.path.parent == models_dir}
         data = [
             {
                 **rec.to_json(),

@@ -83,9 +83,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_piper_voice(source: Path, out_dir: Path, name: str | None = None) -> Path:
+def import_piper_voice(
+    source: Path, out_dir: Path, name: str | None = None, *, origin: str | None = None
+) -> Path:
     """Copy a Piper voice (its ``.onnx``, or a folder with one) into ``out_dir`` as it
-    is, with its ``.onnx.json``, and write ``hearth-model.json``; returns ``out_dir``."""
+    is, with its ``.onnx.json``, and write ``hearth-model.json``; returns ``out_dir``.
+    ``origin`` is what the manifest's ``source`` says (default: the ``.onnx`` file's
+    name; ``hearth-worker pull`` gives the hub source). ``out_dir`` may be the folder
+    the voice is in already (nothing is copied then)."""
     onnx = source
     if source.is_dir():
         found = sorted(source.glob("*.onnx"))
@@ -113,7 +118,7 @@ def import_piper_voice(source: Path, out_dir: Path, name: str | None = None) -> 
         "name": name or stem,
         "kind": KIND,
         "runtime": RUNTIME,
-        "source": onnx.name,
+        "source": origin or onnx.name,
         "quantization": "fp32",
         "context_length": 0,
         "size_bytes": sum(int(f["size_bytes"]) for f in files),
