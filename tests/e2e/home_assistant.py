@@ -166,15 +166,45 @@ class HomeAssistant:
         done = await self.rest("POST", f"{flow}/{form['flow_id']}", options)
         assert done["type"] == "create_entry", done
 
-    async def use_conversation_agent(self, agent_id: str) -> dict[str, Any]:
-        """Make `agent_id` the conversation agent of the preferred Assist pipeline."""
+    async def preferred_pipeline(self) -> dict[str, Any]:
+        """The preferred Assist pipeline ("Home Assistant" after onboarding)."""
         listed = await self.ws("assist_pipeline/pipeline/list")
-        pipeline = next(p for p in listed["pipelines"] if p["id"] == listed["preferred_pipeline"])
+        return dict(next(p for p in listed["pipelines"] if p["id"] == listed["preferred_pipeline"]))
+
+    async def update_pipeline(self, **changes: Any) -> dict[str, Any]:
+        """Change fields of the preferred Assist pipeline and save it, as its dialog's
+        **Update** does (the dialog sends every field)."""
+        pipeline = await self.preferred_pipeline()
         fields = {k: v for k, v in pipeline.items() if k != "id"}
-        fields.update(conversation_engine=agent_id, conversation_language="*")
+        fields.update(changes)
         return dict(
             await self.ws("assist_pipeline/pipeline/update", pipeline_id=pipeline["id"], **fields)
         )
+
+    async def use_conversation_agent(self, agent_id: str) -> dict[str, Any]:
+        """Make `agent_id` the conversation agent of the preferred Assist pipeline."""
+        return await self.update_pipeline(conversation_engine=agent_id, conversation_language="*")
+
+    async def speech_choices(self, stt_engine: str, tts_engine: str) -> dict[str, Any]:
+        """What the assistant's dialog fills in when these engines are picked: each
+        engine's first language matching the pipeline's (the languages Home Assistant
+        lists for it, best match first), and the first voice of that language."""
+        language = (await self.preferred_pipeline())["language"]
+
+        async def first_language(kind: str, engine_id: str) -> str:
+            listed = await self.ws(f"{kind}/engine/list", language=language)
+            (provider,) = [p for p in listed["providers"] if p["engine_id"] == engine_id]
+            return str(provider["supported_languages"][0])
+
+        tts_language = await first_language("tts", tts_engine)
+        voices = await self.ws("tts/engine/voices", engine_id=tts_engine, language=tts_language)
+        return {
+            "stt_engine": stt_engine,
+            "stt_language": await first_language("stt", stt_engine),
+            "tts_engine": tts_engine,
+            "tts_language": tts_language,
+            "tts_voice": voices["voices"][0]["voice_id"],
+        }
 
     async def assist(self, text: str, timeout: float = 120.0) -> list[dict[str, Any]]:
         """A text turn through the preferred Assist pipeline (what the Assist dialog sends)."""
@@ -185,6 +215,33 @@ class HomeAssistant:
         reply = await self._receive(msg_id, timeout)
         if not reply.get("success", False):
             raise HomeAssistantError(f"assist_pipeline/run: {reply.get('error')}")
+        return await self._events(msg_id, timeout)
+
+    async def assist_audio(
+        self, pcm: bytes, timeout: float = 120.0, chunk: int = 2048
+    ) -> list[dict[str, Any]]:
+        """A voice turn through the preferred Assist pipeline, speech to text to speech,
+        as the Assist dialog's microphone sends it: 16 kHz 16-bit mono PCM in binary
+        messages, each led by the handler id Home Assistant gave (run-start), then an
+        empty one (that id alone) to end the utterance."""
+        msg_id = await self._send(
+            "assist_pipeline/run",
+            {"start_stage": "stt", "end_stage": "tts", "input": {"sample_rate": 16000}},
+        )
+        reply = await self._receive(msg_id, timeout)
+        if not reply.get("success", False):
+            raise HomeAssistantError(f"assist_pipeline/run: {reply.get('error')}")
+        start = (await self._receive(msg_id, timeout))["event"]
+        assert start["type"] == "run-start", start
+        handler = bytes([start["data"]["runner_data"]["stt_binary_handler_id"]])
+        assert self._ws is not None
+        for offset in range(0, len(pcm), chunk):
+            await self._ws.send_bytes(handler + pcm[offset : offset + chunk])
+        await self._ws.send_bytes(handler)
+        return [start, *await self._events(msg_id, timeout)]
+
+    async def _events(self, msg_id: int, timeout: float) -> list[dict[str, Any]]:
+        """A pipeline run's events, up to its run-end (or error)."""
         events: list[dict[str, Any]] = []
         while not events or events[-1]["type"] not in ("run-end", "error"):
             events.append((await self._receive(msg_id, timeout))["event"])
