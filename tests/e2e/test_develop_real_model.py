@@ -1,8 +1,8 @@
 """scripts/develop with its real models, as README.md's walkthrough uses them: the demo
 model answers by default; with step 5's assistant (Hearth as the conversation agent,
 Hearth Speech-to-text with Whisper base, Hearth Text-to-speech with the Piper voice) a
-spoken command turns the light on and the answer is spoken; the real SmolLM2 answers
-once it is Hearth's "Preferred chat model"."""
+spoken command is heard, turns the light on and is answered aloud; the real SmolLM2
+answers once it is Hearth's "Preferred chat model"."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ STT = "stt.hearth_speech_to_text"
 TTS = "tts.hearth_text_to_speech"
 LIGHT = "light.kitchen_light"
 COMMAND = "Turn on the kitchen light."  # the demo model's taught command
-ANSWER = "The kitchen light is on."
+LOCAL_ANSWER = "Turned on the light"  # Home Assistant's own answer to COMMAND
 
 
 def test_develop_serves_the_demo_model_then_the_real_ones() -> None:
@@ -177,14 +177,22 @@ async def test_the_walkthrough_with_the_real_models(real_stack: develop.Stack) -
             }
             voices = await ha.ws("tts/engine/voices", engine_id=TTS, language="en-US")
             assert voices["voices"] == [{"voice_id": develop.VOICE_NAME, "name": "joe"}]
+            # Step 6, spoken, with "Prefer handling commands locally" on: the demo model
+            # is taught the typed "turn on the kitchen light" only (test_develop.py: its
+            # tool call), and Whisper writes "Turn on the kitchen light.", which the
+            # model may or may not take the same way (floating-point luck, not taught);
+            # Home Assistant's own sentences turn the light on, whatever the model.
             pipeline = await ha.update_pipeline(
-                conversation_engine=AGENT, conversation_language="*", **choices
+                conversation_engine=AGENT,
+                conversation_language="*",
+                prefer_local_intents=True,
+                **choices,
             )
             assert pipeline["conversation_engine"] == AGENT
             assert {key: pipeline[key] for key in choices} == choices
 
-            # Step 6, spoken: the microphone's audio in, the answer's audio out. Whisper
-            # base mishears a rendering now and then: up to three renderings.
+            # The microphone's audio in, the answer's audio out. Whisper base mishears a
+            # rendering now and then: up to three renderings.
             paired = await paired_client(real_stack)
             heard: list[str] = []
             events: list[dict[str, Any]] = []
@@ -205,7 +213,8 @@ async def test_the_walkthrough_with_the_real_models(real_stack: develop.Stack) -
         assert events[types.index("intent-start")]["data"]["engine"] == AGENT
         assert events[types.index("tts-start")]["data"]["engine"] == TTS
         assert events[types.index("tts-start")]["data"]["voice"] == develop.VOICE_NAME
-        assert speech(events) == ANSWER
+        assert events[types.index("intent-end")]["data"]["processed_locally"] is True
+        assert speech(events) == LOCAL_ANSWER
         assert await ha.state(LIGHT) == "on"
 
         # The spoken answer, fetched as the browser plays it: for a browser, Home
@@ -218,7 +227,7 @@ async def test_the_walkthrough_with_the_real_models(real_stack: develop.Stack) -
             audio = await response.read()
         samples = await asyncio.to_thread(decoded, audio)
         seconds = len(samples) / 16000
-        assert 0.15 * 5 <= seconds <= 1.0 * 5 + 1.0, seconds  # five words
+        assert 0.15 * 4 <= seconds <= 1.0 * 4 + 1.0, seconds  # four words
         assert int(np.abs(samples.astype(np.int32)).max()) > 1000  # not silence
 
         # Step 6's real model.
