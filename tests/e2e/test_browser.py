@@ -174,6 +174,9 @@ async def test_ui_screenshots(
     shots.mkdir()
     ui = Browser(chromium, stack.ha_url, shots)
     ui.log_in(OWNER["username"], OWNER["password"])
+    # Plain http to 127.0.0.1 is a secure context: Assist's microphone may listen here
+    # (README, Try it, step 6; it checks window.isSecureContext before it listens).
+    assert chromium.execute_script("return window.isSecureContext") is True
 
     # Settings > Devices & services: the worker waits under "Discovered".
     async with ha.websocket():
