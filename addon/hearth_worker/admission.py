@@ -5,6 +5,10 @@ Retry-After) instead of waiting without bound. A slot is held until the work
 in it has really stopped: a request whose client goes away keeps its slot until
 its generation thread (or executor job) ends, so dropped requests cannot run
 more work at once than ``max_running``; see ``run_to_end``.
+
+``max_running`` is also the decode batch's size: a running generation holds at
+most one slot of its model's batch (batch_decode.py), so at most ``max_running``
+requests share a forward pass.
 """
 
 from __future__ import annotations

@@ -24,9 +24,12 @@ exports allow: dynamic batching wants a paged-attention export and refuses ours,
 cache, so every new conversation prefills the household prompt anew (1,500
 tokens: seconds, against tens of milliseconds from the prompt cache), and it
 prefills a prompt in one uninterruptible `run()`. For voice, the prompt cache
-wins; generations run side by side (`max_running`), each its own generator.
-A batch of our own (plain onnxruntime, slots seeded from cached generators) was
-measured too: docs/ARCHITECTURE.md, "Batched decoding", scripts/bench/batch_step.py.
+wins. Batching is our own instead (batch_decode.py): prefill stays here, on a
+generator from the prompt cache; once two unguided requests decode at once, their
+decode moves (KV cache copied from the generator at a token boundary) into one
+shared plain-onnxruntime session where they share each forward pass; a request
+alone, and a guided one, decode on their own generator. docs/ARCHITECTURE.md,
+"Batched decoding"; scripts/bench/voice_batch.py measures both paths.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from typing import Any
 import onnxruntime_genai as og
 
 from .admission import run_to_end
+from .batch_decode import BatchDecoder, DecodeJob, Sampler
 from .chat_template import ChatTemplate
 from .guidance import ModelGuidance
 from .manifest import Manifest
@@ -75,6 +79,9 @@ STREAM_FLUSH_S = 0.025
 # conversation then fit in it (see _cached_length).
 CACHE_HEADROOM = 512
 CACHE_LENGTH_STEP = 256
+# Unguided requests move their decode into the shared batch (batch_decode.py) once
+# this many decode at once; one alone decodes on its own generator.
+BATCH_FROM = 2
 _OWNERS = itertools.count(1)  # tells apart the ChatModel instances in a prompt cache
 
 
@@ -216,12 +223,47 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
     return position
 
 
-def _genai_config(manifest: Manifest, threads: int) -> og.Config:
+def _genai_config(manifest: Manifest, threads: int, spinning: bool = True) -> og.Config:
     config = og.Config(str(manifest.path))
     config.clear_providers()
-    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    session: dict[str, Any] = {"intra_op_num_threads": threads}
+    if not spinning:  # any other key is an onnxruntime session config entry
+        session["session.intra_op.allow_spinning"] = "0"
+    overlay = {"model": {"decoder": {"session_options": session}}}
     config.overlay(json.dumps(overlay))
     return config
+
+
+class _Sink:
+    """Where a request's tokens go: counted, decoded to text, cut at stop sequences."""
+
+    def __init__(
+        self,
+        tokenizer: og.Tokenizer,
+        sampling: Sampling,
+        on_text: Callable[[str], None],
+        result: GenerationResult,
+    ) -> None:
+        self._stream = tokenizer.create_stream()
+        self._stops = StopMatcher(sampling.stop)
+        self._on_text = on_text
+        self._result = result
+        self.first_token_at: float | None = None
+
+    def push(self, token: int) -> bool:
+        """A new token; True when a stop sequence ended the answer."""
+        self._result.completion_tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        text = self._stops.push(self._stream.decode(token))
+        if text:
+            self._on_text(text)
+        return self._stops.stopped
+
+    def flush(self) -> None:
+        tail = self._stops.flush()
+        if tail:
+            self._on_text(tail)
 
 
 class ChatModel:
@@ -233,12 +275,14 @@ class ChatModel:
         *,
         threads: int | None = None,
         cache: PromptCache | None = None,
+        batching: bool = True,
+        spinning: bool = True,
     ) -> None:
         self.manifest = manifest
         self.id = manifest.name
         self.context_length = manifest.context_length
         self.threads = threads or os.cpu_count() or 1
-        self._model = og.Model(_genai_config(manifest, self.threads))
+        self._model = og.Model(_genai_config(manifest, self.threads, spinning))
         self._tokenizer = og.Tokenizer(self._model)
         self.template = ChatTemplate.from_model_dir(manifest.path)
         self.guidance = ModelGuidance(self._model, self.template, manifest.path)
@@ -254,6 +298,13 @@ class ChatModel:
             weakref.finalize(self, cache.drop, self.cache_owner)
         self.kv_bytes_per_token = self._measure_kv_bytes()
         self.prefilled_tokens = 0  # prompt tokens fed to the model, all requests together
+        # Unguided requests decode together in one shared session (batch_decode.py).
+        self.batching = batching and BatchDecoder.supports(manifest.path)
+        self._batch: BatchDecoder | None = None
+        # Decode in the batch once this many unguided requests decode at once (one
+        # alone keeps its generator: as fast or faster, scripts/bench/voice_batch.py).
+        self.batch_from = BATCH_FROM
+        self._solo = 0  # unguided requests decoding on their own generator now
 
     def _measure_kv_bytes(self) -> int:
         """Bytes of keys and values one token takes (all layers), measured on a tiny run."""
@@ -289,6 +340,8 @@ class ChatModel:
         """The model is going: drop what the prompt cache holds of it."""
         if self.cache is not None:
             self.cache.drop(self.cache_owner)
+        if self._batch is not None:
+            self._batch.close()
 
     def warm_prefixes(self) -> list[dict[str, Any]]:
         """The prompt prefixes cached for this model, as hashes of token ids."""
@@ -324,11 +377,9 @@ class ChatModel:
             raise PromptTooLong(prompt_tokens, self.context_length)
         return min(room, requested or DEFAULT_MAX_NEW_TOKENS)
 
-    def _params(self, max_length: int, sampling: Sampling) -> og.GeneratorParams:
-        """The one place GeneratorParams are built (search options, guidance)."""
-        params = og.GeneratorParams(self._model)
-        options: dict[str, Any] = {"max_length": max_length}
-        options |= self.manifest.generation.search_options(
+    def _search_options(self, sampling: Sampling) -> dict[str, Any]:
+        """The request's search options (the batch's sampler follows the same)."""
+        return self.manifest.generation.search_options(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
@@ -336,6 +387,12 @@ class ChatModel:
             no_repeat_ngram_size=sampling.no_repeat_ngram_size,
             seed=sampling.seed,
         )
+
+    def _params(self, max_length: int, sampling: Sampling) -> og.GeneratorParams:
+        """The one place GeneratorParams are built (search options, guidance)."""
+        params = og.GeneratorParams(self._model)
+        options: dict[str, Any] = {"max_length": max_length}
+        options |= self._search_options(sampling)
         params.set_search_options(**options)
         if sampling.guidance is not None:
             params.set_guidance(*sampling.guidance)
@@ -359,13 +416,13 @@ class ChatModel:
         result = GenerationResult(prompt_tokens=len(prompt_ids))
         started = time.perf_counter()
         entry = self._generator(prompt_ids, needed, sampling)
+        sink = _Sink(self._tokenizer, sampling, on_text, result)
         kept = False
+        job: DecodeJob | None = None
         try:
             generator = entry.generator
             result.cached_tokens = len(entry.tokens)
-            first_token_at = self._decode(
-                generator, prompt_ids, max_new, sampling, on_text, cancelled, result
-            )
+            job = self._decode(generator, prompt_ids, max_new, sampling, sink, cancelled, result)
             if self.cache is not None and entry.key is not None:
                 self.cache.put(
                     entry, [int(t) for t in generator.get_sequence(0)], prefix_key, len(prompt_ids)
@@ -374,7 +431,12 @@ class ChatModel:
         finally:
             if not kept and self.cache is not None:
                 self.cache.discard(entry)
+        if job is not None and self._batch is not None:  # the generator is free for others
+            self._batch.run(job)
+            result.finish_reason = job.finish_reason
+        sink.flush()
         ended = time.perf_counter()
+        first_token_at = sink.first_token_at
         result.prefill_s = (first_token_at or ended) - started
         result.decode_s = ended - (first_token_at or ended)
         return result
@@ -431,23 +493,39 @@ class ChatModel:
             self.cache.started(entry.nbytes)
         return entry
 
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The model's shared decode batch (made on first use); None: not batched."""
+        if not self.batching:
+            return None
+        with self._active_lock:
+            if self._batch is None:
+                try:
+                    self._batch = BatchDecoder(self.manifest.path, threads=self.threads)
+                except Exception as err:  # an export this cannot run: generators only
+                    _LOGGER.warning("Decoding not batched for %s: %s", self.id, err)
+                    self.batching = False
+                    return None
+            return self._batch
+
     def _decode(
         self,
         generator: og.Generator,
         prompt_ids: list[int],
         max_new: int,
         sampling: Sampling,
-        on_text: Callable[[str], None],
+        sink: _Sink,
         cancelled: threading.Event,
         result: GenerationResult,
-    ) -> float | None:
+    ) -> DecodeJob | None:
         """Prefill what the generator lacks of the prompt, then decode up to `max_new`.
 
-        Returns when the first token came (time.perf_counter()), None if none did.
+        An unguided request's decode goes to the batch (batch_decode.py) once
+        `batch_from` unguided requests decode at once or the batch runs: at a token
+        boundary, its KV cache copied from the generator (the first token is always
+        the generator's, chosen with the request's search options). The job is
+        returned, for `BatchDecoder.run` once the generator is back in the cache.
+        None: the request was answered here (guided, alone, or over already).
         """
-        stream = self._tokenizer.create_stream()
-        stops = StopMatcher(sampling.stop)
-        first_token_at = None
         rest = prompt_ids[result.cached_tokens :]
         fed = _prefill(generator, rest, cancelled)
         result.prefilled_tokens = fed
@@ -455,31 +533,91 @@ class ChatModel:
             self.prefilled_tokens += fed
         if fed < len(rest):
             result.finish_reason = "cancelled"
+            return None
+        batch = self.batch_decoder() if sampling.guidance is None else None
+        if batch is None:
+            self._decode_alone(generator, max_new, sink, cancelled, result)
+            return None
+        with self._active_lock:
+            self._solo += 1
+        try:
+            return self._decode_until_batched(
+                generator, batch, prompt_ids, max_new, sampling, sink, cancelled, result
+            )
+        finally:
+            with self._active_lock:
+                self._solo -= 1
+
+    def _decode_alone(
+        self,
+        generator: og.Generator,
+        max_new: int,
+        sink: _Sink,
+        cancelled: threading.Event,
+        result: GenerationResult,
+    ) -> None:
+        """Decode on the request's own generator up to `max_new`."""
+        while not generator.is_done():
+            if result.completion_tokens >= max_new:
+                result.finish_reason = "length"
+                break
+            if cancelled.is_set():
+                result.finish_reason = "cancelled"
+                break
+            generator.generate_next_token()
+            if sink.push(int(generator.get_next_tokens()[0])):
+                break
         else:
-            while not generator.is_done():
-                if result.completion_tokens >= max_new:
-                    result.finish_reason = "length"
-                    break
-                if cancelled.is_set():
-                    result.finish_reason = "cancelled"
-                    break
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                result.completion_tokens += 1
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                text = stops.push(stream.decode(token))
-                if text:
-                    on_text(text)
-                if stops.stopped:
-                    break
-            else:
-                if result.completion_tokens >= max_new:
-                    result.finish_reason = "length"
-        tail = stops.flush()
-        if tail:
-            on_text(tail)
-        return first_token_at
+            if result.completion_tokens >= max_new:
+                result.finish_reason = "length"
+
+    def _decode_until_batched(
+        self,
+        generator: og.Generator,
+        batch: BatchDecoder,
+        prompt_ids: list[int],
+        max_new: int,
+        sampling: Sampling,
+        sink: _Sink,
+        cancelled: threading.Event,
+        result: GenerationResult,
+    ) -> DecodeJob | None:
+        """Decode on the generator while this is the only unguided request decoding;
+        once another decodes too (or the batch runs), the rest goes to the batch:
+        the job returned (None: answered here)."""
+        tokens = list(prompt_ids)
+        while not generator.is_done():
+            if result.completion_tokens >= max_new:
+                result.finish_reason = "length"
+                return None
+            if cancelled.is_set():
+                result.finish_reason = "cancelled"
+                return None
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            tokens.append(token)
+            if sink.push(token):
+                return None
+            if generator.is_done() or result.completion_tokens >= max_new:
+                continue  # over: as on the generator
+            with self._active_lock:
+                company = self._solo >= self.batch_from
+            if company or batch.running() > 0:
+                # The generator has chosen `token` but not run it yet: its KV cache
+                # holds exactly the tokens before it.
+                return DecodeJob(
+                    kv=[generator.get_output(name) for name in batch.present_names],
+                    length=len(tokens) - 1,
+                    token=token,
+                    generated=result.completion_tokens,
+                    max_new=max_new,
+                    sampler=Sampler(self._search_options(sampling), tokens),
+                    on_token=sink.push,
+                    cancelled=cancelled,
+                )
+        if result.completion_tokens >= max_new:
+            result.finish_reason = "length"
+        return None
 
     async def stream(
         self,

@@ -1,0 +1,349 @@
+"""Continuous batching (batch_decode.py): unguided requests decode together, exactly.
+
+On the taught test model (scripts/demo_model), whose taught answers lead the
+runner-up by at least 2 logits at every token (tests/export/test_taught_model.py:
+thousands of times the rounding differences between batch sizes and CPUs), so
+the tokens compared here do not depend on this CPU's float details. Joins are
+made certain with the batch's pause (requests queue up, then step together) or
+a request's own callback holding the batch until another has queued: nothing
+depends on timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import model_fixtures
+import numpy as np
+import pytest
+
+from addon.hearth_worker.batch_decode import BatchDecoder, Sampler
+from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
+from addon.hearth_worker.manifest import load_manifest
+from addon.hearth_worker.prompt_cache import PromptCache
+
+sys.path.insert(0, str(model_fixtures.REPO / "scripts" / "export"))
+from teach_data import AFTER_TOOL, HELLO, TOOL_CALL, held_out
+from teach_data import Sampler as Conversations
+
+GREEDY = Sampling(max_new_tokens=48, temperature=0)
+WAIT_S = 120  # generous: only a hang reaches it
+
+
+@pytest.fixture(scope="module")
+def cases(taught_chat_model: Path) -> list[tuple[str, str]]:
+    """(prompt text, taught answer): Home Assistant's prompt with 12 tools (~1,000
+    tokens), the three answers, and a few shorter random conversations."""
+    template = (taught_chat_model / "chat_template.jinja").read_text()
+    chosen = held_out(Conversations(template, random.Random(2024)))
+    return chosen[-3:] + chosen[:3]
+
+
+@pytest.fixture(scope="module")
+def alone(taught_chat_model: Path) -> ChatModel:
+    """Today's path: every request decoded by its own generator."""
+    return ChatModel(load_manifest(taught_chat_model), threads=1, batching=False)
+
+
+@pytest.fixture
+def batched(taught_chat_model: Path) -> ChatModel:
+    """Every unguided request decodes in the batch, even alone."""
+    model = ChatModel(load_manifest(taught_chat_model), threads=1, cache=PromptCache())
+    assert model.batching
+    model.batch_from = 1
+    return model
+
+
+@pytest.fixture
+def default(taught_chat_model: Path) -> ChatModel:
+    """As the worker runs it: a request alone keeps its generator."""
+    return ChatModel(load_manifest(taught_chat_model), threads=1, cache=PromptCache())
+
+
+def generate(
+    model: ChatModel,
+    prompt: list[int],
+    sampling: Sampling = GREEDY,
+    cancelled: threading.Event | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> tuple[GenerationResult, str]:
+    pieces: list[str] = []
+
+    def take(text: str) -> None:
+        pieces.append(text)
+        if on_text is not None:
+            on_text(text)
+
+    result = model.generate(prompt, sampling, take, cancelled or threading.Event())
+    return result, "".join(pieces)
+
+
+def in_threads(
+    model: ChatModel, jobs: list[tuple[list[int], Sampling]]
+) -> list[tuple[GenerationResult, str]]:
+    """Run the requests at once: they join the paused batch in this order (slot i for
+    request i), then step together."""
+    batch = model.batch_decoder()
+    assert batch is not None
+    out: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        out[i] = generate(model, *jobs[i])
+
+    batch.pause()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    try:
+        for queued, thread in enumerate(threads, 1):
+            thread.start()
+            wait_for(lambda: batch.pending() == queued)  # noqa: B023
+    finally:
+        batch.resume()
+        for thread in threads:
+            thread.join(WAIT_S)
+    return out
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(WAIT_S * 20):
+        if condition():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("timed out")
+
+
+def test_answers_decoded_together_equal_answers_decoded_alone(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
+) -> None:
+    prompts = [batched.encode(text) for text, _ in cases[:4]]
+    assert len({len(p) for p in prompts}) > 1  # each its own length in the batch
+    # The first (slot 0) stops early at its token limit and leaves while the others go
+    # on: the last slot's sequence moves into its place.
+    samplings = [Sampling(max_new_tokens=3, temperature=0), GREEDY, GREEDY, GREEDY]
+    together = in_threads(batched, list(zip(prompts, samplings, strict=True)))
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.peak_batch == 4
+    for (text, answer), prompt, sampling, (result, got) in zip(
+        cases, prompts, samplings, together, strict=False
+    ):
+        expected_result, expected = generate(alone, prompt, sampling)
+        assert got == expected, text[-200:]
+        assert result.completion_tokens == expected_result.completion_tokens
+        assert result.finish_reason == expected_result.finish_reason
+        assert result.prompt_tokens == len(prompt)
+        if sampling.max_new_tokens == 3:
+            assert result.finish_reason == "length" and result.completion_tokens == 3
+        else:
+            assert got == answer and result.finish_reason == "stop"
+    assert batch.running() == 0
+
+
+def test_a_request_joins_a_running_batch(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
+) -> None:
+    """B queues while A decodes (A's callback holds the batch until B is queued): B
+    joins between A's steps, both answers are the ones decoded alone."""
+    batch = batched.batch_decoder()
+    assert batch is not None
+    first = batched.encode(cases[0][0])
+    second = batched.encode(cases[2][0])
+    results: dict[str, tuple[GenerationResult, str]] = {}
+    seen = 0
+    other: list[threading.Thread] = []
+
+    def run_b() -> None:
+        results["b"] = generate(batched, second)
+
+    def on_text(_: str) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 3:  # A is decoding in the batch now: start B, wait until it queued
+            thread = threading.Thread(target=run_b)
+            other.append(thread)
+            thread.start()
+            wait_for(lambda: batch.pending() == 1)
+
+    results["a"] = generate(batched, first, on_text=on_text)
+    other[0].join(WAIT_S)
+    assert batch.peak_batch == 2
+    assert results["a"][1] == generate(alone, first)[1] == cases[0][1]
+    assert results["b"][1] == generate(alone, second)[1] == cases[2][1]
+
+
+def test_cancel_frees_the_slot(cases: list[tuple[str, str]], batched: ChatModel) -> None:
+    prompt = batched.encode(cases[0][0])
+    cancelled = threading.Event()
+    result, text = generate(batched, prompt, cancelled=cancelled, on_text=lambda _: cancelled.set())
+    assert result.finish_reason == "cancelled"
+    assert TOOL_CALL.startswith(text) and text != TOOL_CALL
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.running() == 0  # the slot is free
+    # and the batch goes on serving
+    assert generate(batched, prompt)[1] == TOOL_CALL
+
+
+def test_stop_strings_and_the_token_limit(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
+) -> None:
+    prompt = batched.encode(cases[0][0])
+    stop = Sampling(max_new_tokens=48, temperature=0, stop=["kitchen"])
+    result, text = generate(batched, prompt, stop)
+    assert text == TOOL_CALL[: TOOL_CALL.index("kitchen")]
+    assert result.finish_reason == "stop"
+    assert (result.completion_tokens, text) == (
+        generate(alone, prompt, stop)[0].completion_tokens,
+        generate(alone, prompt, stop)[1],
+    )
+    short = Sampling(max_new_tokens=5, temperature=0)
+    result, text = generate(batched, prompt, short)
+    assert (result.finish_reason, result.completion_tokens) == ("length", 5)
+    assert text == generate(alone, prompt, short)[1]
+    assert TOOL_CALL.startswith(text)
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.steps > 0
+
+
+def test_usage_and_the_prompt_cache_are_reported_as_before(
+    cases: list[tuple[str, str]], batched: ChatModel
+) -> None:
+    prompt = batched.encode(cases[2][0])  # "hello" with the household prompt
+    first, text = generate(batched, prompt)
+    assert text == HELLO and first.cached_tokens == 0
+    assert first.completion_tokens > 1 and first.decode_s >= 0 and first.prefill_s > 0
+    again, text = generate(batched, prompt)
+    assert text == HELLO
+    assert again.cached_tokens == len(prompt) - 1  # the cached generator served the prefix
+    assert batched.prefilled_tokens == len(prompt) + 1
+
+
+def test_guided_requests_keep_their_generator(
+    cases: list[tuple[str, str]], batched: ChatModel
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"enum": ["HassTurnOn", "HassTurnOff"]}},
+        "required": ["name"],
+    }
+    guided = Sampling(
+        max_new_tokens=40, temperature=0, guidance=("json_schema", json.dumps(schema))
+    )
+    prompt = batched.encode(cases[0][0])
+    result, text = generate(batched, prompt, guided)
+    assert result.completion_tokens > 1
+    assert text.lstrip().startswith("{")
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.steps == 0  # never in the batch
+
+
+def test_an_after_tool_answer(cases: list[tuple[str, str]], batched: ChatModel) -> None:
+    assert generate(batched, batched.encode(cases[1][0]))[1] == AFTER_TOOL
+
+
+def test_seeded_samples_repeat(tiny_chat_model: Path) -> None:
+    """On the untaught tiny model (flat distributions): the seed decides every draw."""
+    model = ChatModel(load_manifest(tiny_chat_model), threads=1)
+    model.batch_from = 1
+    prompt = model.prepare([{"role": "user", "content": "tell me a story"}], None)
+    seeded = Sampling(max_new_tokens=24, temperature=1.5, top_p=0.95, top_k=400, seed=7)
+    first = generate(model, prompt, seeded)
+    again = generate(model, prompt, seeded)
+    assert first[1] == again[1] and first[0].completion_tokens == again[0].completion_tokens
+    assert first[0].completion_tokens > 1
+    other = {generate(model, prompt, dataclasses.replace(seeded, seed=s))[1] for s in range(4)}
+    assert len(other) > 1  # sampled, not greedy
+    batch = model.batch_decoder()
+    assert batch is not None and batch.steps > 0
+
+
+def test_a_request_alone_keeps_its_generator(
+    cases: list[tuple[str, str]], default: ChatModel
+) -> None:
+    result, text = generate(default, default.encode(cases[0][0]))
+    assert text == TOOL_CALL and result.finish_reason == "stop"
+    batch = default.batch_decoder()
+    assert batch is not None and batch.steps == 0
+
+
+def test_a_request_decoding_alone_moves_into_the_batch_when_another_comes(
+    cases: list[tuple[str, str]], alone: ChatModel, default: ChatModel
+) -> None:
+    """A decodes on its generator; B comes (the batch paused): B's first token sends it
+    to the batch, A follows at its next token with the KV cache of all it has so far.
+    Both answers are the ones decoded alone."""
+    batch = default.batch_decoder()
+    assert batch is not None
+    first = default.encode(cases[0][0])
+    second = default.encode(cases[2][0])
+    results: dict[str, tuple[GenerationResult, str]] = {}
+    pieces = 0
+    threads: list[threading.Thread] = []
+
+    def run(name: str, prompt: list[int], on_text: Callable[[str], None] | None) -> None:
+        results[name] = generate(default, prompt, on_text=on_text)
+
+    def on_text(_: str) -> None:
+        nonlocal pieces
+        pieces += 1
+        if pieces == 3:  # A is decoding alone on its generator: B comes
+            assert batch.steps == 0 and batch.running() == 0
+            batch.pause()
+            threads.append(threading.Thread(target=run, args=("b", second, None)))
+            threads[-1].start()
+            wait_for(lambda: batch.pending() == 1)
+
+    threads.append(threading.Thread(target=run, args=("a", first, on_text)))
+    threads[0].start()
+    wait_for(lambda: len(threads) == 2 and batch.pending() == 2)  # A followed B
+    batch.resume()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert batch.peak_batch == 2
+    assert results["a"][1] == generate(alone, first)[1] == cases[0][1]
+    assert results["b"][1] == generate(alone, second)[1] == cases[2][1]
+    assert results["a"][0].completion_tokens == generate(alone, first)[0].completion_tokens
+
+
+def test_sampler_penalties_follow_onnxruntime_genai() -> None:
+    logits = np.array([2.0, -1.0, 0.5, 3.0, 1.0], np.float32)
+    sampler = Sampler({"repetition_penalty": 2.0, "do_sample": False}, [0, 1, 1])
+    scores = sampler.scores(logits)
+    assert scores.tolist() == [1.0, -2.0, 0.5, 3.0, 1.0]  # positive / 2, negative * 2
+    # No-repeat n-grams: after "3 4" came 0 once; "3 4" again bans 0 (and 4 after "4 3").
+    ngram = Sampler({"no_repeat_ngram_size": 3, "do_sample": False}, [3, 4, 0, 4, 3, 4])
+    scores = ngram.scores(np.zeros(5, np.float32))
+    assert scores[0] < -1e30 and (scores[1:] == 0).all()
+    assert ngram.pick(np.array([9.0, 1, 1, 1, 1], np.float32)) == 1
+    # Out-of-vocabulary ids in the history (a tokenizer larger than the model) are skipped.
+    assert Sampler({"repetition_penalty": 1.5}, [7, 9]).scores(logits).tolist() == logits.tolist()
+
+
+def test_sampler_draws_within_top_k_and_top_p() -> None:
+    logits = np.array([0.0, 5.0, 4.9, -3.0, 4.8, 1.0], np.float32)
+    top_k = Sampler({"do_sample": True, "temperature": 1.0, "top_k": 2, "random_seed": 1}, [])
+    assert {top_k.pick(logits) for _ in range(200)} == {1, 2}
+    top_p = Sampler({"do_sample": True, "temperature": 1.0, "top_p": 0.3, "random_seed": 1}, [])
+    assert {top_p.pick(logits) for _ in range(50)} == {1}  # the nucleus is the top token
+    hot = Sampler({"do_sample": True, "temperature": 1.0, "top_k": 0, "random_seed": 3}, [])
+    assert {hot.pick(logits) for _ in range(400)} >= {1, 2, 4}
+    greedy = Sampler({"do_sample": True, "temperature": 1.0, "top_k": 1}, [])
+    assert greedy.greedy and greedy.pick(logits) == 1
+
+
+def test_exports_the_batch_cannot_run_keep_their_generators(tmp_path: Path) -> None:
+    config = {
+        "model": {"decoder": {"filename": "model.onnx", "num_hidden_layers": 1, "head_size": 8}},
+        "search": {"past_present_share_buffer": False},
+    }
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    assert not BatchDecoder.supports(tmp_path)
+    config["search"] = {"past_present_share_buffer": True}
+    config["model"]["decoder"]["inputs"] = {"input_ids": "x", "position_ids": "p"}  # type: ignore[index]
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    assert not BatchDecoder.supports(tmp_path)
+    assert not BatchDecoder.supports(tmp_path / "missing")
