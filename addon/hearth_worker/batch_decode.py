@@ -162,7 +162,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 class BatchDecoder:
     """A shared decode session: running requests step together (see the module's notes)."""
 
-    def __init__(self, folder: Path, *, threads: int) -> None:
+    def __init__(self, folder: Path, *, threads: int, spinning: bool = False) -> None:
         config = _read_config(folder)
         model = config["model"]
         decoder = model["decoder"]
@@ -194,7 +194,8 @@ class BatchDecoder:
         # threads spinning took the cores from the step's own Python work and from
         # other processes (real SmolLM2, 2 cores under load: one stream 31 tok/s
         # spinning, 72 not; scripts/bench/voice_batch.py).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"]
         )

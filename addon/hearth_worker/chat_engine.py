@@ -223,11 +223,15 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
     return position
 
 
-def _genai_config(manifest: Manifest, threads: int, spinning: bool = True) -> og.Config:
+def _genai_config(manifest: Manifest, threads: int, spinning: bool = False) -> og.Config:
     config = og.Config(str(manifest.path))
     config.clear_providers()
     session: dict[str, Any] = {"intra_op_num_threads": threads}
     if not spinning:  # any other key is an onnxruntime session config entry
+        # onnxruntime's idle threads spin-wait by default; on a small machine they take
+        # the cores from the decoding thread's own work and from other requests (real
+        # SmolLM2 on 2 cores: one stream 47 tok/s spinning, 85 not; prefill of 1,546
+        # tokens 109 tok/s spinning, 160 not: scripts/bench/voice_batch.py).
         session["session.intra_op.allow_spinning"] = "0"
     overlay = {"model": {"decoder": {"session_options": session}}}
     config.overlay(json.dumps(overlay))
@@ -276,7 +280,7 @@ class ChatModel:
         threads: int | None = None,
         cache: PromptCache | None = None,
         batching: bool = True,
-        spinning: bool = True,
+        spinning: bool = False,
     ) -> None:
         self.manifest = manifest
         self.id = manifest.name

@@ -1,9 +1,11 @@
 """Batched decoding A/B: each request its own generator (before) vs the shared batch (now).
 
-In this process, no server: two `ChatModel`s of the same model, one with
-`batching=False` (every request decoded by its own onnxruntime-genai generator, as
-before issue 10's batch) and one with the batch (batch_decode.py). Each round runs,
-for both in turn (the order alternating between rounds, as bench_worker interleaves
+In this process, no server: three `ChatModel`s of the same model: "before" (every
+request decoded by its own onnxruntime-genai generator, onnxruntime's threads
+spin-waiting, as before issue 10), "generators" (the same without spin-waiting) and
+"batch" (the worker now: two or more unguided requests decode together in
+batch_decode.py's shared session; one alone on its generator). Each round runs,
+for each in turn (the order alternating between rounds, as bench_worker interleaves
 its paths, because the machines are noisy): one stream's decode rate, then the
 aggregate rate of 1, 2 and 4 concurrent requests (each its own short prompt, as
 scripts/bench/voice.py's concurrent figure), in tokens per wall-clock second and per
@@ -87,9 +89,10 @@ def main() -> int:
         folder = model_fixtures.real_chat_model()
     manifest = load_manifest(folder)
     paths = {
+        # before issue 10's batch: each request its generator, onnxruntime spin-waiting
+        "before": ChatModel(manifest, cache=PromptCache(), batching=False, spinning=True),
+        # each request its generator, no spin-waiting (as the worker runs a guided request)
         "generators": ChatModel(manifest, cache=PromptCache(), batching=False),
-        # the same without onnxruntime's spin-waiting threads (the batch has none)
-        "gen_nospin": ChatModel(manifest, cache=PromptCache(), batching=False, spinning=False),
         "batch": ChatModel(manifest, cache=PromptCache()),
     }
     if not paths["batch"].batching:
@@ -141,10 +144,14 @@ def main() -> int:
             f"{rates} tok/s, 4/1 = {rates['4'] / rates['1']:.2f}x; per CPU-second "
             f"{per_cpu}, 4/1 = {per_cpu['4'] / per_cpu['1']:.2f}x"
         )
-    for base in ("generators", "gen_nospin"):
+    for base in ("before", "generators"):
         ratio = figures["batch"]["decode_tok_s"] / max(figures[base]["decode_tok_s"], 1e-9)
         figures[f"one_stream_batch_vs_{base}"] = round(ratio, 3)
         print(f"one stream, batch / {base}: {ratio:.3f}")
+    batch = paths["batch"].batch_decoder()
+    if batch is not None:
+        figures["batch_peak_mb"] = round(batch.peak_bytes / 2**20, 1)
+        print(f"batch KV buffer peak {figures['batch_peak_mb']} MB, {batch.peak_batch} at most")
     if args.json:
         print(json.dumps(figures))
     return 0
