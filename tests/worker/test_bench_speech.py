@@ -5,10 +5,14 @@ workers and Home Assistant: minutes; here its pure parts)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import model_fixtures
 import pytest
+from worker_process import WorkerProcess
 
 BENCH_PY = model_fixtures.REPO / "scripts" / "bench" / "speech.py"
 
@@ -44,3 +48,28 @@ def test_failover_figure_is_the_median_of_each_commands_extra_time(bench: Any) -
         bench.failover_extra_ms([1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         bench.failover_extra_ms([], [])
+
+
+def test_a_restarted_worker_counts_as_settled_after_its_own_self_check(
+    bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fail-over's next command waits for the killed worker's self-check after its
+    new start (its transcriptions would take the cores from the measurement), and for
+    its measured STT costs (the router's deadline)."""
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    worker = WorkerProcess("https://127.0.0.1:9", 9, tmp_path, log, process)
+    costs: dict[str, Any] = {"kind": "stt", "stt_fixed_ms": None}
+    voice = {"kind": "tts", "loaded": True}
+    monkeypatch.setattr(bench, "worker_json", lambda _w, path: {"models": {"w": costs, "v": voice}})
+    started = "INFO hearth_worker: Hearth worker 0.1.0 listening on https://127.0.0.1:9\n"
+    checked = "INFO hearth_worker.transcription: Speech self-check with v and w: 2/2\n"
+    log.write_text(started + checked)
+    assert not bench.stt_settled(worker)  # no costs yet
+    costs["stt_fixed_ms"] = 900.0
+    assert bench.stt_settled(worker)
+    log.write_text(started + checked + started)  # started again: its check to come
+    assert not bench.stt_settled(worker)
+    log.write_text(started + checked + started + checked)
+    assert bench.stt_settled(worker)
