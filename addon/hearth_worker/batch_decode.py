@@ -427,7 +427,13 @@ class BatchDecoder:
             job.sampler.append(token)
             job.token = token
             job.generated += 1
-            if job.on_token(token):  # a stop sequence
+            try:
+                stopped = job.on_token(token)
+            except Exception as err:  # its own request fails, not the batch
+                job.error = err
+                ended.append(slot)
+                continue
+            if stopped:  # a stop sequence
                 job.finish_reason = "stop"
                 ended.append(slot)
             elif token in self.eos:  # as genai's generator: done, "length" at the limit

@@ -19,7 +19,8 @@ a noisy machine hits every figure alike (cold, warm and new are interleaved with
 each round, as bench_worker interleaves its paths).
 
 Then: the decode rate of one stream, the aggregate rate at 1, 2 and 4 concurrent
-streams (each a short prompt of its own: decode, not the household's prefill), the
+streams (each a short prompt of its own: decode, not the household's prefill;
+medians of --concurrent-rounds rounds, 1, 2 and 4 interleaved in each), the
 worker's peak RSS and the prompt cache's peak bytes. With --json the last line is one JSON object.
 """
 
@@ -121,7 +122,7 @@ def story(member: int) -> list[dict[str, Any]]:
 # -- tool calls: helper "guidance" adds the measure of tool calls here --------------
 #
 async def measure(
-    worker: WorkerProcess, model: str, rounds: int, new_tokens: int
+    worker: WorkerProcess, model: str, rounds: int, new_tokens: int, concurrent_rounds: int = 3
 ) -> dict[str, Any]:
     async with openai.AsyncOpenAI(
         base_url=worker.url + "/v1",
@@ -151,14 +152,17 @@ async def measure(
             )
         # Decode: one stream, then 1, 2 and 4 concurrent (each its own short prompt).
         singles = [await decode(client, model, story(0), new_tokens) for _ in range(2)]
-        concurrent: dict[str, float] = {}
-        for n in (1, 2, 4):
-            started = time.perf_counter()
-            results = await asyncio.gather(
-                *(decode(client, model, story(m + 10 * n), new_tokens) for m in range(n))
-            )
-            concurrent[str(n)] = sum(r["tokens"] for r in results) / (time.perf_counter() - started)
-            print(f"{n} concurrent: {concurrent[str(n)]:.1f} tok/s in all", flush=True)
+        rates: dict[str, list[float]] = {"1": [], "2": [], "4": []}
+        for r in range(concurrent_rounds):  # 1, 2 and 4 interleaved in each round
+            for n in (1, 2, 4):
+                started = time.perf_counter()
+                results = await asyncio.gather(
+                    *(decode(client, model, story(m + 10 * n), new_tokens) for m in range(n))
+                )
+                rate = sum(res["tokens"] for res in results) / (time.perf_counter() - started)
+                rates[str(n)].append(rate)
+                print(f"round {r + 1}, {n} concurrent: {rate:.1f} tok/s in all", flush=True)
+        concurrent = {n: statistics.median(values) for n, values in rates.items()}
         # Tool calls over 50 household commands (valid, right tool, commands answered
         # without a call): scripts/bench/voice_tools.py.
         figures = await voice_tools.measure_tool_calls(client, model)
@@ -205,6 +209,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="households measured")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode stream")
     parser.add_argument("--max-running", type=int, default=4, help="the worker's batch size")
+    parser.add_argument(
+        "--concurrent-rounds", type=int, default=3, help="rounds of 1, 2, 4 concurrent (medians)"
+    )
     parser.add_argument("--prompt-cache-mb", type=int, default=None, help="worker's cache budget")
     parser.add_argument("--model", type=Path, help="model folder (default: the real SmolLM2)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -221,7 +228,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         worker = start_worker([args.model], Path(tmp), extra=extra)
         try:
-            figures = asyncio.run(measure(worker, name, args.rounds, args.new_tokens))
+            figures = asyncio.run(
+                measure(worker, name, args.rounds, args.new_tokens, args.concurrent_rounds)
+            )
             cache = asyncio.run(capacity(worker)).get("prompt_cache") or {}
             figures["peak_rss_mb"] = peak_rss_mb(worker.process.pid)
             figures["prompt_cache_peak_mb"] = cache.get("peak_bytes", 0) / 2**20

@@ -106,7 +106,8 @@ def in_threads(
     finally:
         batch.resume()
         for thread in threads:
-            thread.join(WAIT_S)
+            if thread.ident is not None:  # started
+                thread.join(WAIT_S)
     return out
 
 
@@ -186,6 +187,45 @@ def test_cancel_frees_the_slot(cases: list[tuple[str, str]], batched: ChatModel)
     assert batch is not None and batch.running() == 0  # the slot is free
     # and the batch goes on serving
     assert generate(batched, prompt)[1] == TOOL_CALL
+
+
+def test_a_failing_request_leaves_the_others_be(
+    cases: list[tuple[str, str]], batched: ChatModel
+) -> None:
+    """A request whose text cannot be handed over (its client's loop gone) fails
+    alone: the others in the batch go on."""
+    batch = batched.batch_decoder()
+    assert batch is not None
+    prompts = [batched.encode(cases[0][0]), batched.encode(cases[2][0])]
+    out: dict[int, Any] = {}
+
+    handed: list[str] = []
+
+    def broken(text: str) -> None:  # the first piece (the generator's) goes out
+        handed.append(text)
+        if len(handed) > 1:
+            raise RuntimeError("Event loop is closed")
+
+    def run(i: int) -> None:
+        try:
+            out[i] = generate(batched, prompts[i], on_text=broken if i == 0 else None)
+        except RuntimeError as err:
+            out[i] = err
+
+    batch.pause()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for queued, thread in enumerate(threads, 1):
+            thread.start()
+            wait_for(lambda: batch.pending() == queued)  # noqa: B023
+    finally:
+        batch.resume()
+        for thread in threads:
+            if thread.ident is not None:  # started
+                thread.join(WAIT_S)
+    assert isinstance(out[0], RuntimeError)
+    assert out[1][1] == HELLO
+    assert batch.running() == 0
 
 
 def test_stop_strings_and_the_token_limit(
