@@ -162,7 +162,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 class BatchDecoder:
     """A shared decode session: running requests step together (see the module's notes)."""
 
-    def __init__(self, folder: Path, *, threads: int, spinning: bool = False) -> None:
+    def __init__(self, folder: Path, *, threads: int, spinning: bool = True) -> None:
         config = _read_config(folder)
         model = config["model"]
         decoder = model["decoder"]
@@ -190,11 +190,7 @@ class BatchDecoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # No spin-waiting between steps: on a small shared machine onnxruntime's idle
-        # threads spinning took the cores from the step's own Python work and from
-        # other processes (real SmolLM2, 2 cores under load: one stream 31 tok/s
-        # spinning, 72 not; scripts/bench/voice_batch.py).
-        if not spinning:
+        if not spinning:  # as the model's genai session (ChatModel.spinning)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"]

@@ -223,15 +223,11 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
     return position
 
 
-def _genai_config(manifest: Manifest, threads: int, spinning: bool = False) -> og.Config:
+def _genai_config(manifest: Manifest, threads: int, spinning: bool = True) -> og.Config:
     config = og.Config(str(manifest.path))
     config.clear_providers()
     session: dict[str, Any] = {"intra_op_num_threads": threads}
     if not spinning:  # any other key is an onnxruntime session config entry
-        # onnxruntime's idle threads spin-wait by default; on a small machine they take
-        # the cores from the decoding thread's own work and from other requests (real
-        # SmolLM2 on 2 cores: one stream 47 tok/s spinning, 85 not; prefill of 1,546
-        # tokens 109 tok/s spinning, 160 not: scripts/bench/voice_batch.py).
         session["session.intra_op.allow_spinning"] = "0"
     overlay = {"model": {"decoder": {"session_options": session}}}
     config.overlay(json.dumps(overlay))
@@ -280,12 +276,16 @@ class ChatModel:
         threads: int | None = None,
         cache: PromptCache | None = None,
         batching: bool = True,
-        spinning: bool = False,
+        spinning: bool = True,
     ) -> None:
         self.manifest = manifest
         self.id = manifest.name
         self.context_length = manifest.context_length
         self.threads = threads or os.cpu_count() or 1
+        # onnxruntime's idle threads spin-wait between runs (its default): on the quiet
+        # 2-core machine one stream decoded 9-22% faster so, under load from other
+        # processes about half as fast (scripts/bench/voice_batch.py, docs/ARCHITECTURE.md).
+        self.spinning = spinning
         self._model = og.Model(_genai_config(manifest, self.threads, spinning))
         self._tokenizer = og.Tokenizer(self._model)
         self.template = ChatTemplate.from_model_dir(manifest.path)
@@ -504,7 +504,9 @@ class ChatModel:
         with self._active_lock:
             if self._batch is None:
                 try:
-                    self._batch = BatchDecoder(self.manifest.path, threads=self.threads)
+                    self._batch = BatchDecoder(
+                        self.manifest.path, threads=self.threads, spinning=self.spinning
+                    )
                 except Exception as err:  # an export this cannot run: generators only
                     _LOGGER.warning("Decoding not batched for %s: %s", self.id, err)
                     self.batching = False
