@@ -15,6 +15,11 @@ Whisper add-on keeps (model.bin, config.json, tokenizer.json, vocabulary.txt;
 converted back first by scripts/export/whisper_ct2.py), built by the genai model
 builder into an encoder, a decoder and genai's audio processor config (format
 "genai-whisper", 16 kHz, the model's languages in the manifest).
+
+Piper voices (text to speech, kind "tts"): a voice's ``.onnx`` with its ``.onnx.json``
+beside it, or a folder holding one voice, is taken as it is: both files are copied and
+hearth-model.json is written by the worker's own import (hearth_worker.voices, run in
+.venv-export), the same as ``hearth-worker pull`` writes for a voice from the hub.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ OPTIMUM_BIN = REPO / ".venv-export-optimum" / "bin"
 MANIFEST = "hearth-model.json"
 DEFAULT_MAX_CONTEXT = 4096  # the genai KV buffer is preallocated to it: keep it tight
 QUANTS = ("int4", "int8", "fp32")
-KINDS = ("auto", "chat", "embedding", "stt")
+KINDS = ("auto", "chat", "embedding", "stt", "tts")
 WHISPER = "WhisperForConditionalGeneration"
 STT_SAMPLE_RATE = 16000
 # What a genai Whisper folder needs (the builder writes them; tokenizer_config too).
@@ -125,6 +130,45 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         fail(f"cannot read {path}: {err}")
+
+
+# ---------------------------------------------------------------------------- voices
+def piper_voice(source: str) -> Path | None:
+    """The voice's .onnx when ``source`` is a Piper voice: a .onnx file with its .onnx.json,
+    or a folder holding exactly one such pair (and no model config); else None."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() or (path / "genai_config.json").is_file():
+            return None
+        found = [p for p in sorted(path.glob("*.onnx")) if p.with_name(p.name + ".json").is_file()]
+        if len(found) > 1:
+            fail(f"{source} holds {len(found)} Piper voices; give the one to take (its .onnx)")
+        path = found[0] if found else path
+    if path.suffix == ".onnx" and path.is_file() and path.with_name(path.name + ".json").is_file():
+        return path.resolve()
+    return None
+
+
+def import_voice(onnx: Path, staged: Path, name: str | None) -> None:
+    """Copy the voice into ``staged`` and write its hearth-model.json with the worker's
+    own import (hearth_worker.voices.import_piper_voice), in .venv-export."""
+    ensure_env("export")
+    program = (
+        "import sys; from pathlib import Path; "
+        "from hearth_worker.voices import import_piper_voice; "
+        "import_piper_voice(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] or None)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "addon")}
+    result = subprocess.run(
+        [str(EXPORT_PY), "-c", program, str(onnx), str(staged), name or ""],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        fail(f"not a Piper voice: {onnx} ({last})")
 
 
 # ---------------------------------------------------------------------------- source
@@ -866,7 +910,8 @@ def main(argv: list[str]) -> int:
         choices=KINDS,
         default="auto",
         help="auto: embedding for sentence-transformers/encoder models, chat for causal LMs, "
-        "stt (speech to text) for Whisper, also from a faster-whisper (CTranslate2) folder",
+        "stt (speech to text) for Whisper, also from a faster-whisper (CTranslate2) folder; "
+        "tts for a Piper voice (VOICE.onnx with VOICE.onnx.json, taken as it is)",
     )
     parser.add_argument(
         "--context-length",
@@ -908,6 +953,26 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
+        voice = piper_voice(args.source) if args.kind in ("auto", "tts") else None
+        if args.kind == "tts" and voice is None:
+            fail(f"{args.source} is no Piper voice (a VOICE.onnx with its VOICE.onnx.json)")
+        if voice is not None:
+            if args.quant or args.context_length or args.via != "auto":
+                fail(
+                    "a Piper voice is taken as it is: --quant, --context-length, --via do not apply"
+                )
+            stage(f"taking the Piper voice {voice.name} as it is")
+            staged = work / "out"
+            import_voice(voice, staged, args.name)
+            for path in staged.rglob("*"):  # the server may be another user
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            if out.exists():
+                out.rename(work / "previous")
+            staged.rename(out)
+            manifest = read_json(out / MANIFEST)
+            stage(f"done: {out} ({manifest['size_bytes'] / 1e6:.1f} MB, voice {manifest['name']})")
+            print(out)
+            return 0
         if is_gguf(args.source) and args.kind == "embedding":
             fail("a .gguf file is imported as a chat model; --kind embedding takes a folder")
         if is_gguf(args.source) and args.via == "optimum":
