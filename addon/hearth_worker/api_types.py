@@ -834,6 +834,16 @@ class ModelRates(TypedDict):
     prefill_tok_s: float | None
     decode_tok_s: float | None
     requests_served: int
+    batch_peak_bytes: NotRequired[
+        Annotated[
+            int,
+            Field(
+                ge=0,
+                description="Chat models: the largest KV buffer the shared decode batch has "
+                "held (requests decoding together), 0 until two decoded at once",
+            ),
+        ]
+    ]
 
 
 class SttCosts(TypedDict):

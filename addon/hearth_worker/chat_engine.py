@@ -347,6 +347,11 @@ class ChatModel:
         if self._batch is not None:
             self._batch.close()
 
+    @property
+    def batch_peak_bytes(self) -> int:
+        """The largest KV buffer the shared decode batch has held (0: never batched)."""
+        return 0 if self._batch is None else int(self._batch.peak_bytes)
+
     def warm_prefixes(self) -> list[dict[str, Any]]:
         """The prompt prefixes cached for this model, as hashes of token ids."""
         return [] if self.cache is None else self.cache.warm_prefixes(self.cache_owner)

@@ -94,6 +94,8 @@ class ModelHost:
             )
             for name in self.manifests
         }
+        for name, chat in self.chat_models.items():
+            models[name] = {**models[name], "batch_peak_bytes": chat.batch_peak_bytes}
         return {
             "node_id": self.node_id,
             "running": self.admission.running,

@@ -21,7 +21,8 @@ each round, as bench_worker interleaves its paths).
 Then: the decode rate of one stream, the aggregate rate at 1, 2 and 4 concurrent
 streams (each a short prompt of its own: decode, not the household's prefill;
 medians of --concurrent-rounds rounds, 1, 2 and 4 interleaved in each), the
-worker's peak RSS and the prompt cache's peak bytes. With --json the last line is one JSON object.
+worker's peak RSS, the prompt cache's peak bytes and the decode batch's peak KV
+buffer. With --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -231,7 +232,10 @@ def main() -> int:
             figures = asyncio.run(
                 measure(worker, name, args.rounds, args.new_tokens, args.concurrent_rounds)
             )
-            cache = asyncio.run(capacity(worker)).get("prompt_cache") or {}
+            snapshot = asyncio.run(capacity(worker))
+            cache = snapshot.get("prompt_cache") or {}
+            batch_peak = snapshot["models"].get(name, {}).get("batch_peak_bytes", 0)
+            figures["batch_peak_mb"] = batch_peak / 2**20
             figures["peak_rss_mb"] = peak_rss_mb(worker.process.pid)
             figures["prompt_cache_peak_mb"] = cache.get("peak_bytes", 0) / 2**20
             figures["prompt_cache_budget_mb"] = cache.get("budget_bytes", 0) / 2**20
@@ -258,7 +262,8 @@ def main() -> int:
     )
     print(
         f"worker peak RSS {figures['peak_rss_mb']:.0f} MB, prompt cache peak "
-        f"{figures['prompt_cache_peak_mb']:.0f} MB of {figures['prompt_cache_budget_mb']:.0f} MB"
+        f"{figures['prompt_cache_peak_mb']:.0f} MB of {figures['prompt_cache_budget_mb']:.0f} MB, "
+        f"decode batch peak {figures['batch_peak_mb']:.0f} MB"
     )
     if args.json:
         print(json.dumps(rounded(figures)))

@@ -130,6 +130,7 @@ def test_answers_decoded_together_equal_answers_decoded_alone(
     together = in_threads(batched, list(zip(prompts, samplings, strict=True)))
     batch = batched.batch_decoder()
     assert batch is not None and batch.peak_batch == 4
+    assert batched.batch_peak_bytes == batch.peak_bytes > 0  # /v1/capacity's figure
     for (text, answer), prompt, sampling, (result, got) in zip(
         cases, prompts, samplings, together, strict=False
     ):

@@ -46,7 +46,12 @@ def test_loaded_models_and_their_capacity(tiny_chat_model: Path, tmp_path: Path)
     assert (snapshot["max_running"], snapshot["max_queued"]) == (2, 5)
     assert snapshot["prompt_cache"] is None  # --prompt-cache-mb 0
     assert snapshot["models"] == {
-        name: {"prefill_tok_s": None, "decode_tok_s": None, "requests_served": 0}
+        name: {
+            "prefill_tok_s": None,
+            "decode_tok_s": None,
+            "requests_served": 0,
+            "batch_peak_bytes": 0,  # no two requests decoded together yet
+        }
     }
     # A finished generation counts; its first token's time belongs to prefill.
     host.record(
