@@ -258,6 +258,7 @@ class FakeWorker:
                     "prefill_tok_s": 250.0,
                     "decode_tok_s": 25.5,
                     "requests_served": self.requests_served,
+                    "batch_peak_bytes": 0,  # never two requests decoding at once
                 }
             },
             "memory_free_mb": 4096,
