@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,68 @@ class Sampler:
         return int(order[int(self._rng.choice(len(order), p=probs))])
 
 
+class TurnLock:
+    """A lock handed over in turn: waiting threads get it in the order they asked.
+
+    A model's onnxruntime runs take it (each prefill slice and step of a
+    generator, each batch step), so that they follow one another instead of
+    sharing the cores: every run already uses all of them (its intra-op threads),
+    and two at once only make each wait on the other's threads, spin-waiting ones
+    above all (through a worker, 4 concurrent streams decoded about 5-10% more
+    tokens a second so; docs/ARCHITECTURE.md "Batched decoding"). In turn, so
+    that a long prefill's slices and the batch's steps alternate: neither stalls
+    until the other has ended.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._queue: deque[threading.Event] = deque()
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Wait for the lock (in turn); False: `timeout` seconds passed first, and the
+        place in line is given up."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._queue.append(turn)
+        try:
+            if turn.wait(timeout):
+                return True
+        except BaseException:
+            self._give_up(turn)
+            raise
+        self._give_up(turn)
+        return False
+
+    def _give_up(self, turn: threading.Event) -> None:
+        with self._mutex:
+            if turn in self._queue:  # not handed over yet: leave the line
+                self._queue.remove(turn)
+                return
+        self.release()  # handed over meanwhile: pass it on
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._queue:
+                self._queue.popleft().set()  # the next in line holds it now
+            else:
+                self._held = False
+
+    def waiting(self) -> int:
+        """Threads waiting for their turn."""
+        with self._mutex:
+            return len(self._queue)
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
 @dataclass(eq=False)
 class DecodeJob:
     """One request's decode in the batch.
@@ -162,7 +225,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
 class BatchDecoder:
     """A shared decode session: running requests step together (see the module's notes)."""
 
-    def __init__(self, folder: Path, *, threads: int, spinning: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        threads: int,
+        spinning: bool = True,
+        turns: TurnLock | None = None,
+    ) -> None:
+        """`turns`: the lock the model's runs take in turn (see TurnLock); the
+        batch's steps take it too."""
         config = _read_config(folder)
         model = config["model"]
         decoder = model["decoder"]
@@ -202,6 +274,7 @@ class BatchDecoder:
         expected = {self.input_ids, self.attention_mask, *self.past_names}
         if names != expected:
             raise ValueError(f"decoder inputs {sorted(names - expected)} are not batched here")
+        self._turns = turns or TurnLock()
         self._cond = threading.Condition()
         self._pending: list[DecodeJob] = []
         self._running: list[DecodeJob] = []
@@ -306,8 +379,7 @@ class BatchDecoder:
                     self._cond.wait()
                 joining, self._pending = self._pending, []
             try:
-                for job in joining:
-                    self._join(job)
+                self._join(joining)
                 self._end(self._check())
                 if self._running:
                     self._step()
@@ -366,25 +438,31 @@ class BatchDecoder:
         new_slots = max(slots, have_slots)
         new_length = max(have_length, -(-length // LENGTH_STEP) * LENGTH_STEP)
         shape = (new_slots, self.kv_heads, new_length, self.head_size)
-        fresh: list[Floats] = [np.zeros(shape, np.float32) for _ in self.past_names]
+        # Not zeroed: a slot is read only up to its sequence's length (the mask's).
+        fresh: list[Floats] = [np.empty(shape, np.float32) for _ in self.past_names]
         for old, new in zip(self._buffers, fresh, strict=False):
             for slot, job in enumerate(self._running):
                 new[slot, :, : job.length] = old[slot, :, : job.length]
         self._buffers, self._binding, self._bound = fresh, None, 0
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
-    def _join(self, job: DecodeJob) -> None:
-        if job.cancelled.is_set():
-            job.finish_reason = "cancelled"
-            self._finish(job)
+    def _join(self, jobs: list[DecodeJob]) -> None:
+        """Slots for these jobs (the buffers grown once for all of them)."""
+        for job in jobs:
+            if job.cancelled.is_set():
+                job.finish_reason = "cancelled"
+                self._finish(job)
+        jobs = [job for job in jobs if not job.done.is_set()]
+        if not jobs:
             return
-        needed = max([job.length + job.max_new] + [j.length + j.max_new for j in self._running])
-        self._ensure(len(self._running) + 1, needed + 1)
-        slot = len(self._running)
-        for buffer, kv in zip(self._buffers, job.kv, strict=True):
-            buffer[slot, :, : job.length] = kv[0, :, : job.length]
-        job.kv = []  # the slot holds it now
-        self._running.append(job)
+        needed = max(j.length + j.max_new for j in self._running + jobs)
+        self._ensure(len(self._running) + len(jobs), needed + 1)
+        for job in jobs:
+            slot = len(self._running)
+            for buffer, kv in zip(self._buffers, job.kv, strict=True):
+                buffer[slot, :, : job.length] = kv[0, :, : job.length]
+            job.kv = []  # the slot holds it now
+            self._running.append(job)
 
     def _step(self) -> None:
         running = self._running
@@ -412,7 +490,8 @@ class BatchDecoder:
         ids = np.array([[job.token] for job in running], np.int64)
         self._binding.bind_cpu_input(self.input_ids, ids)
         self._binding.bind_cpu_input(self.attention_mask, mask)
-        self.session.run_with_iobinding(self._binding)
+        with self._turns:
+            self.session.run_with_iobinding(self._binding)
         logits = self._logits
         self.steps += 1
         self.peak_batch = max(self.peak_batch, n)

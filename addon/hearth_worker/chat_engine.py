@@ -52,7 +52,7 @@ from typing import Any
 import onnxruntime_genai as og
 
 from .admission import run_to_end
-from .batch_decode import BatchDecoder, DecodeJob, Sampler
+from .batch_decode import BatchDecoder, DecodeJob, Sampler, TurnLock
 from .chat_template import ChatTemplate
 from .guidance import ModelGuidance
 from .manifest import Manifest
@@ -72,7 +72,8 @@ PREFILL_FIRST_SLICE = 64
 PREFILL_MIN_SLICE = 64
 # Margin on the vocabulary's longest entry: a normalizer may shorten text (NFKC).
 TOKEN_CHARS_MARGIN = 2
-# After the first piece of a streamed answer, hand text to the server at most this often.
+# After the first piece of a streamed answer, hand text to the server at most this often
+# (times the model's requests running now: see ChatModel.stream).
 STREAM_FLUSH_S = 0.025
 # A generator kept for the prompt cache is sized for this many tokens beyond its
 # first request (rounded up to CACHE_LENGTH_STEP): later turns of the
@@ -197,7 +198,12 @@ class StopMatcher:
         return out
 
 
-def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threading.Event) -> int:
+def _prefill(
+    generator: og.Generator,
+    prompt_ids: list[int],
+    cancelled: threading.Event,
+    turns: TurnLock,
+) -> int:
     """Feed the prompt to the generator in slices; returns how many tokens were fed.
 
     Fewer than all when cancelled meanwhile.
@@ -206,7 +212,8 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
     append of a long prompt would freeze the event loop (every other request,
     even /v1/health) for the whole prefill, and could not be cancelled. Slices
     of about PREFILL_SLICE_S each (sized from the last one's rate) hand the GIL
-    over between them, and cancellation is checked there.
+    over between them, and cancellation is checked there. Each slice runs in
+    the model's `turns`, so the batch's steps go on between them.
     """
     size = PREFILL_FIRST_SLICE
     position = 0
@@ -215,7 +222,8 @@ def _prefill(generator: og.Generator, prompt_ids: list[int], cancelled: threadin
             return position
         begun = time.perf_counter()
         piece = prompt_ids[position : position + size]
-        generator.append_tokens(piece)
+        with turns:
+            generator.append_tokens(piece)
         position += len(piece)
         took = max(time.perf_counter() - begun, 1e-4)
         size = max(PREFILL_MIN_SLICE, min(2 * size, int(size * PREFILL_SLICE_S / took)))
@@ -292,6 +300,8 @@ class ChatModel:
         self.guidance = ModelGuidance(self._model, self.template, manifest.path)
         self.token_chars = max_token_chars(manifest.path / "tokenizer.json") * TOKEN_CHARS_MARGIN
         self._active_lock = threading.Lock()
+        # The model's runs (prefill slices, steps, batch steps) take turns (TurnLock).
+        self.turns = TurnLock()
         self.active = 0  # generation threads running now
         # The prompt cache (shared by a worker's models, within one budget); None: off.
         # Entries are this instance's (a new model of the same name shares none), and
@@ -510,7 +520,10 @@ class ChatModel:
             if self._batch is None:
                 try:
                     self._batch = BatchDecoder(
-                        self.manifest.path, threads=self.threads, spinning=self.spinning
+                        self.manifest.path,
+                        threads=self.threads,
+                        spinning=self.spinning,
+                        turns=self.turns,
                     )
                 except Exception as err:  # an export this cannot run: generators only
                     _LOGGER.warning("Decoding not batched for %s: %s", self.id, err)
@@ -538,7 +551,7 @@ class ChatModel:
         None: the request was answered here (guided, alone, or over already).
         """
         rest = prompt_ids[result.cached_tokens :]
-        fed = _prefill(generator, rest, cancelled)
+        fed = _prefill(generator, rest, cancelled, self.turns)
         result.prefilled_tokens = fed
         with self._active_lock:
             self.prefilled_tokens += fed
@@ -575,7 +588,8 @@ class ChatModel:
             if cancelled.is_set():
                 result.finish_reason = "cancelled"
                 break
-            generator.generate_next_token()
+            with self.turns:
+                generator.generate_next_token()
             if sink.push(int(generator.get_next_tokens()[0])):
                 break
         else:
@@ -604,7 +618,8 @@ class ChatModel:
             if cancelled.is_set():
                 result.finish_reason = "cancelled"
                 return None
-            generator.generate_next_token()
+            with self.turns:
+                generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             tokens.append(token)
             if sink.push(token):
@@ -643,10 +658,11 @@ class ChatModel:
         `cancelled` is set and the thread ends after the current token.
 
         The first piece goes out at once; after it, pieces are handed over at
-        most every STREAM_FLUSH_S. Waking the event loop, writing an SSE event
-        and encrypting it for every token costs the decoding threads CPU time on
-        a small machine; a few tokens a flush do not show in a reply being
-        read or spoken.
+        most every STREAM_FLUSH_S times the model's requests running now (25 ms
+        alone, 100 ms for each of four). Waking the event loop, writing an SSE
+        event and encrypting it for every token costs the decoding threads CPU
+        time on a small machine; a few tokens a flush do not show in a reply
+        being read or spoken.
         """
         loop = asyncio.get_running_loop()
         lock = threading.Lock()
@@ -707,7 +723,9 @@ class ChatModel:
             while True:
                 await ready.wait()
                 if flushed_at is not None:
-                    wait = flushed_at + STREAM_FLUSH_S - loop.time()
+                    # Each stream of the model flushes less often the more run:
+                    # the server's writes stay about as many a second in all.
+                    wait = flushed_at + STREAM_FLUSH_S * max(1, self.active) - loop.time()
                     if wait > 0 and not finished.is_set():
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(wait):

@@ -24,7 +24,7 @@ import model_fixtures
 import numpy as np
 import pytest
 
-from addon.hearth_worker.batch_decode import BatchDecoder, Sampler
+from addon.hearth_worker.batch_decode import BatchDecoder, Sampler, TurnLock
 from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
 from addon.hearth_worker.manifest import load_manifest
 from addon.hearth_worker.prompt_cache import PromptCache
@@ -90,15 +90,28 @@ def in_threads(
 ) -> list[tuple[GenerationResult, str]]:
     """Run the requests at once: they join the paused batch in this order (slot i for
     request i), then step together."""
+    out = together(model, [lambda job=job: generate(model, *job) for job in jobs])
+    for item in out:
+        if isinstance(item, Exception):
+            raise item
+    return out
+
+
+def together(model: ChatModel, requests: list[Callable[[], Any]]) -> list[Any]:
+    """Call each in a thread of its own; they join the paused batch in this order,
+    then step together. What each returned, or the exception it raised."""
     batch = model.batch_decoder()
     assert batch is not None
-    out: list[Any] = [None] * len(jobs)
+    out: list[Any] = [None] * len(requests)
 
     def run(i: int) -> None:
-        out[i] = generate(model, *jobs[i])
+        try:
+            out[i] = requests[i]()
+        except Exception as err:  # handed to the test
+            out[i] = err
 
     batch.pause()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     try:
         for queued, thread in enumerate(threads, 1):
             thread.start()
@@ -198,8 +211,6 @@ def test_a_failing_request_leaves_the_others_be(
     batch = batched.batch_decoder()
     assert batch is not None
     prompts = [batched.encode(cases[0][0]), batched.encode(cases[2][0])]
-    out: dict[int, Any] = {}
-
     handed: list[str] = []
 
     def broken(text: str) -> None:  # the first piece (the generator's) goes out
@@ -207,23 +218,13 @@ def test_a_failing_request_leaves_the_others_be(
         if len(handed) > 1:
             raise RuntimeError("Event loop is closed")
 
-    def run(i: int) -> None:
-        try:
-            out[i] = generate(batched, prompts[i], on_text=broken if i == 0 else None)
-        except RuntimeError as err:
-            out[i] = err
-
-    batch.pause()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    try:
-        for queued, thread in enumerate(threads, 1):
-            thread.start()
-            wait_for(lambda: batch.pending() == queued)  # noqa: B023
-    finally:
-        batch.resume()
-        for thread in threads:
-            if thread.ident is not None:  # started
-                thread.join(WAIT_S)
+    out = together(
+        batched,
+        [
+            lambda: generate(batched, prompts[0], on_text=broken),
+            lambda: generate(batched, prompts[1]),
+        ],
+    )
     assert isinstance(out[0], RuntimeError)
     assert out[1][1] == HELLO
     assert batch.running() == 0
@@ -388,3 +389,71 @@ def test_exports_the_batch_cannot_run_keep_their_generators(tmp_path: Path) -> N
     (tmp_path / "genai_config.json").write_text(json.dumps(config))
     assert not BatchDecoder.supports(tmp_path)
     assert not BatchDecoder.supports(tmp_path / "missing")
+
+
+def test_turns_are_taken_in_the_order_asked() -> None:
+    lock = TurnLock()
+    order: list[int] = []
+
+    def take(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    lock.acquire()
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for i, thread in enumerate(threads, 1):
+        thread.start()
+        wait_for(lambda: lock.waiting() == i)  # noqa: B023
+    lock.release()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert order == [0, 1, 2, 3]
+    assert lock.acquire(timeout=0)  # free again
+
+
+def test_a_waiter_that_gives_up_leaves_the_line() -> None:
+    lock = TurnLock()
+    lock.acquire()
+    assert not lock.acquire(timeout=0.01)
+    assert lock.waiting() == 0
+    got = threading.Event()
+    thread = threading.Thread(target=lambda: lock.acquire() and got.set())
+    thread.start()
+    wait_for(lambda: lock.waiting() == 1)
+    lock.release()  # to the one still waiting, not the one that gave up
+    thread.join(WAIT_S)
+    assert got.is_set() and lock.waiting() == 0
+    lock.release()
+    assert lock.acquire(timeout=0)
+
+
+def test_the_generator_and_the_batch_run_in_the_models_turns(
+    cases: list[tuple[str, str]], batched: ChatModel
+) -> None:
+    """A request's prefill and first token (its generator) and its batch steps each
+    wait while another of the model's runs holds the turn."""
+    prompt = batched.encode(cases[2][0])
+    pieces: list[str] = []
+    first, held = threading.Event(), threading.Event()
+
+    def on_text(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 1:  # the generator's token: hold before the batch steps
+            first.set()
+            held.wait(WAIT_S)
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(generate(batched, prompt, on_text=on_text)))
+    with batched.turns:
+        thread.start()
+        wait_for(lambda: batched.turns.waiting() == 1)  # the prefill waits
+        assert not pieces
+    assert first.wait(WAIT_S)
+    with batched.turns:
+        held.set()
+        wait_for(lambda: batched.turns.waiting() == 1)  # the batch's step waits
+        assert len(pieces) == 1
+    thread.join(WAIT_S)
+    assert out[0][1] == HELLO
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.steps > 0
