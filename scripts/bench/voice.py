@@ -123,7 +123,7 @@ def story(member: int) -> list[dict[str, Any]]:
 # -- tool calls: helper "guidance" adds the measure of tool calls here --------------
 #
 async def measure(
-    worker: WorkerProcess, model: str, rounds: int, new_tokens: int, concurrent_rounds: int = 3
+    worker: WorkerProcess, model: str, rounds: int, new_tokens: int, concurrent_rounds: int = 9
 ) -> dict[str, Any]:
     async with openai.AsyncOpenAI(
         base_url=worker.url + "/v1",
@@ -211,7 +211,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode stream")
     parser.add_argument("--max-running", type=int, default=4, help="the worker's batch size")
     parser.add_argument(
-        "--concurrent-rounds", type=int, default=3, help="rounds of 1, 2, 4 concurrent (medians)"
+        "--concurrent-rounds",
+        type=int,
+        default=9,
+        help="rounds of 1, 2, 4 concurrent (medians; a round takes a few seconds)",
     )
     parser.add_argument("--prompt-cache-mb", type=int, default=None, help="worker's cache budget")
     parser.add_argument("--model", type=Path, help="model folder (default: the real SmolLM2)")
