@@ -584,11 +584,13 @@ class Router:
         return BreakerState.OPEN if now < breaker.open_until else BreakerState.HALF_OPEN
 
     def _own_ahead(self, worker_id: str, now: float) -> list[float]:
-        """Estimated seconds left of each of our open requests on `worker_id`.
+        """Estimated seconds of work left of each of our open requests on `worker_id`.
 
         The worker drains them one after another at its estimated speed,
         starting when the oldest was sent or the last one finished, whichever
-        is later; one that outlives its estimate still has a share of it left.
+        is later: one not started by that reckoning has all of its work left
+        (not the time until it ends: that counted the work ahead of it again);
+        one that outlives its estimate still has a share of it left.
         """
         busy = self._open.get(worker_id)
         if not busy:
@@ -597,8 +599,16 @@ class Router:
         first = next(iter(busy.values()))
         t = max(first.started, self._last_release.get(worker_id, -math.inf))
         for reservation in busy.values():
-            t = max(t, reservation.started) + reservation.estimated_s
-            left.append(max(t - now, OVERDUE_SHARE * reservation.estimated_s))
+            start = max(t, reservation.started)
+            if start > now:  # not started yet: all of its work is left
+                remaining = reservation.estimated_s
+            else:
+                remaining = max(
+                    start + reservation.estimated_s - now,
+                    OVERDUE_SHARE * reservation.estimated_s,
+                )
+            left.append(remaining)
+            t = max(start, now) + remaining
         return left
 
     def _candidate(

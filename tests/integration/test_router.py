@@ -437,6 +437,41 @@ def test_overdue_reservation_counts_a_quarter_of_its_estimate() -> None:
     # Long past its estimate, it is still running: a quarter of it (0.3 s) is left.
     clock.now += 60.0
     assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(0.3 + 1.2)
+    # One queued behind the overdue one has all of its work left: 0.3 + 1.2 ahead.
+    place(r, [a])
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(0.3 + 1.2 + 1.2)
+
+
+def test_queued_reservations_count_their_own_work_once() -> None:
+    """What is ahead is the work each of our requests has left, not when each ends.
+
+    Three 1.2 s requests queued on a one-slot worker are 3.6 s of work ahead of a
+    fourth (which ends at 4.8 s); adding up their end times (1.2 + 2.4 + 3.6)
+    counted the first one three times and sent bursts to slower workers.
+    """
+    clock = Clock()
+    r = Router(clock)
+    a = idle("a")
+    for _ in range(3):
+        place(r, [a])
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(4 * 1.2)
+    clock.now += 0.5  # the first has 0.7 s left, the two behind it all of theirs
+    assert r.rank([a], REQUEST)[0].estimated_s == pytest.approx(0.7 + 1.2 + 1.2 + 1.2)
+    # On a two-slot worker with no free slot it waits for the same work to drain.
+    r2 = Router(Clock())
+    two = worker("b")  # max_running=2
+    for _ in range(3):
+        r2.reserve(r2.rank([two], REQUEST)[0], REQUEST)
+    assert r2.rank([two], REQUEST)[0].estimated_s == pytest.approx(4 * 1.2)
+
+
+def test_burst_fills_a_fast_worker_while_it_still_finishes_first() -> None:
+    r = Router(Clock())
+    fast, slow = idle("fast", FAST), idle("slow", ModelRate(100.0, 50.0))  # 1.2 s vs 4 s
+    picks = [place(r, [fast, slow]).worker_id for _ in range(5)]
+    # fast ends at 1.2, 2.4, 3.6 s (< 4 s); the 4th goes to slow (4 s < 4.8 s);
+    # the 5th to fast again (4.8 s < 8 s).
+    assert picks == ["fast", "fast", "fast", "slow", "fast"]
 
 
 def test_answer_length_is_a_moving_average() -> None:
