@@ -21,7 +21,10 @@ The estimate is the time until the answer is finished:
   stop a burst of simultaneous requests from herding onto the same worker
   whose last snapshot (up to a poll interval old) still says "idle";
 * a worker on battery, in use by a person or short of memory is made to look
-  slower, so it is picked only when it is clearly the better choice.
+  slower, so it is picked only when it is clearly the better choice: it is
+  planned at least that much slower than its rates in normal conditions (its
+  last snapshot without the condition), and where the rates it measured since
+  show the slow-down already, they count instead of being penalised again.
 
 On top of the estimate (`Router.rank`):
 
@@ -262,18 +265,27 @@ def _penalty(worker: WorkerState) -> float:
     return factor
 
 
-def estimate(worker: WorkerState, work: float, ahead_s: Sequence[float]) -> float | None:
+def estimate(
+    worker: WorkerState, work: float, ahead_s: Sequence[float], penalty: float | None = None
+) -> float | None:
     """Estimated seconds until a request of `work` seconds would be finished on `worker`.
 
     `ahead_s`: the remaining seconds of each request ahead of this one. None:
-    the worker cannot take it (offline, or its queue is full).
+    the worker cannot take it (offline, or its queue is full). `penalty`: the
+    factor for its conditions (default: all of them, on `work` at its rates).
     """
     if not worker.online:
         return None
     slots = max(1, worker.max_running)
     if len(ahead_s) >= slots + max(0, worker.max_queued):
         return None  # it would answer 429
-    return finish_seconds(work, ahead_s, slots) * _penalty(worker)
+    factor = _penalty(worker) if penalty is None else penalty
+    return finish_seconds(work, ahead_s, slots) * factor
+
+
+def _slower(measured: float | None, bound: float) -> float:
+    """The measured rate, or `bound` where that is slower (or nothing is measured)."""
+    return bound if measured is None or measured <= 0 else min(measured, bound)
 
 
 def _pick_model(worker: WorkerState, request: RouteRequest) -> str | None:
@@ -361,6 +373,8 @@ class Router:
         self._answered: dict[str, set[tuple[str, str]]] = {}
         # (worker id, speech kind) -> our speech jobs open there
         self._speech: dict[tuple[str, str], int] = {}
+        # (worker id, model) -> its rates in its last snapshot without a penalised condition
+        self._normal_rates: dict[tuple[str, str], ModelRate] = {}
 
     # --- what the caller reports --------------------------------------------
 
@@ -494,6 +508,8 @@ class Router:
         for table in (self._busy_mark, self._busy_s, self._work_s):
             table.pop(worker_id, None)
         self._answered.pop(worker_id, None)
+        for pair in [pair for pair in self._normal_rates if pair[0] == worker_id]:
+            del self._normal_rates[pair]
         for key in [key for key in self._speech if key[0] == worker_id]:
             del self._speech[key]
         for conversation in [c for c, (w, _) in self._sticky.items() if w == worker_id]:
@@ -611,13 +627,42 @@ class Router:
             t = max(start, now) + remaining
         return left
 
+    def _conditions(self, worker: WorkerState, model: str) -> tuple[ModelRate, float]:
+        """The rates to plan `model` on `worker` with, and the penalty left to apply.
+
+        A worker on battery, in use or short of memory is expected to be
+        `_penalty` times slower than in normal conditions. The rates it reports
+        are measured on the requests it served, so once it has served some in
+        these conditions they show the slow-down already: the penalty then
+        bounds its rates (those of its last snapshot in normal conditions,
+        divided by the penalty) instead of multiplying the estimate, so a
+        slow-down is not counted twice. Without rates from normal conditions
+        the whole estimate is multiplied by the penalty.
+        """
+        rate = worker.chat_models[model]
+        penalty = _penalty(worker)
+        key = (worker.worker_id, model)
+        if penalty == 1.0:
+            if rate.prefill_tok_s is not None or rate.decode_tok_s is not None:
+                self._normal_rates[key] = rate
+            return rate, 1.0
+        normal = self._normal_rates.get(key)
+        if normal is None:
+            return rate, penalty
+        prefill = _rate(normal.prefill_tok_s, DEFAULT_PREFILL_TOK_S) / penalty
+        decode = _rate(normal.decode_tok_s, DEFAULT_DECODE_TOK_S) / penalty
+        return ModelRate(
+            _slower(rate.prefill_tok_s, prefill), _slower(rate.decode_tok_s, decode)
+        ), 1.0
+
     def _candidate(
         self, worker: WorkerState, request: RouteRequest, now: float, new_tokens: float
     ) -> Candidate | None:
         model = _pick_model(worker, request)
         if model is None:
             return None
-        rate = worker.chat_models[model]
+        reported = worker.chat_models[model]
+        rate, penalty = self._conditions(worker, model)
         scale = self.scale(worker.worker_id)
         answered = frozenset(self._answered.get(worker.worker_id, ()))
         warm = holds_prefix(worker, model, request, answered)
@@ -627,7 +672,7 @@ class Router:
         shown = max(0, self._own_at_snapshot.get(worker.worker_id, 0))
         others = max(0, worker.running + worker.queued - shown)
         ahead = [*own, *[work] * others]
-        seconds = estimate(worker, work, ahead)
+        seconds = estimate(worker, work, ahead, penalty)
         if seconds is None:
             return None
         reasons = _reasons(worker)
@@ -635,15 +680,16 @@ class Router:
             reasons = (*reasons, "reserved")
         if warm:
             reasons = (*reasons, "warm")
-        token_s = 1 / _rate(rate.decode_tok_s, DEFAULT_DECODE_TOK_S)
-        prompt_token_s = 1 / _rate(rate.prefill_tok_s, DEFAULT_PREFILL_TOK_S)
+        # The speed check compares the work at the rates the worker reported.
+        token_s = 1 / _rate(reported.decode_tok_s, DEFAULT_DECODE_TOK_S)
+        prompt_token_s = 1 / _rate(reported.prefill_tok_s, DEFAULT_PREFILL_TOK_S)
         return Candidate(
             worker.worker_id,
             model,
             seconds,
             reasons,
             work,
-            work / scale,
+            request_seconds(reported, request, new_tokens, cached),
             token_s,
             new_tokens,
             prompt_token_s,

@@ -136,6 +136,40 @@ def test_each_penalty_puts_a_faster_worker_behind(
     assert ranked[1].reasons == reasons
 
 
+def test_slow_down_of_a_worker_in_use_is_not_counted_twice() -> None:
+    """Its rates are measured on what it served: once they show the slow-down, they count.
+
+    The penalty bounds the rates the worker had in normal conditions (its last
+    snapshot without the condition) instead of multiplying an estimate whose
+    rates already fell.
+    """
+    r = Router(Clock())
+    other = idle("b", ModelRate(400.0, 40.0))  # 0.5 + 2.5 = 3.0 s
+    assert [c.worker_id for c in r.rank([idle("a", FAST), other], REQUEST)] == ["a", "b"]  # 1.2 s
+    # In use, rates not fallen yet: planned 1.5x slower than normal, as before.
+    assert r.rank([idle("a", FAST, user_active=True)], REQUEST)[0].estimated_s == pytest.approx(
+        1.5 * 1.2
+    )
+    # Its rates fell by 1.2x since: the expected 1.5x still holds.
+    slight = ModelRate(1000.0 / 1.2, 100.0 / 1.2)
+    assert r.rank([idle("a", slight, user_active=True)], REQUEST)[0].estimated_s == pytest.approx(
+        1.8
+    )
+    # Its rates show a 2x slow-down: 2.4 s, not 1.5 x 2.4 = 3.6 s, and it stays first.
+    slowed = idle("a", ModelRate(500.0, 50.0), user_active=True)
+    ranked = r.rank([slowed, other], REQUEST)
+    assert [c.worker_id for c in ranked] == ["a", "b"]
+    assert ranked[0].estimated_s == pytest.approx(2.4)
+    assert "user_active" in ranked[0].reasons
+    # The speed check still compares with the rates it reported.
+    assert ranked[0].reported_work_s == pytest.approx(2.4)
+    # Never seen in normal conditions: the penalty multiplies the estimate.
+    assert Router(Clock()).rank([slowed], REQUEST)[0].estimated_s == pytest.approx(1.5 * 2.4)
+    # A worker that leaves takes its normal rates along.
+    r.forget("a")
+    assert r.rank([slowed], REQUEST)[0].estimated_s == pytest.approx(1.5 * 2.4)
+
+
 def test_enough_memory_and_unknown_conditions_are_not_penalised() -> None:
     for condition in (
         {"memory_free_mb": LOW_MEMORY_MB},
