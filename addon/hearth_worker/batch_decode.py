@@ -22,8 +22,14 @@ and top-p (nucleus within the top k). A seeded request draws from numpy's
 generator seeded with its seed (not genai's mt19937: the same seed gives the same
 answer here, not the answer genai would give).
 
-Guided requests (a grammar: tools under guidance, `response_format`) never come
-here: guidance runs inside genai's generator.
+A guided request (a grammar: tools under guidance, `response_format`) comes too,
+with its own grammar matcher (`DecodeJob.guide`, guidance.BatchGrammars: an
+llguidance matcher for the grammar genai's generator used, following the tokens
+that generator chose). At each step the tokens the grammar does not allow are
+masked out of the slot's scores before the pick; once the grammar is complete it
+allows only the end of sequence, which ends the job as on genai's generator.
+genai masks before the penalties (a masked logit is its lowest float, which no
+penalty raises); masking after them (to -inf) picks the same tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -104,9 +110,12 @@ class Sampler:
                 scores[banned] = _LOWEST
         return scores
 
-    def pick(self, logits: Floats) -> int:
-        """The next token for these logits (one row, the vocabulary)."""
+    def pick(self, logits: Floats, allowed: npt.NDArray[np.bool_] | None = None) -> int:
+        """The next token for these logits (one row, the vocabulary); `allowed`: the
+        tokens a grammar allows (None: any)."""
         scores = self.scores(logits)
+        if allowed is not None:
+            scores[~allowed] = -np.inf
         if self.greedy:
             return int(np.argmax(scores))
         vocab = scores.shape[0]
@@ -188,6 +197,16 @@ class TurnLock:
         self.release()
 
 
+class TokenGuide(Protocol):
+    """A request's grammar, step by step (guidance.GrammarMatcher)."""
+
+    def allowed(self, vocab: int) -> npt.NDArray[np.bool_]:
+        """The tokens allowed next (raises when the grammar is broken)."""
+
+    def consume(self, token: int) -> None:
+        """`token` was chosen."""
+
+
 @dataclass(eq=False)
 class DecodeJob:
     """One request's decode in the batch.
@@ -198,7 +217,8 @@ class DecodeJob:
     is called (in the batch's thread) for each new token and returns True when
     the request is done with it (a stop sequence). The job ends with
     `finish_reason` "stop" (end of sequence or stop sequence), "length" (its
-    `max_new` tokens) or "cancelled".
+    `max_new` tokens) or "cancelled". `guide`: a guided request's grammar, already
+    past the tokens generated so far (None: unguided).
     """
 
     kv: list[Floats]
@@ -209,6 +229,7 @@ class DecodeJob:
     sampler: Sampler
     on_token: Callable[[int], bool]
     cancelled: threading.Event
+    guide: TokenGuide | None = None
     finish_reason: str = "stop"
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -498,7 +519,16 @@ class BatchDecoder:
         ended: list[int] = []
         for slot, job in enumerate(running):
             job.length += 1  # the fed token's KV is in the slot now
-            token = job.sampler.pick(logits[slot, -1])
+            try:
+                guide = job.guide
+                allowed = None if guide is None else guide.allowed(self.vocab_size)
+                token = job.sampler.pick(logits[slot, -1], allowed)
+                if guide is not None and token not in self.eos:
+                    guide.consume(token)
+            except Exception as err:  # its grammar broke: its own request fails
+                job.error = err
+                ended.append(slot)
+                continue
             job.sampler.append(token)
             job.token = token
             job.generated += 1

@@ -25,11 +25,13 @@ cache, so every new conversation prefills the household prompt anew (1,500
 tokens: seconds, against tens of milliseconds from the prompt cache), and it
 prefills a prompt in one uninterruptible `run()`. For voice, the prompt cache
 wins. Batching is our own instead (batch_decode.py): prefill stays here, on a
-generator from the prompt cache; once two unguided requests decode at once, their
-decode moves (KV cache copied from the generator at a token boundary) into one
-shared plain-onnxruntime session where they share each forward pass; a request
-alone, and a guided one, decode on their own generator. docs/ARCHITECTURE.md,
-"Batched decoding"; scripts/bench/voice_batch.py measures both paths.
+generator from the prompt cache; once two requests decode at once, their decode
+moves (KV cache copied from the generator at a token boundary) into one shared
+plain-onnxruntime session where they share each forward pass; a request alone
+decodes on its own generator. A guided one (tools, `response_format`) takes its
+grammar along as an llguidance matcher (guidance.BatchGrammars); where none can be
+built it stays on its generator. docs/ARCHITECTURE.md, "Batched decoding";
+scripts/bench/voice_batch.py measures both paths.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import onnxruntime_genai as og
 from .admission import run_to_end
 from .batch_decode import BatchDecoder, DecodeJob, Sampler, TurnLock
 from .chat_template import ChatTemplate
-from .guidance import ModelGuidance
+from .guidance import BatchGrammars, ModelGuidance
 from .manifest import Manifest
 from .prompt_cache import CacheEntry, PromptCache, Taken
 
@@ -80,8 +82,8 @@ STREAM_FLUSH_S = 0.025
 # conversation then fit in it (see _cached_length).
 CACHE_HEADROOM = 512
 CACHE_LENGTH_STEP = 256
-# Unguided requests move their decode into the shared batch (batch_decode.py) once
-# this many decode at once; one alone decodes on its own generator.
+# Requests move their decode into the shared batch (batch_decode.py) once this many
+# decode at once; one alone decodes on its own generator.
 BATCH_FROM = 2
 _OWNERS = itertools.count(1)  # tells apart the ChatModel instances in a prompt cache
 
@@ -312,13 +314,21 @@ class ChatModel:
             weakref.finalize(self, cache.drop, self.cache_owner)
         self.kv_bytes_per_token = self._measure_kv_bytes()
         self.prefilled_tokens = 0  # prompt tokens fed to the model, all requests together
-        # Unguided requests decode together in one shared session (batch_decode.py).
+        # Requests decode together in one shared session (batch_decode.py).
         self.batching = batching and BatchDecoder.supports(manifest.path)
         self._batch: BatchDecoder | None = None
-        # Decode in the batch once this many unguided requests decode at once (one
-        # alone keeps its generator: as fast or faster, scripts/bench/voice_batch.py).
+        # Decode in the batch once this many requests decode at once (one alone keeps
+        # its generator: as fast or faster, scripts/bench/voice_batch.py).
         self.batch_from = BATCH_FROM
-        self._solo = 0  # unguided requests decoding on their own generator now
+        self._solo = 0  # requests decoding on their own generator now, batchable
+        # Guided requests' grammars in the batch (llguidance), set up as genai's guidance.
+        model_config = self.manifest_config().get("model", {})
+        eos = model_config.get("eos_token_id")
+        self.grammars = BatchGrammars(
+            manifest.path / "tokenizer.json",
+            int(model_config.get("vocab_size") or 0),
+            int((eos if isinstance(eos, list) else [eos])[0] or 0),
+        )
 
     def _measure_kv_bytes(self) -> int:
         """Bytes of keys and values one token takes (all layers), measured on a tiny run."""
@@ -543,12 +553,13 @@ class ChatModel:
     ) -> DecodeJob | None:
         """Prefill what the generator lacks of the prompt, then decode up to `max_new`.
 
-        An unguided request's decode goes to the batch (batch_decode.py) once
-        `batch_from` unguided requests decode at once or the batch runs: at a token
-        boundary, its KV cache copied from the generator (the first token is always
-        the generator's, chosen with the request's search options). The job is
-        returned, for `BatchDecoder.run` once the generator is back in the cache.
-        None: the request was answered here (guided, alone, or over already).
+        A request's decode goes to the batch (batch_decode.py) once `batch_from`
+        requests decode at once or the batch runs: at a token boundary, its KV cache
+        copied from the generator (the first token is always the generator's, chosen
+        with the request's search options and grammar), a guided one's grammar
+        with it (`grammars`; a grammar llguidance cannot take keeps its generator).
+        The job is returned, for `BatchDecoder.run` once the generator is back in
+        the cache. None: the request was answered here (alone, or over already).
         """
         rest = prompt_ids[result.cached_tokens :]
         fed = _prefill(generator, rest, cancelled, self.turns)
@@ -558,7 +569,10 @@ class ChatModel:
         if fed < len(rest):
             result.finish_reason = "cancelled"
             return None
-        batch = self.batch_decoder() if sampling.guidance is None else None
+        batch = self.batch_decoder()
+        guidance = sampling.guidance  # (its matcher is made when it moves to the batch)
+        if batch is not None and guidance is not None and self.grammars.refused(guidance):
+            batch = None
         if batch is None:
             self._decode_alone(generator, max_new, sink, cancelled, result)
             return None
@@ -607,9 +621,9 @@ class ChatModel:
         cancelled: threading.Event,
         result: GenerationResult,
     ) -> DecodeJob | None:
-        """Decode on the generator while this is the only unguided request decoding;
-        once another decodes too (or the batch runs), the rest goes to the batch:
-        the job returned (None: answered here)."""
+        """Decode on the generator while this is the only request decoding; once
+        another decodes too (or the batch runs), the rest goes to the batch: the job
+        returned (None: answered here)."""
         tokens = list(prompt_ids)
         while not generator.is_done():
             if result.completion_tokens >= max_new:
@@ -629,6 +643,12 @@ class ChatModel:
             with self._active_lock:
                 company = self._solo >= self.batch_from
             if company or batch.running() > 0:
+                guide = None
+                if sampling.guidance is not None:  # its grammar, past what it generated
+                    guide = self.grammars.matcher(sampling.guidance, tokens[len(prompt_ids) :])
+                    if guide is None:  # stays on its generator
+                        self._decode_alone(generator, max_new, sink, cancelled, result)
+                        return None
                 # The generator has chosen `token` but not run it yet: its KV cache
                 # holds exactly the tokens before it.
                 return DecodeJob(
@@ -640,6 +660,7 @@ class ChatModel:
                     sampler=Sampler(self._search_options(sampling), tokens),
                     on_token=sink.push,
                     cancelled=cancelled,
+                    guide=guide,
                 )
         if result.completion_tokens >= max_new:
             result.finish_reason = "length"

@@ -17,6 +17,16 @@ compile (``not``, for one) falls back the same way, for that request only.
 
 The environment variable ``HEARTH_WORKER_GUIDANCE=off`` turns guidance off for
 every model (a way out should it misbehave on some model).
+
+A guided request starts on genai's guided generator (prefill, first token); when
+it moves into the shared decode batch (batch_decode.py), ``BatchGrammars`` gives
+it an llguidance matcher of its own for the same grammar (the ``llguidance``
+package, the library genai's guidance is built on), set up as genai sets up its
+own: the model's tokenizer.json, its vocabulary size, its first end-of-sequence
+token. The matcher follows the tokens already generated, then masks each batch
+step's choice; once the grammar is complete only that end-of-sequence token is
+left, as genai forces it. Without the package, or for a grammar it cannot take,
+the request stays on its generator.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
 import onnxruntime_genai as og
 
 from .chat_template import TOOLS_IN_SYSTEM_FORMAT, ChatTemplate
@@ -43,6 +55,8 @@ GUIDANCE_TYPE: Final = "lark_grammar"
 MAX_CALLS: Final = 8
 # Grammars whose compilation was tried, per model.
 CHECKED_GRAMMARS: Final = 64
+# Grammars compiled for the batch (one llguidance matcher kept per grammar), per model.
+BATCH_GRAMMARS: Final = 16
 # JSON as the models' templates write it: no free whitespace (a small model
 # given the choice fills its answer with spaces and newlines).
 _JSON_LAYOUT: Final = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
@@ -432,3 +446,174 @@ class ModelGuidance:
             while len(self._checked) > CHECKED_GRAMMARS:
                 self._checked.popitem(last=False)
         return error
+
+
+# --------------------------------------------------------------------------- #
+# Guided requests in the decode batch
+
+
+class GrammarMatcher:
+    """One request's grammar in the batch: the tokens it allows next (batch_decode.TokenGuide)."""
+
+    def __init__(self, matcher: Any, eos: int) -> None:
+        self._matcher = matcher  # llguidance.LLMatcher
+        self._eos = eos
+
+    def allowed(self, vocab: int) -> npt.NDArray[np.bool_]:
+        """The tokens the grammar allows next; only the end of sequence once it is
+        complete (as genai's guidance forces it)."""
+        matcher = self._matcher
+        if matcher.is_error():
+            raise RuntimeError(f"grammar matcher: {matcher.get_error()}")
+        out = np.zeros(vocab, np.bool_)
+        if matcher.is_stopped():
+            out[self._eos] = True
+            return out
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+        n = min(vocab, int(bits.shape[0]))
+        out[:n] = bits[:n].astype(np.bool_)
+        return out
+
+    def consume(self, token: int) -> None:
+        """`token` was chosen."""
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"grammar matcher: {self._matcher.get_error()}")
+
+
+class _Vocabulary:
+    """A tokenizer.json's tokens for llguidance (its TokenizerWrapper's protocol).
+
+    As genai's guidance reads them: an added token not marked special (a
+    ``<tool_call>`` tag in a model's vocabulary) is text. llguidance 1.9.1, reading
+    the tokenizer.json itself, takes every added token for a special one, which
+    would forbid those tags.
+    """
+
+    def __init__(self, text: str, vocab_size: int, eos: int) -> None:
+        import llguidance  # noqa: PLC0415  (optional: guided requests stay alone without it)
+        import tokenizers  # noqa: PLC0415
+
+        read = llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=eos)
+        data = json.loads(text)
+        self.tokens = [read.decode_bytes([token]) for token in range(vocab_size)]
+        self.special_token_ids = sorted(
+            int(token["id"]) for token in data.get("added_tokens") or [] if token.get("special")
+        )
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self._tokenizer = tokenizers.Tokenizer.from_str(text)
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # llguidance asks: bytes or str
+            raise TypeError("text only")
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def _llg_tokenizer(text: str, vocab_size: int, eos: int) -> Any:
+    import llguidance  # noqa: PLC0415
+    from llguidance._tokenizer import TokenizerWrapper  # noqa: PLC0415
+
+    vocabulary = TokenizerWrapper(_Vocabulary(text, vocab_size, eos))
+    return llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=eos)
+
+
+class BatchGrammars:
+    """llguidance matchers for one model's guided requests decoding in the batch.
+
+    The tokenizer is built once, in the background from the model's first guided
+    request on (a second or more for a 49k vocabulary: off the request's path), each
+    grammar once (a matcher kept per grammar text, copied for each request).
+    """
+
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos: int) -> None:
+        self._tokenizer_json = tokenizer_json
+        self._vocab_size = vocab_size
+        self._eos = eos
+        self._lock = threading.Lock()  # the compiled grammars
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._ready = threading.Event()  # the tokenizer is built, or failed
+        self._tokenizer: Any = None
+        self._failed: str | None = None  # why there is no tokenizer
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+    def prepare(self) -> None:
+        """Start building the tokenizer in the background (once; returns at once)."""
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._build, name="llguidance-tokenizer", daemon=True).start()
+
+    def _build(self) -> None:
+        try:
+            text = self._tokenizer_json.read_text(encoding="utf-8")
+            self._tokenizer = _llg_tokenizer(text, self._vocab_size, self._eos)
+        except Exception as err:
+            self._failed = f"{type(err).__name__}: {err}"
+            _LOGGER.debug("Guided requests not batched: %s", self._failed)
+        finally:
+            self._ready.set()
+
+    def _llg_tokenizer(self) -> Any:
+        """The llguidance tokenizer (waits for it); raises when there is none."""
+        self.prepare()
+        self._ready.wait()
+        if self._tokenizer is None:
+            raise RuntimeError(f"no llguidance tokenizer ({self._failed})")
+        return self._tokenizer
+
+    def refused(self, guidance: tuple[str, str]) -> bool:
+        """Whether a request under this grammar is known not to batch (no tokenizer, or
+        the grammar failed to build); never blocks. Starts the tokenizer's build."""
+        self.prepare()
+        if self._ready.is_set() and self._tokenizer is None:
+            return True
+        with self._lock:
+            return guidance in self._compiled and self._compiled[guidance] is None
+
+    def _compile(self, guidance: tuple[str, str]) -> Any:
+        """A fresh llguidance matcher for the grammar (raises when it cannot be built)."""
+        import llguidance  # noqa: PLC0415
+
+        kind, data = guidance
+        if kind == GUIDANCE_TYPE:
+            grammar = llguidance.LLMatcher.grammar_from_lark(data)
+        elif kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(data)
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(data)
+        else:
+            raise ValueError(f"guidance type {kind!r}")
+        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher
+
+    def _template(self, guidance: tuple[str, str]) -> Any:
+        """The grammar's matcher at its start (compiled once, kept); None: it cannot be."""
+        with self._lock:
+            if guidance in self._compiled:
+                self._compiled.move_to_end(guidance)
+                return self._compiled[guidance]
+        try:  # outside the lock (it may wait for the tokenizer); twice at worst
+            matcher = self._compile(guidance)
+        except Exception as err:
+            _LOGGER.debug("Guided request not batched: %s", err)
+            matcher = None
+        with self._lock:
+            self._compiled[guidance] = matcher
+            while len(self._compiled) > BATCH_GRAMMARS:
+                self._compiled.popitem(last=False)
+            return matcher
+
+    def matcher(self, guidance: tuple[str, str], generated: list[int]) -> GrammarMatcher | None:
+        """A matcher for one request that has generated `generated` (None: not batched)."""
+        template = self._template(guidance)
+        if template is None:
+            return None
+        matcher = template.deep_copy()
+        if not matcher.consume_tokens(generated):
+            _LOGGER.debug("Guided request not batched: %s", matcher.get_error())
+            return None
+        return GrammarMatcher(matcher, self._eos)

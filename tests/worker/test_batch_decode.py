@@ -1,4 +1,5 @@
-"""Continuous batching (batch_decode.py): unguided requests decode together, exactly.
+"""Continuous batching (batch_decode.py): requests decode together, exactly, guided
+ones under their grammar too.
 
 On the taught test model (scripts/demo_model), whose taught answers lead the
 runner-up by at least 2 logits at every token (tests/export/test_taught_model.py:
@@ -26,6 +27,7 @@ import pytest
 
 from addon.hearth_worker.batch_decode import BatchDecoder, Sampler, TurnLock
 from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
+from addon.hearth_worker.guidance import Guide
 from addon.hearth_worker.manifest import load_manifest
 from addon.hearth_worker.prompt_cache import PromptCache
 
@@ -264,23 +266,139 @@ def test_usage_and_the_prompt_cache_are_reported_as_before(
     assert batched.prefilled_tokens == len(prompt) + 1
 
 
-def test_guided_requests_keep_their_generator(
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+            },
+        },
+    }
+    for name in ("HassTurnOn", "HassTurnOff")
+]
+
+
+def guided(model: ChatModel, tool_choice: str = "auto") -> tuple[Sampling, Guide]:
+    """Greedy under the tool grammar the worker builds for these tools."""
+    guide = model.guidance.plan(tools=TOOLS, tool_choice=tool_choice)
+    assert guide is not None
+    return dataclasses.replace(GREEDY, guidance=guide.guidance), guide
+
+
+def test_guided_requests_decode_together_as_on_their_generator(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
+) -> None:
+    """Tools under their grammar (every voice command): decoded together in the batch
+    (llguidance matchers there), the answers genai's guided generator gives alone."""
+    sampling, guide = guided(batched)
+    prompts = [batched.encode(cases[i][0]) for i in (0, 2, 1)]
+    out = in_threads(batched, [(prompt, sampling) for prompt in prompts])
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.peak_batch == 3
+    for prompt, i, (result, text) in zip(prompts, (0, 2, 1), out, strict=True):
+        assert text == generate(alone, prompt, guided(alone)[0])[1] == cases[i][1]
+        assert result.finish_reason == "stop"
+    reader = guide.reader()
+    reader.feed(out[0][1])
+    content, calls = reader.finish(cut=False)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [
+        ("HassTurnOn", {"name": "kitchen light"})
+    ]
+
+
+def test_guided_and_unguided_requests_share_a_batch(
     cases: list[tuple[str, str]], batched: ChatModel
 ) -> None:
+    sampling, _ = guided(batched)
+    jobs = [
+        (batched.encode(cases[0][0]), sampling),
+        (batched.encode(cases[0][0]), GREEDY),
+        (batched.encode(cases[2][0]), GREEDY),
+        (batched.encode(cases[2][0]), sampling),
+    ]
+    out = in_threads(batched, jobs)
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.peak_batch == 4
+    assert [text for _, text in out] == [TOOL_CALL, TOOL_CALL, HELLO, HELLO]
+
+
+def test_the_grammar_holds_in_the_batch(cases: list[tuple[str, str]], batched: ChatModel) -> None:
+    """tool_choice "required" on "hello" (taught to answer in words): the batch's mask
+    makes it a valid call, ended where the grammar ends; a JSON schema holds too."""
+    sampling, guide = guided(batched, "required")
     schema = {
         "type": "object",
         "properties": {"name": {"enum": ["HassTurnOn", "HassTurnOff"]}},
         "required": ["name"],
     }
-    guided = Sampling(
-        max_new_tokens=40, temperature=0, guidance=("json_schema", json.dumps(schema))
+    as_json = dataclasses.replace(
+        GREEDY, max_new_tokens=40, guidance=("json_schema", json.dumps(schema))
     )
-    prompt = batched.encode(cases[0][0])
-    result, text = generate(batched, prompt, guided)
-    assert result.completion_tokens > 1
-    assert text.lstrip().startswith("{")
+    hello = batched.encode(cases[2][0])
+    out = in_threads(batched, [(hello, sampling), (hello, GREEDY), (hello, as_json)])
     batch = batched.batch_decoder()
-    assert batch is not None and batch.steps == 0  # never in the batch
+    assert batch is not None and batch.peak_batch == 3 and batch.steps > 3
+    (result, text), (_, plain), (_, answer) = out
+    assert plain == HELLO  # unguided, the taught words
+    assert result.finish_reason == "stop" and result.completion_tokens > 3
+    reader = guide.reader()
+    reader.feed(text)
+    content, calls = reader.finish(cut=False)
+    assert content == "" and calls
+    for call in calls:
+        assert call.name in {"HassTurnOn", "HassTurnOff"}
+        assert isinstance(call.arguments, dict) and isinstance(call.arguments["name"], str)
+    assert answer.lstrip().startswith("{") and "Hello" not in answer
+
+
+def test_a_grammar_llguidance_cannot_take_keeps_its_generator(
+    cases: list[tuple[str, str]], batched: ChatModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a matcher (the grammar fails to build, or llguidance is missing) a
+    guided request decodes on its own generator, as before."""
+    sampling, _ = guided(batched)
+    prompt = batched.encode(cases[0][0])
+    batch = batched.batch_decoder()
+    assert batch is not None
+
+    def broken(_: tuple[str, str]) -> None:
+        raise ValueError("injected: llguidance refuses this grammar")
+
+    monkeypatch.setattr(batched.grammars, "_compile", broken)
+    for _ in range(2):  # found out at the move to the batch, then known from the start
+        result, text = generate(batched, prompt, sampling)
+        assert text == TOOL_CALL and result.finish_reason == "stop"
+        assert batch.steps == 0
+    assert batched.grammars.refused(sampling.guidance or ("", ""))
+    assert generate(batched, prompt)[1] == TOOL_CALL and batch.steps > 0  # unguided: batched
+
+    missing = ChatModel(load_manifest(Path(batched.manifest.path)), threads=1)
+    missing.batch_from = 1
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails
+    assert generate(missing, prompt, sampling)[1] == TOOL_CALL
+    missing_batch = missing.batch_decoder()
+    assert missing_batch is not None and missing_batch.steps == 0
+
+
+def test_a_matcher_that_cannot_follow_the_first_tokens_keeps_its_generator(
+    cases: list[tuple[str, str]], batched: ChatModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampling, _ = guided(batched)
+    followed: list[list[int]] = []
+
+    def refused(_: tuple[str, str], generated: list[int]) -> None:
+        followed.append(list(generated))
+
+    monkeypatch.setattr(batched.grammars, "matcher", refused)
+    result, text = generate(batched, batched.encode(cases[0][0]), sampling)
+    assert text == TOOL_CALL and result.finish_reason == "stop"
+    assert len(followed) == 1 and len(followed[0]) == 1  # the generator's first token
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.steps == 0
 
 
 def test_an_after_tool_answer(cases: list[tuple[str, str]], batched: ChatModel) -> None:
@@ -375,6 +493,16 @@ def test_sampler_draws_within_top_k_and_top_p() -> None:
     assert {hot.pick(logits) for _ in range(400)} >= {1, 2, 4}
     greedy = Sampler({"do_sample": True, "temperature": 1.0, "top_k": 1}, [])
     assert greedy.greedy and greedy.pick(logits) == 1
+
+
+def test_sampler_picks_only_what_the_grammar_allows() -> None:
+    logits = np.array([0.0, 5.0, 4.9, -3.0, 4.8, -2.5], np.float32)
+    allowed = np.array([False, False, False, True, False, True])
+    assert Sampler({}, []).pick(logits, allowed) == 5
+    greedy = Sampler({"repetition_penalty": 1.5}, [5])
+    assert greedy.pick(logits) == 1 and greedy.pick(logits, allowed) == 3  # 5 penalized
+    hot = Sampler({"do_sample": True, "temperature": 1.0, "random_seed": 3}, [])
+    assert {hot.pick(logits, allowed) for _ in range(200)} == {3, 5}
 
 
 def test_exports_the_batch_cannot_run_keep_their_generators(tmp_path: Path) -> None:
