@@ -22,7 +22,13 @@ Then: the decode rate of one stream, the aggregate rate at 1, 2 and 4 concurrent
 streams (each a short prompt of its own: decode, not the household's prefill;
 medians of --concurrent-rounds rounds, 1, 2 and 4 interleaved in each), the
 worker's peak RSS, the prompt cache's peak bytes and the decode batch's peak KV
-buffer. With --json the last line is one JSON object.
+buffer. Then tool calls: scripts/bench/voice_tools.py's figures (one command at a
+time), and the aggregate rate of 1 and 4 concurrent tool-guided commands
+(``tools_concurrent_tok_s``: the household prompt with its tools, each a different
+member's command, a call forced (``tool_choice: "required"``: SmolLM2 answers most
+commands in words when it may); guided requests decode in the batch too; medians
+of --tools-rounds rounds) with the validity of their calls
+(``tools_concurrent_valid_rate``, target 1.0). With --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -122,8 +128,41 @@ def story(member: int) -> list[dict[str, Any]]:
 
 # -- tool calls: helper "guidance" adds the measure of tool calls here --------------
 #
+async def tools_together(
+    client: openai.AsyncOpenAI, model: str, first: int, n: int
+) -> tuple[float, int, int]:
+    """`n` household commands with the tools, a call forced, at once (commands first..first+n-1 of
+    voice_tools.commands(), each a member's turn 1 in household 1): aggregate completion
+    tokens a second, tool calls, valid tool calls."""
+    asked = voice_tools.commands()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in voice_prompt.tools()}
+    started = time.perf_counter()
+    answers = await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model=model,
+                messages=voice_prompt.messages(1, 1, first=asked[(first + m) % len(asked)].text),  # type: ignore[arg-type]
+                tools=voice_prompt.tools(),  # type: ignore[arg-type]
+                tool_choice="required",
+                temperature=0,
+                max_tokens=voice_tools.REQUIRED_MAX_TOKENS,
+            )
+            for m in range(n)
+        )
+    )
+    elapsed = time.perf_counter() - started
+    tokens = sum(a.usage.completion_tokens if a.usage else 0 for a in answers)
+    calls = [c for a in answers for c in a.choices[0].message.tool_calls or []]
+    return tokens / elapsed, len(calls), sum(voice_tools.valid_call(c, schemas) for c in calls)
+
+
 async def measure(
-    worker: WorkerProcess, model: str, rounds: int, new_tokens: int, concurrent_rounds: int = 9
+    worker: WorkerProcess,
+    model: str,
+    rounds: int,
+    new_tokens: int,
+    concurrent_rounds: int = 9,
+    tools_rounds: int = 3,
 ) -> dict[str, Any]:
     async with openai.AsyncOpenAI(
         base_url=worker.url + "/v1",
@@ -167,6 +206,20 @@ async def measure(
         # Tool calls over 50 household commands (valid, right tool, commands answered
         # without a call): scripts/bench/voice_tools.py.
         figures = await voice_tools.measure_tool_calls(client, model)
+        # 1 and 4 concurrent tool-guided commands (interleaved in each round).
+        tool_rates: dict[str, list[float]] = {"1": [], "4": []}
+        tool_calls = valid_calls = 0
+        for r in range(tools_rounds):
+            for n in (1, 4):
+                rate, calls, valid = await tools_together(client, model, 4 * r + n, n)
+                tool_rates[str(n)].append(rate)
+                tool_calls += calls
+                valid_calls += valid
+                print(f"round {r + 1}, {n} tool-guided at once: {rate:.1f} tok/s", flush=True)
+        figures["tools_concurrent_tok_s"] = {
+            n: statistics.median(values) for n, values in tool_rates.items()
+        }
+        figures["tools_concurrent_valid_rate"] = valid_calls / tool_calls if tool_calls else None
     cold_ms = statistics.median(c["ms"] for c in cold)
     return {
         "prompt_tokens": cold[0]["prompt_tokens"],
@@ -216,6 +269,12 @@ def main() -> int:
         default=9,
         help="rounds of 1, 2, 4 concurrent (medians; a round takes a few seconds)",
     )
+    parser.add_argument(
+        "--tools-rounds",
+        type=int,
+        default=3,
+        help="rounds of 1 and 4 concurrent tool-guided commands (medians)",
+    )
     parser.add_argument("--prompt-cache-mb", type=int, default=None, help="worker's cache budget")
     parser.add_argument("--model", type=Path, help="model folder (default: the real SmolLM2)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -233,7 +292,14 @@ def main() -> int:
         worker = start_worker([args.model], Path(tmp), extra=extra)
         try:
             figures = asyncio.run(
-                measure(worker, name, args.rounds, args.new_tokens, args.concurrent_rounds)
+                measure(
+                    worker,
+                    name,
+                    args.rounds,
+                    args.new_tokens,
+                    args.concurrent_rounds,
+                    args.tools_rounds,
+                )
             )
             snapshot = asyncio.run(capacity(worker))
             cache = snapshot.get("prompt_cache") or {}
@@ -267,6 +333,12 @@ def main() -> int:
         f"worker peak RSS {figures['peak_rss_mb']:.0f} MB, prompt cache peak "
         f"{figures['prompt_cache_peak_mb']:.0f} MB of {figures['prompt_cache_budget_mb']:.0f} MB, "
         f"decode batch peak {figures['batch_peak_mb']:.0f} MB"
+    )
+    tools = figures["tools_concurrent_tok_s"]
+    print(
+        f"tool-guided commands, 4 at once / 1: {tools['4'] / tools['1']:.2f}x "
+        f"({tools['1']:.1f} and {tools['4']:.1f} tok/s), calls valid "
+        f"{figures['tools_concurrent_valid_rate']}"
     )
     if args.json:
         print(json.dumps(rounded(figures)))
