@@ -93,15 +93,19 @@ LLAMA3: Final = ToolFormat("llama3", "", "", "", False, True, "parameters", "{")
 FORMATS: Final = {f.name: f for f in (HERMES, MISTRAL, LLAMA3)}
 
 
+def _special_in(data: dict[str, Any]) -> dict[str, int]:
+    """Added tokens marked special in a tokenizer.json's data, by text."""
+    return {
+        str(token["content"]): int(token["id"])
+        for token in data.get("added_tokens") or []
+        if token.get("special")
+    }
+
+
 def _special_tokens(tokenizer_json: Path) -> dict[str, int]:
-    """Added tokens marked special in a tokenizer.json, by text."""
+    """Added tokens marked special in a tokenizer.json, by text ({}: unreadable)."""
     try:
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        return {
-            str(token["content"]): int(token["id"])
-            for token in data.get("added_tokens") or []
-            if token.get("special")
-        }
+        return _special_in(json.loads(tokenizer_json.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -494,11 +498,8 @@ class _Vocabulary:
         import tokenizers  # noqa: PLC0415
 
         read = llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=eos)
-        data = json.loads(text)
         self.tokens = [read.decode_bytes([token]) for token in range(vocab_size)]
-        self.special_token_ids = sorted(
-            int(token["id"]) for token in data.get("added_tokens") or [] if token.get("special")
-        )
+        self.special_token_ids = sorted(_special_in(json.loads(text)).values())
         self.eos_token_id = eos
         self.bos_token_id = None
         self._tokenizer = tokenizers.Tokenizer.from_str(text)
