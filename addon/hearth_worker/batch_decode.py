@@ -459,8 +459,7 @@ class BatchDecoder:
         new_slots = max(slots, have_slots)
         new_length = max(have_length, -(-length // LENGTH_STEP) * LENGTH_STEP)
         shape = (new_slots, self.kv_heads, new_length, self.head_size)
-        # Not zeroed: a slot is read only up to its sequence's length (the mask's).
-        fresh: list[Floats] = [np.empty(shape, np.float32) for _ in self.past_names]
+        fresh: list[Floats] = [np.zeros(shape, np.float32) for _ in self.past_names]
         for old, new in zip(self._buffers, fresh, strict=False):
             for slot, job in enumerate(self._running):
                 new[slot, :, : job.length] = old[slot, :, : job.length]
