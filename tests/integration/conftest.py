@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -51,8 +52,12 @@ async def tls_shutdowns_finish(expected_lingering_timers: bool) -> AsyncIterator
     2 s in a CI rehearsal, with the other test process running beside; this waits up
     to 10 s and returns as soon as they are done). A test that expects a timer to
     stay (a frozen worker never answers) waits 2 s at most. Set up before Home
-    Assistant (defined before auto_setup_ha), so torn down after it."""
+    Assistant (defined before auto_setup_ha), so torn down after it. It first lets
+    the loop run a moment: a close already scheduled starts its shutdown (and its
+    timer) before the wait looks (a rehearsal once failed on such a timer after
+    `test_reconfigure_rejected_token_and_wrong_worker`)."""
     yield
+    await asyncio.sleep(0.05)
     await tls_closed(timeout=2.0 if expected_lingering_timers else 10.0)
 
 
