@@ -1,13 +1,14 @@
-"""Continuous batching of decode steps in a plain onnxruntime session.
+"""Prefill and continuous batching of decode steps in a plain onnxruntime session.
 
-Prefill (and the prompt cache) stay in onnxruntime-genai; an unguided request's
-decode moves here once its first token is chosen: its KV cache is copied from the
-generator (`Generator.get_output("present.N.key/value")`, the very tensors plain
-onnxruntime computes) into a slot of one shared buffer, and every running
-request then shares each forward pass of the decoder. A request joins between
-steps and leaves when it is done, stopped or cancelled (its slot freed: the last
-slot moves into it, so the running requests always fill slots 0..n-1 and a step
-runs at batch n).
+A batched model's requests (chat_engine.py) run here, not on onnxruntime-genai
+generators: `prefill()` feeds a prompt (in slices) into a request's own KV
+buffer (`new_kv`, its cached prefix copied in first), and `run()` then decodes
+it in a slot of one shared buffer: its KV cache copied in, every running request
+shares each forward pass of the decoder. A request joins between steps and
+leaves when it is done, stopped or cancelled (its slot freed: the last slot
+moves into it, so the running requests always fill slots 0..n-1 and a step runs
+at batch n); a job with `keep_from` takes its answer's keys and values with it
+(for the prompt cache).
 
 The buffer is laid out as onnxruntime-genai runs these exports
 (GroupQueryAttention, `past_present_share_buffer`): one (slots, kv_heads,
@@ -24,10 +25,10 @@ answer here, not the answer genai would give).
 
 A guided request (a grammar: tools under guidance, `response_format`) comes too,
 with its own grammar matcher (`DecodeJob.guide`, guidance.BatchGrammars: an
-llguidance matcher for the grammar genai's generator used, following the tokens
-that generator chose). At each step the tokens the grammar does not allow are
-masked out of the slot's scores before the pick; once the grammar is complete it
-allows only the end of sequence, which ends the job as on genai's generator.
+llguidance matcher for the grammar genai's guidance would use). At each step the
+tokens the grammar does not allow are masked out of the slot's scores before the
+pick; once the grammar is complete it allows only the end of sequence, which ends
+the job as on genai's generator.
 genai masks before the penalties (a masked logit is its lowest float, which no
 penalty raises); masking after them (to -inf) picks the same tokens.
 """
@@ -49,7 +50,8 @@ import onnxruntime as ort
 
 _LOGGER = logging.getLogger(__name__)
 
-# The KV buffer's length grows in steps of this many tokens.
+# The KV buffer's length grows in steps of this many tokens (as the longest running
+# sequence needs: an answer's budget is not reserved).
 LENGTH_STEP = 256
 _LOWEST = float(np.finfo(np.float32).min)
 Floats = npt.NDArray[np.float32]
@@ -230,6 +232,9 @@ class DecodeJob:
     on_token: Callable[[int], bool]
     cancelled: threading.Event
     guide: TokenGuide | None = None
+    # When the job ends, its keys and values from this position on (to `length`) are
+    # copied out of its slot into `kv` (the answer's, for the prompt cache); None: not.
+    keep_from: int | None = None
     finish_reason: str = "stop"
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -328,6 +333,36 @@ class BatchDecoder:
             and inputs <= {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
             and all(k in decoder for k in ("filename", "num_hidden_layers", "head_size"))
         )
+
+    def new_kv(self, length: int) -> list[Floats]:
+        """Zeroed keys and values for one sequence of up to `length` tokens (a request's
+        own, for its prefill: one (1, kv_heads, length, head_size) array per past input)."""
+        shape = (1, self.kv_heads, length, self.head_size)
+        return [np.zeros(shape, np.float32) for _ in self.past_names]
+
+    def prefill(self, kv: list[Floats], start: int, tokens: Sequence[int]) -> Floats:
+        """Feed `tokens` to one sequence whose `kv` (new_kv) holds its first `start`
+        tokens; their keys and values land in `kv` after those. Returns the last
+        token's logits. Runs in the model's turns (one run: the caller slices a long
+        prompt)."""
+        count, length = len(tokens), kv[0].shape[2]
+        if count < 1 or start + count > length:
+            raise ValueError(f"{count} tokens after {start} do not fit {length}")
+        binding = self.session.io_binding()
+        logits = np.empty((1, count, self.vocab_size), np.float32)
+        binding.bind_output(
+            self.logits, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data
+        )
+        shape = [1, self.kv_heads, length, self.head_size]
+        for past, present, buffer in zip(self.past_names, self.present_names, kv, strict=True):
+            binding.bind_input(past, "cpu", 0, np.float32, shape, buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, buffer.ctypes.data)
+        binding.bind_cpu_input(self.input_ids, np.array([list(tokens)], np.int64))
+        binding.bind_cpu_input(self.attention_mask, np.ones((1, start + count), np.int64))
+        with self._turns:
+            self.session.run_with_iobinding(binding)
+        last: Floats = logits[0, -1]
+        return last
 
     @property
     def nbytes(self) -> int:
@@ -435,6 +470,11 @@ class BatchDecoder:
         """Free these slots: the last running slot moves into each freed one."""
         for slot in sorted(set(slots), reverse=True):
             job = self._running[slot]
+            kept: list[Floats] = []
+            if job.keep_from is not None and job.error is None and job.keep_from < job.length:
+                span = slice(job.keep_from, job.length)
+                kept = [buffer[slot : slot + 1, :, span].copy() for buffer in self._buffers]
+            job.kv = kept
             last = len(self._running) - 1
             if slot != last:
                 moved = self._running[last]
@@ -445,7 +485,6 @@ class BatchDecoder:
             self._finish(job)
 
     def _finish(self, job: DecodeJob) -> None:
-        job.kv = []
         with self._cond:
             job.done.set()
             self._cond.notify_all()  # its caller waits for it (or for the lead)
@@ -471,11 +510,12 @@ class BatchDecoder:
         for job in jobs:
             if job.cancelled.is_set():
                 job.finish_reason = "cancelled"
+                job.kv = []
                 self._finish(job)
         jobs = [job for job in jobs if not job.done.is_set()]
         if not jobs:
             return
-        needed = max(j.length + j.max_new for j in self._running + jobs)
+        needed = max(j.length for j in self._running + jobs)
         self._ensure(len(self._running) + len(jobs), needed + 1)
         for job in jobs:
             slot = len(self._running)
@@ -487,6 +527,7 @@ class BatchDecoder:
     def _step(self) -> None:
         running = self._running
         n = len(running)
+        self._ensure(n, max(job.length for job in running) + 1)  # grown as answers grow
         if self._binding is None or self._bound != n:
             binding = self.session.io_binding()
             # Logits land in an array of ours (no copy, no wrapper for every output).

@@ -13,8 +13,18 @@ that certainly cannot fit the context: no token is longer than the
 tokenizer's longest vocabulary entry, so the characters of the messages divided
 by that length (with a margin for normalizers) is a lower bound of its tokens.
 
-A generation starts from the prompt cache (prompt_cache.py) when it holds a
-generator sharing a prefix with the prompt: only the rest is prefilled.
+A model whose export batches (BatchDecoder.supports: the usual decoder-only
+GroupQueryAttention export) runs every request in its own plain-onnxruntime
+session (batch_decode.py): the keys and values of the longest cached prefix
+(prompt_cache.py: arrays, shared by conversations) are copied into a buffer of
+the request's own, the rest of the prompt is prefilled after them, the first
+token is picked (the request's sampling, its grammar as an llguidance matcher),
+and the request decodes in the shared batch, alone or with the model's other
+running requests (each forward pass shared). Its prompt's keys and values go
+into the cache once prefilled, its answer's when it ends. onnxruntime-genai
+still loads the model (tokenizer, chat guidance), and a model that cannot batch,
+or a grammar llguidance cannot take, is served on an onnxruntime-genai
+generator kept in the same prompt cache (rewound to the shared prefix).
 
 Why not onnxruntime-genai 0.18's `Engine` (continuous batching), measured on
 SmolLM2-135M int4 on a 2-core machine: its static batching (the only kind these
@@ -23,15 +33,12 @@ exports allow: dynamic batching wants a paged-attention export and refuses ours,
 3x one stream's decode, but an Engine request cannot start from another's KV
 cache, so every new conversation prefills the household prompt anew (1,500
 tokens: seconds, against tens of milliseconds from the prompt cache), and it
-prefills a prompt in one uninterruptible `run()`. For voice, the prompt cache
-wins. Batching is our own instead (batch_decode.py): prefill stays here, on a
-generator from the prompt cache; once two requests decode at once, their decode
-moves (KV cache copied from the generator at a token boundary) into one shared
-plain-onnxruntime session where they share each forward pass; a request alone
-decodes on its own generator. A guided one (tools, `response_format`) takes its
-grammar along as an llguidance matcher (guidance.BatchGrammars); where none can be
-built it stays on its generator. docs/ARCHITECTURE.md, "Batched decoding";
-scripts/bench/voice_batch.py measures both paths.
+prefills a prompt in one uninterruptible `run()`. Nor genai's generators for the
+batched path (as until the seventh session): moving a request's decode into the
+batch copied its generator's whole `max_length` KV buffer out (`get_output`,
+10-60 ms holding the GIL), and a cached generator served one conversation at a
+time. docs/ARCHITECTURE.md, "Batched decoding"; scripts/bench/voice_batch.py
+measures both paths.
 """
 
 from __future__ import annotations
@@ -51,10 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime_genai as og
 
 from .admission import run_to_end
-from .batch_decode import BatchDecoder, DecodeJob, Sampler, TurnLock
+from .batch_decode import BatchDecoder, DecodeJob, Floats, Sampler, TokenGuide, TurnLock
 from .chat_template import ChatTemplate
 from .guidance import BatchGrammars, ModelGuidance
 from .manifest import Manifest
@@ -82,9 +90,6 @@ STREAM_FLUSH_S = 0.025
 # conversation then fit in it (see _cached_length).
 CACHE_HEADROOM = 512
 CACHE_LENGTH_STEP = 256
-# Requests move their decode into the shared batch (batch_decode.py) once this many
-# decode at once; one alone decodes on its own generator.
-BATCH_FROM = 2
 _OWNERS = itertools.count(1)  # tells apart the ChatModel instances in a prompt cache
 
 
@@ -201,12 +206,13 @@ class StopMatcher:
 
 
 def _prefill(
-    generator: og.Generator,
+    feed: Callable[[int, list[int]], None],
     prompt_ids: list[int],
+    start: int,
     cancelled: threading.Event,
-    turns: TurnLock,
 ) -> int:
-    """Feed the prompt to the generator in slices; returns how many tokens were fed.
+    """Feed `prompt_ids[start:]` in slices (`feed(position, piece)`, one run each, in
+    the model's turns); returns how many tokens were fed.
 
     Fewer than all when cancelled meanwhile.
 
@@ -215,22 +221,21 @@ def _prefill(
     even /v1/health) for the whole prefill, and could not be cancelled. Slices
     of about PREFILL_SLICE_S each (sized from the last one's rate) hand the GIL
     over between them, and cancellation is checked there. Each slice runs in
-    the model's `turns`, so the batch's steps go on between them.
+    the model's turns, so the batch's steps go on between them.
     """
     size = PREFILL_FIRST_SLICE
-    position = 0
+    position = start
     while position < len(prompt_ids):
         if cancelled.is_set():
-            return position
+            break
         begun = time.perf_counter()
         piece = prompt_ids[position : position + size]
-        with turns:
-            generator.append_tokens(piece)
+        feed(position, piece)
         position += len(piece)
         took = max(time.perf_counter() - begun, 1e-4)
         size = max(PREFILL_MIN_SLICE, min(2 * size, int(size * PREFILL_SLICE_S / took)))
         time.sleep(0)  # let the event loop run
-    return position
+    return position - start
 
 
 def _genai_config(manifest: Manifest, threads: int, spinning: bool = True) -> og.Config:
@@ -276,6 +281,19 @@ class _Sink:
             self._on_text(tail)
 
 
+@dataclass
+class _Request:
+    """One generation's inputs and outputs, as the engine's steps pass them on."""
+
+    prompt_ids: list[int]
+    max_new: int
+    sampling: Sampling
+    sink: _Sink
+    cancelled: threading.Event
+    result: GenerationResult
+    prefix_key: str | None
+
+
 class ChatModel:
     """One chat model loaded with onnxruntime-genai."""
 
@@ -317,10 +335,6 @@ class ChatModel:
         # Requests decode together in one shared session (batch_decode.py).
         self.batching = batching and BatchDecoder.supports(manifest.path)
         self._batch: BatchDecoder | None = None
-        # Decode in the batch once this many requests decode at once (one alone keeps
-        # its generator: as fast or faster, scripts/bench/voice_batch.py).
-        self.batch_from = BATCH_FROM
-        self._solo = 0  # requests decoding on their own generator now, batchable
         # Guided requests' grammars in the batch (llguidance), set up as genai's guidance.
         model_config = self.manifest_config().get("model", {})
         eos = model_config.get("eos_token_id")
@@ -329,6 +343,8 @@ class ChatModel:
             int(model_config.get("vocab_size") or 0),
             int((eos if isinstance(eos, list) else [eos])[0] or 0),
         )
+        if self.batching:  # built in the background, ready for the first guided request
+            self.grammars.prepare()
 
     def _measure_kv_bytes(self) -> int:
         """Bytes of keys and values one token takes (all layers), measured on a tiny run."""
@@ -441,34 +457,164 @@ class ChatModel:
         with the cache entry and listed in /v1/capacity (`warm_keys`).
         """
         max_new = self.budget(len(prompt_ids), sampling.max_new_tokens)
-        needed = len(prompt_ids) + max_new
         result = GenerationResult(prompt_tokens=len(prompt_ids))
         started = time.perf_counter()
-        entry = self._generator(prompt_ids, needed, sampling)
         sink = _Sink(self._tokenizer, sampling, on_text, result)
-        kept = False
-        job: DecodeJob | None = None
-        try:
-            generator = entry.generator
-            result.cached_tokens = len(entry.tokens)
-            job = self._decode(generator, prompt_ids, max_new, sampling, sink, cancelled, result)
-            if self.cache is not None and entry.key is not None:
-                self.cache.put(
-                    entry, [int(t) for t in generator.get_sequence(0)], prefix_key, len(prompt_ids)
-                )
-                kept = True
-        finally:
-            if not kept and self.cache is not None:
-                self.cache.discard(entry)
-        if job is not None and self._batch is not None:  # the generator is free for others
-            self._batch.run(job)
-            result.finish_reason = job.finish_reason
+        batch = self.batch_decoder()
+        guide: TokenGuide | None = None
+        if batch is not None and sampling.guidance is not None:
+            guide = (
+                None
+                if self.grammars.refused(sampling.guidance)
+                else (self.grammars.matcher(sampling.guidance, []))
+            )
+            if guide is None:  # a grammar llguidance cannot take: genai's guidance
+                batch = None
+        request = _Request(prompt_ids, max_new, sampling, sink, cancelled, result, prefix_key)
+        if batch is not None:
+            self._generate_batched(batch, guide, request)
+        else:
+            self._generate_on_generator(request)
         sink.flush()
         ended = time.perf_counter()
         first_token_at = sink.first_token_at
         result.prefill_s = (first_token_at or ended) - started
         result.decode_s = ended - (first_token_at or ended)
         return result
+
+    def _generate_on_generator(self, request: _Request) -> None:
+        """Prefill and decode on an onnxruntime-genai generator (from the prompt cache)."""
+        prompt_ids, result = request.prompt_ids, request.result
+        needed = len(prompt_ids) + request.max_new
+        entry = self._generator(prompt_ids, needed, request.sampling)
+        kept = False
+        try:
+            generator = entry.generator
+            result.cached_tokens = len(entry.tokens)
+
+            def feed(_: int, piece: list[int]) -> None:
+                with self.turns:
+                    generator.append_tokens(piece)
+
+            fed = _prefill(feed, prompt_ids, result.cached_tokens, request.cancelled)
+            if self._fed(fed, request):
+                self._decode_alone(generator, request)
+            if self.cache is not None and entry.key is not None:
+                tokens = [int(t) for t in generator.get_sequence(0)]
+                self.cache.put(entry, tokens, request.prefix_key, len(prompt_ids))
+                kept = True
+        finally:
+            if not kept and self.cache is not None:
+                self.cache.discard(entry)
+
+    def _fed(self, fed: int, request: _Request) -> bool:
+        """Count `fed` prefilled tokens; whether the whole prompt was fed (else cancelled)."""
+        result = request.result
+        result.prefilled_tokens = fed
+        with self._active_lock:
+            self.prefilled_tokens += fed
+        if result.cached_tokens + fed < len(request.prompt_ids):
+            result.finish_reason = "cancelled"
+            return False
+        return True
+
+    def _generate_batched(
+        self, batch: BatchDecoder, guide: TokenGuide | None, request: _Request
+    ) -> None:
+        """Prefill in the batch's session, then decode in the batch (even alone).
+
+        The keys and values of the longest cached prefix are copied into a buffer of
+        the request's own (`BatchDecoder.new_kv`), the rest of the prompt fed after
+        them; that buffer then goes into the prompt cache as it is (shared by the
+        requests to come), and its copy in a slot of the batch decodes. When the
+        answer ends, the cache entry is replaced by one with the answer's keys and
+        values too, so a conversation's next turn starts after it.
+        """
+        prompt_ids, result, sampling = request.prompt_ids, request.result, request.sampling
+        key = self._cache_key(sampling) if self.cache is not None else None
+        kv = batch.new_kv(len(prompt_ids))
+        prefix_keys: dict[str, int] = {}
+        if self.cache is not None and key is not None:
+            taken = self.cache.take(self.cache_owner, key, prompt_ids, 0)
+            cached = taken.entry
+            if cached is not None and cached.kv is not None:
+                for mine, held in zip(kv, cached.kv, strict=True):
+                    mine[:, :, : taken.reuse] = held[:, :, : taken.reuse]
+                result.cached_tokens = taken.reuse
+                if not taken.shared:  # its tokens all lead this prompt: replaced by ours
+                    self.cache.discard(cached)
+                    prefix_keys = dict(cached.prefix_keys)
+            elif cached is not None:  # a generator (kept when this model did not batch)
+                self.cache.put(cached, cached.tokens)
+        entry = self._kv_entry(key, kv, len(prompt_ids))
+        entry.prefix_keys = prefix_keys
+        logits: list[Floats] = []
+
+        def feed(position: int, piece: list[int]) -> None:
+            logits[:] = [batch.prefill(kv, position, piece)]
+
+        fed = 0
+        try:
+            fed = _prefill(feed, prompt_ids, result.cached_tokens, request.cancelled)
+        finally:
+            self._keep(entry, prompt_ids[: result.cached_tokens + fed], request)
+        if not self._fed(fed, request):
+            return
+        sampler = Sampler(self._search_options(sampling), prompt_ids)
+        token = sampler.pick(logits[0], None if guide is None else guide.allowed(batch.vocab_size))
+        if guide is not None and token not in batch.eos:
+            guide.consume(token)
+        sampler.append(token)
+        if request.sink.push(token):  # a stop sequence
+            return
+        if token in batch.eos or request.max_new <= 1:  # as on a generator
+            ended = token in batch.eos and request.max_new > 1
+            result.finish_reason = "stop" if ended else "length"
+            return
+        job = DecodeJob(
+            kv=kv,
+            length=len(prompt_ids),
+            token=token,
+            generated=1,
+            max_new=request.max_new,
+            sampler=sampler,
+            on_token=request.sink.push,
+            cancelled=request.cancelled,
+            guide=guide,
+            keep_from=None if entry.key is None else len(prompt_ids),
+        )
+        batch.run(job)
+        result.finish_reason = job.finish_reason
+        if job.kv and self.cache is not None:  # the answer's keys and values: the entry grows
+            full = [np.concatenate(pair, axis=2) for pair in zip(kv, job.kv, strict=True)]
+            self.cache.grow(
+                entry,
+                full,
+                sampler.history[: job.length],
+                job.length * self.kv_bytes_per_token,
+                request.prefix_key,
+                len(prompt_ids),
+            )
+
+    def _kv_entry(self, key: Any, kv: list[Floats], length: int) -> CacheEntry:
+        """A prompt cache entry for a batched model's keys and values (counted in use)."""
+        entry = CacheEntry(
+            model_id=self.cache_owner,
+            key=key,
+            generator=None,
+            max_length=length,
+            nbytes=length * self.kv_bytes_per_token,
+            kv=kv,
+        )
+        if self.cache is not None and key is not None:
+            self.cache.started(entry.nbytes)
+        return entry
+
+    def _keep(self, entry: CacheEntry, tokens: list[int], request: _Request) -> None:
+        """Put a batched model's entry into the prompt cache, holding `tokens`."""
+        if self.cache is None or entry.key is None:
+            return
+        self.cache.put(entry, list(tokens), request.prefix_key, len(request.prompt_ids))
 
     def _cache_key(self, sampling: Sampling) -> Sampling | None:
         """What a cached generator must have been made for to serve `sampling`; None: no reuse.
@@ -541,130 +687,23 @@ class ChatModel:
                     return None
             return self._batch
 
-    def _decode(
-        self,
-        generator: og.Generator,
-        prompt_ids: list[int],
-        max_new: int,
-        sampling: Sampling,
-        sink: _Sink,
-        cancelled: threading.Event,
-        result: GenerationResult,
-    ) -> DecodeJob | None:
-        """Prefill what the generator lacks of the prompt, then decode up to `max_new`.
-
-        A request's decode goes to the batch (batch_decode.py) once `batch_from`
-        requests decode at once or the batch runs: at a token boundary, its KV cache
-        copied from the generator (the first token is always the generator's, chosen
-        with the request's search options and grammar), a guided one's grammar
-        with it (`grammars`; a grammar llguidance cannot take keeps its generator).
-        The job is returned, for `BatchDecoder.run` once the generator is back in
-        the cache. None: the request was answered here (alone, or over already).
-        """
-        rest = prompt_ids[result.cached_tokens :]
-        fed = _prefill(generator, rest, cancelled, self.turns)
-        result.prefilled_tokens = fed
-        with self._active_lock:
-            self.prefilled_tokens += fed
-        if fed < len(rest):
-            result.finish_reason = "cancelled"
-            return None
-        batch = self.batch_decoder()
-        guidance = sampling.guidance  # (its matcher is made when it moves to the batch)
-        if batch is not None and guidance is not None and self.grammars.refused(guidance):
-            batch = None
-        if batch is None:
-            self._decode_alone(generator, max_new, sink, cancelled, result)
-            return None
-        with self._active_lock:
-            self._solo += 1
-        try:
-            return self._decode_until_batched(
-                generator, batch, prompt_ids, max_new, sampling, sink, cancelled, result
-            )
-        finally:
-            with self._active_lock:
-                self._solo -= 1
-
-    def _decode_alone(
-        self,
-        generator: og.Generator,
-        max_new: int,
-        sink: _Sink,
-        cancelled: threading.Event,
-        result: GenerationResult,
-    ) -> None:
-        """Decode on the request's own generator up to `max_new`."""
+    def _decode_alone(self, generator: og.Generator, request: _Request) -> None:
+        """Decode on the request's own generator up to its `max_new` tokens."""
+        result, max_new = request.result, request.max_new
         while not generator.is_done():
             if result.completion_tokens >= max_new:
                 result.finish_reason = "length"
                 break
-            if cancelled.is_set():
+            if request.cancelled.is_set():
                 result.finish_reason = "cancelled"
                 break
             with self.turns:
                 generator.generate_next_token()
-            if sink.push(int(generator.get_next_tokens()[0])):
+            if request.sink.push(int(generator.get_next_tokens()[0])):
                 break
         else:
             if result.completion_tokens >= max_new:
                 result.finish_reason = "length"
-
-    def _decode_until_batched(
-        self,
-        generator: og.Generator,
-        batch: BatchDecoder,
-        prompt_ids: list[int],
-        max_new: int,
-        sampling: Sampling,
-        sink: _Sink,
-        cancelled: threading.Event,
-        result: GenerationResult,
-    ) -> DecodeJob | None:
-        """Decode on the generator while this is the only request decoding; once
-        another decodes too (or the batch runs), the rest goes to the batch: the job
-        returned (None: answered here)."""
-        tokens = list(prompt_ids)
-        while not generator.is_done():
-            if result.completion_tokens >= max_new:
-                result.finish_reason = "length"
-                return None
-            if cancelled.is_set():
-                result.finish_reason = "cancelled"
-                return None
-            with self.turns:
-                generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            tokens.append(token)
-            if sink.push(token):
-                return None
-            if generator.is_done() or result.completion_tokens >= max_new:
-                continue  # over: as on the generator
-            with self._active_lock:
-                company = self._solo >= self.batch_from
-            if company or batch.running() > 0:
-                guide = None
-                if sampling.guidance is not None:  # its grammar, past what it generated
-                    guide = self.grammars.matcher(sampling.guidance, tokens[len(prompt_ids) :])
-                    if guide is None:  # stays on its generator
-                        self._decode_alone(generator, max_new, sink, cancelled, result)
-                        return None
-                # The generator has chosen `token` but not run it yet: its KV cache
-                # holds exactly the tokens before it.
-                return DecodeJob(
-                    kv=[generator.get_output(name) for name in batch.present_names],
-                    length=len(tokens) - 1,
-                    token=token,
-                    generated=result.completion_tokens,
-                    max_new=max_new,
-                    sampler=Sampler(self._search_options(sampling), tokens),
-                    on_token=sink.push,
-                    cancelled=cancelled,
-                    guide=guide,
-                )
-        if result.completion_tokens >= max_new:
-            result.finish_reason = "length"
-        return None
 
     async def stream(
         self,

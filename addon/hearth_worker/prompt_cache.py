@@ -18,6 +18,16 @@ pool and the generators running now together exceed the budget (running
 generators are never stopped for it: only they can exceed it). Everything is
 in memory: nothing reaches the disk, and a model's entries are dropped with it.
 
+A model that decodes in the batch (batch_decode.py: its own onnxruntime session)
+keeps no generators: its entries hold the keys and values themselves (`kv`, one
+array per past input, exactly as long as `tokens`). A request copies the prefix
+it needs into a buffer of its own, so such an entry is shared: `take()` leaves it
+in the pool, and any number of conversations start from it at once. Only a
+request whose prompt extends all of an entry's tokens (the conversation's next
+turn) takes it out, as a generator is taken: its own entry will replace it. A new
+entry also replaces the idle ones whose tokens it starts with (it serves whatever
+they served).
+
 `/v1/capacity` shows the warm prefixes as hashes (never text): the SHA-256 of
 the first N token ids, for N at a few block boundaries each entry covers, and
 the household prefix keys (`warm_keys`) of the requests that left each entry: a
@@ -75,11 +85,26 @@ class CacheEntry:
     generator: Any
     max_length: int
     nbytes: int
+    # A batched model's keys and values (one array per past input, as long as `tokens`)
+    # instead of a generator: shared, never taken out of the pool.
+    kv: list[Any] | None = None
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     # The prefix keys (X-Hearth-Prefix) of the requests whose prompts it holds,
     # oldest first, with the length of the prompt each came with.
     prefix_keys: dict[str, int] = field(default_factory=dict)
+
+
+def _superseded(old: CacheEntry, new: CacheEntry) -> bool:
+    """Whether `new` (a batched model's entry) serves every prompt `old` serves."""
+    return (
+        old is not new
+        and old.kv is not None
+        and old.model_id == new.model_id
+        and old.key == new.key
+        and len(old.tokens) <= len(new.tokens)
+        and new.tokens[: len(old.tokens)] == old.tokens
+    )
 
 
 @dataclass
@@ -88,6 +113,7 @@ class Taken:
 
     entry: CacheEntry | None
     reuse: int = 0
+    shared: bool = False  # left in the pool (a batched model's entry, only read)
 
 
 class PromptCache:
@@ -114,7 +140,8 @@ class PromptCache:
         `max_length` qualifies; at least one prompt token is always left to
         append (its logits give the first new token). The caller owns the
         entry until it gives it back with `put()` (or drops it with
-        `discard()`).
+        `discard()`); an entry holding `kv` stays in the pool, shared (the
+        caller only reads it).
         """
         best: CacheEntry | None = None
         best_len = 0
@@ -122,11 +149,12 @@ class PromptCache:
             for entry in self._idle:
                 if entry.model_id != model_id or entry.key != key:
                     continue
-                if entry.max_length < max_length:
+                if entry.kv is None and entry.max_length < max_length:
                     continue
-                # The last token of a history may not be in the KV cache yet
-                # (sampled, not fed back): never reuse it, and leave one to append.
-                usable = min(len(entry.tokens) - 1, len(prompt) - 1)
+                # The last token of a generator's history may not be in its KV cache
+                # yet (sampled, not fed back): never reuse it, and leave one to append.
+                held = len(entry.tokens) - (1 if entry.kv is None else 0)
+                usable = min(held, len(prompt) - 1)
                 shared = common_prefix(entry.tokens[: max(usable, 0)], prompt)
                 if shared > best_len or (
                     shared == best_len and best is not None and entry.last_used > best.last_used
@@ -135,12 +163,15 @@ class PromptCache:
             if best is None or best_len < min(MIN_REUSE_TOKENS, len(prompt) - 1) or best_len <= 0:
                 self.misses += 1
                 return Taken(None)
+            self.hits += 1
+            self.cached_tokens += best_len
+            if best.kv is not None and best_len < len(best.tokens):  # shared: only read
+                best.last_used = next(self._clock)
+                return Taken(best, best_len, shared=True)
             self._idle.remove(best)
             # Rewound into a key's prompt: the part that key named may be gone.
             best.prefix_keys = {k: n for k, n in best.prefix_keys.items() if n - 1 <= best_len}
             self._busy_bytes += best.nbytes
-            self.hits += 1
-            self.cached_tokens += best_len
             return Taken(best, best_len)
 
     def started(self, nbytes: int) -> None:
@@ -168,17 +199,45 @@ class PromptCache:
         """
         with self._lock:
             self._busy_bytes = max(0, self._busy_bytes - entry.nbytes)
-            if len(tokens) < 2 or entry.nbytes > self.budget_bytes:
-                return
-            entry.tokens = tokens
-            if prefix_key:
-                keys = [(k, n) for k, n in entry.prefix_keys.items() if k != prefix_key]
-                keys.append((prefix_key, min(prompt_tokens, len(tokens)) or len(tokens)))
-                entry.prefix_keys = dict(keys[-MAX_KEYS_PER_ENTRY:])
-            entry.last_used = next(self._clock)
-            self._idle.append(entry)
-            self._evict()
-            self._note_peak()
+            self._keep(entry, tokens, prefix_key, prompt_tokens)
+
+    def grow(
+        self,
+        entry: CacheEntry,
+        kv: list[Any],
+        tokens: list[int],
+        nbytes: int,
+        prefix_key: str | None = None,
+        prompt_tokens: int = 0,
+    ) -> None:
+        """A batched model's entry (given back with `put()`) now holds `kv` (`nbytes`)
+        for `tokens`, its old ones and more (an answer's keys and values); back in the
+        pool if it had been evicted meanwhile."""
+        with self._lock:
+            if entry in self._idle:
+                self._idle.remove(entry)
+            entry.kv, entry.nbytes = kv, nbytes
+            self._keep(entry, tokens, prefix_key, prompt_tokens)
+
+    def _keep(
+        self, entry: CacheEntry, tokens: list[int], prefix_key: str | None, prompt_tokens: int
+    ) -> None:
+        """Into the pool (lock held), unless it is too short or too large to keep."""
+        if len(tokens) < 2 or entry.nbytes > self.budget_bytes:
+            return
+        entry.tokens = tokens
+        if entry.kv is not None:  # it replaces the entries whose tokens it starts with
+            for old in [e for e in self._idle if _superseded(old=e, new=entry)]:
+                self._idle.remove(old)
+                entry.prefix_keys = {**old.prefix_keys, **entry.prefix_keys}
+        if prefix_key:
+            keys = [(k, n) for k, n in entry.prefix_keys.items() if k != prefix_key]
+            keys.append((prefix_key, min(prompt_tokens, len(tokens)) or len(tokens)))
+            entry.prefix_keys = dict(keys[-MAX_KEYS_PER_ENTRY:])
+        entry.last_used = next(self._clock)
+        self._idle.append(entry)
+        self._evict()
+        self._note_peak()
 
     def _evict(self) -> None:
         """Drop least recently used idle entries until all fits the budget (lock held)."""

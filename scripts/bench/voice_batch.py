@@ -1,9 +1,10 @@
 """Batched decoding A/B: each request its own generator (before) vs the shared batch (now).
 
 In this process, no server: `ChatModel`s of the same model: "generators" (every
-request decoded by its own onnxruntime-genai generator, as before issue 10) and
-"batch" (the worker now: two or more unguided requests decode together in
-batch_decode.py's shared session; one alone on its generator); with --no-spin also
+request prefilled and decoded by its own onnxruntime-genai generator, as before
+issue 10, and as a model that cannot batch is still served) and "batch" (the worker
+now: every request prefilled and decoded in batch_decode.py's session, the running
+ones decoding together, one alone too); with --no-spin also
 both with onnxruntime's threads not spin-waiting. Each round runs, for each in turn
 (the order alternating between rounds, as bench_worker interleaves its paths,
 because the machines are noisy): one stream's decode rate, then the
@@ -94,7 +95,7 @@ def main() -> int:
     paths = {
         # before issue 10's batch: each request decoded by its own generator
         "generators": ChatModel(manifest, cache=PromptCache(), batching=False),
-        # the worker now: batched from two unguided requests
+        # the worker now: every request in the batch's session
         "batch": ChatModel(manifest, cache=PromptCache()),
     }
     if args.no_spin:  # the same two with onnxruntime's threads not spin-waiting

@@ -29,7 +29,7 @@ from addon.hearth_worker.batch_decode import BatchDecoder, Sampler, TurnLock
 from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
 from addon.hearth_worker.guidance import Guide
 from addon.hearth_worker.manifest import load_manifest
-from addon.hearth_worker.prompt_cache import PromptCache
+from addon.hearth_worker.prompt_cache import PromptCache, common_prefix
 
 sys.path.insert(0, str(model_fixtures.REPO / "scripts" / "export"))
 from teach_data import AFTER_TOOL, HELLO, TOOL_CALL, held_out
@@ -56,17 +56,10 @@ def alone(taught_chat_model: Path) -> ChatModel:
 
 @pytest.fixture
 def batched(taught_chat_model: Path) -> ChatModel:
-    """Every unguided request decodes in the batch, even alone."""
+    """As the worker runs it: every request prefills and decodes in the batch, even alone."""
     model = ChatModel(load_manifest(taught_chat_model), threads=1, cache=PromptCache())
     assert model.batching
-    model.batch_from = 1
     return model
-
-
-@pytest.fixture
-def default(taught_chat_model: Path) -> ChatModel:
-    """As the worker runs it: a request alone keeps its generator."""
-    return ChatModel(load_manifest(taught_chat_model), threads=1, cache=PromptCache())
 
 
 def generate(
@@ -369,22 +362,21 @@ def test_a_grammar_llguidance_cannot_take_keeps_its_generator(
         raise ValueError("injected: llguidance refuses this grammar")
 
     monkeypatch.setattr(batched.grammars, "_compile", broken)
-    for _ in range(2):  # found out at the move to the batch, then known from the start
+    for _ in range(2):  # found out when its matcher is made, then known from the start
         result, text = generate(batched, prompt, sampling)
         assert text == TOOL_CALL and result.finish_reason == "stop"
         assert batch.steps == 0
     assert batched.grammars.refused(sampling.guidance or ("", ""))
     assert generate(batched, prompt)[1] == TOOL_CALL and batch.steps > 0  # unguided: batched
 
-    missing = ChatModel(load_manifest(Path(batched.manifest.path)), threads=1)
-    missing.batch_from = 1
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails
+    missing = ChatModel(load_manifest(Path(batched.manifest.path)), threads=1)
     assert generate(missing, prompt, sampling)[1] == TOOL_CALL
     missing_batch = missing.batch_decoder()
     assert missing_batch is not None and missing_batch.steps == 0
 
 
-def test_a_matcher_that_cannot_follow_the_first_tokens_keeps_its_generator(
+def test_a_request_without_a_matcher_keeps_its_generator(
     cases: list[tuple[str, str]], batched: ChatModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sampling, _ = guided(batched)
@@ -396,7 +388,7 @@ def test_a_matcher_that_cannot_follow_the_first_tokens_keeps_its_generator(
     monkeypatch.setattr(batched.grammars, "matcher", refused)
     result, text = generate(batched, batched.encode(cases[0][0]), sampling)
     assert text == TOOL_CALL and result.finish_reason == "stop"
-    assert len(followed) == 1 and len(followed[0]) == 1  # the generator's first token
+    assert followed == [[]]  # asked for at the start
     batch = batched.batch_decoder()
     assert batch is not None and batch.steps == 0
 
@@ -408,7 +400,6 @@ def test_an_after_tool_answer(cases: list[tuple[str, str]], batched: ChatModel) 
 def test_seeded_samples_repeat(tiny_chat_model: Path) -> None:
     """On the untaught tiny model (flat distributions): the seed decides every draw."""
     model = ChatModel(load_manifest(tiny_chat_model), threads=1)
-    model.batch_from = 1
     prompt = model.prepare([{"role": "user", "content": "tell me a story"}], None)
     seeded = Sampling(max_new_tokens=24, temperature=1.5, top_p=0.95, top_k=400, seed=7)
     first = generate(model, prompt, seeded)
@@ -421,52 +412,64 @@ def test_seeded_samples_repeat(tiny_chat_model: Path) -> None:
     assert batch is not None and batch.steps > 0
 
 
-def test_a_request_alone_keeps_its_generator(
-    cases: list[tuple[str, str]], default: ChatModel
+def test_a_request_alone_decodes_in_the_batch(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
 ) -> None:
-    result, text = generate(default, default.encode(cases[0][0]))
-    assert text == TOOL_CALL and result.finish_reason == "stop"
-    batch = default.batch_decoder()
-    assert batch is not None and batch.steps == 0
+    prompt = batched.encode(cases[0][0])
+    result, text = generate(batched, prompt)
+    assert text == TOOL_CALL == generate(alone, prompt)[1] and result.finish_reason == "stop"
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.steps > 0 and batch.peak_batch == 1
 
 
-def test_a_request_decoding_alone_moves_into_the_batch_when_another_comes(
-    cases: list[tuple[str, str]], alone: ChatModel, default: ChatModel
+def test_conversations_start_from_one_cached_prefix_at_once(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
 ) -> None:
-    """A decodes on its generator; B comes (the batch paused): B's first token sends it
-    to the batch, A follows at its next token with the KV cache of all it has so far.
-    Both answers are the ones decoded alone."""
-    batch = default.batch_decoder()
-    assert batch is not None
-    first = default.encode(cases[0][0])
-    second = default.encode(cases[2][0])
-    results: dict[str, tuple[GenerationResult, str]] = {}
-    pieces = 0
-    threads: list[threading.Thread] = []
+    """The household prompt's keys and values are cached once and read by every
+    conversation that starts with it, at the same time too (nothing is taken out)."""
+    household = [batched.encode(cases[i][0]) for i in (0, 1, 2)]
+    first, _ = generate(batched, household[0])
+    assert first.cached_tokens == 0
+    fed = batched.prefilled_tokens
+    out = in_threads(batched, [(prompt, GREEDY) for prompt in household[1:]])
+    batch = batched.batch_decoder()
+    assert batch is not None and batch.peak_batch == 2
+    for prompt, (result, text) in zip(household[1:], out, strict=True):
+        shared = common_prefix(household[0], prompt)
+        assert shared > len(prompt) // 2  # the household prompt
+        assert shared <= result.cached_tokens < len(prompt)
+        assert text == generate(alone, prompt)[1]
+    assert batched.prefilled_tokens - fed == sum(
+        len(prompt) - result.cached_tokens
+        for prompt, (result, _) in zip(household[1:], out, strict=True)
+    )
 
-    def run(name: str, prompt: list[int], on_text: Callable[[str], None] | None) -> None:
-        results[name] = generate(default, prompt, on_text=on_text)
 
-    def on_text(_: str) -> None:
-        nonlocal pieces
-        pieces += 1
-        if pieces == 3:  # A is decoding alone on its generator: B comes
-            assert batch.steps == 0 and batch.running() == 0
-            batch.pause()
-            threads.append(threading.Thread(target=run, args=("b", second, None)))
-            threads[-1].start()
-            wait_for(lambda: batch.pending() == 1)
-
-    threads.append(threading.Thread(target=run, args=("a", first, on_text)))
-    threads[0].start()
-    wait_for(lambda: len(threads) == 2 and batch.pending() == 2)  # A followed B
-    batch.resume()
-    for thread in threads:
-        thread.join(WAIT_S)
-    assert batch.peak_batch == 2
-    assert results["a"][1] == generate(alone, first)[1] == cases[0][1]
-    assert results["b"][1] == generate(alone, second)[1] == cases[2][1]
-    assert results["a"][0].completion_tokens == generate(alone, first)[0].completion_tokens
+def test_the_next_turn_starts_after_the_answer(
+    cases: list[tuple[str, str]], alone: ChatModel, batched: ChatModel
+) -> None:
+    """The cache keeps the answer's keys and values too (copied out of the batch's
+    slot when it ends): the next turn prefills only what follows the answer."""
+    text, answer = cases[2]  # "hello"
+    prompt = batched.encode(text)
+    result, got = generate(batched, prompt)
+    assert got == answer == HELLO
+    cache = batched.cache
+    assert cache is not None
+    [entry] = cache.entries()
+    assert entry.tokens[: len(prompt)] == prompt
+    assert len(entry.tokens) == len(prompt) + result.completion_tokens - 1  # not the last
+    assert entry.nbytes == len(entry.tokens) * batched.kv_bytes_per_token
+    assert entry.kv is not None and entry.kv[0].shape[2] == len(entry.tokens)
+    following = batched.encode(
+        text + got + "<|im_end|>\n<|im_start|>user\nthank you<|im_end|>\n<|im_start|>assistant\n"
+    )
+    reused = common_prefix(entry.tokens, following)
+    assert reused > len(prompt) + 1  # into the answer
+    again, got_again = generate(batched, following)
+    assert again.cached_tokens == reused
+    assert got_again == generate(alone, following)[1]
+    assert len(cache.entries()) == 1  # the new turn's entry replaced the old one
 
 
 def test_sampler_penalties_follow_onnxruntime_genai() -> None:
@@ -555,18 +558,18 @@ def test_a_waiter_that_gives_up_leaves_the_line() -> None:
     assert lock.acquire(timeout=0)
 
 
-def test_the_generator_and_the_batch_run_in_the_models_turns(
+def test_the_prefill_and_the_batch_run_in_the_models_turns(
     cases: list[tuple[str, str]], batched: ChatModel
 ) -> None:
-    """A request's prefill and first token (its generator) and its batch steps each
-    wait while another of the model's runs holds the turn."""
+    """A request's prefill (its first token) and its batch steps each wait while
+    another of the model's runs holds the turn."""
     prompt = batched.encode(cases[2][0])
     pieces: list[str] = []
     first, held = threading.Event(), threading.Event()
 
     def on_text(text: str) -> None:
         pieces.append(text)
-        if len(pieces) == 1:  # the generator's token: hold before the batch steps
+        if len(pieces) == 1:  # the prefill's token: hold before the batch steps
             first.set()
             held.wait(WAIT_S)
 

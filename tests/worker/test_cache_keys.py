@@ -123,9 +123,11 @@ async def test_worker_lists_warm_keys(
     assert await warm() == [household]
     await chat(HOUSEHOLD, "not a key")  # ignored: not 64 hex digits
     assert await warm() == [household]
-    # A prompt that parts from it halfway through the household part rewinds the
-    # only entry into its history: K is gone, the new key is listed.
+    # A prompt that parts from it halfway through the household part starts from the
+    # household's entry, which it only reads (the worker batches this model: its
+    # entries are shared, never rewound): both keys are listed, the newest first.
+    # (A generator's entry rewound into its history forgets: test_keys_follow_their_entry.)
     other = HOUSEHOLD[: len(HOUSEHOLD) // 2] + " Everything else is off."
     await chat(other, key(other), stream=True)
-    assert await warm() == [key(other)]
+    assert await warm() == [key(other), household]
     await asyncio.sleep(0)

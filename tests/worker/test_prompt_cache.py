@@ -135,8 +135,11 @@ def test_other_search_options_do_not_share_a_generator(manifest: Any) -> None:
     assert result.cached_tokens == len(prompt) - 1  # the same prompt: all but the last
 
 
-def test_budget_evicts_the_least_recently_used(manifest: Any) -> None:
-    probe = ChatModel(manifest, threads=1)
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "generators"])
+def test_budget_evicts_the_least_recently_used(manifest: Any, batching: bool) -> None:
+    """Entries hold a batched model's keys and values for exactly their tokens (the
+    prompt and the answer), or a generator sized for later turns."""
+    probe = ChatModel(manifest, threads=1, batching=batching)
     prompts = [
         probe.prepare(
             [
@@ -149,9 +152,13 @@ def test_budget_evicts_the_least_recently_used(manifest: Any) -> None:
     ]
     assert all(common_prefix(a, b) < MIN_REUSE_TOKENS for a in prompts for b in prompts if a != b)
     longest = max(len(p) for p in prompts)
-    entry_bytes = probe._cached_length(longest + 8) * probe.kv_bytes_per_token
-    cache = PromptCache(budget_bytes=2 * entry_bytes)  # room for two
-    model = ChatModel(manifest, threads=1, cache=cache)
+    held = longest + 8 if batching else probe._cached_length(longest + 8)
+    entry_bytes = held * probe.kv_bytes_per_token
+    # Room for two; a batched request also holds its prompt's keys and values while it
+    # runs (its own buffer: a cached entry is only read).
+    running = longest * probe.kv_bytes_per_token if batching else 0
+    cache = PromptCache(budget_bytes=2 * entry_bytes + running)
+    model = ChatModel(manifest, threads=1, cache=cache, batching=batching)
     for prompt in prompts:
         assert run(model, prompt)[0].cached_tokens == 0
     snapshot = cache.snapshot()
@@ -195,9 +202,12 @@ class CancelAfter(threading.Event):
         return self.calls <= 0 or super().is_set()
 
 
-async def test_cancel_during_prefill_stops_it_and_frees_the_generator(manifest: Any) -> None:
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "generators"])
+async def test_cancel_during_prefill_stops_it_and_frees_the_generator(
+    manifest: Any, batching: bool
+) -> None:
     cache = PromptCache()
-    model = ChatModel(manifest, threads=1, cache=cache)
+    model = ChatModel(manifest, threads=1, cache=cache, batching=batching)
     prompt = model.prepare(conversation(*(f"turn on light {i}" for i in range(60))), None)
     assert len(prompt) > 1000  # many prefill slices
     cancelled = CancelAfter(2)  # after the first slice
@@ -212,7 +222,9 @@ async def test_cancel_during_prefill_stops_it_and_frees_the_generator(manifest: 
     # What it did prefill is reused by the next request for the same prompt.
     fed = model.prefilled_tokens
     result, _ = run(model, prompt)
-    assert result.cached_tokens == fed - 1  # a history's last token is never reused
+    # A generator's last token is never reused (it may not be in its KV cache yet);
+    # a batched model's entry holds the keys and values of every token it lists.
+    assert result.cached_tokens == (fed if batching else fed - 1)
     assert model.prefilled_tokens - fed == len(prompt) - result.cached_tokens
 
 
@@ -274,7 +286,7 @@ class _CannotRewind:
 
 def test_generator_that_cannot_rewind_is_replaced(manifest: Any) -> None:
     cache = PromptCache()
-    model = ChatModel(manifest, threads=1, cache=cache)
+    model = ChatModel(manifest, threads=1, cache=cache, batching=False)
     prompt = model.prepare(conversation("turn on the kitchen light"), None)
     run(model, prompt)
     [entry] = cache.entries()
