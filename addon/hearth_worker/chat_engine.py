@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime_genai as og
 
 from .admission import run_to_end
@@ -532,36 +531,40 @@ class ChatModel:
         """
         prompt_ids, result, sampling = request.prompt_ids, request.result, request.sampling
         key = self._cache_key(sampling) if self.cache is not None else None
-        kv = batch.new_kv(len(prompt_ids))
-        prefix_keys: dict[str, int] = {}
-        if self.cache is not None and key is not None:
-            taken = self.cache.take(self.cache_owner, key, prompt_ids, 0)
-            cached = taken.entry
-            if cached is not None and cached.kv is not None:
-                for mine, held in zip(kv, cached.kv, strict=True):
-                    mine[:, :, : taken.reuse] = held[:, :, : taken.reuse]
-                result.cached_tokens = taken.reuse
-                if not taken.shared:  # its tokens all lead this prompt: replaced by ours
-                    self.cache.discard(cached)
-                    prefix_keys = dict(cached.prefix_keys)
-            elif cached is not None:  # a generator (kept when this model did not batch)
-                self.cache.put(cached, cached.tokens)
-        entry = self._kv_entry(key, kv, len(prompt_ids))
-        entry.prefix_keys = prefix_keys
+        entry = self._kv_start(batch, key, prompt_ids, result)
+        kv = entry.kv
+        assert kv is not None
         logits: list[Floats] = []
 
         def feed(position: int, piece: list[int]) -> None:
             logits[:] = [batch.prefill(kv, position, piece)]
 
         fed = 0
+        entry.growing = True  # until its answer is in (or it has none)
         try:
-            fed = _prefill(feed, prompt_ids, result.cached_tokens, request.cancelled)
+            try:
+                fed = _prefill(feed, prompt_ids, result.cached_tokens, request.cancelled)
+            finally:
+                self._keep(entry, prompt_ids[: result.cached_tokens + fed], request)
+            if self._fed(fed, request):
+                self._answer_batched(batch, guide, request, entry, logits[0])
         finally:
-            self._keep(entry, prompt_ids[: result.cached_tokens + fed], request)
-        if not self._fed(fed, request):
-            return
-        sampler = Sampler(self._search_options(sampling), prompt_ids)
-        token = sampler.pick(logits[0], None if guide is None else guide.allowed(batch.vocab_size))
+            entry.growing = False
+
+    def _answer_batched(
+        self,
+        batch: BatchDecoder,
+        guide: TokenGuide | None,
+        request: _Request,
+        entry: CacheEntry,
+        logits: Floats,
+    ) -> None:
+        """The first token from the prompt's last logits, the rest in the batch; then the
+        answer's keys and values into the cache entry (after the prompt's)."""
+        prompt_ids, result, kv = request.prompt_ids, request.result, entry.kv
+        assert kv is not None
+        sampler = Sampler(self._search_options(request.sampling), prompt_ids)
+        token = sampler.pick(logits, None if guide is None else guide.allowed(batch.vocab_size))
         if guide is not None and token not in batch.eos:
             guide.consume(token)
         sampler.append(token)
@@ -585,16 +588,48 @@ class ChatModel:
         )
         batch.run(job)
         result.finish_reason = job.finish_reason
-        if job.kv and self.cache is not None:  # the answer's keys and values: the entry grows
-            full = [np.concatenate(pair, axis=2) for pair in zip(kv, job.kv, strict=True)]
-            self.cache.grow(
-                entry,
-                full,
-                sampler.history[: job.length],
-                job.length * self.kv_bytes_per_token,
-                request.prefix_key,
-                len(prompt_ids),
-            )
+        if not job.kv or self.cache is None:
+            return
+        # The answer's keys and values after the prompt's: in the entry's room (only
+        # past what readers copy), or in a larger buffer.
+        if job.length > kv[0].shape[2]:
+            room = batch.new_kv(self._cached_length(job.length))
+            for mine, held in zip(room, kv, strict=True):
+                mine[:, :, : len(prompt_ids)] = held[:, :, : len(prompt_ids)]
+            kv = room
+        for mine, answer in zip(kv, job.kv, strict=True):
+            mine[:, :, len(prompt_ids) : job.length] = answer
+        nbytes = kv[0].shape[2] * self.kv_bytes_per_token
+        tokens = sampler.history[: job.length]
+        self.cache.grow(entry, kv, tokens, nbytes, request.prefix_key, len(prompt_ids))
+
+    def _kv_start(
+        self, batch: BatchDecoder, key: Any, prompt_ids: list[int], result: GenerationResult
+    ) -> CacheEntry:
+        """The entry a batched request prefills into, holding the longest cached prefix
+        of its prompt (`result.cached_tokens`): the cached entry itself when the prompt
+        extends all of it and fits (its conversation's next turn: nothing copied), else
+        a new one with the prefix copied in."""
+        taken = Taken(None)
+        if self.cache is not None and key is not None:
+            taken = self.cache.take(self.cache_owner, key, prompt_ids, 0)
+            if taken.entry is not None and taken.entry.kv is None:  # a generator: not ours
+                self.cache.put(taken.entry, taken.entry.tokens)
+                taken = Taken(None)
+        cached = taken.entry
+        if cached is not None and cached.kv is not None:
+            result.cached_tokens = taken.reuse
+            if not taken.shared and cached.kv[0].shape[2] >= len(prompt_ids):
+                return cached  # taken out: written in place after its tokens
+        length = len(prompt_ids) if key is None else self._cached_length(len(prompt_ids))
+        entry = self._kv_entry(key, batch.new_kv(length), length)
+        if cached is not None and cached.kv is not None and entry.kv is not None:
+            for mine, held in zip(entry.kv, cached.kv, strict=True):
+                mine[:, :, : taken.reuse] = held[:, :, : taken.reuse]
+            if not taken.shared and self.cache is not None:  # taken out: replaced by ours
+                entry.prefix_keys = dict(cached.prefix_keys)
+                self.cache.discard(cached)
+        return entry
 
     def _kv_entry(self, key: Any, kv: list[Floats], length: int) -> CacheEntry:
         """A prompt cache entry for a batched model's keys and values (counted in use)."""
@@ -681,6 +716,8 @@ class ChatModel:
                         spinning=self.spinning,
                         turns=self.turns,
                     )
+                    if self.cache is not None:  # the batch's buffer is in the budget too
+                        self._batch.on_bytes = self.cache.held
                 except Exception as err:  # an export this cannot run: generators only
                     _LOGGER.warning("Decoding not batched for %s: %s", self.id, err)
                     self.batching = False

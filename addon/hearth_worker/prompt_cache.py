@@ -20,13 +20,14 @@ in memory: nothing reaches the disk, and a model's entries are dropped with it.
 
 A model that decodes in the batch (batch_decode.py: its own onnxruntime session)
 keeps no generators: its entries hold the keys and values themselves (`kv`, one
-array per past input, exactly as long as `tokens`). A request copies the prefix
-it needs into a buffer of its own, so such an entry is shared: `take()` leaves it
-in the pool, and any number of conversations start from it at once. Only a
-request whose prompt extends all of an entry's tokens (the conversation's next
-turn) takes it out, as a generator is taken: its own entry will replace it. A new
-entry also replaces the idle ones whose tokens it starts with (it serves whatever
-they served).
+array per past input, with room for later turns as a generator has). A request
+copies the prefix it needs into a buffer of its own, so such an entry is shared:
+`take()` leaves it in the pool, and any number of conversations start from it at
+once. Only a request whose prompt extends all of an entry's tokens (the
+conversation's next turn) takes it out, as a generator is taken, and writes its
+prompt after them (only past every reader's prefix); not while the entry's own
+request is still answering (`growing`). A new entry also replaces the idle ones
+whose tokens it starts with (it serves whatever they served).
 
 `/v1/capacity` shows the warm prefixes as hashes (never text): the SHA-256 of
 the first N token ids, for N at a few block boundaries each entry covers, and
@@ -85,9 +86,12 @@ class CacheEntry:
     generator: Any
     max_length: int
     nbytes: int
-    # A batched model's keys and values (one array per past input, as long as `tokens`)
-    # instead of a generator: shared, never taken out of the pool.
+    # A batched model's keys and values (one array per past input, room for
+    # `max_length` tokens, the first len(tokens) held) instead of a generator.
     kv: list[Any] | None = None
+    # Its request is still answering (it will write the answer's keys and values
+    # after its tokens): only read, never taken out, until then.
+    growing: bool = False
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     # The prefix keys (X-Hearth-Prefix) of the requests whose prompts it holds,
@@ -165,7 +169,7 @@ class PromptCache:
                 return Taken(None)
             self.hits += 1
             self.cached_tokens += best_len
-            if best.kv is not None and best_len < len(best.tokens):  # shared: only read
+            if best.kv is not None and (best_len < len(best.tokens) or best.growing):  # read
                 best.last_used = next(self._clock)
                 return Taken(best, best_len, shared=True)
             self._idle.remove(best)
@@ -182,6 +186,14 @@ class PromptCache:
         """
         with self._lock:
             self._busy_bytes += nbytes
+            self._evict()
+            self._note_peak()
+
+    def held(self, before: int, after: int) -> None:
+        """Bytes held outside the pool (a batch's KV buffer) went from `before` to
+        `after`; idle entries make room, as for a request's own buffer."""
+        with self._lock:
+            self._busy_bytes = max(0, self._busy_bytes + after - before)
             self._evict()
             self._note_peak()
 

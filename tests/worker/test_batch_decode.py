@@ -459,17 +459,44 @@ def test_the_next_turn_starts_after_the_answer(
     [entry] = cache.entries()
     assert entry.tokens[: len(prompt)] == prompt
     assert len(entry.tokens) == len(prompt) + result.completion_tokens - 1  # not the last
-    assert entry.nbytes == len(entry.tokens) * batched.kv_bytes_per_token
-    assert entry.kv is not None and entry.kv[0].shape[2] == len(entry.tokens)
+    # Room for later turns, as a generator has (held, whatever it holds).
+    assert entry.nbytes == entry.max_length * batched.kv_bytes_per_token
+    assert entry.kv is not None and entry.kv[0].shape[2] == entry.max_length > len(entry.tokens)
     following = batched.encode(
         text + got + "<|im_end|>\n<|im_start|>user\nthank you<|im_end|>\n<|im_start|>assistant\n"
     )
+    array = entry.kv[0]
     reused = common_prefix(entry.tokens, following)
     assert reused > len(prompt) + 1  # into the answer
     again, got_again = generate(batched, following)
     assert again.cached_tokens == reused
     assert got_again == generate(alone, following)[1]
-    assert len(cache.entries()) == 1  # the new turn's entry replaced the old one
+    # Its own conversation's next turn took the entry out and wrote after its tokens
+    # (nothing copied), and put it back longer.
+    [after] = cache.entries()
+    assert after is entry and after.kv is not None and after.kv[0] is array
+    assert after.tokens[: len(following)] == following
+
+
+def test_the_batch_buffer_counts_in_the_cache_budget(
+    cases: list[tuple[str, str]], batched: ChatModel
+) -> None:
+    """The batch's KV buffer is held in the prompt cache's budget while it exists (it
+    is freed when the batch is empty)."""
+    cache, batch = batched.cache, batched.batch_decoder()
+    assert cache is not None and batch is not None
+    seen: list[tuple[int, int]] = []
+
+    def on_text(_: str) -> None:
+        if batch.steps > 0 and not seen:  # a token of the batch's: its buffer is held
+            seen.append((cache.snapshot()["in_use_bytes"], batch.nbytes))
+
+    assert generate(batched, batched.encode(cases[2][0]), on_text=on_text)[1] == HELLO
+    [(in_use, held)] = seen
+    assert held > 0 and in_use == held  # the prompt's own buffer is in the pool by then
+    assert batch.nbytes == 0 and cache.snapshot()["in_use_bytes"] == 0
+    [entry] = cache.entries()
+    assert cache.snapshot()["peak_bytes"] >= held + entry.nbytes
 
 
 def test_sampler_penalties_follow_onnxruntime_genai() -> None:

@@ -20,6 +20,7 @@ import pytest
 from test_api import CHAT, model_id
 from worker_process import WorkerProcess
 
+from addon.hearth_worker.batch_decode import LENGTH_STEP
 from addon.hearth_worker.chat_engine import ChatModel, GenerationResult, Sampling
 from addon.hearth_worker.manifest import load_manifest
 from addon.hearth_worker.prompt_cache import (
@@ -135,30 +136,30 @@ def test_other_search_options_do_not_share_a_generator(manifest: Any) -> None:
     assert result.cached_tokens == len(prompt) - 1  # the same prompt: all but the last
 
 
-@pytest.mark.parametrize("batching", [True, False], ids=["batched", "generators"])
-def test_budget_evicts_the_least_recently_used(manifest: Any, batching: bool) -> None:
-    """Entries hold a batched model's keys and values for exactly their tokens (the
-    prompt and the answer), or a generator sized for later turns."""
-    probe = ChatModel(manifest, threads=1, batching=batching)
+def household_prompts(model: ChatModel, *words: str) -> list[list[int]]:
+    """One prompt per word, sharing no prefix worth reusing."""
     prompts = [
-        probe.prepare(
+        model.prepare(
             [
                 {"role": "system", "content": f"{word} " + HOUSEHOLD},
                 {"role": "user", "content": "hi"},
             ],
             None,
         )
-        for word in ("Alpha", "Bravo", "Charlie")
+        for word in words
     ]
     assert all(common_prefix(a, b) < MIN_REUSE_TOKENS for a in prompts for b in prompts if a != b)
+    return prompts
+
+
+def test_budget_evicts_the_least_recently_used(manifest: Any) -> None:
+    """Generators (a model that cannot batch), each sized for later turns."""
+    probe = ChatModel(manifest, threads=1, batching=False)
+    prompts = household_prompts(probe, "Alpha", "Bravo", "Charlie")
     longest = max(len(p) for p in prompts)
-    held = longest + 8 if batching else probe._cached_length(longest + 8)
-    entry_bytes = held * probe.kv_bytes_per_token
-    # Room for two; a batched request also holds its prompt's keys and values while it
-    # runs (its own buffer: a cached entry is only read).
-    running = longest * probe.kv_bytes_per_token if batching else 0
-    cache = PromptCache(budget_bytes=2 * entry_bytes + running)
-    model = ChatModel(manifest, threads=1, cache=cache, batching=batching)
+    entry_bytes = probe._cached_length(longest + 8) * probe.kv_bytes_per_token
+    cache = PromptCache(budget_bytes=2 * entry_bytes)  # room for two
+    model = ChatModel(manifest, threads=1, cache=cache, batching=False)
     for prompt in prompts:
         assert run(model, prompt)[0].cached_tokens == 0
     snapshot = cache.snapshot()
@@ -171,6 +172,35 @@ def test_budget_evicts_the_least_recently_used(manifest: Any, batching: bool) ->
     assert run(model, prompts[0])[0].cached_tokens == 0  # the oldest went
     # ... and coming back made the least recently used one (Charlie) go.
     assert run(model, prompts[2])[0].cached_tokens == 0
+
+
+def test_budget_holds_a_batched_models_entries_and_running_buffers(manifest: Any) -> None:
+    """A batched model's entries (keys and values with room for later turns), a
+    running request's own buffer and the batch's buffer share the budget: the least
+    recently used entries make room for them."""
+    probe = ChatModel(manifest, threads=1)
+    prompts = household_prompts(probe, "Alpha", "Bravo", "Charlie", "Delta")
+    longest = max(len(p) for p in prompts)
+    entry_bytes = probe._cached_length(longest) * probe.kv_bytes_per_token
+    # One slot of the batch, grown in steps of LENGTH_STEP tokens as the answer grows.
+    batch_bytes = -(-(longest + 8) // LENGTH_STEP) * LENGTH_STEP * probe.kv_bytes_per_token
+    # Room for three entries, or two and a running request's own buffer, and a batch.
+    cache = PromptCache(budget_bytes=3 * entry_bytes + batch_bytes)
+    model = ChatModel(manifest, threads=1, cache=cache)
+    for prompt in prompts:
+        assert run(model, prompt)[0].cached_tokens == 0
+        snapshot = cache.snapshot()
+        assert snapshot["in_use_bytes"] == 0  # the request's buffer is the entry now
+        assert snapshot["used_bytes"] <= snapshot["peak_bytes"] <= snapshot["budget_bytes"]
+    assert [e.tokens[: len(p)] for e, p in zip(cache.entries(), prompts[1:], strict=True)] == (
+        prompts[1:]
+    )  # Alpha, the least recently used, went for Delta's buffer
+    snapshot = cache.snapshot()
+    assert (snapshot["entries"], snapshot["evictions"]) == (3, 1)
+    assert all(e.nbytes == e.max_length * probe.kv_bytes_per_token for e in cache.entries())
+    assert snapshot["peak_bytes"] >= 3 * entry_bytes + batch_bytes - entry_bytes
+    assert run(model, prompts[3])[0].cached_tokens > 0  # the newest stays
+    assert run(model, prompts[0])[0].cached_tokens == 0  # the oldest went
 
 
 def test_removed_model_drops_its_cache(manifest: Any) -> None:
