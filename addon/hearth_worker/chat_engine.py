@@ -622,7 +622,7 @@ class ChatModel:
             if not taken.shared and cached.kv[0].shape[2] >= len(prompt_ids):
                 return cached  # taken out: written in place after its tokens
         length = len(prompt_ids) if key is None else self._cached_length(len(prompt_ids))
-        entry = self._kv_entry(key, batch.new_kv(length), length)
+        entry = self._new_entry(key, length, kv=batch.new_kv(length))
         if cached is not None and cached.kv is not None and entry.kv is not None:
             for mine, held in zip(entry.kv, cached.kv, strict=True):
                 mine[:, :, : taken.reuse] = held[:, :, : taken.reuse]
@@ -631,23 +631,29 @@ class ChatModel:
                 self.cache.discard(cached)
         return entry
 
-    def _kv_entry(self, key: Any, kv: list[Floats], length: int) -> CacheEntry:
-        """A prompt cache entry for a batched model's keys and values (counted in use)."""
+    def _new_entry(
+        self, key: Any, max_length: int, generator: Any = None, kv: list[Floats] | None = None
+    ) -> CacheEntry:
+        """A prompt cache entry for a new generator, or a batched model's keys and values
+        (room for `max_length` tokens), counted in use until it is kept or discarded."""
         entry = CacheEntry(
             model_id=self.cache_owner,
             key=key,
-            generator=None,
-            max_length=length,
-            nbytes=length * self.kv_bytes_per_token,
+            generator=generator,
+            max_length=max_length,
+            nbytes=max_length * self.kv_bytes_per_token,
             kv=kv,
         )
-        if self.cache is not None and key is not None:
+        if self.cache is not None:
             self.cache.started(entry.nbytes)
         return entry
 
     def _keep(self, entry: CacheEntry, tokens: list[int], request: _Request) -> None:
         """Put a batched model's entry into the prompt cache, holding `tokens`."""
-        if self.cache is None or entry.key is None:
+        if self.cache is None:
+            return
+        if entry.key is None:  # not cacheable (a seeded sample): only counted while it ran
+            self.cache.discard(entry)
             return
         self.cache.put(entry, list(tokens), request.prefix_key, len(request.prompt_ids))
 
@@ -692,16 +698,7 @@ class ChatModel:
                 return entry
         max_length = self._cached_length(needed) if key is not None else needed
         generator = og.Generator(self._model, self._params(max_length, sampling))
-        entry = CacheEntry(
-            model_id=self.cache_owner,
-            key=key,
-            generator=generator,
-            max_length=max_length,
-            nbytes=max_length * self.kv_bytes_per_token,
-        )
-        if self.cache is not None:
-            self.cache.started(entry.nbytes)
-        return entry
+        return self._new_entry(key, max_length, generator=generator)
 
     def batch_decoder(self) -> BatchDecoder | None:
         """The model's shared decode batch (made on first use); None: not batched."""

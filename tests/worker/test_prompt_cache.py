@@ -132,6 +132,7 @@ def test_other_search_options_do_not_share_a_generator(manifest: Any) -> None:
     seeded = Sampling(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3)
     result, _ = run(model, prompt, seeded)
     assert result.cached_tokens == 0  # a seeded sample starts its own random stream
+    assert cache.snapshot()["in_use_bytes"] == 0  # counted while it ran, not kept
     result, _ = run(model, prompt)
     assert result.cached_tokens == len(prompt) - 1  # the same prompt: all but the last
 
