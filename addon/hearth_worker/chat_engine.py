@@ -522,12 +522,12 @@ class ChatModel:
     ) -> None:
         """Prefill in the batch's session, then decode in the batch (even alone).
 
-        The keys and values of the longest cached prefix are copied into a buffer of
-        the request's own (`BatchDecoder.new_kv`), the rest of the prompt fed after
-        them; that buffer then goes into the prompt cache as it is (shared by the
-        requests to come), and its copy in a slot of the batch decodes. When the
-        answer ends, the cache entry is replaced by one with the answer's keys and
-        values too, so a conversation's next turn starts after it.
+        The prompt is fed after the longest cached prefix (`_kv_start`: in the cached
+        entry itself for its conversation's next turn, else in a buffer of the
+        request's own with the prefix copied in); that buffer then goes into the
+        prompt cache as it is (read by the requests to come), and its copy in a slot
+        of the batch decodes. When the answer ends, its keys and values join the
+        entry's, so the conversation's next turn starts after it.
         """
         prompt_ids, result, sampling = request.prompt_ids, request.result, request.sampling
         key = self._cache_key(sampling) if self.cache is not None else None
