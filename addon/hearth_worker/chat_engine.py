@@ -342,8 +342,6 @@ class ChatModel:
             int(model_config.get("vocab_size") or 0),
             int((eos if isinstance(eos, list) else [eos])[0] or 0),
         )
-        if self.batching:  # built in the background, ready for the first guided request
-            self.grammars.prepare()
 
     def _measure_kv_bytes(self) -> int:
         """Bytes of keys and values one token takes (all layers), measured on a tiny run."""

@@ -293,6 +293,8 @@ class ModelRegistry:
             engine = ChatModel(manifest, threads=self.threads, cache=self.prompt_cache)
             if self.warmup:
                 self._warm_up(engine)
+                if engine.batching:  # the first voice command need not wait for it (~1 s)
+                    engine.grammars.prepare()
         elif manifest.kind == STT_KIND:
             engine = stt = load_stt(manifest.path, self.threads)
             if self.warmup:  # the first command is fast
