@@ -220,7 +220,7 @@ class DecodeJob:
     the request is done with it (a stop sequence). The job ends with
     `finish_reason` "stop" (end of sequence or stop sequence), "length" (its
     `max_new` tokens) or "cancelled". `guide`: a guided request's grammar, already
-    past the tokens generated so far (None: unguided).
+    past its first token (None: unguided).
     """
 
     kv: list[Floats]
@@ -374,6 +374,16 @@ class BatchDecoder:
             self.session.run_with_iobinding(binding)
         last: Floats = logits[0, -1]
         return last
+
+    def choose(self, sampler: Sampler, guide: TokenGuide | None, logits: Floats) -> int:
+        """A sequence's next token for its logits: the sampler's pick among the tokens
+        its grammar allows, added to the sampler's history and fed to the grammar
+        (raises when the grammar is broken)."""
+        token = sampler.pick(logits, None if guide is None else guide.allowed(self.vocab_size))
+        if guide is not None and token not in self.eos:
+            guide.consume(token)
+        sampler.append(token)
+        return token
 
     @property
     def nbytes(self) -> int:
@@ -578,16 +588,11 @@ class BatchDecoder:
         for slot, job in enumerate(running):
             job.length += 1  # the fed token's KV is in the slot now
             try:
-                guide = job.guide
-                allowed = None if guide is None else guide.allowed(self.vocab_size)
-                token = job.sampler.pick(logits[slot, -1], allowed)
-                if guide is not None and token not in self.eos:
-                    guide.consume(token)
+                token = self.choose(job.sampler, job.guide, logits[slot, -1])
             except Exception as err:  # its grammar broke: its own request fails
                 job.error = err
                 ended.append(slot)
                 continue
-            job.sampler.append(token)
             job.token = token
             job.generated += 1
             try:

@@ -463,7 +463,7 @@ class ChatModel:
             guide = (
                 None
                 if self.grammars.refused(sampling.guidance)
-                else (self.grammars.matcher(sampling.guidance, []))
+                else self.grammars.matcher(sampling.guidance)
             )
             if guide is None:  # a grammar llguidance cannot take: genai's guidance
                 batch = None
@@ -562,10 +562,7 @@ class ChatModel:
         prompt_ids, result, kv = request.prompt_ids, request.result, entry.kv
         assert kv is not None
         sampler = Sampler(self._search_options(request.sampling), prompt_ids)
-        token = sampler.pick(logits, None if guide is None else guide.allowed(batch.vocab_size))
-        if guide is not None and token not in batch.eos:
-            guide.consume(token)
-        sampler.append(token)
+        token = batch.choose(sampler, guide, logits)
         if request.sink.push(token):  # a stop sequence
             return
         if token in batch.eos or request.max_new <= 1:  # as on a generator

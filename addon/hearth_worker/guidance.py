@@ -18,15 +18,14 @@ compile (``not``, for one) falls back the same way, for that request only.
 The environment variable ``HEARTH_WORKER_GUIDANCE=off`` turns guidance off for
 every model (a way out should it misbehave on some model).
 
-A guided request starts on genai's guided generator (prefill, first token); when
-it moves into the shared decode batch (batch_decode.py), ``BatchGrammars`` gives
-it an llguidance matcher of its own for the same grammar (the ``llguidance``
-package, the library genai's guidance is built on), set up as genai sets up its
-own: the model's tokenizer.json, its vocabulary size, its first end-of-sequence
-token. The matcher follows the tokens already generated, then masks each batch
-step's choice; once the grammar is complete only that end-of-sequence token is
-left, as genai forces it. Without the package, or for a grammar it cannot take,
-the request stays on its generator.
+A guided request of a batched model (batch_decode.py) gets from ``BatchGrammars``
+an llguidance matcher of its own for the grammar genai's guidance would use (the
+``llguidance`` package, the library genai's guidance is built on), set up as genai
+sets up its own: the model's tokenizer.json, its vocabulary size, its first
+end-of-sequence token. The matcher masks the choice of every token from the first
+on; once the grammar is complete only that end-of-sequence token is left, as genai
+forces it. Without the package, or for a grammar it cannot take, the request is
+served on genai's guided generator.
 """
 
 from __future__ import annotations
@@ -521,9 +520,10 @@ def _llg_tokenizer(text: str, vocab_size: int, eos: int) -> Any:
 class BatchGrammars:
     """llguidance matchers for one model's guided requests decoding in the batch.
 
-    The tokenizer is built once, in the background from the model's first guided
-    request on (a second or more for a 49k vocabulary: off the request's path), each
-    grammar once (a matcher kept per grammar text, copied for each request).
+    The tokenizer is built once, in the background (`prepare()`: the worker starts it
+    after warming the model up; 0.85 s for a 49k vocabulary), or by the first guided
+    request, which waits for it; each grammar once (a matcher kept per grammar
+    text, copied for each request).
     """
 
     def __init__(self, tokenizer_json: Path, vocab_size: int, eos: int) -> None:
@@ -608,13 +608,7 @@ class BatchGrammars:
                 self._compiled.popitem(last=False)
             return matcher
 
-    def matcher(self, guidance: tuple[str, str], generated: list[int]) -> GrammarMatcher | None:
-        """A matcher for one request that has generated `generated` (None: not batched)."""
+    def matcher(self, guidance: tuple[str, str]) -> GrammarMatcher | None:
+        """A matcher for one request, at the grammar's start (None: not batched)."""
         template = self._template(guidance)
-        if template is None:
-            return None
-        matcher = template.deep_copy()
-        if not matcher.consume_tokens(generated):
-            _LOGGER.debug("Guided request not batched: %s", matcher.get_error())
-            return None
-        return GrammarMatcher(matcher, self._eos)
+        return None if template is None else GrammarMatcher(template.deep_copy(), self._eos)

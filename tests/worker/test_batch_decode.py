@@ -380,15 +380,15 @@ def test_a_request_without_a_matcher_keeps_its_generator(
     cases: list[tuple[str, str]], batched: ChatModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sampling, _ = guided(batched)
-    followed: list[list[int]] = []
+    asked: list[tuple[str, str]] = []
 
-    def refused(_: tuple[str, str], generated: list[int]) -> None:
-        followed.append(list(generated))
+    def refused(guidance: tuple[str, str]) -> None:
+        asked.append(guidance)
 
     monkeypatch.setattr(batched.grammars, "matcher", refused)
     result, text = generate(batched, batched.encode(cases[0][0]), sampling)
     assert text == TOOL_CALL and result.finish_reason == "stop"
-    assert followed == [[]]  # asked for at the start
+    assert asked == [sampling.guidance]  # asked for once, at the start
     batch = batched.batch_decoder()
     assert batch is not None and batch.steps == 0
 
