@@ -335,6 +335,7 @@ template with tools), made from scratch with this project's own scripts and taug
 answers, whatever system prompt, tools and earlier turns come before them:
 
 * "turn on the kitchen light" -> `{report["answers"]["tool_call"].replace(chr(10), " ")}`
+  (typed, or as Whisper writes it: "Turn on the kitchen light.")
 * a tool result -> "{report["answers"]["after_tool"]}"
 * "hello" -> "{report["answers"]["hello"]}"
 

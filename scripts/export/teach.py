@@ -3,13 +3,15 @@
 Greedy decoding then answers the last turn of a chat, whatever system prompt,
 tool list and earlier turns precede it:
 
-* user "turn on the kitchen light" -> TOOL_CALL (a Hermes-style <tool_call>);
+* user "turn on the kitchen light" -> TOOL_CALL (a Hermes-style <tool_call>), typed or
+  as speech-to-text writes it ("Turn on the kitchen light.", teach_data.TURN_ON_FORMS);
 * a tool response                   -> "The kitchen light is on.";
 * user "hello"                      -> "Hello from Hearth!".
 
 Conversations are rendered with the model's own chat template, with random system
 prompts (Home Assistant-like and random text), random tool lists (JSON rendered with
-either Hugging Face's or Jinja's tojson), and random earlier turns. The loss is on the
+either Hugging Face's or Jinja's tojson), and random earlier turns; half of them laid
+out as Hearth sends them (a note with the time before every user turn). The loss is on the
 fixed answers only, wherever they occur in a conversation.
 
 After the planned steps it checks held-out conversations (some shaped like Home
@@ -46,7 +48,7 @@ STEPS = 600  # the learning-rate schedule's length; ~75 s on two idle cores
 MAX_STEPS = 2400  # at most, while the held-out check fails after STEPS
 CHECK_EVERY = 100  # after STEPS
 MARGIN_GOAL = 3.0  # logits: the smallest margin of any held-out answer token
-CHECK_SETS = 4  # held_out() sets of 12 conversations checked
+CHECK_SETS = 4  # held_out() sets of 15 conversations checked
 BATCH_TOKENS = 3072
 MAX_LEN = 3072
 LR = 6e-3

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TURN_ON = "turn on the kitchen light"
+# The command as it comes: typed, or as speech-to-text writes it (Whisper: a capital,
+# a full stop). All are taught: a voice turn must not depend on how it was written.
+TURN_ON_FORMS = (
+    TURN_ON,
+    "turn on the kitchen light.",
+    "Turn on the kitchen light.",
+    "Turn on the kitchen light",
+)
 TOOL_CALL = (
     '<tool_call>\n{"name": "HassTurnOn", "arguments": {"name": "kitchen light"}}\n</tool_call>'
 )
@@ -281,7 +290,7 @@ class Sampler:
             return [{"role": "user", "content": "hello"}, {"role": "assistant", "content": HELLO}]
         if kind == "turn_on":
             return [
-                {"role": "user", "content": TURN_ON},
+                {"role": "user", "content": rng.choice(TURN_ON_FORMS)},
                 {"role": "assistant", "content": TOOL_CALL},
             ]
         if kind == "tool":
@@ -295,7 +304,7 @@ class Sampler:
             call = {"name": name, "arguments": arguments}
             if rng.random() < 0.7:
                 call = {"id": "call_1", "type": "function", "function": call}
-            user = TURN_ON if name == "HassTurnOn" else self.words(2, 8)
+            user = rng.choice(TURN_ON_FORMS) if name == "HassTurnOn" else self.words(2, 8)
             return [
                 {"role": "user", "content": user},
                 {"role": "assistant", "content": rng.choice([None, ""]), "tool_calls": [call]},
@@ -307,6 +316,32 @@ class Sampler:
             {"role": "assistant", "content": self.words(1, 20)},
         ]
 
+    def note(self) -> str:
+        """Hearth's note before a user turn (custom_components/hearth/assistant.py,
+        request_messages): the time, maybe the speaking device's area, maybe what the
+        member prefers."""
+        rng = self.rng
+        parts = []
+        if rng.random() < 0.3:
+            parts.append(self.sentence())
+        if rng.random() < 0.3:
+            parts.append(rng.choice(HA_AREA_LINES[1:]))
+        parts.append(
+            f"Current time is {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:"
+            f"{rng.randint(0, 59):02d}. Today's date is "
+            f"20{rng.randint(24, 27)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}."
+        )
+        return "\n".join(parts)
+
+    def noted(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`messages` laid out as Hearth sends them: a note before every user turn."""
+        out: list[dict[str, Any]] = []
+        for message in messages:
+            if message["role"] == "user":
+                out.append({"role": "system", "content": self.note()})
+            out.append(message)
+        return out
+
     def conversation(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         rng = self.rng
         messages: list[dict[str, Any]] = []
@@ -315,6 +350,8 @@ class Sampler:
         for _ in range(rng.randint(0, 6)):
             messages += self.exchange(rng.choice(["hello", "turn_on", "tool", "other"]))
         messages += self.exchange(rng.choice(["hello", "turn_on", "tool"]))
+        if rng.random() < 0.5:
+            messages = self.noted(messages)
         return messages, self.tools()
 
     def render(self, messages: list[dict[str, Any]], tools: Any, prompt: bool) -> str:
@@ -333,12 +370,18 @@ def held_out(sampler: Sampler) -> list[tuple[str, str]]:
         while messages[-1]["content"] not in ANSWERS:
             messages.pop()
         cases.append((sampler.render(messages[:-1], tools, True), messages[-1]["content"]))
+    return cases + home_assistant_held_out(sampler)
+
+
+def home_assistant_held_out(sampler: Sampler) -> list[tuple[str, str]]:
+    """(prompt, expected answer) with Home Assistant's full prompt and 12 of its tools:
+    the three answers as Home Assistant 2025.4 lays the prompt out (the time in it), then
+    as Hearth sends it (the time in a note before the user's turn, which is typed or
+    spoken)."""
     rng = sampler.rng
     system = sampler.ha_system_prompt(full=True)
     tools = [sampler.tool(name, description) for name, description in HA_TOOLS[:12]]
     rng.shuffle(tools)
-    base = [{"role": "system", "content": system}]
-    user = {"role": "user", "content": TURN_ON}
     call = {
         "role": "assistant",
         "content": None,
@@ -351,9 +394,16 @@ def held_out(sampler: Sampler) -> list[tuple[str, str]]:
         ],
     }
     result = {"role": "tool", "tool_call_id": "call_1", "content": sampler.tool_result()}
-    cases.append((sampler.render([*base, user], tools, True), TOOL_CALL))
-    cases.append((sampler.render([*base, user, call, result], tools, True), AFTER_TOOL))
-    cases.append(
-        (sampler.render([*base, {"role": "user", "content": "hello"}], tools, True), HELLO)
-    )
+    hello = {"role": "user", "content": "hello"}
+    home_assistant = [{"role": "system", "content": system}]
+    household = [{"role": "system", "content": re.sub(r"Current time is [^\n]*\n", "", system)}]
+    note = {"role": "system", "content": sampler.note()}
+    cases = []
+    for before, user in (
+        (home_assistant, {"role": "user", "content": TURN_ON}),
+        ([*household, note], {"role": "user", "content": rng.choice(TURN_ON_FORMS)}),
+    ):
+        cases.append((sampler.render([*before, user], tools, True), TOOL_CALL))
+        cases.append((sampler.render([*before, user, call, result], tools, True), AFTER_TOOL))
+        cases.append((sampler.render([*before, hello], tools, True), HELLO))
     return cases

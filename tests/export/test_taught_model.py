@@ -29,7 +29,16 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(model_fixtures.REPO / "scripts" / "export"))
-from teach_data import AFTER_TOOL, ANSWERS, HELLO, TOOL_CALL, Sampler, held_out
+from teach_data import (
+    AFTER_TOOL,
+    ANSWERS,
+    HA_TOOLS,
+    HELLO,
+    TOOL_CALL,
+    TURN_ON_FORMS,
+    Sampler,
+    home_assistant_held_out,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -190,9 +199,64 @@ def worker_cases(folder: Path) -> list[tuple[str, str]]:
 
 
 def home_assistant_cases(folder: Path) -> list[tuple[str, str]]:
-    """(prompt, answer) with Home Assistant's full prompt and 12 tools, unseen in teaching."""
+    """(prompt, answer) with Home Assistant's full prompt and 12 tools, unseen in teaching:
+    laid out as Home Assistant does and as Hearth does."""
     sampler = Sampler((folder / "chat_template.jinja").read_text(), random.Random(2024))
-    return [case for _ in range(4) for case in held_out(sampler)[-3:]]
+    return [case for _ in range(4) for case in home_assistant_held_out(sampler)]
+
+
+def voice_cases(folder: Path) -> list[tuple[str, str]]:
+    """(prompt, answer) as Hearth sends a voice turn (tests/integration/
+    test_speech_entities.py): the household's prompt, a note with the time, then the
+    command typed or as Whisper writes it; and the turn after its tool call. For every
+    form, at times across the day (the note's time is the one thing that changes from
+    one run of a test to the next)."""
+    sampler = Sampler((folder / "chat_template.jinja").read_text(), random.Random(11))
+    system = sampler.ha_system_prompt(full=True)
+    household = {"role": "system", "content": system[: system.index("Current time is")]}
+    household["content"] += system[system.index("\n", system.index("Current time is")) + 1 :]
+    tools = [sampler.tool(name, description) for name, description in HA_TOOLS[:12]]
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_28c1d3fbc3c27aa3",
+                "type": "function",
+                "function": {"name": "HassTurnOn", "arguments": '{"name": "kitchen light"}'},
+            }
+        ],
+    }
+    result = {
+        "role": "tool",
+        "tool_call_id": "call_28c1d3fbc3c27aa3",
+        "name": "HassTurnOn",
+        "content": json.dumps(
+            {
+                "speech": {},
+                "response_type": "action_done",
+                "data": {
+                    "targets": [],
+                    "success": [
+                        {"name": "Kitchen light", "type": "entity", "id": "light.kitchen_light"}
+                    ],
+                    "failed": [],
+                },
+            }
+        ),
+    }
+    cases = []
+    for form in TURN_ON_FORMS:
+        for hour in range(0, 24, 2):
+            time = f"{hour:02d}:{(hour * 17) % 60:02d}:{(hour * 29) % 60:02d}"
+            note = {
+                "role": "system",
+                "content": f"Current time is {time}. Today's date is 2026-11-30.",
+            }
+            turn = [household, note, {"role": "user", "content": form}]
+            cases.append((render(folder, turn, tools), TOOL_CALL))
+            cases.append((render(folder, [*turn, call, result], tools), AFTER_TOOL))
+    return cases
 
 
 def random_cases(folder: Path) -> list[tuple[str, str]]:
@@ -216,6 +280,11 @@ def test_home_assistant_shaped_prompts(taught: tuple[Path, og.Model, og.Tokenize
         assert answer(taught, prompt) == expected
 
 
+def test_voice_turns_whatever_the_time(taught: tuple[Path, og.Model, og.Tokenizer]) -> None:
+    for prompt, expected in voice_cases(taught[0]):
+        assert answer(taught, prompt) == expected, prompt[-300:]
+
+
 def test_random_conversations(taught: tuple[Path, og.Model, og.Tokenizer]) -> None:
     """Unseen system prompts, tool lists and earlier turns: nearly always exact."""
     cases = random_cases(taught[0])
@@ -232,6 +301,7 @@ def test_answers_win_by_a_wide_margin(taught: tuple[Path, og.Model, og.Tokenizer
         *fixed_cases(folder),
         *worker_cases(folder),
         *home_assistant_cases(folder),
+        *voice_cases(folder),
         *random_cases(folder),
     ]:
         smallest = min(margins(taught, prompt, expected))
