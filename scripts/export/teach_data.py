@@ -354,12 +354,12 @@ class Sampler:
             messages = self.noted(messages)
         return messages, self.tools()
 
-    def render(self, messages: list[dict[str, Any]], tools: Any, prompt: bool) -> str:
-        return str(
-            self.rng.choice(self.envs).render(
-                messages=messages, tools=tools, add_generation_prompt=prompt
-            )
-        )
+    def render(
+        self, messages: list[dict[str, Any]], tools: Any, prompt: bool, env: Any = None
+    ) -> str:
+        """The chat rendered with `env` (one of `envs`), else a random one."""
+        env = env or self.rng.choice(self.envs)
+        return str(env.render(messages=messages, tools=tools, add_generation_prompt=prompt))
 
 
 def held_out(sampler: Sampler) -> list[tuple[str, str]]:
@@ -403,7 +403,8 @@ def home_assistant_held_out(sampler: Sampler) -> list[tuple[str, str]]:
         (home_assistant, {"role": "user", "content": TURN_ON}),
         ([*household, note], {"role": "user", "content": rng.choice(TURN_ON_FORMS)}),
     ):
-        cases.append((sampler.render([*before, user], tools, True), TOOL_CALL))
-        cases.append((sampler.render([*before, user, call, result], tools, True), AFTER_TOOL))
-        cases.append((sampler.render([*before, hello], tools, True), HELLO))
+        env = rng.choice(sampler.envs)  # one household's requests render their tools alike
+        cases.append((sampler.render([*before, user], tools, True, env), TOOL_CALL))
+        cases.append((sampler.render([*before, user, call, result], tools, True, env), AFTER_TOOL))
+        cases.append((sampler.render([*before, hello], tools, True, env), HELLO))
     return cases

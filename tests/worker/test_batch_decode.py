@@ -32,7 +32,7 @@ from addon.hearth_worker.manifest import load_manifest
 from addon.hearth_worker.prompt_cache import PromptCache, common_prefix
 
 sys.path.insert(0, str(model_fixtures.REPO / "scripts" / "export"))
-from teach_data import AFTER_TOOL, HELLO, TOOL_CALL, held_out
+from teach_data import AFTER_TOOL, HELLO, TOOL_CALL, held_out, home_assistant_held_out
 from teach_data import Sampler as Conversations
 
 GREEDY = Sampling(max_new_tokens=48, temperature=0)
@@ -44,8 +44,8 @@ def cases(taught_chat_model: Path) -> list[tuple[str, str]]:
     """(prompt text, taught answer): Home Assistant's prompt with 12 tools (~1,000
     tokens), the three answers, and a few shorter random conversations."""
     template = (taught_chat_model / "chat_template.jinja").read_text()
-    chosen = held_out(Conversations(template, random.Random(2024)))
-    return chosen[-3:] + chosen[:3]
+    household = home_assistant_held_out(Conversations(template, random.Random(2024)))[:3]
+    return household + held_out(Conversations(template, random.Random(2024)))[:3]
 
 
 @pytest.fixture(scope="module")
@@ -259,25 +259,32 @@ def test_usage_and_the_prompt_cache_are_reported_as_before(
     assert batched.prefilled_tokens == len(prompt) + 1
 
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": name,
-            "parameters": {
-                "type": "object",
-                "properties": {"name": {"type": "string"}},
-                "required": ["name"],
+def tools_naming(target: dict[str, Any]) -> list[dict[str, Any]]:
+    """HassTurnOn and HassTurnOff, their one argument ("name") of the `target` schema."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": name,
+                "parameters": {
+                    "type": "object",
+                    "properties": {"name": target},
+                    "required": ["name"],
+                },
             },
-        },
-    }
-    for name in ("HassTurnOn", "HassTurnOff")
-]
+        }
+        for name in ("HassTurnOn", "HassTurnOff")
+    ]
 
 
-def guided(model: ChatModel, tool_choice: str = "auto") -> tuple[Sampling, Guide]:
+TOOLS = tools_naming({"type": "string"})
+
+
+def guided(
+    model: ChatModel, tool_choice: str = "auto", tools: list[dict[str, Any]] = TOOLS
+) -> tuple[Sampling, Guide]:
     """Greedy under the tool grammar the worker builds for these tools."""
-    guide = model.guidance.plan(tools=TOOLS, tool_choice=tool_choice)
+    guide = model.guidance.plan(tools=tools, tool_choice=tool_choice)
     assert guide is not None
     return dataclasses.replace(GREEDY, guidance=guide.guidance), guide
 
@@ -321,8 +328,11 @@ def test_guided_and_unguided_requests_share_a_batch(
 
 def test_the_grammar_holds_in_the_batch(cases: list[tuple[str, str]], batched: ChatModel) -> None:
     """tool_choice "required" on "hello" (taught to answer in words): the batch's mask
-    makes it a valid call, ended where the grammar ends; a JSON schema holds too."""
-    sampling, guide = guided(batched, "required")
+    makes it a valid call, ended where the grammar ends; a JSON schema holds too. The
+    tools name their targets (an enum), so the grammar, not the model, ends the call's
+    string: forced to call on "hello", the model was never taught where to stop one."""
+    targets = ["kitchen light", "living room lights"]
+    sampling, guide = guided(batched, "required", tools_naming({"enum": targets}))
     schema = {
         "type": "object",
         "properties": {"name": {"enum": ["HassTurnOn", "HassTurnOff"]}},
@@ -337,14 +347,14 @@ def test_the_grammar_holds_in_the_batch(cases: list[tuple[str, str]], batched: C
     assert batch is not None and batch.peak_batch == 3 and batch.steps > 3
     (result, text), (_, plain), (_, answer) = out
     assert plain == HELLO  # unguided, the taught words
-    assert result.finish_reason == "stop" and result.completion_tokens > 3
+    assert result.finish_reason == "stop" and result.completion_tokens > 3, text
     reader = guide.reader()
     reader.feed(text)
     content, calls = reader.finish(cut=False)
     assert content == "" and calls
     for call in calls:
         assert call.name in {"HassTurnOn", "HassTurnOff"}
-        assert isinstance(call.arguments, dict) and isinstance(call.arguments["name"], str)
+        assert isinstance(call.arguments, dict) and call.arguments["name"] in targets
     assert answer.lstrip().startswith("{") and "Hello" not in answer
 
 
