@@ -38,7 +38,7 @@ from custom_components.hearth.household import Household
 from custom_components.hearth.stt import HearthSpeechToTextEntity
 from custom_components.hearth.tts import HearthTextToSpeechEntity, sentences, spoken
 
-from .conftest import entry_for, restart, setup_entry
+from .conftest import entry_for, restart, setup_entry, speech_settled
 from .test_conversation import setup_kitchen_light
 
 VOICE = "en_US-joe-medium"
@@ -54,6 +54,7 @@ async def set_up(hass: HomeAssistant, workers: dict[str, WorkerProcess]) -> Hous
     for name, worker in workers.items():
         if worker.process.poll() is not None:  # killed by an earlier test
             restart(worker)
+            await hass.async_add_executor_job(speech_settled, worker)
         await setup_entry(hass, entry_for(worker, name))
     household = Household.get(hass)
     async with asyncio.timeout(30):

@@ -53,7 +53,7 @@ from custom_components.hearth.worker_api import (
     parse_speech_models,
 )
 
-from .conftest import restart
+from .conftest import restart, speech_settled
 from .test_speech_entities import TranscribeTap, as_microphone, heard_rendering, set_up
 
 WHISPER = SpeechModelState("whisper", STT, ("en",), warm=True)
@@ -281,6 +281,9 @@ async def test_speech_fails_over_to_the_next_worker(
         assert household.routing.breaker_state(first) is BreakerState.OPEN
     finally:
         restart(speech_workers[dead])
+        # Its start-up work (voices, the speech self-check) done before the next test:
+        # a later test once found its TLS shutdown unanswered for 10 s meanwhile.
+        await hass.async_add_executor_job(speech_settled, speech_workers[dead])
 
 
 @pytest.mark.slow  # real models
