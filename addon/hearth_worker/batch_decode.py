@@ -346,10 +346,17 @@ class BatchDecoder:
             and all(k in decoder for k in ("filename", "num_hidden_layers", "head_size"))
         )
 
-    def new_kv(self, length: int) -> list[Floats]:
-        """Zeroed keys and values for one sequence of up to `length` tokens (a request's
-        own, for its prefill: one (1, kv_heads, length, head_size) array per past input)."""
-        return _zeros(len(self.past_names), (1, self.kv_heads, length, self.head_size))
+    def new_kv(
+        self, length: int, prefix: list[Floats] | None = None, count: int = 0
+    ) -> list[Floats]:
+        """Keys and values for one sequence of up to `length` tokens (a request's own,
+        for its prefill: one (1, kv_heads, length, head_size) array per past input),
+        zeroed, or holding the first `count` positions of `prefix` (another such)."""
+        kv = _zeros(len(self.past_names), (1, self.kv_heads, length, self.head_size))
+        if prefix is not None:
+            for mine, held in zip(kv, prefix, strict=True):
+                mine[:, :, :count] = held[:, :, :count]
+        return kv
 
     def prefill(self, kv: list[Floats], start: int, tokens: Sequence[int]) -> Floats:
         """Feed `tokens` to one sequence whose `kv` (new_kv) holds its first `start`

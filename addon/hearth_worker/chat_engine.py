@@ -588,10 +588,7 @@ class ChatModel:
         # The answer's keys and values after the prompt's: in the entry's room (only
         # past what readers copy), or in a larger buffer.
         if job.length > kv[0].shape[2]:
-            room = batch.new_kv(self._cached_length(job.length))
-            for mine, held in zip(room, kv, strict=True):
-                mine[:, :, : len(prompt_ids)] = held[:, :, : len(prompt_ids)]
-            kv = room
+            kv = batch.new_kv(self._cached_length(job.length), kv, len(prompt_ids))
         for mine, answer in zip(kv, job.kv, strict=True):
             mine[:, :, len(prompt_ids) : job.length] = answer
         nbytes = kv[0].shape[2] * self.kv_bytes_per_token
@@ -611,19 +608,17 @@ class ChatModel:
             if taken.entry is not None and taken.entry.kv is None:  # a generator: not ours
                 self.cache.put(taken.entry, taken.entry.tokens)
                 taken = Taken(None)
-        cached = taken.entry
+        cached = taken.entry  # None, or an entry holding keys and values
         if cached is not None and cached.kv is not None:
             result.cached_tokens = taken.reuse
             if not taken.shared and cached.kv[0].shape[2] >= len(prompt_ids):
                 return cached  # taken out: written in place after its tokens
         length = len(prompt_ids) if key is None else self._cached_length(len(prompt_ids))
-        entry = self._new_entry(key, length, kv=batch.new_kv(length))
-        if cached is not None and cached.kv is not None and entry.kv is not None:
-            for mine, held in zip(entry.kv, cached.kv, strict=True):
-                mine[:, :, : taken.reuse] = held[:, :, : taken.reuse]
-            if not taken.shared and self.cache is not None:  # taken out: replaced by ours
-                entry.prefix_keys = dict(cached.prefix_keys)
-                self.cache.discard(cached)
+        held = None if cached is None else cached.kv
+        entry = self._new_entry(key, length, kv=batch.new_kv(length, held, taken.reuse))
+        if cached is not None and not taken.shared and self.cache is not None:
+            entry.prefix_keys = dict(cached.prefix_keys)  # taken out: replaced by ours
+            self.cache.discard(cached)
         return entry
 
     def _new_entry(

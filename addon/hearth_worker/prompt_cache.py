@@ -184,10 +184,7 @@ class PromptCache:
         Idle entries make room for it (least recently used first): the budget
         bounds the generators kept and those generating together.
         """
-        with self._lock:
-            self._busy_bytes += nbytes
-            self._evict()
-            self._note_peak()
+        self.held(0, nbytes)
 
     def held(self, before: int, after: int) -> None:
         """Bytes held outside the pool (a batch's KV buffer) went from `before` to
