@@ -362,6 +362,12 @@ class Sampler:
         return str(env.render(messages=messages, tools=tools, add_generation_prompt=prompt))
 
 
+def without_time(system: str) -> str:
+    """Home Assistant's prompt (`ha_system_prompt`) as Hearth sends it for every turn:
+    the time line cut out (it goes into each turn's note)."""
+    return re.sub(r"Current time is [^\n]*\n", "", system)
+
+
 def held_out(sampler: Sampler) -> list[tuple[str, str]]:
     """(prompt, expected answer): random conversations plus Home Assistant-shaped ones."""
     cases = []
@@ -396,7 +402,7 @@ def home_assistant_held_out(sampler: Sampler) -> list[tuple[str, str]]:
     result = {"role": "tool", "tool_call_id": "call_1", "content": sampler.tool_result()}
     hello = {"role": "user", "content": "hello"}
     home_assistant = [{"role": "system", "content": system}]
-    household = [{"role": "system", "content": re.sub(r"Current time is [^\n]*\n", "", system)}]
+    household = [{"role": "system", "content": without_time(system)}]
     note = {"role": "system", "content": sampler.note()}
     cases = []
     for before, user in (

@@ -79,7 +79,8 @@ def test_schema_is_the_projects_own(schema: dict[str, Any]) -> None:
 
 
 def test_nothing_reads_outside_the_repository() -> None:
-    """tests/, scripts/ and .ci/ name no path beside the repository (no ../shared)."""
+    """tests/, scripts/ and .ci/ name no path beside the repository (no sibling folder
+    such as the workplace's `shared`): a fresh clone has nothing there."""
     outside = re.compile(r"\.\./shared|parent\s*/\s*[\"']shared|\bREPO\.parent\b|/work/shared")
     found = []
     for name in repository_files():

@@ -38,6 +38,7 @@ from teach_data import (
     TURN_ON_FORMS,
     Sampler,
     home_assistant_held_out,
+    without_time,
 )
 
 pytestmark = pytest.mark.slow
@@ -212,9 +213,7 @@ def voice_cases(folder: Path) -> list[tuple[str, str]]:
     form, at times across the day (the note's time is the one thing that changes from
     one run of a test to the next)."""
     sampler = Sampler((folder / "chat_template.jinja").read_text(), random.Random(11))
-    system = sampler.ha_system_prompt(full=True)
-    household = {"role": "system", "content": system[: system.index("Current time is")]}
-    household["content"] += system[system.index("\n", system.index("Current time is")) + 1 :]
+    household = {"role": "system", "content": without_time(sampler.ha_system_prompt(full=True))}
     tools = [sampler.tool(name, description) for name, description in HA_TOOLS[:12]]
     call = {
         "role": "assistant",
