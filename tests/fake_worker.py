@@ -20,7 +20,8 @@ Knobs for tests: `answer` (the canned text, streamed word by word), `hold_answer
 (a streamed answer stops after its first words until `release_answers()`),
 `answering` (set once a held answer has sent its first words), `requests` (every
 "METHOD /path" served, in order), `running` and `queued` (what capacity reports),
-`pulls` (the pull jobs /v1/info reports).
+`pulls` (the pull jobs /v1/info reports), `end_delay_s` (a streamed answer ends this
+long after its `[DONE]`, as a busy or distant server's last bytes may come).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class FakeWorker:
         self.queued = 0
         self.requests_served = 0
         self.pulls: list[dict[str, Any]] = []  # /v1/info's pull jobs (set by tests)
+        self.end_delay_s = 0.0
         self.answering = asyncio.Event()
         self._release = asyncio.Event()
         self._release.set()
@@ -470,5 +472,6 @@ class FakeWorker:
         if options.get("include_usage"):
             await response.write(_sse({**head, "choices": [], "usage": self._usage()}))
         await response.write(_sse("[DONE]"))
+        await asyncio.sleep(self.end_delay_s)
         await response.write_eof()
         return response

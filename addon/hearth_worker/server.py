@@ -643,8 +643,8 @@ class Worker:
                     "usage": _usage(result),
                 }
                 await response.write(sse_event(usage))
-            await response.write(SSE_DONE)
-            await response.write_eof()
+            # One write: the end of the body comes with `[DONE]`, not in a later packet.
+            await response.write_eof(SSE_DONE)
         except ConnectionResetError:
             cancelled.set()
             _LOGGER.debug("Client went away; generation cancelled")

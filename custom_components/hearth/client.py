@@ -658,7 +658,12 @@ async def _timed[T](
 
 
 async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelta]:
-    """Parse `data:` events of an OpenAI chat stream into deltas."""
+    """Parse `data:` events of an OpenAI chat stream into deltas.
+
+    The body is read to its end, past `[DONE]`: aiohttp closes a connection released
+    with unread body, and the end of a chunked body may come in a later packet than
+    `[DONE]`, so stopping there would cost the next request a new TLS connection.
+    """
     calls: dict[int, dict[str, Any]] = {}
     finish: str | None = None
     completion_tokens: int | None = None
@@ -668,12 +673,12 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ChatDelt
     try:
         async for raw_line in response.content:
             line = raw_line.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
+            if done or not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
             if payload == "[DONE]":
                 done = True
-                break
+                continue
             try:
                 event = json.loads(payload)
             except ValueError as err:

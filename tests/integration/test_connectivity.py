@@ -19,6 +19,7 @@ from unittest.mock import patch
 
 import aiohttp
 import pytest
+from fake_worker import FakeWorker
 from hearth_worker.tls import ensure_certificate
 from homeassistant import config_entries
 from homeassistant.const import STATE_OFF, STATE_ON
@@ -99,6 +100,39 @@ async def test_requests_share_one_connection(
     finally:
         await relay.close()
         await tls_closed()
+
+
+async def test_a_stream_whose_end_comes_late_keeps_its_connection(
+    hass: HomeAssistant, fake: FakeWorker
+) -> None:
+    """A chat stream's connection goes back to the pool even when the stream's last
+    bytes (the end of the chunked body) come a moment after its `[DONE]`.
+
+    Before: the client stopped reading at `[DONE]` and released the response at once;
+    aiohttp closes a connection whose body is not read to its end, so the next request
+    made a new TLS connection whenever the end came in a later packet (it failed
+    `test_requests_share_one_connection` on a busy CI machine).
+    """
+    fake.end_delay_s = 0.2
+    relay = CountingRelay(fake.port)
+    await relay.start()
+    client = HearthClient(
+        async_get_clientsession(hass),
+        "127.0.0.1",
+        relay.port,
+        fake.token,
+        fingerprint=fake.fingerprint,
+    )
+    try:
+        for _ in range(2):
+            body = {**CHAT, "model": fake.model}
+            deltas = [delta async for delta in await client.chat_stream(body)]
+            assert "".join(d.content for d in deltas) == fake.answer
+            assert deltas[-1].finish_reason == "stop"
+        await client.capacity()
+        assert relay.accepted == 1
+    finally:
+        await relay.close()
 
 
 async def test_a_pooled_connection_is_only_reused_for_its_own_pin(
