@@ -211,7 +211,9 @@ def voice_cases(folder: Path) -> list[tuple[str, str]]:
     test_speech_entities.py): the household's prompt, a note with the time, then the
     command typed or as Whisper writes it; and the turn after its tool call. For every
     form, at times across the day (the note's time is the one thing that changes from
-    one run of a test to the next)."""
+    one run of a test to the next). "hello" likewise, with tools and without: the
+    integration tests' greeting (test_conversation, test_ai_task, test_finish_length) is
+    sent with the same note."""
     sampler = Sampler((folder / "chat_template.jinja").read_text(), random.Random(11))
     household = {"role": "system", "content": without_time(sampler.ha_system_prompt(full=True))}
     tools = [sampler.tool(name, description) for name, description in HA_TOOLS[:12]]
@@ -255,6 +257,10 @@ def voice_cases(folder: Path) -> list[tuple[str, str]]:
             turn = [household, note, {"role": "user", "content": form}]
             cases.append((render(folder, turn, tools), TOOL_CALL))
             cases.append((render(folder, [*turn, call, result], tools), AFTER_TOOL))
+            if form == TURN_ON_FORMS[0]:  # and the greeting the integration tests send,
+                greeting = [household, note, {"role": "user", "content": "hello"}]
+                cases.append((render(folder, greeting, tools), HELLO))
+                cases.append((render(folder, greeting), HELLO))  # also as a task, no tools
     return cases
 
 
