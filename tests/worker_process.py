@@ -57,16 +57,31 @@ async def tls_closed(timeout: float = 2.0) -> None:
     """Wait until closed TLS connections finished their shutdown handshake.
 
     asyncio keeps a timer per closing TLS connection until the peer answers;
-    Home Assistant's test plugin fails a test that leaves timers behind.
+    Home Assistant's test plugin fails a test that leaves timers behind. What still
+    waits at the end is printed (peer, state): the test is about to fail on it.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline and any(
-        "SSLProtocol" in repr(handle)
-        for handle in getattr(loop, "_scheduled", [])
-        if not handle.cancelled()
-    ):
+    while loop.time() < deadline and _closing_tls(loop):
         await asyncio.sleep(0.01)
+    for protocol in _closing_tls(loop):
+        transport = getattr(protocol, "_transport", None)
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        print(
+            f"tls_closed: after {timeout:g} s, the TLS shutdown with {peer} still waits: "
+            f"state {getattr(protocol, '_state', '?')}, "
+            f"eof received {getattr(protocol, '_eof_received', '?')}",
+            file=sys.stderr,
+        )
+
+
+def _closing_tls(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """The TLS protocols of `loop` with a timer pending (a shutdown waiting for the peer)."""
+    return [
+        getattr(handle._callback, "__self__", None)
+        for handle in getattr(loop, "_scheduled", [])
+        if not handle.cancelled() and "SSLProtocol" in repr(handle)
+    ]
 
 
 async def generators_closed() -> None:

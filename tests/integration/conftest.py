@@ -25,7 +25,7 @@ from homeassistant.const import CONF_HOST, CONF_PORT, CONF_TOKEN
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from homeassistant.setup import async_setup_component
-from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.common import INSTANCES, MockConfigEntry
 from worker_process import WorkerProcess, cli, start_worker, tls_closed
 
 from custom_components.hearth.const import (
@@ -40,23 +40,34 @@ from custom_components.hearth.worker_api import ChatDelta
 
 
 @pytest.fixture(autouse=True)
-def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
-    """Let Home Assistant load custom_components/hearth."""
+def auto_enable_custom_integrations(
+    tls_shutdowns_finish: None, enable_custom_integrations: None
+) -> None:
+    """Let Home Assistant load custom_components/hearth.
+
+    `enable_custom_integrations` sets up Home Assistant (`hass`); `tls_shutdowns_finish`
+    comes first, so that its wait runs after Home Assistant has stopped.
+    """
 
 
 @pytest.fixture(autouse=True)
 async def tls_shutdowns_finish(expected_lingering_timers: bool) -> AsyncIterator[None]:
     """Connections Home Assistant closed (an entry reloaded or unloaded, Home Assistant
     stopped) finish their TLS shutdown before the test plugin looks for lingering
-    timers: on a loaded machine the worker's answer to it can take a while (more than
-    2 s in a CI rehearsal, with the other test process running beside; this waits up
-    to 10 s and returns as soon as they are done). A test that expects a timer to
-    stay (a frozen worker never answers) waits 2 s at most. Set up before Home
-    Assistant (defined before auto_setup_ha), so torn down after it. It first lets
-    the loop run a moment: a close already scheduled starts its shutdown (and its
-    timer) before the wait looks (a rehearsal once failed on such a timer after
-    `test_reconfigure_rejected_token_and_wrong_worker`)."""
+    timers: on a loaded machine the worker's answer to it can take a while (this waits
+    up to 10 s and returns as soon as they are done). A test that expects a timer to
+    stay (a frozen worker never answers) waits 2 s at most. It first lets the loop run
+    a moment: a close already scheduled starts its shutdown (and its timer) before the
+    wait looks.
+
+    Set up before Home Assistant (`auto_enable_custom_integrations` asks for it first),
+    so torn down after Home Assistant has stopped and closed its connections (torn
+    down before, it waited while Home Assistant still ran, and a worker slow to answer
+    the shutdowns of the stop failed a test now and then). Checked at each end.
+    """
+    assert not INSTANCES, "set up after Home Assistant: its wait would come too early"
     yield
+    assert not INSTANCES, "torn down before Home Assistant stopped"
     await asyncio.sleep(0.05)
     await tls_closed(timeout=2.0 if expected_lingering_timers else 10.0)
 
