@@ -58,7 +58,8 @@ async def tls_closed(timeout: float = 2.0) -> None:
 
     asyncio keeps a timer per closing TLS connection until the peer answers;
     Home Assistant's test plugin fails a test that leaves timers behind. What still
-    waits at the end is printed (peer, state): the test is about to fail on it.
+    waits at the end is printed to stderr (peer, state), which pytest shows with a
+    failing test's output (a test that expects a timer to stay prints it too).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -68,7 +69,7 @@ async def tls_closed(timeout: float = 2.0) -> None:
         transport = getattr(protocol, "_transport", None)
         peer = transport.get_extra_info("peername") if transport is not None else None
         print(
-            f"tls_closed: after {timeout:g} s, the TLS shutdown with {peer} still waits: "
+            f"tls_closed: after {timeout:g} s, TLS with {peer} still waits for the peer: "
             f"state {getattr(protocol, '_state', '?')}, "
             f"eof received {getattr(protocol, '_eof_received', '?')}",
             file=sys.stderr,
@@ -76,7 +77,8 @@ async def tls_closed(timeout: float = 2.0) -> None:
 
 
 def _closing_tls(loop: asyncio.AbstractEventLoop) -> list[Any]:
-    """The TLS protocols of `loop` with a timer pending (a shutdown waiting for the peer)."""
+    """The TLS protocols of `loop` with a timer pending: a handshake or a shutdown
+    waiting for the peer."""
     return [
         getattr(handle._callback, "__self__", None)
         for handle in getattr(loop, "_scheduled", [])

@@ -123,9 +123,9 @@ async def test_a_stream_whose_end_comes_late_keeps_its_connection(
         fake.token,
         fingerprint=fake.fingerprint,
     )
+    body = {**CHAT, "model": fake.model}
     try:
         for _ in range(2):
-            body = {**CHAT, "model": fake.model}
             deltas = [delta async for delta in await client.chat_stream(body)]
             assert "".join(d.content for d in deltas) == fake.answer
             assert deltas[-1].finish_reason == "stop"

@@ -281,8 +281,8 @@ async def test_speech_fails_over_to_the_next_worker(
         assert household.routing.breaker_state(first) is BreakerState.OPEN
     finally:
         restart(speech_workers[dead])
-        # Its start-up work (voices, the speech self-check) done before the next test:
-        # a later test once found its TLS shutdown unanswered for 10 s meanwhile.
+        # Its start-up work (voices, the speech self-check) done before the next test,
+        # not on the two cores while later tests run.
         await hass.async_add_executor_job(speech_settled, speech_workers[dead])
 
 
